@@ -1,0 +1,131 @@
+"""The FastAPI app factory; the lifespan owns the database, storage, worker and engine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
+
+from vllm_batch import __version__
+from vllm_batch.api import batches, files, info
+from vllm_batch.api.deps import require_api_key
+from vllm_batch.api.errors import error_response, install_error_handlers
+from vllm_batch.api.state import AppContext
+from vllm_batch.config import Settings
+from vllm_batch.engines.manager import EngineFactory, EngineManager
+from vllm_batch.service.validate import resume_validation
+from vllm_batch.storage import open_storage
+from vllm_batch.store.db import create_engine, make_sessionmaker, migrate
+from vllm_batch.worker.context import WorkerContext
+from vllm_batch.worker.loop import Worker, make_worker_id
+
+log = logging.getLogger(__name__)
+SHUTDOWN_GRACE_SECONDS = 30.0
+UPLOAD_OVERHEAD_BYTES = 64 * 1024
+
+
+def create_app(settings: Settings, engine_factory: EngineFactory | None = None) -> FastAPI:
+    """Build the app. The worker (if enabled) uses ``engine_factory``; default is vLLM."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db = create_engine(settings.resolved_database_url)
+        await migrate(db)
+        ctx = AppContext(
+            settings=settings,
+            sessions=make_sessionmaker(db),
+            storage=open_storage(settings.storage_url, settings.data_dir),
+        )
+        app.state.ctx = ctx
+        shutdown = asyncio.Event()
+        worker_task = None
+        if settings.worker:
+            ctx.engines = EngineManager(
+                settings.model_specs, engine_factory or vllm_engine_factory(settings)
+            )
+            ctx.worker = Worker(
+                WorkerContext(
+                    settings=settings,
+                    sessions=ctx.sessions,
+                    storage=ctx.storage,
+                    engines=ctx.engines,
+                    worker_id=make_worker_id(),
+                )
+            )
+            worker_task = asyncio.create_task(ctx.worker.run(shutdown))
+        ctx.spawn(resume_validation(ctx))
+        try:
+            yield
+        finally:
+            shutdown.set()
+            if worker_task is not None:
+                try:
+                    await asyncio.wait_for(worker_task, SHUTDOWN_GRACE_SECONDS)
+                except (TimeoutError, Exception):
+                    log.exception("worker did not stop cleanly")
+            if ctx.engines is not None:
+                await ctx.engines.close()
+            for task in list(ctx.background):
+                task.cancel()
+            await asyncio.gather(*ctx.background, return_exceptions=True)
+            await db.dispose()
+
+    app = FastAPI(title="vLLM Batch Server", version=__version__, lifespan=lifespan)
+    install_error_handlers(app)
+    v1 = [Depends(require_api_key)]
+    app.include_router(files.router, prefix="/v1", dependencies=v1)
+    app.include_router(batches.router, prefix="/v1", dependencies=v1)
+    app.include_router(info.v1_router, prefix="/v1", dependencies=v1)
+    app.include_router(info.router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            allow_credentials=True,
+        )
+
+    @app.middleware("http")
+    async def request_id_and_upload_limit(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        request_id = request.headers.get("x-request-id") or f"req_{uuid.uuid4().hex}"
+        length = request.headers.get("content-length")
+        if (
+            request.method == "POST"
+            and request.url.path == "/v1/files"
+            and length
+            and length.isdigit()
+            and int(length) > settings.max_upload_bytes + UPLOAD_OVERHEAD_BYTES
+        ):
+            response: Response = error_response(
+                413,
+                f"File is too large: the limit is {settings.max_upload_bytes} bytes.",
+                "file",
+                "file_too_large",
+            )
+        else:
+            response = await call_next(request)
+        response.headers["X-Request-Id"] = request_id
+        return response
+
+    return app
+
+
+def vllm_engine_factory(settings: Settings) -> EngineFactory:
+    """Real vLLM engines (imported lazily, when the first model loads)."""
+    from vllm_batch.config import ModelSpec
+    from vllm_batch.engines.base import Engine
+
+    def factory(spec: ModelSpec) -> Engine:
+        from vllm_batch.engines.vllm_engine import VllmEngine
+
+        return VllmEngine(spec, settings)
+
+    return factory

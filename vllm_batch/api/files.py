@@ -1,0 +1,171 @@
+"""``/v1/files``: upload, list, retrieve, download, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import anyio
+from fastapi import APIRouter, Form, Query, UploadFile
+from fastapi.responses import StreamingResponse
+
+from vllm_batch.api.deps import CtxDep, SessionDep
+from vllm_batch.api.errors import APIError, not_found
+from vllm_batch.protocol.file import UPLOAD_PURPOSES, FileDeleted, FileObject
+from vllm_batch.protocol.ids import new_id, now
+from vllm_batch.protocol.page import ListPage
+from vllm_batch.storage.aio import iter_blob
+from vllm_batch.store import queries
+from vllm_batch.store.models import FileRow
+from vllm_batch.validation import UploadRejected, UploadScan, copy_upload
+
+router = APIRouter(tags=["files"])
+MAX_FILE_EXPIRY_SECONDS = 30 * 24 * 3600
+
+
+def file_object(row: FileRow) -> FileObject:
+    return FileObject(
+        id=row.id,
+        bytes=row.bytes,
+        created_at=row.created_at,
+        filename=row.filename,
+        purpose=row.purpose,  # type: ignore[arg-type]
+        expires_at=row.expires_at,
+    )
+
+
+@router.post("/files", response_model=FileObject)
+async def create_file(
+    ctx: CtxDep,
+    session: SessionDep,
+    file: UploadFile,
+    purpose: Annotated[str, Form()],
+    expires_anchor: Annotated[str | None, Form(alias="expires_after[anchor]")] = None,
+    expires_seconds: Annotated[int | None, Form(alias="expires_after[seconds]")] = None,
+) -> FileObject:
+    if purpose not in UPLOAD_PURPOSES:
+        raise APIError(
+            400,
+            f"Invalid purpose {purpose!r}. Expected one of: {', '.join(sorted(UPLOAD_PURPOSES))}.",
+            param="purpose",
+            code="invalid_value",
+        )
+    created = now()
+    expires_at = _expires_at(created, expires_anchor, expires_seconds)
+    file_id = new_id("file-")
+    key = f"files/{file_id}"
+    max_bytes = ctx.settings.max_upload_bytes
+
+    def store() -> UploadScan:
+        with ctx.storage.open_write(key) as dst:
+            return copy_upload(file.file, dst, max_bytes=max_bytes, check_jsonl=purpose == "batch")
+
+    try:
+        scan = await anyio.to_thread.run_sync(store)
+    except UploadRejected as exc:
+        raise APIError(exc.status, exc.message, param="file", code=exc.code) from None
+    row = FileRow(
+        id=file_id,
+        bytes=scan.bytes,
+        created_at=created,
+        filename=file.filename or "upload.jsonl",
+        purpose=purpose,
+        expires_at=expires_at,
+        storage_key=key,
+        line_count=scan.requests if purpose == "batch" else None,
+    )
+    try:
+        async with session.begin():
+            session.add(row)
+    except BaseException:
+        await anyio.to_thread.run_sync(ctx.storage.delete, key)
+        raise
+    return file_object(row)
+
+
+def _expires_at(created: int, anchor: str | None, seconds: int | None) -> int | None:
+    if anchor is None and seconds is None:
+        return None
+    if anchor != "created_at":
+        raise APIError(
+            400,
+            "expires_after.anchor must be 'created_at'.",
+            param="expires_after.anchor",
+            code="invalid_value",
+        )
+    if seconds is None or not 3600 <= seconds <= MAX_FILE_EXPIRY_SECONDS:
+        raise APIError(
+            400,
+            "expires_after.seconds must be between 3600 and 2592000.",
+            param="expires_after.seconds",
+            code="invalid_value",
+        )
+    return created + seconds
+
+
+@router.get("/files", response_model=ListPage[FileObject])
+async def list_files(
+    session: SessionDep,
+    purpose: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+    after: str | None = None,
+    order: Literal["asc", "desc"] = "desc",
+) -> ListPage[FileObject]:
+    rows = await queries.list_files(session, purpose=purpose, limit=limit, after=after, order=order)
+    return page([file_object(row) for row in rows], limit)
+
+
+def page(items: list, limit: int) -> ListPage:  # type: ignore[type-arg]
+    """A list page from ``limit + 1`` fetched items."""
+    data = items[:limit]
+    return ListPage(
+        data=data,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+        has_more=len(items) > limit,
+    )
+
+
+async def load_file(session: SessionDep, file_id: str) -> FileRow:
+    row = await queries.get_file(session, file_id)
+    if row is None:
+        raise not_found("File", file_id)
+    return row
+
+
+@router.get("/files/{file_id}", response_model=FileObject)
+async def retrieve_file(session: SessionDep, file_id: str) -> FileObject:
+    return file_object(await load_file(session, file_id))
+
+
+@router.get("/files/{file_id}/content")
+async def file_content(ctx: CtxDep, session: SessionDep, file_id: str) -> StreamingResponse:
+    return stream_file(ctx, await load_file(session, file_id))
+
+
+def stream_file(ctx: CtxDep, row: FileRow) -> StreamingResponse:
+    return StreamingResponse(
+        iter_blob(ctx.storage, row.storage_key),
+        media_type="application/octet-stream",
+        headers={
+            "Content-Length": str(row.bytes),
+            "Content-Disposition": f'attachment; filename="{row.filename}"',
+        },
+    )
+
+
+@router.delete("/files/{file_id}", response_model=FileDeleted)
+async def delete_file(ctx: CtxDep, session: SessionDep, file_id: str) -> FileDeleted:
+    async with session.begin():
+        row = await load_file(session, file_id)
+        batch_id = await queries.file_used_by_active_batch(session, file_id)
+        if batch_id is not None:
+            raise APIError(
+                409,
+                f"File {file_id} is the input of batch {batch_id}, which is "
+                "still running; cancel it or wait until it ends.",
+                param="file_id",
+                code="file_in_use",
+            )
+        await queries.delete_file(session, file_id)
+    await anyio.to_thread.run_sync(ctx.storage.delete, row.storage_key)
+    return FileDeleted(id=file_id, deleted=True)

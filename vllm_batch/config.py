@@ -1,0 +1,139 @@
+"""All settings in one pydantic-settings object, built once and passed down."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AliasChoices, Field, computed_field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def _env(*names: str) -> AliasChoices:
+    """Accept ``VLLM_BATCH_<NAME>`` first, then the legacy names given."""
+    return AliasChoices(*names)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A served model: the name clients put in ``body.model`` and where its weights are."""
+
+    name: str
+    path: str
+
+    @classmethod
+    def parse(cls, spec: str) -> ModelSpec:
+        """Parse ``NAME=PATH`` or ``PATH`` (served under the path as given, like vLLM)."""
+        name, sep, path = spec.partition("=")
+        if not sep:
+            return cls(name=spec, path=spec)
+        if not name or not path:
+            raise ValueError(f"invalid model spec {spec!r}: expected NAME=PATH or PATH")
+        return cls(name=name, path=path)
+
+
+class Settings(BaseSettings):
+    """Server, worker and engine settings; every field is also an environment variable."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="VLLM_BATCH_", populate_by_name=True, extra="ignore"
+    )
+
+    host: str = "127.0.0.1"
+    port: int = 4080
+    data_dir: Path = Path("./data")
+    database_url: str | None = Field(
+        default=None, validation_alias=_env("VLLM_BATCH_DATABASE_URL", "DATABASE_URL")
+    )
+    postgres_host: str | None = Field(default=None, validation_alias=_env("POSTGRES_HOST"))
+    postgres_port: int = Field(default=5432, validation_alias=_env("POSTGRES_PORT"))
+    postgres_db: str | None = Field(default=None, validation_alias=_env("POSTGRES_DB"))
+    postgres_user: str | None = Field(default=None, validation_alias=_env("POSTGRES_USER"))
+    postgres_password: str | None = Field(default=None, validation_alias=_env("POSTGRES_PASSWORD"))
+    storage_url: str | None = None
+    models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    api_key: str | None = None
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    worker: bool = True
+
+    max_upload_bytes: int = 200 * 1024 * 1024
+    max_requests_per_batch: int = 50_000
+    chunk_size: int = Field(
+        default=5_000, ge=1, validation_alias=_env("VLLM_BATCH_CHUNK_SIZE", "CHUNK_SIZE")
+    )
+    lease_seconds: float = 60.0
+    poll_interval: float = 0.5
+    flush_interval: float = 1.0
+    flush_every: int = 256
+
+    gpu_memory_utilization: float = Field(
+        default=0.9,
+        validation_alias=_env("VLLM_BATCH_GPU_MEMORY_UTILIZATION", "GPU_MEMORY_UTILIZATION"),
+    )
+    max_model_len: int | None = None
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    dtype: str = "auto"
+    enforce_eager: bool = False
+    tensor_parallel_size: int = 1
+    enable_prefix_caching: bool = True
+    kv_cache_gib: float | None = None
+
+    @field_validator("models", "cors_origins", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL: explicit, else from ``POSTGRES_*`` parts, else embedded SQLite."""
+        if self.database_url:
+            return normalize_database_url(self.database_url)
+        if self.postgres_host and self.postgres_db:
+            auth = self.postgres_user or "postgres"
+            if self.postgres_password:
+                auth += f":{self.postgres_password}"
+            return (
+                f"postgresql+asyncpg://{auth}@{self.postgres_host}:"
+                f"{self.postgres_port}/{self.postgres_db}"
+            )
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'vllm-batch.db').resolve()}"
+
+    @property
+    def model_specs(self) -> list[ModelSpec]:
+        """Configured models, or the default model prepared by ``models prepare smollm2``."""
+        if not self.models:
+            return [ModelSpec(DEFAULT_MODEL_NAME, str(default_model_dir()))]
+        return [ModelSpec.parse(spec) for spec in self.models]
+
+    @property
+    def served_model_names(self) -> list[str]:
+        return [spec.name for spec in self.model_specs]
+
+    @property
+    def files_dir(self) -> Path:
+        return self.data_dir / "files"
+
+
+def normalize_database_url(url: str) -> str:
+    """Map plain ``postgresql://``/``sqlite://`` URLs to their async drivers."""
+    for prefix, driver in (
+        ("postgresql://", "postgresql+asyncpg://"),
+        ("postgres://", "postgresql+asyncpg://"),
+        ("sqlite://", "sqlite+aiosqlite://"),
+    ):
+        if url.startswith(prefix):
+            return driver + url[len(prefix) :]
+    return url
+
+
+def default_model_dir() -> Path:
+    """Where ``models prepare smollm2`` writes the default model unless told otherwise."""
+    return Path(os.environ.get("VLLM_BATCH_MODELS_DIR", "./models")) / DEFAULT_MODEL_NAME

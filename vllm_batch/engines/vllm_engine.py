@@ -1,0 +1,198 @@
+"""vLLM adapter: an ``AsyncLLM`` engine behind vLLM's own OpenAI serving layer.
+
+Chat and completion requests go through ``OpenAIServingChat``/``OpenAIServingCompletion``
+exactly as ``vllm serve`` handles them (chat template, sampling parameters, structured
+outputs, logprobs, errors), so response bodies are the same bytes a vLLM server returns.
+vLLM is imported lazily, inside ``start``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any
+
+import orjson
+
+from vllm_batch.config import ModelSpec, Settings
+from vllm_batch.engines.base import EngineFailure, EngineResult
+
+log = logging.getLogger(__name__)
+
+CPU_DEFAULT_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+
+
+def has_cuda_gpu() -> bool:
+    return any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/nvidiactl"))
+
+
+def engine_argv(spec: ModelSpec, settings: Settings) -> list[str]:
+    """``vllm run-batch``-style arguments for one model, from our settings."""
+    argv = ["-i", "-", "-o", "-", "--model", spec.path, "--served-model-name", spec.name]
+    argv += [
+        "--dtype",
+        settings.dtype,
+        "--tensor-parallel-size",
+        str(settings.tensor_parallel_size),
+    ]
+    argv += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
+    argv += ["--enable-prompt-tokens-details", "--disable-log-stats"]
+    argv.append(
+        "--enable-prefix-caching"
+        if settings.enable_prefix_caching
+        else "--no-enable-prefix-caching"
+    )
+    if settings.enforce_eager:
+        argv.append("--enforce-eager")
+    for flag, value in (
+        ("--max-model-len", settings.max_model_len),
+        ("--max-num-seqs", settings.max_num_seqs),
+        ("--max-num-batched-tokens", settings.max_num_batched_tokens),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
+    if settings.kv_cache_gib is not None:
+        argv += ["--kv-cache-memory-bytes", str(int(settings.kv_cache_gib * 1024**3))]
+    return argv
+
+
+class VllmEngine:
+    """One model on one ``AsyncLLM``; ``run`` never raises for a bad request."""
+
+    def __init__(self, spec: ModelSpec, settings: Settings) -> None:
+        self.model_name = spec.name
+        self._spec = spec
+        self._settings = settings
+        self._stack = contextlib.AsyncExitStack()
+        self._chat: Any = None
+        self._completion: Any = None
+        self._max_num_seqs = 256
+
+    @property
+    def max_in_flight(self) -> int:
+        # Twice the scheduler's batch keeps it full while finished results are written.
+        return 2 * self._max_num_seqs
+
+    async def start(self) -> None:
+        if not has_cuda_gpu():
+            for key, value in CPU_DEFAULT_ENV.items():
+                os.environ.setdefault(key, value)
+        from starlette.datastructures import State
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+        from vllm.entrypoints.launchers.run_batch import make_arg_parser
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(
+            engine_argv(self._spec, self._settings)
+        )
+        log.info("starting vLLM engine for %s from %s", self._spec.name, self._spec.path)
+        client = await self._stack.enter_async_context(
+            build_async_engine_client(args, usage_context=UsageContext.LLM_CLASS)
+        )
+        state = State()
+        await init_app_state(client, state, args, await client.get_supported_tasks())
+        self._chat = getattr(state, "openai_serving_chat", None)
+        self._completion = getattr(state, "openai_serving_completion", None)
+        self._max_num_seqs = client.vllm_config.scheduler_config.max_num_seqs
+        log.info("vLLM engine ready for %s (max_num_seqs=%d)", self.model_name, self._max_num_seqs)
+
+    async def stop(self) -> None:
+        await self._stack.aclose()
+
+    async def run(self, url: str, body: dict[str, Any], request_id: str) -> EngineResult:
+        from pydantic import ValidationError
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if url == "/v1/chat/completions" and self._chat is not None:
+            request_type: Any = ChatCompletionRequest
+            handler = self._chat.create_chat_completion
+        elif url == "/v1/completions" and self._completion is not None:
+            request_type = CompletionRequest
+            handler = self._completion.create_completion
+        else:
+            return error_result(
+                400,
+                "invalid_request_error",
+                f"The model {self.model_name!r} does not support {url}.",
+            )
+        if body.get("stream"):
+            return error_result(
+                400,
+                "invalid_request_error",
+                "Streaming is not supported in batch requests.",
+                "stream",
+            )
+        try:
+            request = request_type.model_validate({**body, "request_id": request_id})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            param = ".".join(str(p) for p in first.get("loc", ()))
+            return error_result(
+                400,
+                "invalid_request_error",
+                f"Invalid request body: {first.get('msg')}",
+                param or None,
+            )
+        try:
+            response = await handler(request, None)
+        except EngineDeadError as exc:
+            raise EngineFailure(str(exc)) from exc
+        except Exception as exc:  # vLLM raises for some bad requests instead of returning
+            from vllm.entrypoints.serve.exception_handling.error_response import (
+                create_error_response,
+            )
+
+            response = create_error_response(exc)
+        if isinstance(response, ErrorResponse):
+            info = response.error
+            if info.code >= 500 and _engine_is_dead(handler):
+                raise EngineFailure(info.message)
+            return error_result(info.code, info.type, info.message, info.param)
+        usage = response.usage
+        prompt_details = usage.prompt_tokens_details if usage else None
+        completion_details = usage.completion_tokens_details if usage else None
+        return EngineResult(
+            status_code=200,
+            body_json=response.model_dump_json(),
+            input_tokens=usage.prompt_tokens if usage else 0,
+            cached_tokens=(prompt_details.cached_tokens or 0) if prompt_details else 0,
+            output_tokens=(usage.completion_tokens or 0) if usage else 0,
+            reasoning_tokens=completion_details.reasoning_tokens if completion_details else 0,
+        )
+
+
+def _engine_is_dead(handler: Any) -> bool:
+    client = getattr(getattr(handler, "__self__", None), "engine_client", None)
+    return bool(getattr(client, "errored", False))
+
+
+def error_result(
+    status: int, err_type: str, message: str, param: str | None = None
+) -> EngineResult:
+    """An error outcome with an OpenAI error body."""
+    code = _error_code(err_type)
+    body = {"error": {"message": message, "type": err_type, "param": param, "code": code}}
+    return EngineResult(
+        status_code=status,
+        body_json=orjson.dumps(body).decode(),
+        error_code=code,
+        error_message=message,
+    )
+
+
+def _error_code(err_type: str) -> str:
+    """vLLM's error types (``BadRequestError``) as OpenAI snake-case codes."""
+    mapping = {
+        "BadRequestError": "invalid_request_error",
+        "NotFoundError": "not_found_error",
+        "UnprocessableEntityError": "invalid_request_error",
+        "InternalServerError": "server_error",
+        "ServiceUnavailableError": "server_error",
+    }
+    return mapping.get(err_type, err_type)

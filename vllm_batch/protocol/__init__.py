@@ -1,0 +1,30 @@
+"""OpenAI wire models: one small module per wire type."""
+
+from vllm_batch.protocol.batch import (
+    Batch,
+    BatchCreateRequest,
+    BatchError,
+    BatchRequestCounts,
+    BatchStatus,
+    BatchUsage,
+    Errors,
+)
+from vllm_batch.protocol.errors import ErrorDetail, ErrorResponse
+from vllm_batch.protocol.file import FileDeleted, FileObject, FilePurpose
+from vllm_batch.protocol.page import ListPage
+
+__all__ = [
+    "Batch",
+    "BatchCreateRequest",
+    "BatchError",
+    "BatchRequestCounts",
+    "BatchStatus",
+    "BatchUsage",
+    "ErrorDetail",
+    "ErrorResponse",
+    "Errors",
+    "FileDeleted",
+    "FileObject",
+    "FilePurpose",
+    "ListPage",
+]

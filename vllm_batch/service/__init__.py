@@ -1,0 +1,1 @@
+"""Work the API starts in the background: batch input validation."""

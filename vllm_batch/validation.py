@@ -1,0 +1,220 @@
+"""Streaming JSONL checks with line numbers: at upload, and when a batch is created.
+
+Both run in a worker thread over file handles and hold one line in memory at a time.
+Line numbers are 1-based physical lines; blank lines are skipped and do not count as
+requests. ``request index`` is the 0-based position among non-blank lines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import orjson
+
+SUPPORTED_ENDPOINTS: tuple[str, ...] = ("/v1/chat/completions", "/v1/completions")
+MAX_REPORTED_ERRORS = 100
+
+
+class UploadRejected(Exception):
+    """The uploaded bytes are not a batch file at all (HTTP 400 or 413)."""
+
+    def __init__(self, message: str, *, status: int = 400, code: str = "invalid_file") -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+
+
+@dataclass(frozen=True)
+class UploadScan:
+    bytes: int
+    requests: int
+
+
+def iter_lines(handle: BinaryIO) -> Iterator[tuple[int, int, bytes]]:
+    """Yield ``(line_number, byte_offset, raw_line)`` for non-blank lines."""
+    offset = 0
+    for number, raw in enumerate(handle, start=1):
+        start = offset
+        offset += len(raw)
+        if raw.strip():
+            yield number, start, raw
+
+
+def copy_upload(src: BinaryIO, dst: BinaryIO, *, max_bytes: int, check_jsonl: bool) -> UploadScan:
+    """Copy an upload to storage, rejecting it if too big or (for batches) not JSONL."""
+    size = 0
+    requests = 0
+    for number, raw in enumerate(src, start=1):
+        size += len(raw)
+        if size > max_bytes:
+            raise UploadRejected(
+                f"File is too large: the limit is {max_bytes} bytes.",
+                status=413,
+                code="file_too_large",
+            )
+        dst.write(raw)
+        if check_jsonl and raw.strip():
+            _parse_object(raw, number)
+            requests += 1
+    if check_jsonl and requests == 0:
+        raise UploadRejected(
+            "The file is empty: a batch file needs at least one JSONL line.", code="empty_file"
+        )
+    return UploadScan(bytes=size, requests=requests)
+
+
+def _parse_object(raw: bytes, number: int) -> dict[str, Any]:
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise UploadRejected(
+            f"Invalid JSONL: line {number} is not valid JSON ({exc.msg}).", code="invalid_jsonl"
+        ) from None
+    if not isinstance(value, dict):
+        raise UploadRejected(
+            f"Invalid JSONL: line {number} must be a JSON object, got {type(value).__name__}.",
+            code="invalid_jsonl",
+        )
+    return value
+
+
+@dataclass
+class BatchPlan:
+    """What batch creation learned from the input file: a model and chunk boundaries."""
+
+    model: str | None = None
+    total: int = 0
+    # (start request index, end request index, byte offset of the start line)
+    chunks: list[tuple[int, int, int]] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+    def error(
+        self, code: str, message: str, line: int | None = None, param: str | None = None
+    ) -> None:
+        if len(self.errors) < MAX_REPORTED_ERRORS:
+            self.errors.append({"code": code, "line": line, "message": message, "param": param})
+
+
+def plan_batch(
+    handle: BinaryIO,
+    *,
+    endpoint: str,
+    served_models: Sequence[str],
+    max_requests: int,
+    chunk_size: int,
+) -> BatchPlan:
+    """Check every line of a batch input file and cut it into chunks of ``chunk_size``."""
+    plan = BatchPlan()
+    seen_ids: set[int] = set()
+    for number, offset, raw in iter_lines(handle):
+        index = plan.total
+        plan.total += 1
+        if index % chunk_size == 0:
+            plan.chunks.append((index, index, offset))
+        if plan.total > max_requests:
+            continue
+        _check_line(plan, raw, number, endpoint, served_models, seen_ids)
+    if plan.chunks:
+        start, _, offset = plan.chunks[-1]
+        plan.chunks[-1] = (start, plan.total, offset)
+        plan.chunks[:-1] = [
+            (start, start + chunk_size, offset) for start, _, offset in plan.chunks[:-1]
+        ]
+    if plan.total == 0:
+        plan.error("empty_file", "The input file contains no requests.")
+    elif plan.total > max_requests:
+        plan.error(
+            "too_many_requests",
+            f"The input file has {plan.total} requests; the limit per batch is {max_requests}.",
+        )
+    return plan
+
+
+def _check_line(
+    plan: BatchPlan,
+    raw: bytes,
+    number: int,
+    endpoint: str,
+    served_models: Sequence[str],
+    seen_ids: set[int],
+) -> None:
+    try:
+        line = _parse_object(raw, number)
+    except UploadRejected as exc:
+        plan.error("invalid_json_line", exc.message, number)
+        return
+    custom_id = line.get("custom_id")
+    if custom_id is None:
+        plan.error(
+            "missing_required_parameter",
+            "Missing required parameter: 'custom_id'.",
+            number,
+            "custom_id",
+        )
+    elif not isinstance(custom_id, str):
+        plan.error("invalid_type", "'custom_id' must be a string.", number, "custom_id")
+    else:
+        key = hash(custom_id)
+        if key in seen_ids:
+            plan.error(
+                "duplicate_custom_id",
+                f"The custom_id {custom_id!r} is used on more than one line; "
+                "custom_id values must be unique.",
+                number,
+                "custom_id",
+            )
+        seen_ids.add(key)
+    method = line.get("method")
+    if method != "POST":
+        plan.error(
+            "invalid_method",
+            f"Invalid method {method!r}: only 'POST' is supported.",
+            number,
+            "method",
+        )
+    url = line.get("url")
+    if url != endpoint:
+        plan.error(
+            "mismatched_endpoint" if url in SUPPORTED_ENDPOINTS else "invalid_url",
+            f"The url {url!r} does not match the batch endpoint {endpoint!r}.",
+            number,
+            "url",
+        )
+    body = line.get("body")
+    if not isinstance(body, dict):
+        plan.error(
+            "missing_required_parameter" if body is None else "invalid_type",
+            "'body' must be a JSON object with the request parameters.",
+            number,
+            "body",
+        )
+        return
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        plan.error(
+            "missing_required_parameter",
+            "Missing required parameter: 'body.model'.",
+            number,
+            "body.model",
+        )
+    elif model not in served_models:
+        plan.error(
+            "model_not_found",
+            f"The model {model!r} is not served here. Served models: "
+            f"{', '.join(served_models) or 'none'}.",
+            number,
+            "body.model",
+        )
+    elif plan.model is None:
+        plan.model = model
+    elif model != plan.model:
+        plan.error(
+            "mismatched_model",
+            f"Line uses model {model!r} but the batch uses {plan.model!r}; "
+            "a batch file may contain only one model.",
+            number,
+            "body.model",
+        )

@@ -1,0 +1,124 @@
+"""The worker's claim loop: lease a chunk, run it, finalize batches, repeat."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import time
+
+from vllm_batch.engines.base import EngineFailure
+from vllm_batch.protocol.ids import now
+from vllm_batch.store import queries
+from vllm_batch.store.models import ChunkRow
+from vllm_batch.worker.chunk import ChunkOutcome, run_chunk
+from vllm_batch.worker.context import WorkerContext
+from vllm_batch.worker.finalize import finalize_batch, finalize_ready_batches
+
+log = logging.getLogger(__name__)
+HOUSEKEEPING_SECONDS = 2.0
+ENGINE_RETRY_SECONDS = 2.0
+
+
+def make_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class Worker:
+    """Claims chunks for the models it serves until ``shutdown`` is set."""
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+        self.current_chunk: str | None = None
+        self.chunks_done = 0
+
+    async def run(self, shutdown: asyncio.Event) -> None:
+        models = ", ".join(self.ctx.engines.model_names)
+        log.info("worker %s serving %s", self.ctx.worker_id, models)
+        last_housekeeping = 0.0
+        while not shutdown.is_set():
+            if time.monotonic() - last_housekeeping >= HOUSEKEEPING_SECONDS:
+                await self._guarded(self.housekeeping())
+                last_housekeeping = time.monotonic()
+            chunk = await self._guarded(self.claim())
+            if chunk is None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(shutdown.wait(), self.ctx.settings.poll_interval)
+                continue
+            await self.process(chunk, shutdown)
+        log.info("worker %s stopped", self.ctx.worker_id)
+
+    async def _guarded(self, work):  # type: ignore[no-untyped-def]
+        """Database hiccups must not kill the loop: log and try again next round."""
+        try:
+            return await work
+        except Exception:
+            log.exception("worker %s: housekeeping/claim failed", self.ctx.worker_id)
+            await asyncio.sleep(self.ctx.settings.poll_interval)
+            return None
+
+    async def claim(self) -> ChunkRow | None:
+        """Prefer the loaded model (no swap), then any model this worker serves."""
+        loaded = self.ctx.engines.loaded_model
+        preferences = [[loaded]] if loaded else []
+        preferences.append(self.ctx.engines.model_names)
+        for models in preferences:
+            async with self.ctx.sessions() as session, session.begin():
+                chunk = await queries.claim_chunk(
+                    session,
+                    owner=self.ctx.worker_id,
+                    models=models,
+                    now=time.time(),
+                    lease=self.ctx.settings.lease_seconds,
+                )
+            if chunk is not None:
+                return chunk
+        return None
+
+    async def process(self, chunk: ChunkRow, shutdown: asyncio.Event) -> None:
+        self.current_chunk = chunk.id
+        log.info(
+            "worker %s took chunk %s (lines %d-%d, attempt %d)",
+            self.ctx.worker_id,
+            chunk.id,
+            chunk.start_line,
+            chunk.end_line,
+            chunk.attempts,
+        )
+        try:
+            outcome = await run_chunk(self.ctx, chunk, shutdown)
+        except EngineFailure as exc:
+            log.error("engine failed on chunk %s: %s; restarting it", chunk.id, exc)
+            await self._release(chunk)
+            await self.ctx.engines.restart()
+            await asyncio.sleep(ENGINE_RETRY_SECONDS)
+            return
+        except Exception:
+            log.exception("chunk %s failed unexpectedly; releasing it", chunk.id)
+            await self._release(chunk)
+            await asyncio.sleep(ENGINE_RETRY_SECONDS)
+            return
+        finally:
+            self.current_chunk = None
+        if outcome is ChunkOutcome.DONE:
+            async with self.ctx.sessions() as session, session.begin():
+                await queries.finish_chunk(session, chunk.id, self.ctx.worker_id)
+            self.chunks_done += 1
+        elif outcome is ChunkOutcome.RELEASED:
+            await self._release(chunk)
+        await finalize_batch(self.ctx, chunk.batch_id)
+
+    async def _release(self, chunk: ChunkRow) -> None:
+        async with self.ctx.sessions() as session, session.begin():
+            await queries.release_chunk(session, chunk.id, self.ctx.worker_id)
+
+    async def housekeeping(self) -> None:
+        """Expire overdue batches and assemble any batch that is ready."""
+        async with self.ctx.sessions() as session, session.begin():
+            for batch_id in await queries.overdue_batches(session, now()):
+                log.info("batch %s passed its completion window: expiring", batch_id)
+                await queries.request_stop(session, batch_id, "expire", now())
+        await finalize_ready_batches(self.ctx)
