@@ -97,7 +97,9 @@ class _ChunkRunner:
         self.flush_lock = asyncio.Lock()
         self.flush_wanted = asyncio.Event()
 
-    async def run(self, lines: Generator[tuple[int, bytes], None, None], done: set[int]) -> ChunkOutcome:
+    async def run(
+        self, lines: Generator[tuple[int, bytes], None, None], done: set[int]
+    ) -> ChunkOutcome:
         window = asyncio.Semaphore(self.engine.max_in_flight)
         heartbeat = asyncio.create_task(self._heartbeat())
         try:

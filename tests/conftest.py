@@ -1,0 +1,220 @@
+"""Shared fixtures: the tiny model, PostgreSQL databases, one vLLM engine, live servers.
+
+One background event loop hosts the (single, session-wide) tiny-model engine and every
+in-process server, so engines start once per test session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Coroutine, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+import pytest
+
+from vllm_batch.config import ModelSpec, Settings
+
+T = TypeVar("T")
+PG_ADMIN_DSN = os.environ.get("VLLM_BATCH_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+TINY_NAME = "tiny-llama"
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from vllm_batch.models.tiny import make_test_model
+
+    return make_test_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+def engine_settings(model: Path, **overrides: Any) -> Settings:
+    """Settings for the tiny model on CPU (float32, eager, short context)."""
+    values: dict[str, Any] = {
+        "models": [f"{TINY_NAME}={model}"],
+        "dtype": "float32",
+        "enforce_eager": True,
+        "max_model_len": 512,
+        "max_num_seqs": 64,
+        "flush_interval": 0.3,
+        "poll_interval": 0.2,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+# ------------------------------------------------------------------ PostgreSQL
+
+
+async def _pg_admin(statement: str) -> None:
+    conn = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+def create_pg_database() -> str:
+    """A fresh, empty database for one test module; returns its SQLAlchemy URL."""
+    name = f"vbt_{secrets.token_hex(4)}"
+    asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
+    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+    return f"{base}/{name}"
+
+
+def drop_pg_database(url: str) -> None:
+    name = url.rsplit("/", 1)[1]
+    asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"], scope="module")
+def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[str]:
+    """Each module runs once on SQLite and once on its own PostgreSQL database."""
+    if request.param == "sqlite":
+        path = tmp_path_factory.mktemp("db") / "test.db"
+        yield f"sqlite+aiosqlite:///{path}"
+        return
+    url = create_pg_database()
+    try:
+        yield url
+    finally:
+        drop_pg_database(url)
+
+
+# ------------------------------------------------------------------ background loop
+
+
+class LoopThread:
+    """An event loop in a daemon thread; ``run`` executes a coroutine there and waits."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 600) -> T:
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def loop_thread() -> Iterator[LoopThread]:
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+class SharedEngine:
+    """Lends the session's engine to an app; ``stop`` leaves it running for the next one."""
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+        self.model_name = engine.model_name
+
+    @property
+    def max_in_flight(self) -> int:
+        return int(self._engine.max_in_flight)
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def run(self, url: str, body: dict[str, Any], request_id: str) -> Any:
+        return await self._engine.run(url, body, request_id)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(loop_thread: LoopThread, tiny_model: Path) -> Iterator[Any]:
+    """The real vLLM engine on the tiny model, started once per session."""
+    from vllm_batch.engines.vllm_engine import VllmEngine
+
+    settings = engine_settings(tiny_model)
+    engine = VllmEngine(settings.model_specs[0], settings)
+    loop_thread.run(engine.start())
+    yield engine
+    loop_thread.run(engine.stop())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class LiveServer:
+    url: str
+    app: Any
+    settings: Settings
+    loop_thread: LoopThread
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def db(self, coro_fn: Any) -> Any:
+        """Run ``coro_fn(session)`` against the server's database in its loop."""
+
+        async def call() -> Any:
+            async with self.app.state.ctx.sessions() as session:
+                return await coro_fn(session)
+
+        return self.loop_thread.run(call())
+
+
+def start_server(loop_thread: LoopThread, settings: Settings, engine: Any) -> Iterator[LiveServer]:
+    """Serve ``create_app(settings)`` with uvicorn in the background loop."""
+    import uvicorn
+
+    from vllm_batch.api.app import create_app
+
+    def factory(spec: ModelSpec) -> Any:
+        return SharedEngine(engine)
+
+    app = create_app(settings, engine_factory=factory if engine is not None else None)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                          lifespan="on"))
+
+    async def serve() -> None:
+        await server.serve()
+
+    future = asyncio.run_coroutine_threadsafe(serve(), loop_thread.loop)
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if future.done():
+            future.result()
+        if time.monotonic() > deadline:
+            raise RuntimeError("server did not start")
+        time.sleep(0.05)
+    try:
+        yield LiveServer(url=f"http://127.0.0.1:{port}", app=app, settings=settings,
+                         loop_thread=loop_thread)
+    finally:
+        server.should_exit = True
+        future.result(60)
+
+
+@pytest.fixture(scope="module")
+def server(loop_thread: LoopThread, tiny_engine: Any, tiny_model: Path, database_url: str,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """A live server per module and database backend, on the shared tiny engine."""
+    settings = engine_settings(tiny_model, database_url=database_url,
+                               data_dir=tmp_path_factory.mktemp("data"), chunk_size=16)
+    yield from start_server(loop_thread, settings, tiny_engine)

@@ -1,0 +1,57 @@
+"""Small builders for batch files and a poller shared by the tests."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+TERMINAL = {"completed", "failed", "cancelled", "expired"}
+
+
+def chat_line(index: int, model: str, content: str | None = None, *, max_tokens: int = 8,
+              **body: Any) -> dict[str, Any]:
+    return {
+        "custom_id": f"request-{index}",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {
+            "model": model,
+            "messages": [{"role": "user", "content": content or f"Tell me about number {index}."}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            **body,
+        },
+    }
+
+
+def completion_line(index: int, model: str, prompt: str | None = None, *, max_tokens: int = 8
+                    ) -> dict[str, Any]:
+    return {
+        "custom_id": f"request-{index}",
+        "method": "POST",
+        "url": "/v1/completions",
+        "body": {"model": model, "prompt": prompt or f"The story of {index} is",
+                 "max_tokens": max_tokens, "temperature": 0},
+    }
+
+
+def jsonl(lines: list[Any]) -> bytes:
+    return "".join(json.dumps(line) + "\n" for line in lines).encode()
+
+
+def wait_for_batch(client: Any, batch_id: str, timeout: float = 240,
+                   statuses: set[str] | frozenset[str] = frozenset(TERMINAL)) -> Any:
+    """Poll ``client.batches.retrieve`` until the batch reaches one of ``statuses``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in statuses:
+            return batch
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"batch {batch_id} still {batch.status} after {timeout}s")
+        time.sleep(0.2)
+
+
+def parse_jsonl(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
