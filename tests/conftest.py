@@ -77,8 +77,9 @@ def drop_pg_database(url: str) -> None:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"], scope="module")
-def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-                 ) -> Iterator[str]:
+def database_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """Each module runs once on SQLite and once on its own PostgreSQL database."""
     if request.param == "sqlite":
         path = tmp_path_factory.mktemp("db") / "test.db"
@@ -189,8 +190,9 @@ def start_server(loop_thread: LoopThread, settings: Settings, engine: Any) -> It
 
     app = create_app(settings, engine_factory=factory if engine is not None else None)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                          lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
 
     async def serve() -> None:
         await server.serve()
@@ -204,17 +206,27 @@ def start_server(loop_thread: LoopThread, settings: Settings, engine: Any) -> It
             raise RuntimeError("server did not start")
         time.sleep(0.05)
     try:
-        yield LiveServer(url=f"http://127.0.0.1:{port}", app=app, settings=settings,
-                         loop_thread=loop_thread)
+        yield LiveServer(
+            url=f"http://127.0.0.1:{port}", app=app, settings=settings, loop_thread=loop_thread
+        )
     finally:
         server.should_exit = True
         future.result(60)
 
 
 @pytest.fixture(scope="module")
-def server(loop_thread: LoopThread, tiny_engine: Any, tiny_model: Path, database_url: str,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+def server(
+    loop_thread: LoopThread,
+    tiny_engine: Any,
+    tiny_model: Path,
+    database_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[LiveServer]:
     """A live server per module and database backend, on the shared tiny engine."""
-    settings = engine_settings(tiny_model, database_url=database_url,
-                               data_dir=tmp_path_factory.mktemp("data"), chunk_size=16)
+    settings = engine_settings(
+        tiny_model,
+        database_url=database_url,
+        data_dir=tmp_path_factory.mktemp("data"),
+        chunk_size=16,
+    )
     yield from start_server(loop_thread, settings, tiny_engine)

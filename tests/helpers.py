@@ -9,8 +9,9 @@ from typing import Any
 TERMINAL = {"completed", "failed", "cancelled", "expired"}
 
 
-def chat_line(index: int, model: str, content: str | None = None, *, max_tokens: int = 8,
-              **body: Any) -> dict[str, Any]:
+def chat_line(
+    index: int, model: str, content: str | None = None, *, max_tokens: int = 8, **body: Any
+) -> dict[str, Any]:
     return {
         "custom_id": f"request-{index}",
         "method": "POST",
@@ -25,14 +26,19 @@ def chat_line(index: int, model: str, content: str | None = None, *, max_tokens:
     }
 
 
-def completion_line(index: int, model: str, prompt: str | None = None, *, max_tokens: int = 8
-                    ) -> dict[str, Any]:
+def completion_line(
+    index: int, model: str, prompt: str | None = None, *, max_tokens: int = 8
+) -> dict[str, Any]:
     return {
         "custom_id": f"request-{index}",
         "method": "POST",
         "url": "/v1/completions",
-        "body": {"model": model, "prompt": prompt or f"The story of {index} is",
-                 "max_tokens": max_tokens, "temperature": 0},
+        "body": {
+            "model": model,
+            "prompt": prompt or f"The story of {index} is",
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        },
     }
 
 
@@ -40,8 +46,12 @@ def jsonl(lines: list[Any]) -> bytes:
     return "".join(json.dumps(line) + "\n" for line in lines).encode()
 
 
-def wait_for_batch(client: Any, batch_id: str, timeout: float = 240,
-                   statuses: set[str] | frozenset[str] = frozenset(TERMINAL)) -> Any:
+def wait_for_batch(
+    client: Any,
+    batch_id: str,
+    timeout: float = 240,
+    statuses: set[str] | frozenset[str] = frozenset(TERMINAL),
+) -> Any:
     """Poll ``client.batches.retrieve`` until the batch reaches one of ``statuses``."""
     deadline = time.monotonic() + timeout
     while True:

@@ -20,11 +20,19 @@ def client(server: LiveServer) -> Iterator[OpenAI]:
         yield c
 
 
-def submit(client: OpenAI, lines: list[dict[str, Any]], endpoint: str = "/v1/chat/completions",
-           **kwargs: Any) -> Any:
+def submit(
+    client: OpenAI,
+    lines: list[dict[str, Any]],
+    endpoint: str = "/v1/chat/completions",
+    **kwargs: Any,
+) -> Any:
     upload = client.files.create(file=("input.jsonl", jsonl(lines)), purpose="batch")
-    return client.batches.create(input_file_id=upload.id, endpoint=endpoint,  # type: ignore[arg-type]
-                                 completion_window="24h", **kwargs)
+    return client.batches.create(
+        input_file_id=upload.id,
+        endpoint=endpoint,  # type: ignore[arg-type]
+        completion_window="24h",
+        **kwargs,
+    )
 
 
 def test_chat_batch_round_trip(client: OpenAI, server: LiveServer) -> None:
@@ -71,8 +79,9 @@ def test_chat_batch_round_trip(client: OpenAI, server: LiveServer) -> None:
 def test_temperature_zero_is_deterministic(client: OpenAI) -> None:
     lines = [chat_line(i, TINY_NAME, "Same prompt every time.", max_tokens=12) for i in range(6)]
     batch = wait_for_batch(client, submit(client, lines).id)
-    bodies = [r["response"]["body"] for r in parse_jsonl(client.files.content(
-        batch.output_file_id).text)]
+    bodies = [
+        r["response"]["body"] for r in parse_jsonl(client.files.content(batch.output_file_id).text)
+    ]
     contents = {b["choices"][0]["message"]["content"] for b in bodies}
     assert len(contents) == 1
 
@@ -92,14 +101,23 @@ def test_sampling_parameters_are_applied(client: OpenAI) -> None:
         chat_line(0, TINY_NAME, max_tokens=5, n=2, temperature=0.8, seed=7),
         chat_line(1, TINY_NAME, max_tokens=6, logprobs=True, top_logprobs=2),
         chat_line(2, TINY_NAME, max_tokens=40, response_format={"type": "json_object"}),
-        chat_line(3, TINY_NAME, max_completion_tokens=3, stop=["\n"],
-                  presence_penalty=0.5, frequency_penalty=0.5, top_p=0.9),
+        chat_line(
+            3,
+            TINY_NAME,
+            max_completion_tokens=3,
+            stop=["\n"],
+            presence_penalty=0.5,
+            frequency_penalty=0.5,
+            top_p=0.9,
+        ),
     ]
     batch = wait_for_batch(client, submit(client, lines).id)
     assert batch.status == "completed"
     assert batch.request_counts.completed == 4, client.files.content(batch.error_file_id).text
-    by_id = {r["custom_id"]: r["response"]["body"] for r in parse_jsonl(
-        client.files.content(batch.output_file_id).text)}
+    by_id = {
+        r["custom_id"]: r["response"]["body"]
+        for r in parse_jsonl(client.files.content(batch.output_file_id).text)
+    }
     assert len(by_id["request-0"]["choices"]) == 2
     logprobs = by_id["request-1"]["choices"][0]["logprobs"]["content"]
     assert logprobs and len(logprobs[0]["top_logprobs"]) == 2
@@ -119,11 +137,12 @@ def test_request_errors_become_error_lines(client: OpenAI) -> None:
     for error in errors:
         assert error["response"]["status_code"] == 400
         assert error["error"]["code"] and error["error"]["message"]
-    assert "context" in errors[0]["error"]["message"].lower() or "length" in errors[0][
-        "error"]["message"].lower()
+    assert (
+        "context" in errors[0]["error"]["message"].lower()
+        or "length" in errors[0]["error"]["message"].lower()
+    )
     outputs = parse_jsonl(client.files.content(batch.output_file_id).text)
-    assert [o["custom_id"] for o in outputs] == ["request-0", "request-1", "request-3",
-                                                "request-5"]
+    assert [o["custom_id"] for o in outputs] == ["request-0", "request-1", "request-3", "request-5"]
 
 
 def test_list_batches_paginates(client: OpenAI) -> None:

@@ -1,0 +1,1 @@
+"""Model preparation helpers: the default SmolLM2 model and a tiny random test model."""
