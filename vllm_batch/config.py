@@ -77,8 +77,8 @@ class Settings(BaseSettings):
     max_model_len: int | None = None
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
-    dtype: str = "auto"
-    enforce_eager: bool = False
+    dtype: str = "auto"  # "auto" means float32 on CPU (bf16 is slow and inaccurate there)
+    enforce_eager: bool | None = None  # None: eager on CPU (fast start), graphs on GPU
     tensor_parallel_size: int = 1
     enable_prefix_caching: bool = True
     kv_cache_gib: float | None = None

