@@ -28,13 +28,22 @@ ModelOpt = Annotated[
 ]
 DataDirOpt = Annotated[Path | None, typer.Option(help="Data directory (SQLite DB and files).")]
 DbOpt = Annotated[str | None, typer.Option(help="Database URL (sqlite or postgresql).")]
-StorageOpt = Annotated[str | None, typer.Option(help="Storage URL (local path).")]
+StorageOpt = Annotated[
+    str | None, typer.Option(help="Storage: a local path or s3://bucket/prefix.")
+]
 EagerOpt = Annotated[
     bool | None,
     typer.Option("--enforce-eager/--no-enforce-eager", help="Disable CUDA graphs / compilation."),
 ]
 MaxLenOpt = Annotated[int | None, typer.Option(help="Engine max model length.")]
 ChunkOpt = Annotated[int | None, typer.Option(help="Lines per work unit.")]
+MaxSeqsOpt = Annotated[int | None, typer.Option(help="Engine max concurrent sequences.")]
+EngineOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--engine", help="'vllm' (default) or 'instant-benchmark' (no inference; benchmarks only)."
+    ),
+]
 
 
 def _setup_logging() -> None:
@@ -63,7 +72,9 @@ def serve(
     ] = None,
     enforce_eager: EagerOpt = None,
     max_model_len: MaxLenOpt = None,
+    max_num_seqs: MaxSeqsOpt = None,
     chunk_size: ChunkOpt = None,
+    engine: EngineOpt = None,
 ) -> None:
     """Run the API server (and, by default, an in-process worker)."""
     import uvicorn
@@ -82,7 +93,9 @@ def serve(
         worker=worker,
         enforce_eager=enforce_eager,
         max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
         chunk_size=chunk_size,
+        engine=engine,
     )
     url = f"http://{settings.host}:{settings.port}"
     typer.echo(f"vLLM Batch Server on {url}  (models: {', '.join(settings.served_model_names)})")
@@ -107,6 +120,8 @@ def worker_command(
     model: ModelOpt = None,
     enforce_eager: EagerOpt = None,
     max_model_len: MaxLenOpt = None,
+    max_num_seqs: MaxSeqsOpt = None,
+    engine: EngineOpt = None,
 ) -> None:
     """Run a worker without the API (scale-out: many workers, one database)."""
     _setup_logging()
@@ -117,6 +132,8 @@ def worker_command(
         models=model or None,
         enforce_eager=enforce_eager,
         max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
+        engine=engine,
     )
     asyncio.run(_run_worker(settings))
 

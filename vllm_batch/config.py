@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, computed_field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     api_key: str | None = None
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     worker: bool = True
+    # "instant-benchmark" is a no-inference engine for pipeline benchmarks only.
+    engine: Literal["vllm", "instant-benchmark"] = "vllm"
 
     max_upload_bytes: int = 200 * 1024 * 1024
     max_requests_per_batch: int = 50_000

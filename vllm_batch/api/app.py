@@ -16,7 +16,8 @@ from vllm_batch.api import batches, files, info
 from vllm_batch.api.deps import require_api_key
 from vllm_batch.api.errors import error_response, install_error_handlers
 from vllm_batch.api.state import AppContext
-from vllm_batch.config import Settings
+from vllm_batch.config import ModelSpec, Settings
+from vllm_batch.engines.base import Engine
 from vllm_batch.engines.manager import EngineFactory, EngineManager
 from vllm_batch.service.validate import resume_validation
 from vllm_batch.storage import open_storage
@@ -119,11 +120,13 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
 
 
 def vllm_engine_factory(settings: Settings) -> EngineFactory:
-    """Real vLLM engines (imported lazily, when the first model loads)."""
-    from vllm_batch.config import ModelSpec
-    from vllm_batch.engines.base import Engine
+    """The engine for ``settings.engine``: real vLLM (imported lazily) unless benchmarking."""
 
     def factory(spec: ModelSpec) -> Engine:
+        if settings.engine == "instant-benchmark":
+            from vllm_batch.engines.instant import InstantBenchmarkEngine
+
+            return InstantBenchmarkEngine(spec.name)
         from vllm_batch.engines.vllm_engine import VllmEngine
 
         return VllmEngine(spec, settings)

@@ -306,6 +306,13 @@ async def done_lines(session: AsyncSession, batch_id: str, start: int, end: int)
     return set((await session.scalars(query)).all())
 
 
+async def count_done_lines(session: AsyncSession, batch_id: str, start: int, end: int) -> int:
+    query = select(func.count()).where(
+        ResultRow.batch_id == batch_id, ResultRow.line >= start, ResultRow.line < end
+    )
+    return int((await session.scalar(query)) or 0)
+
+
 async def stream_results(
     session: AsyncSession, batch_id: str, batch_size: int = 2000
 ) -> AsyncIterator[tuple[int, bool, str]]:

@@ -106,8 +106,20 @@ class Worker:
             self.current_chunk = None
         if outcome is ChunkOutcome.DONE:
             async with self.ctx.sessions() as session, session.begin():
-                await queries.finish_chunk(session, chunk.id, self.ctx.worker_id)
-            self.chunks_done += 1
+                saved = await queries.count_done_lines(
+                    session, chunk.batch_id, chunk.start_line, chunk.end_line
+                )
+                if saved == chunk.end_line - chunk.start_line:
+                    await queries.finish_chunk(session, chunk.id, self.ctx.worker_id)
+                    self.chunks_done += 1
+                else:  # never mark a chunk done with a line missing
+                    log.error(
+                        "chunk %s has %d of %d results; releasing it",
+                        chunk.id,
+                        saved,
+                        chunk.end_line - chunk.start_line,
+                    )
+                    await queries.release_chunk(session, chunk.id, self.ctx.worker_id)
         elif outcome is ChunkOutcome.RELEASED:
             await self._release(chunk)
         await finalize_batch(self.ctx, chunk.batch_id)

