@@ -68,6 +68,7 @@ class Settings(BaseSettings):
         default=5_000, ge=1, validation_alias=_env("VLLM_BATCH_CHUNK_SIZE", "CHUNK_SIZE")
     )
     lease_seconds: float = 60.0
+    max_chunk_attempts: int = 10
     poll_interval: float = 0.5
     flush_interval: float = 1.0
     flush_every: int = 256

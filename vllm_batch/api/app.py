@@ -19,9 +19,11 @@ from vllm_batch.api.state import AppContext
 from vllm_batch.config import ModelSpec, Settings
 from vllm_batch.engines.base import Engine
 from vllm_batch.engines.manager import EngineFactory, EngineManager
+from vllm_batch.service.housekeeping import run_housekeeping
 from vllm_batch.service.validate import resume_validation
 from vllm_batch.storage import open_storage
 from vllm_batch.store.db import create_engine, make_sessionmaker, migrate
+from vllm_batch.store.notify import WorkNotifier
 from vllm_batch.worker.context import WorkerContext
 from vllm_batch.worker.loop import Worker, make_worker_id
 
@@ -37,10 +39,14 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = create_engine(settings.resolved_database_url)
         await migrate(db)
+        notifier = WorkNotifier(settings.resolved_database_url)
+        await notifier.start()
         ctx = AppContext(
             settings=settings,
             sessions=make_sessionmaker(db),
             storage=open_storage(settings.storage_url, settings.data_dir),
+            notifier=notifier,
+            instance_id=make_worker_id(),
         )
         app.state.ctx = ctx
         shutdown = asyncio.Event()
@@ -54,16 +60,19 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
                     settings=settings,
                     sessions=ctx.sessions,
                     storage=ctx.storage,
+                    notifier=notifier,
+                    instance_id=ctx.instance_id,
                     engines=ctx.engines,
-                    worker_id=make_worker_id(),
                 )
             )
             worker_task = asyncio.create_task(ctx.worker.run(shutdown))
         ctx.spawn(resume_validation(ctx))
+        ctx.spawn(run_housekeeping(ctx, shutdown))
         try:
             yield
         finally:
             shutdown.set()
+            notifier.wake()
             if worker_task is not None:
                 try:
                     await asyncio.wait_for(worker_task, SHUTDOWN_GRACE_SECONDS)
@@ -74,6 +83,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
             for task in list(ctx.background):
                 task.cancel()
             await asyncio.gather(*ctx.background, return_exceptions=True)
+            await notifier.close()
             await db.dispose()
 
     app = FastAPI(title="vLLM Batch Server", version=__version__, lifespan=lifespan)

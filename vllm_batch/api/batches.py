@@ -176,6 +176,9 @@ async def create_batch(ctx: CtxDep, session: SessionDep, request: BatchCreateReq
             output_tokens=0,
             reasoning_tokens=0,
             priority=priority,
+            output_expires_after=(
+                request.output_expires_after.seconds if request.output_expires_after else None
+            ),
         )
         session.add(row)
     ctx.spawn(validate_batch(ctx, row.id))

@@ -80,6 +80,11 @@ class Batch(BaseModel):
     usage: BatchUsage | None = None
 
 
+class ExpiresAfter(BaseModel):
+    anchor: Literal["created_at"]
+    seconds: int = Field(ge=3600, le=30 * 24 * 3600)
+
+
 class BatchCreateRequest(BaseModel):
     """Body of ``POST /v1/batches``; limits are checked in the service for exact messages."""
 
@@ -87,3 +92,4 @@ class BatchCreateRequest(BaseModel):
     endpoint: str
     completion_window: str
     metadata: dict[str, str] | None = None
+    output_expires_after: ExpiresAfter | None = None

@@ -57,6 +57,7 @@ async def validate_batch(ctx: StoreContext, batch_id: str) -> None:
                 len(plan.chunks),
                 plan.model,
             )
+    ctx.notifier.wake()
 
 
 async def resume_validation(ctx: StoreContext) -> None:

@@ -20,7 +20,7 @@ class FileRow(Base):
     created_at: Mapped[int] = mapped_column(BigInteger)
     filename: Mapped[str] = mapped_column(String(1024))
     purpose: Mapped[str] = mapped_column(String(32), index=True)
-    expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True, index=True)
     storage_key: Mapped[str] = mapped_column(String(1024))
     line_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
@@ -59,6 +59,9 @@ class BatchRow(Base):
     stop_reason: Mapped[str | None] = mapped_column(String(16), nullable=True)
     # Whoever assembles the output files holds this lease (epoch seconds).
     finalize_lease_until: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finalize_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # Seconds after creation at which output/error files expire (``output_expires_after``).
+    output_expires_after: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class ChunkRow(Base):

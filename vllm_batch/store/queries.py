@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from vllm_batch.protocol.batch import TERMINAL_STATUSES
 from vllm_batch.store.models import BatchRow, ChunkRow, FileRow, ResultRow
+from vllm_batch.store.notify import notify_work
 
 # ---------------------------------------------------------------- files
 
@@ -32,6 +33,17 @@ async def list_files(
         query = query.where(FileRow.id < after if descending else FileRow.id > after)
     query = query.order_by(FileRow.id.desc() if descending else FileRow.id.asc())
     return (await session.scalars(query.limit(limit + 1))).all()
+
+
+async def expired_files(session: AsyncSession, now: int, limit: int = 500) -> Sequence[FileRow]:
+    """Files past ``expires_at`` that no running batch reads."""
+    in_use = (
+        select(BatchRow.id)
+        .where(BatchRow.input_file_id == FileRow.id, BatchRow.status.not_in(TERMINAL_STATUSES))
+        .exists()
+    )
+    query = select(FileRow).where(FileRow.expires_at < now, ~in_use).limit(limit)
+    return (await session.scalars(query)).all()
 
 
 async def delete_file(session: AsyncSession, file_id: str) -> None:
@@ -116,6 +128,7 @@ async def start_batch(
         )
         for idx, (start, end, offset) in enumerate(chunks)
     )
+    await notify_work(session)
     return True
 
 
@@ -221,6 +234,7 @@ async def release_chunk(session: AsyncSession, chunk_id: str, owner: str) -> Non
         .where(ChunkRow.id == chunk_id, ChunkRow.lease_owner == owner, ChunkRow.status == "running")
         .values(status="queued", lease_owner=None, lease_until=None)
     )
+    await notify_work(session)
 
 
 async def chunk_summary(session: AsyncSession, batch_id: str, now: float) -> tuple[int, int]:
@@ -240,6 +254,34 @@ async def queue_depth(session: AsyncSession) -> dict[str, int]:
     """Chunks by status, for ``/`` and ``/ready``."""
     rows = await session.execute(select(ChunkRow.status, func.count()).group_by(ChunkRow.status))
     return {status: count for status, count in rows.tuples()}
+
+
+async def lease_owners(session: AsyncSession, prefix: str) -> set[str]:
+    """Owners (worker ids starting with ``prefix``) of live chunk or finalization leases."""
+    chunk_owners = select(ChunkRow.lease_owner).where(
+        ChunkRow.status == "running", ChunkRow.lease_owner.startswith(prefix, autoescape=True)
+    )
+    batch_owners = select(BatchRow.finalize_owner).where(
+        BatchRow.finalize_lease_until.is_not(None),
+        BatchRow.finalize_owner.startswith(prefix, autoescape=True),
+    )
+    rows = (await session.scalars(chunk_owners.union(batch_owners))).all()
+    return {owner for owner in rows if owner}
+
+
+async def release_owner(session: AsyncSession, owner: str) -> None:
+    """Drop every lease held by ``owner`` (a worker known to be dead)."""
+    await session.execute(
+        update(ChunkRow)
+        .where(ChunkRow.lease_owner == owner, ChunkRow.status == "running")
+        .values(status="queued", lease_owner=None, lease_until=None)
+    )
+    await session.execute(
+        update(BatchRow)
+        .where(BatchRow.finalize_owner == owner)
+        .values(finalize_lease_until=None, finalize_owner=None)
+    )
+    await notify_work(session)
 
 
 # ---------------------------------------------------------------- results
@@ -346,7 +388,7 @@ async def delete_results(session: AsyncSession, batch_id: str) -> None:
 
 
 async def claim_finalization(
-    session: AsyncSession, batch_id: str, *, now: float, lease: float
+    session: AsyncSession, batch_id: str, *, owner: str, now: float, lease: float
 ) -> BatchRow | None:
     """Take the right to write a batch's output files, if nobody holds it.
 
@@ -365,6 +407,7 @@ async def claim_finalization(
     elif live:
         return None
     batch.finalize_lease_until = now + lease
+    batch.finalize_owner = owner
     if batch.status == "in_progress":
         batch.status = "finalizing"
         batch.finalizing_at = int(now)

@@ -15,12 +15,14 @@ from collections.abc import Generator
 from enum import Enum
 
 import anyio
+import orjson
 
 from vllm_batch.store import queries
 from vllm_batch.store.models import ChunkRow
 from vllm_batch.validation import iter_lines
 from vllm_batch.worker.context import WorkerContext
 from vllm_batch.worker.dispatch import Dispatcher
+from vllm_batch.worker.output import failure_line
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +55,11 @@ async def run_chunk(ctx: WorkerContext, chunk: ChunkRow, shutdown: asyncio.Event
     if batch is None or input_file is None:
         log.error("chunk %s has no batch or input file; releasing it", chunk.id)
         return ChunkOutcome.RELEASED
-    engine = await ctx.engines.get(chunk.model)
     runner = _ChunkRunner(ctx, chunk, shutdown)
+    if chunk.attempts > ctx.settings.max_chunk_attempts:
+        await _give_up(ctx, runner, input_file.storage_key, done)
+        return runner.outcome
+    engine = await ctx.engines.get(chunk.model)
     dispatcher = Dispatcher(engine, runner.add, lambda i: f"{chunk.batch_id}-{i}-{chunk.attempts}")
     runner.dispatcher = dispatcher
     lines = iter_chunk_requests(ctx, input_file.storage_key, chunk)
@@ -68,6 +73,31 @@ async def run_chunk(ctx: WorkerContext, chunk: ChunkRow, shutdown: asyncio.Event
         await anyio.to_thread.run_sync(lines.close)
         await runner.flush()
     return runner.outcome
+
+
+async def _give_up(ctx: WorkerContext, runner: _ChunkRunner, key: str, done: set[int]) -> None:
+    """After too many failed attempts, the chunk's unfinished lines become error lines."""
+    chunk = runner.chunk
+    log.error(
+        "chunk %s failed %d times; writing its remaining lines as errors",
+        chunk.id,
+        chunk.attempts - 1,
+    )
+    message = (
+        f"The engine failed {chunk.attempts - 1} times while running this request; giving up on it."
+    )
+
+    def read() -> list[queries.LineResult]:
+        results = []
+        for index, raw in iter_chunk_requests(ctx, key, chunk):
+            if index not in done:
+                custom_id = str(orjson.loads(raw).get("custom_id"))
+                data = failure_line(custom_id, "engine_error", message)
+                results.append(queries.LineResult(line=index, is_error=True, data=data))
+        return results
+
+    runner.pending.extend(await anyio.to_thread.run_sync(read))
+    await runner.flush()
 
 
 class _ChunkRunner:

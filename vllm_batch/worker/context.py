@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from vllm_batch.config import Settings
 from vllm_batch.engines.manager import EngineManager
 from vllm_batch.storage.base import BlobStorage
+from vllm_batch.store.notify import WorkNotifier
 
 
 @dataclass
@@ -18,9 +19,15 @@ class StoreContext:
     settings: Settings
     sessions: async_sessionmaker[AsyncSession]
     storage: BlobStorage
+    notifier: WorkNotifier
+    instance_id: str
+    """This process's identity as a lease owner: ``host-pid-random``."""
 
 
 @dataclass
 class WorkerContext(StoreContext):
     engines: EngineManager
-    worker_id: str
+
+    @property
+    def worker_id(self) -> str:
+        return self.instance_id

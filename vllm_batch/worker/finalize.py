@@ -43,7 +43,7 @@ async def finalize_batch(ctx: StoreContext, batch_id: str) -> bool:
     """Write the batch's files and move it to its final status, if it is ready and free."""
     async with ctx.sessions() as session, session.begin():
         batch = await queries.claim_finalization(
-            session, batch_id, now=time.time(), lease=FINALIZE_LEASE_SECONDS
+            session, batch_id, owner=ctx.instance_id, now=time.time(), lease=FINALIZE_LEASE_SECONDS
         )
     if batch is None:
         return False
@@ -73,6 +73,9 @@ async def finalize_batch(ctx: StoreContext, batch_id: str) -> bool:
                         purpose="batch_output",
                         storage_key=key,
                         line_count=None,
+                        expires_at=(
+                            stamp + row.output_expires_after if row.output_expires_after else None
+                        ),
                     )
                 )
         row.output_file_id = output_id if output.bytes else None
@@ -80,6 +83,7 @@ async def finalize_batch(ctx: StoreContext, batch_id: str) -> bool:
         row.failed += expired_lines
         row.status = status
         row.finalize_lease_until = None
+        row.finalize_owner = None
         setattr(row, f"{status}_at", stamp)
         if status == "completed" and row.finalizing_at is None:
             row.finalizing_at = stamp

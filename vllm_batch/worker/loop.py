@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -11,15 +10,13 @@ import socket
 import time
 
 from vllm_batch.engines.base import EngineFailure
-from vllm_batch.protocol.ids import now
 from vllm_batch.store import queries
 from vllm_batch.store.models import ChunkRow
 from vllm_batch.worker.chunk import ChunkOutcome, run_chunk
 from vllm_batch.worker.context import WorkerContext
-from vllm_batch.worker.finalize import finalize_batch, finalize_ready_batches
+from vllm_batch.worker.finalize import finalize_batch
 
 log = logging.getLogger(__name__)
-HOUSEKEEPING_SECONDS = 2.0
 ENGINE_RETRY_SECONDS = 2.0
 
 
@@ -39,15 +36,10 @@ class Worker:
         models = ", ".join(self.ctx.engines.model_names)
         log.info("worker %s serving %s", self.ctx.worker_id, models)
         await self._guarded(self.ctx.engines.get(self.ctx.engines.model_names[0]))
-        last_housekeeping = 0.0
         while not shutdown.is_set():
-            if time.monotonic() - last_housekeeping >= HOUSEKEEPING_SECONDS:
-                await self._guarded(self.housekeeping())
-                last_housekeeping = time.monotonic()
             chunk = await self._guarded(self.claim())
             if chunk is None:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(shutdown.wait(), self.ctx.settings.poll_interval)
+                await self.ctx.notifier.wait(self.ctx.settings.poll_interval)
                 continue
             await self.process(chunk, shutdown)
         log.info("worker %s stopped", self.ctx.worker_id)
@@ -127,11 +119,3 @@ class Worker:
     async def _release(self, chunk: ChunkRow) -> None:
         async with self.ctx.sessions() as session, session.begin():
             await queries.release_chunk(session, chunk.id, self.ctx.worker_id)
-
-    async def housekeeping(self) -> None:
-        """Expire overdue batches and assemble any batch that is ready."""
-        async with self.ctx.sessions() as session, session.begin():
-            for batch_id in await queries.overdue_batches(session, now()):
-                log.info("batch %s passed its completion window: expiring", batch_id)
-                await queries.request_stop(session, batch_id, "expire", now())
-        await finalize_ready_batches(self.ctx)
