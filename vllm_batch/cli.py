@@ -207,6 +207,109 @@ def models_make_test_model(
     typer.echo(f"test model ready at {make_test_model(out, seed=seed)}")
 
 
+@app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run(
+    ctx: typer.Context,
+    input_file: Annotated[
+        str, typer.Option("-i", "--input-file", help="Input JSONL: a local path or http(s) URL.")
+    ],
+    output_file: Annotated[
+        str,
+        typer.Option(
+            "-o", "--output-file", help="Output JSONL: a local path or http(s) URL (HTTP PUT)."
+        ),
+    ],
+    model: Annotated[
+        str, typer.Option("--model", help="NAME=PATH or PATH (served under PATH, like vLLM).")
+    ],
+    served_model_name: Annotated[
+        str | None, typer.Option(help="Name requests use in body.model (overrides NAME=).")
+    ] = None,
+    output_tmp_dir: Annotated[
+        str | None, typer.Option(help="Where to write a URL output before uploading it.")
+    ] = None,
+    strict: Annotated[
+        bool,
+        typer.Option("--strict", help="Validate every line like the server; exit on any error."),
+    ] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue a local output left by an interrupted run.")
+    ] = False,
+    progress_interval: Annotated[
+        float, typer.Option(help="Seconds between progress log lines (when not a TTY).")
+    ] = 5.0,
+    max_num_seqs: MaxSeqsOpt = None,
+    max_num_batched_tokens: Annotated[
+        int | None, typer.Option(help="Engine max tokens per scheduler step.")
+    ] = None,
+    gpu_memory_utilization: Annotated[
+        float | None, typer.Option(help="Fraction of GPU memory for the engine.")
+    ] = None,
+    tensor_parallel_size: Annotated[
+        int | None, typer.Option("--tensor-parallel-size", "-tp", help="GPUs per model.")
+    ] = None,
+    max_model_len: MaxLenOpt = None,
+    dtype: Annotated[str | None, typer.Option(help="Model dtype (auto: float32 on CPU).")] = None,
+    enforce_eager: EagerOpt = None,
+    enable_prefix_caching: Annotated[
+        bool | None,
+        typer.Option(
+            "--enable-prefix-caching/--no-enable-prefix-caching", help="vLLM prefix caching."
+        ),
+    ] = None,
+) -> None:
+    """Run one batch file offline, like `vllm run-batch` (output in input order)."""
+    from vllm_batch.config import ModelSpec
+    from vllm_batch.offline import RunFailed, RunOptions, run_batch
+
+    if ctx.args:
+        typer.echo(
+            f"error: unsupported option(s) for `vllm-batch run`: {' '.join(ctx.args)}\n"
+            "supported engine flags: --model, --served-model-name, --max-num-seqs, "
+            "--max-num-batched-tokens, --gpu-memory-utilization, --tensor-parallel-size, "
+            "--max-model-len, --dtype, --enforce-eager, --[no-]enable-prefix-caching",
+            err=True,
+        )
+        raise typer.Exit(2)
+    _setup_logging()
+    try:
+        spec = ModelSpec.parse(model)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--model") from None
+    if served_model_name:
+        spec = ModelSpec(served_model_name, spec.path)
+    settings = build_settings(
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        gpu_memory_utilization=gpu_memory_utilization,
+        tensor_parallel_size=tensor_parallel_size,
+        max_model_len=max_model_len,
+        dtype=dtype,
+        enforce_eager=enforce_eager,
+        enable_prefix_caching=enable_prefix_caching,
+    )
+    options = RunOptions(
+        input=input_file,
+        output=output_file,
+        spec=spec,
+        settings=settings,
+        output_tmp_dir=output_tmp_dir,
+        strict=strict,
+        resume=resume,
+        progress_interval=progress_interval,
+    )
+    try:
+        summary = run_batch(options)
+    except RunFailed as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    typer.echo(
+        f"done: {summary.total} requests ({summary.resumed} resumed, {summary.errors} errors) "
+        f"in {summary.seconds:.1f}s -> {output_file}",
+        err=True,
+    )
+
+
 def main() -> None:
     app()
 

@@ -77,9 +77,12 @@ def spawn_server(
 
 
 def stop_server(server: ServerProcess, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-    """Signal the server's whole process group and wait for it."""
+    """Send ``sig`` to the server (SIGKILL: to its whole process group) and wait for it."""
     if server.process.poll() is None:
-        os.killpg(server.process.pid, sig)
+        if sig == signal.SIGKILL:
+            os.killpg(server.process.pid, sig)
+        else:
+            os.kill(server.process.pid, sig)
         try:
             server.process.wait(timeout)
         except subprocess.TimeoutExpired:

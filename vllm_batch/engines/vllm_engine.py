@@ -8,6 +8,7 @@ vLLM is imported lazily, inside ``start``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -148,6 +149,11 @@ class VllmEngine:
             )
 
             response = create_error_response(exc)
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # vLLM turns a cancelled request into a "Client disconnected" error; for us an
+            # aborted request is simply not done, so let the cancellation through.
+            raise asyncio.CancelledError
         if isinstance(response, ErrorResponse):
             info = response.error
             if info.code >= 500 and _engine_is_dead(handler):

@@ -1,0 +1,211 @@
+"""Crash safety for real: the server is SIGKILLed mid-batch at random points, restarted,
+and must finish with exactly one result per input line, matching an uninterrupted run.
+Also SIGTERM (graceful) and many `vllm-batch worker` processes sharing one batch."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+from openai import OpenAI
+
+from tests.conftest import TINY_NAME, create_pg_database, drop_pg_database, free_port
+from tests.e2e.conftest import ServerProcess, spawn_server, stop_server
+from tests.helpers import chat_line, jsonl, parse_jsonl, wait_for_batch
+
+LINES = 480
+DURABLE_ENV = {
+    "VLLM_BATCH_FLUSH_INTERVAL": "0.2",
+    "VLLM_BATCH_FLUSH_EVERY": "32",
+    "VLLM_BATCH_LEASE_SECONDS": "20",
+    "VLLM_BATCH_CHUNK_SIZE": "40",
+    "VLLM_BATCH_MAX_NUM_SEQS": "32",
+}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'crash.db'}"
+        return
+    url = create_pg_database()
+    try:
+        yield url
+    finally:
+        drop_pg_database(url)
+
+
+def server_args(model: Path, db_url: str) -> list[str]:
+    return ["--model", f"{TINY_NAME}={model}", "--max-model-len", "512", "--database-url", db_url]
+
+
+def contents(client: OpenAI, file_id: str) -> dict[str, str]:
+    return {
+        r["custom_id"]: r["response"]["body"]["choices"][0]["message"]["content"]
+        for r in parse_jsonl(client.files.content(file_id).text)
+    }
+
+
+def test_kill9_and_sigterm_resume_exactly_once(
+    tiny_model: Path, db_url: str, tmp_path: Path
+) -> None:
+    rng = random.Random(int(time.time()))
+    data_dir = tmp_path / "data"
+    port = free_port()
+    lines = [chat_line(i, TINY_NAME, max_tokens=24, ignore_eos=True) for i in range(LINES)]
+    args = server_args(tiny_model, db_url)
+    server = spawn_server(args, data_dir, env=DURABLE_ENV, port=port)
+    client = OpenAI(base_url=server.base_url, api_key="x", max_retries=3)
+    upload = client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+    batch_id = client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    ).id
+    progress = []
+    for kill in range(3):
+        time.sleep(rng.uniform(0.5, 4.0))
+        before = client.batches.retrieve(batch_id)
+        sig = signal.SIGKILL if kill < 2 else signal.SIGTERM
+        started = time.monotonic()
+        code = stop_server(server, sig=sig)
+        if sig == signal.SIGTERM:  # graceful: exits on its own, promptly, releasing leases
+            # uvicorn re-raises the signal after its graceful shutdown completes.
+            assert code in (0, -signal.SIGTERM), server.log()[-3000:]
+            assert "worker " in server.log() and " stopped" in server.log()
+            assert time.monotonic() - started < 45
+            assert "Traceback" not in server.log().split("Shutting down")[-1]
+        progress.append((before.status, before.request_counts.completed))
+        server = spawn_server(args, data_dir, env=DURABLE_ENV, port=port)
+        after = client.batches.retrieve(batch_id)
+        assert after.request_counts.completed >= before.request_counts.completed  # kept
+    final = wait_for_batch(client, batch_id, timeout=300)
+    try:
+        assert final.status == "completed", final
+        assert final.request_counts.model_dump() == {
+            "total": LINES,
+            "completed": LINES,
+            "failed": 0,
+        }
+        assert final.error_file_id is None
+        results = parse_jsonl(client.files.content(final.output_file_id).text)
+        ids = [r["custom_id"] for r in results]
+        assert ids == [f"request-{i}" for i in range(LINES)], "gaps, duplicates or disorder"
+        assert len({r["id"] for r in results}) == LINES
+        # An uninterrupted run of the same file on the same server gives the same answers.
+        again = client.batches.create(
+            input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        reference = wait_for_batch(client, again.id, timeout=300)
+        assert reference.status == "completed"
+        assert contents(client, final.output_file_id) == contents(client, reference.output_file_id)
+        assert (
+            sum(r["response"]["body"]["usage"]["completion_tokens"] for r in results)
+            == final.usage.output_tokens
+            == LINES * 24
+        )
+        print("kill points (status, completed):", progress)
+    finally:
+        stop_server(server)
+
+
+def spawn_worker(model: Path, db_url: str, data_dir: Path, name: str) -> subprocess.Popen[bytes]:
+    log = open(data_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vllm_batch.cli",
+            "worker",
+            "--model",
+            f"{TINY_NAME}={model}",
+            "--max-model-len",
+            "512",
+            "--max-num-seqs",
+            "16",
+            "--database-url",
+            db_url,
+            "--data-dir",
+            str(data_dir),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "VLLM_BATCH_CHUNK_SIZE": "100", "VLLM_BATCH_POLL_INTERVAL": "5"},
+    )
+
+
+async def chunk_owners(db_url: str, batch_id: str) -> dict[str, int]:
+    conn = await asyncpg.connect(db_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        rows = await conn.fetch(
+            "SELECT lease_owner, count(*) AS n FROM chunks "
+            "WHERE batch_id = $1 GROUP BY lease_owner",
+            batch_id,
+        )
+    finally:
+        await conn.close()
+    return {row["lease_owner"]: row["n"] for row in rows}
+
+
+def test_three_workers_share_one_batch_exactly_once(tiny_model: Path, tmp_path: Path) -> None:
+    db_url = create_pg_database()
+    data_dir = tmp_path / "shared"
+    data_dir.mkdir()
+    workers: list[subprocess.Popen[bytes]] = []
+    api: ServerProcess | None = None
+    try:
+        api = spawn_server(
+            [
+                "--no-worker",
+                "--model",
+                f"{TINY_NAME}={tiny_model}",
+                "--database-url",
+                db_url,
+                "--chunk-size",
+                "100",
+            ],
+            data_dir,
+            wait_engine=False,
+        )
+        workers = [spawn_worker(tiny_model, db_url, data_dir, f"worker{i}") for i in range(3)]
+        deadline = time.monotonic() + 240
+        while not all("loaded" in (data_dir / f"worker{i}.log").read_text() for i in range(3)):
+            assert all(w.poll() is None for w in workers), "a worker died"
+            assert time.monotonic() < deadline, "workers did not load their engines"
+            time.sleep(1)
+        client = OpenAI(base_url=api.base_url, api_key="x")
+        lines = [chat_line(i, TINY_NAME, max_tokens=16, ignore_eos=True) for i in range(2000)]
+        upload = client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+        batch = client.batches.create(
+            input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        final = wait_for_batch(client, batch.id, timeout=400)
+        assert final.status == "completed"
+        assert final.request_counts.completed == 2000 and final.request_counts.failed == 0
+        ids = [r["custom_id"] for r in parse_jsonl(client.files.content(final.output_file_id).text)]
+        assert ids == [f"request-{i}" for i in range(2000)]
+        owners = asyncio.run(chunk_owners(db_url, batch.id))
+        assert sum(owners.values()) == 20
+        assert len(owners) == 3, f"each worker should have taken chunks: {owners}"
+        # SIGTERM: every worker stops promptly and cleanly.
+        for worker in workers:
+            os.kill(worker.pid, signal.SIGTERM)
+        for worker in workers:
+            assert worker.wait(60) == 0
+        assert httpx.get(f"{api.url}/ready").json()["database"] == "ok"
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGKILL)
+        if api is not None:
+            stop_server(api)
+        drop_pg_database(db_url)
