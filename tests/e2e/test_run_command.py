@@ -1,9 +1,9 @@
 """``vllm-batch run`` as a subprocess on the tiny model: the drop-in for ``vllm run-batch``.
 
-Engine starts are expensive (~25-40 s here), so three runs carry every engine check: a
-reference run (URL input, URL output that fails twice, progress logs), a run killed with
-SIGKILL part way, and its ``--resume``. Failures that must happen before any engine starts
-are separate, fast runs.
+Engine starts are expensive (25-60 s here, mostly imports), so three runs carry every engine
+check: a reference run (URL input, URL output that fails twice, progress logs), a run killed
+with SIGKILL part way (started alongside the reference run, which it does not depend on),
+and its ``--resume``. Failures that must happen before any engine starts are fast runs.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,11 +96,60 @@ def input_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@dataclass
+class KilledRun:
+    output: Path
+    log: Path
+    process: subprocess.Popen[bytes]
+    watcher: threading.Thread
+
+    def wait(self) -> int:
+        """Lines the run had written when it was killed (after checking it was killed)."""
+        self.watcher.join(300)
+        assert self.process.returncode == -signal.SIGKILL, self.log.read_text()[-3000:]
+        return self.output.read_bytes().count(b"\n")
+
+
+@pytest.fixture(scope="module")
+def killed_run(
+    tiny_model: Path, input_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> KilledRun:
+    """A local run SIGKILLed (with its engine processes) once it has written 8 lines."""
+    out = tmp_path_factory.mktemp("killed") / "output.jsonl"
+    log_path = out.with_suffix(".log")
+    # One sequence at a time, so the run is slow enough to be killed half way.
+    args = command(tiny_model, str(input_file), str(out), "--max-num-seqs", "1")
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            args, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def kill_after_eight_lines() -> None:
+        deadline = time.monotonic() + 280
+        while time.monotonic() < deadline and process.poll() is None:
+            if out.exists() and out.read_bytes().count(b"\n") >= 8:
+                break
+            time.sleep(0.1)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(30)
+
+    watcher = threading.Thread(target=kill_after_eight_lines, daemon=True)
+    watcher.start()
+    return KilledRun(out, log_path, process, watcher)
+
+
 @pytest.fixture(scope="module")
 def reference(
-    tiny_model: Path, input_file: Path, tmp_path_factory: pytest.TempPathFactory
+    tiny_model: Path,
+    input_file: Path,
+    killed_run: KilledRun,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Reference:
-    """URL input, URL output whose first two PUTs fail, progress logged every second."""
+    """URL input, URL output whose first two PUTs fail, progress logged every second.
+
+    Runs while ``killed_run`` does (engine start-up mostly waits, so the two overlap well).
+    """
     spool = tmp_path_factory.mktemp("spool")
     with FileServer({"/input.jsonl": input_file.read_bytes()}, fail_puts=2) as server:
         started = time.monotonic()
@@ -154,30 +204,11 @@ def test_progress_is_logged_when_not_a_tty(reference: Reference) -> None:
 
 
 def test_resume_after_sigkill(
-    tiny_model: Path, input_file: Path, reference: Reference, tmp_path: Path
+    tiny_model: Path, input_file: Path, reference: Reference, killed_run: KilledRun
 ) -> None:
-    out = tmp_path / "output.jsonl"
-    log_path = tmp_path / "killed.log"
-    # One sequence at a time, so the run is slow enough to be killed half way.
-    args = command(tiny_model, str(input_file), str(out), "--max-num-seqs", "1")
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            args, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and process.poll() is None:
-            if out.exists() and out.read_bytes().count(b"\n") >= 8:
-                break
-            time.sleep(0.2)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(30)
-    assert process.returncode == -signal.SIGKILL, log_path.read_text()[-3000:]
-    done_before = out.read_bytes().count(b"\n")
+    done_before = killed_run.wait()
     assert 8 <= done_before < COUNT
-
+    out = killed_run.output
     with FileServer({"/input.jsonl": input_file.read_bytes()}) as server:
         result = run_cli(command(tiny_model, f"{server.url}/input.jsonl", str(out), "--resume"))
     assert result.returncode == 0, result.stderr[-4000:]

@@ -7,6 +7,7 @@ The server here runs without a worker (no engine needed): batches stay queued.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -308,3 +309,44 @@ def test_keeper_intact_after_bad_input(client: OpenAI, keeper: tuple[str, bytes]
     assert client.files.content(file_id).content == content
     lines = [json.loads(x) for x in content.splitlines()]
     assert [line["custom_id"] for line in lines] == ["request-0", "request-1", "request-2"]
+
+
+def test_expired_files_are_swept(client: OpenAI, api: LiveServer) -> None:
+    from sqlalchemy import update
+
+    from vllm_batch.store.models import FileRow
+
+    upload = client.files.create(
+        file=("in.jsonl", jsonl([chat_line(0, TINY_NAME)])),
+        purpose="batch",
+        expires_after={"anchor": "created_at", "seconds": 3600},
+    )
+    assert upload.expires_at == upload.created_at + 3600
+    storage = api.app.state.ctx.storage
+    assert storage.exists(f"files/{upload.id}")
+
+    async def backdate(session: Any) -> None:
+        async with session.begin():
+            await session.execute(
+                update(FileRow)
+                .where(FileRow.id == upload.id)
+                .values(expires_at=upload.created_at - 1)
+            )
+
+    api.db(backdate)
+    deadline = time.monotonic() + 15
+    while storage.exists(f"files/{upload.id}"):
+        assert time.monotonic() < deadline, "expired file was not swept"
+        time.sleep(0.2)
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(upload.id)
+
+
+def test_file_expiry_bounds(client: OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.files.create(
+            file=("in.jsonl", jsonl([chat_line(0, TINY_NAME)])),
+            purpose="batch",
+            expires_after={"anchor": "created_at", "seconds": 5},
+        )
+    assert error_of(exc.value)["param"] == "expires_after.seconds"

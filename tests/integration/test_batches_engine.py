@@ -30,7 +30,7 @@ def submit(
     return client.batches.create(
         input_file_id=upload.id,
         endpoint=endpoint,  # type: ignore[arg-type]
-        completion_window="24h",
+        completion_window=kwargs.pop("completion_window", "24h"),
         **kwargs,
     )
 
@@ -175,3 +175,39 @@ def test_cancel_running_batch_keeps_finished_results(client: OpenAI) -> None:
         results = parse_jsonl(client.files.content(final.output_file_id).text)
         assert len(results) == final.request_counts.completed
         assert len({r["custom_id"] for r in results}) == len(results)
+
+
+def test_expiry_keeps_finished_and_marks_the_rest(client: OpenAI) -> None:
+    lines = [chat_line(i, TINY_NAME, max_tokens=100, ignore_eos=True) for i in range(1000)]
+    batch = submit(client, lines, completion_window="4s")
+    assert batch.expires_at == batch.created_at + 4
+    final = wait_for_batch(client, batch.id, timeout=90)
+    assert final.status == "expired" and final.expired_at is not None
+    counts = final.request_counts
+    assert counts.total == 1000 and counts.completed + counts.failed == 1000
+    assert counts.failed > 0
+    errors = parse_jsonl(client.files.content(final.error_file_id).text)
+    assert len(errors) == counts.failed
+    assert {e["error"]["code"] for e in errors} == {"batch_expired"}
+    assert all(e["response"] is None for e in errors)
+    done = []
+    if final.output_file_id:
+        done = parse_jsonl(client.files.content(final.output_file_id).text)
+    assert len(done) == counts.completed
+    ids = {r["custom_id"] for r in done} | {e["custom_id"] for e in errors}
+    assert ids == {f"request-{i}" for i in range(1000)}
+
+
+def test_output_files_expire_when_asked(client: OpenAI, server: LiveServer) -> None:
+    upload = client.files.create(
+        file=("in.jsonl", jsonl([chat_line(0, TINY_NAME)])), purpose="batch"
+    )
+    batch = client.batches.create(
+        input_file_id=upload.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        extra_body={"output_expires_after": {"anchor": "created_at", "seconds": 7200}},
+    )
+    final = wait_for_batch(client, batch.id)
+    output = client.files.retrieve(final.output_file_id)
+    assert output.expires_at == output.created_at + 7200
