@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,7 @@ class KilledRun:
 @pytest.fixture(scope="module")
 def killed_run(
     tiny_model: Path, input_file: Path, tmp_path_factory: pytest.TempPathFactory
-) -> KilledRun:
+) -> Iterator[KilledRun]:
     """A local run SIGKILLed (with its engine processes) once it has written 8 lines."""
     out = tmp_path_factory.mktemp("killed") / "output.jsonl"
     log_path = out.with_suffix(".log")
@@ -136,7 +137,10 @@ def killed_run(
 
     watcher = threading.Thread(target=kill_after_eight_lines, daemon=True)
     watcher.start()
-    return KilledRun(out, log_path, process, watcher)
+    yield KilledRun(out, log_path, process, watcher)
+    if process.poll() is None:  # a test failed before waiting for it
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(30)
 
 
 @pytest.fixture(scope="module")

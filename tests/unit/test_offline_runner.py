@@ -223,3 +223,11 @@ def test_progress_log_lines(tmp_path: Path, caplog: pytest.LogCaptureFixture) ->
     assert messages[0].startswith("progress: 0/10 done")
     assert messages[-1].startswith("progress: 10/10 done (100.0%)")
     assert "req/s" in messages[-1] and "tok/s" in messages[-1] and "1 errors" in messages[-1]
+
+
+def test_unusable_tmp_dir_fails_cleanly(tmp_path: Path) -> None:
+    inp = write_input(tmp_path / "in.jsonl", 2)
+    missing = str(tmp_path / "no" / "dir")
+    with pytest.raises(RunFailed, match="cannot create a temporary file") as info:
+        run_batch(options(inp, "http://127.0.0.1:9/out", output_tmp_dir=missing), Factory())
+    assert info.value.exit_code == 1
