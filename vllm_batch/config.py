@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     max_chunk_attempts: int = 10
     poll_interval: float = 0.5
     flush_interval: float = 1.0
-    flush_every: int = 256
+    flush_every: int = 1000
 
     gpu_memory_utilization: float = Field(
         default=0.9,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import Table, and_, delete, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -310,18 +311,18 @@ async def save_results(session: AsyncSession, batch_id: str, results: Sequence[L
         return 0
     dialect = session.get_bind().dialect.name
     insert_fn = pg_insert if dialect == "postgresql" else sqlite_insert
+    table = cast(Table, ResultRow.__table__)
+    # Core executemany ("insertmanyvalues"): no per-row ORM work, RETURNING the new lines.
     statement = (
-        insert_fn(ResultRow)
-        .values(
-            [
-                {"batch_id": batch_id, "line": r.line, "is_error": r.is_error, "data": r.data}
-                for r in results
-            ]
-        )
+        insert_fn(table)
         .on_conflict_do_nothing(index_elements=["batch_id", "line"])
-        .returning(ResultRow.line)
+        .returning(table.c.line)
     )
-    inserted = set((await session.scalars(statement)).all())
+    rows = [
+        {"batch_id": batch_id, "line": r.line, "is_error": r.is_error, "data": r.data}
+        for r in results
+    ]
+    inserted = set((await session.scalars(statement, rows)).all())
     new = [r for r in results if r.line in inserted]
     if new:
         failed = sum(r.is_error for r in new)
