@@ -59,19 +59,47 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-class RssSampler:
-    """Samples the RSS of a process tree in a thread; ``peak`` is the maximum seen."""
+def tree_pss(pid: int) -> int:
+    """PSS (shared pages split between sharers) of a process and its children, in bytes.
 
-    def __init__(self, pid: int, interval: float = 0.1) -> None:
+    Slower than :func:`tree_rss` (~15 ms per large process), but does not count the
+    libraries that every process of the tree maps (torch) once per process.
+    """
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            total += proc.memory_full_info().pss
+    return total
+
+
+class RssSampler:
+    """Samples the RSS of a process tree in a thread; ``peak`` is the maximum seen.
+
+    With ``pss_interval``, the tree's PSS is sampled too (less often: it is slower), and
+    ``peak_pss`` is its maximum.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.1, pss_interval: float | None = None) -> None:
         self.pid = pid
         self.interval = interval
+        self.pss_interval = pss_interval
         self.peak = 0
+        self.peak_pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        next_pss = 0.0
         while not self._stop.is_set():
             self.peak = max(self.peak, tree_rss(self.pid))
+            if self.pss_interval is not None and time.monotonic() >= next_pss:
+                self.peak_pss = max(self.peak_pss, tree_pss(self.pid))
+                next_pss = time.monotonic() + self.pss_interval
             time.sleep(self.interval)
 
     def __enter__(self) -> RssSampler:
@@ -93,3 +121,20 @@ def save(name: str, payload: dict[str, Any], table: str) -> Path:
     path = RESULTS / f"{name}.md"
     path.write_text(md)
     return path
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub Markdown table; ``None`` cells are shown as an em dash."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in rows:
+        lines.append("| " + " | ".join("—" if c is None else str(c) for c in row) + " |")
+    return "\n".join(lines)

@@ -84,6 +84,7 @@ class Settings(BaseSettings):
     enforce_eager: bool | None = None  # None: eager on CPU (fast start), graphs on GPU
     tensor_parallel_size: int = 1
     enable_prefix_caching: bool = True
+    group_prefixes: bool = True  # submit requests sharing a first message/prompt together
     kv_cache_gib: float | None = None
 
     @field_validator("models", "cors_origins", mode="before")

@@ -60,7 +60,12 @@ async def run_chunk(ctx: WorkerContext, chunk: ChunkRow, shutdown: asyncio.Event
         await _give_up(ctx, runner, input_file.storage_key, done)
         return runner.outcome
     engine = await ctx.engines.get(chunk.model)
-    dispatcher = Dispatcher(engine, runner.add, lambda i: f"{chunk.batch_id}-{i}-{chunk.attempts}")
+    dispatcher = Dispatcher(
+        engine,
+        runner.add,
+        lambda i: f"{chunk.batch_id}-{i}-{chunk.attempts}",
+        group_prefixes=ctx.settings.group_prefixes,
+    )
     runner.dispatcher = dispatcher
     lines = iter_chunk_requests(ctx, input_file.storage_key, chunk)
     heartbeat = asyncio.create_task(runner.heartbeat())
