@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -311,6 +312,11 @@ def run(
 
 
 def main() -> None:
+    # vLLM accepts ``--max_num_seqs`` as well as ``--max-num-seqs``; so do we.
+    sys.argv[1:] = [
+        arg.replace("_", "-") if arg.startswith("--") and "=" not in arg else arg
+        for arg in sys.argv[1:]
+    ]
     app()
 
 

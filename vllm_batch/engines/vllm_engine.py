@@ -100,6 +100,7 @@ class VllmEngine:
         log.info("vLLM engine ready for %s (max_num_seqs=%d)", self.model_name, self._max_num_seqs)
 
     async def stop(self) -> None:
+        self._chat = self._completion = None
         await self._stack.aclose()
 
     async def run(self, url: str, body: dict[str, Any], request_id: str) -> EngineResult:

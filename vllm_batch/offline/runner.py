@@ -134,7 +134,7 @@ def _run(options: RunOptions, engine_factory: EngineFactory, temps: list[Path]) 
     if options.resume and remote:
         raise RunFailed("--resume needs a local output path, not a URL", EXIT_BAD_INPUT)
     if remote:
-        out_path = io.temp_path(options.output_tmp_dir, "vllm_batch_output_")
+        out_path = _temp_file(options.output_tmp_dir, "vllm_batch_output_")
         temps.append(out_path)
     else:
         out_path = Path(options.output)
@@ -159,10 +159,10 @@ def _run(options: RunOptions, engine_factory: EngineFactory, temps: list[Path]) 
             asyncio.run(_execute(engine, input_path, writer, progress))
         writer.flush(sync=True)
     if writer.next_index < total:
-        raise RunFailed(
-            f"stopped after {writer.next_index} of {total} requests; "
-            f"rerun with --resume to continue (output: {out_path})"
-        )
+        done = f"stopped after {writer.next_index} of {total} requests"
+        if remote:
+            raise RunFailed(f"{done}; nothing was uploaded")
+        raise RunFailed(f"{done}; rerun with --resume to continue (output: {out_path})")
     if remote:
         try:
             io.upload(out_path, options.output)
@@ -177,6 +177,14 @@ def _run(options: RunOptions, engine_factory: EngineFactory, temps: list[Path]) 
         output_tokens=stats.output_tokens,
         seconds=time.monotonic() - started,
     )
+
+
+def _temp_file(directory: str | None, prefix: str) -> Path:
+    try:
+        return io.temp_path(directory, prefix)
+    except OSError as exc:
+        where = directory or "the temporary directory"
+        raise RunFailed(f"cannot create a temporary file in {where}: {exc}") from exc
 
 
 def _check_input(path: Path, name: str) -> tuple[int, str | None]:
@@ -209,7 +217,7 @@ def _fetch_input(options: RunOptions, temps: list[Path]) -> Path:
         if not path.is_file():
             raise RunFailed(f"cannot read input {options.input}: no such file")
         return path
-    path = io.temp_path(options.output_tmp_dir, "vllm_batch_input_")
+    path = _temp_file(options.output_tmp_dir, "vllm_batch_input_")
     temps.append(path)
     try:
         io.download(options.input, path)
@@ -228,7 +236,12 @@ async def _execute(
         except Exception as exc:
             raise RunFailed(f"could not start the engine: {exc}") from exc
         token = uuid.uuid4().hex[:12]
-        dispatcher = Dispatcher(engine, writer.add, lambda index: f"vllm-batch-{token}-{index}")
+        dispatcher = Dispatcher(
+            engine,
+            writer.add,
+            lambda index: f"vllm-batch-{token}-{index}",
+            group_prefixes=options.settings.group_prefixes,
+        )
         lines = iter_requests(input_path, writer.next_index)
         progress.start()
         ticker = asyncio.create_task(_tick(writer, progress))
