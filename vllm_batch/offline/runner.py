@@ -156,7 +156,9 @@ def _run(options: RunOptions, engine_factory: EngineFactory, temps: list[Path]) 
             progress = make_progress(
                 stats, interval=options.progress_interval, tty=options.progress_tty
             )
-            asyncio.run(_execute(engine, input_path, writer, progress))
+            asyncio.run(
+                _execute(engine, input_path, writer, progress, options.settings.group_prefixes)
+            )
         writer.flush(sync=True)
     if writer.next_index < total:
         done = f"stopped after {writer.next_index} of {total} requests"
@@ -227,7 +229,11 @@ def _fetch_input(options: RunOptions, temps: list[Path]) -> Path:
 
 
 async def _execute(
-    engine: Engine, input_path: Path, writer: OrderedWriter, progress: Progress
+    engine: Engine,
+    input_path: Path,
+    writer: OrderedWriter,
+    progress: Progress,
+    group_prefixes: bool = True,
 ) -> None:
     """Start the engine, push every remaining line through the dispatcher, stop the engine."""
     try:
@@ -240,7 +246,7 @@ async def _execute(
             engine,
             writer.add,
             lambda index: f"vllm-batch-{token}-{index}",
-            group_prefixes=options.settings.group_prefixes,
+            group_prefixes=group_prefixes,
         )
         lines = iter_requests(input_path, writer.next_index)
         progress.start()
