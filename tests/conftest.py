@@ -7,6 +7,7 @@ in-process server, so engines start once per test session.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import socket
@@ -76,20 +77,26 @@ def drop_pg_database(url: str) -> None:
     asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-@pytest.fixture(params=["sqlite", "postgresql"], scope="module")
-def database_url(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    """Each module runs once on SQLite and once on its own PostgreSQL database."""
-    if request.param == "sqlite":
-        path = tmp_path_factory.mktemp("db") / "test.db"
-        yield f"sqlite+aiosqlite:///{path}"
+@contextlib.contextmanager
+def database(kind: str, sqlite_path: Path) -> Iterator[str]:
+    """A database URL of ``kind``: SQLite at ``sqlite_path``, or a fresh PostgreSQL database."""
+    if kind == "sqlite":
+        yield f"sqlite+aiosqlite:///{sqlite_path}"
         return
     url = create_pg_database()
     try:
         yield url
     finally:
         drop_pg_database(url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"], scope="module")
+def database_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """Each module runs once on SQLite and once on its own PostgreSQL database."""
+    with database(request.param, tmp_path_factory.mktemp("db") / "test.db") as url:
+        yield url
 
 
 # ------------------------------------------------------------------ background loop

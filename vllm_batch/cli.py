@@ -143,43 +143,28 @@ async def _run_worker(settings: Settings) -> None:
     from vllm_batch.api.app import vllm_engine_factory
     from vllm_batch.engines.manager import EngineManager
     from vllm_batch.service.housekeeping import run_housekeeping
-    from vllm_batch.storage import open_storage
-    from vllm_batch.store.db import create_engine, make_sessionmaker, migrate
-    from vllm_batch.store.notify import WorkNotifier
-    from vllm_batch.worker.context import WorkerContext
-    from vllm_batch.worker.loop import Worker, make_worker_id
+    from vllm_batch.worker.context import WorkerContext, open_store
+    from vllm_batch.worker.loop import Worker
 
-    db = create_engine(settings.resolved_database_url)
-    await migrate(db)
-    engines = EngineManager(settings.model_specs, vllm_engine_factory(settings))
-    notifier = WorkNotifier(settings.resolved_database_url)
-    await notifier.start()
-    ctx = WorkerContext(
-        settings=settings,
-        sessions=make_sessionmaker(db),
-        storage=open_storage(settings.storage_url, settings.data_dir),
-        notifier=notifier,
-        instance_id=make_worker_id(),
-        engines=engines,
-    )
-    shutdown = asyncio.Event()
+    async with open_store(settings) as store:
+        engines = EngineManager(settings.model_specs, vllm_engine_factory(settings))
+        ctx = WorkerContext(**store.shared(), engines=engines)
+        shutdown = asyncio.Event()
 
-    def stop() -> None:
-        shutdown.set()
-        notifier.wake()
+        def stop() -> None:
+            shutdown.set()
+            ctx.notifier.wake()
 
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop)
-    upkeep = asyncio.create_task(run_housekeeping(ctx, shutdown))
-    try:
-        await Worker(ctx).run(shutdown)
-        await upkeep
-    finally:
-        upkeep.cancel()
-        await engines.close()
-        await notifier.close()
-        await db.dispose()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop)
+        upkeep = asyncio.create_task(run_housekeeping(ctx, shutdown))
+        try:
+            await Worker(ctx).run(shutdown)
+            await upkeep
+        finally:
+            upkeep.cancel()
+            await engines.close()
 
 
 @models_app.command("prepare")

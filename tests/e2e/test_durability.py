@@ -19,7 +19,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from tests.conftest import TINY_NAME, create_pg_database, drop_pg_database, free_port
+from tests.conftest import TINY_NAME, create_pg_database, database, drop_pg_database, free_port
 from tests.e2e.conftest import ServerProcess, spawn_server, stop_server
 from tests.helpers import chat_line, jsonl, parse_jsonl, wait_for_batch
 
@@ -35,14 +35,8 @@ DURABLE_ENV = {
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'crash.db'}"
-        return
-    url = create_pg_database()
-    try:
+    with database(request.param, tmp_path / "crash.db") as url:
         yield url
-    finally:
-        drop_pg_database(url)
 
 
 def server_args(model: Path, db_url: str) -> list[str]:

@@ -21,11 +21,8 @@ from vllm_batch.engines.base import Engine
 from vllm_batch.engines.manager import EngineFactory, EngineManager
 from vllm_batch.service.housekeeping import run_housekeeping
 from vllm_batch.service.validate import resume_validation
-from vllm_batch.storage import open_storage
-from vllm_batch.store.db import create_engine, make_sessionmaker, migrate
-from vllm_batch.store.notify import WorkNotifier
-from vllm_batch.worker.context import WorkerContext
-from vllm_batch.worker.loop import Worker, make_worker_id
+from vllm_batch.worker.context import WorkerContext, open_store
+from vllm_batch.worker.loop import Worker
 
 log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_SECONDS = 30.0
@@ -37,54 +34,34 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        db = create_engine(settings.resolved_database_url)
-        await migrate(db)
-        notifier = WorkNotifier(settings.resolved_database_url)
-        await notifier.start()
-        ctx = AppContext(
-            settings=settings,
-            sessions=make_sessionmaker(db),
-            storage=open_storage(settings.storage_url, settings.data_dir),
-            notifier=notifier,
-            instance_id=make_worker_id(),
-        )
-        app.state.ctx = ctx
-        shutdown = asyncio.Event()
-        worker_task = None
-        if settings.worker:
-            ctx.engines = EngineManager(
-                settings.model_specs, engine_factory or vllm_engine_factory(settings)
-            )
-            ctx.worker = Worker(
-                WorkerContext(
-                    settings=settings,
-                    sessions=ctx.sessions,
-                    storage=ctx.storage,
-                    notifier=notifier,
-                    instance_id=ctx.instance_id,
-                    engines=ctx.engines,
+        async with open_store(settings) as store:
+            ctx = AppContext(**store.shared())
+            app.state.ctx = ctx
+            shutdown = asyncio.Event()
+            worker_task = None
+            if settings.worker:
+                ctx.engines = EngineManager(
+                    settings.model_specs, engine_factory or vllm_engine_factory(settings)
                 )
-            )
-            worker_task = asyncio.create_task(ctx.worker.run(shutdown))
-        ctx.spawn(resume_validation(ctx))
-        ctx.spawn(run_housekeeping(ctx, shutdown))
-        try:
-            yield
-        finally:
-            shutdown.set()
-            notifier.wake()
-            if worker_task is not None:
-                try:
-                    await asyncio.wait_for(worker_task, SHUTDOWN_GRACE_SECONDS)
-                except (TimeoutError, Exception):
-                    log.exception("worker did not stop cleanly")
-            if ctx.engines is not None:
-                await ctx.engines.close()
-            for task in list(ctx.background):
-                task.cancel()
-            await asyncio.gather(*ctx.background, return_exceptions=True)
-            await notifier.close()
-            await db.dispose()
+                ctx.worker = Worker(WorkerContext(**ctx.shared(), engines=ctx.engines))
+                worker_task = asyncio.create_task(ctx.worker.run(shutdown))
+            ctx.spawn(resume_validation(ctx))
+            ctx.spawn(run_housekeeping(ctx, shutdown))
+            try:
+                yield
+            finally:
+                shutdown.set()
+                ctx.notifier.wake()
+                if worker_task is not None:
+                    try:
+                        await asyncio.wait_for(worker_task, SHUTDOWN_GRACE_SECONDS)
+                    except Exception:
+                        log.exception("worker did not stop cleanly")
+                if ctx.engines is not None:
+                    await ctx.engines.close()
+                for task in list(ctx.background):
+                    task.cancel()
+                await asyncio.gather(*ctx.background, return_exceptions=True)
 
     app = FastAPI(title="vLLM Batch Server", version=__version__, lifespan=lifespan)
     install_error_handlers(app)

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import secrets
-import socket
 import time
 
 from vllm_batch.engines.base import EngineFailure
@@ -18,10 +15,6 @@ from vllm_batch.worker.finalize import finalize_batch
 
 log = logging.getLogger(__name__)
 ENGINE_RETRY_SECONDS = 2.0
-
-
-def make_worker_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 class Worker:
