@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -294,6 +295,20 @@ def run(
         f"in {summary.seconds:.1f}s -> {output_file}",
         err=True,
     )
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def bench(ctx: typer.Context) -> None:
+    """Run the benchmark harness (benchmarks/bench_batch.py of a source checkout)."""
+    candidates = [Path.cwd() / "benchmarks", Path(__file__).resolve().parents[1] / "benchmarks"]
+    for folder in candidates:
+        script = folder / "bench_batch.py"
+        if script.is_file():
+            os.execv(sys.executable, [sys.executable, str(script), *ctx.args])
+    raise typer.BadParameter("benchmarks/bench_batch.py not found: run from a source checkout")
 
 
 def main() -> None:

@@ -25,7 +25,8 @@ API_KEY = "sekret-key"
 @pytest.fixture(scope="module")
 def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     args = ["--model", f"{TINY_NAME}={tiny_model}", "--api-key", API_KEY, "--max-model-len", "512"]
-    yield from served(args, tmp_path_factory.mktemp("e2e"))
+    env = {"VLLM_BATCH_CORS_ORIGINS": "http://dashboard.test"}
+    yield from served(args, tmp_path_factory.mktemp("e2e"), env=env)
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +120,18 @@ def test_parasail_openai_batch_client(server: ServerProcess, tmp_path: Path) -> 
     assert [x["custom_id"] for x in lines] == [f"line-{i}" for i in range(1, 6)]
     assert all(x["response"]["body"]["model"] == TINY_NAME for x in lines)
     assert batch_id.startswith("batch_")
+
+
+def test_cors_is_configurable(server: ServerProcess) -> None:
+    preflight = httpx.options(
+        f"{server.base_url}/batches",
+        headers={
+            "Origin": "http://dashboard.test",
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization",
+        },
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "http://dashboard.test"
+    other = httpx.get(f"{server.url}/health", headers={"Origin": "http://evil.test"})
+    assert "access-control-allow-origin" not in other.headers
