@@ -72,9 +72,11 @@ async def run_chunk(ctx: WorkerContext, chunk: ChunkRow, shutdown: asyncio.Event
     try:
         await dispatcher.run(lines, skip=done)
     finally:
-        heartbeat.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await heartbeat
+        # Stopped by a flag, not cancellation: on Python 3.11 ``wait_for`` can swallow a
+        # cancel that races with the event it waits on, and the loop would never end.
+        runner.finished = True
+        runner.flush_wanted.set()
+        await heartbeat
         await anyio.to_thread.run_sync(lines.close)
         await runner.flush()
     return runner.outcome
@@ -117,6 +119,7 @@ class _ChunkRunner:
         self.pending: list[queries.LineResult] = []
         self.flush_lock = asyncio.Lock()
         self.flush_wanted = asyncio.Event()
+        self.finished = False
 
     def add(self, result: queries.LineResult) -> None:
         self.pending.append(result)
@@ -130,13 +133,15 @@ class _ChunkRunner:
             self.dispatcher.halt()
 
     async def heartbeat(self) -> None:
+        """Flush every ``flush_interval`` (or when asked) until ``finished`` is set."""
         interval = self.ctx.settings.flush_interval
-        while True:
+        while not self.finished:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.flush_wanted.wait(), interval)
             self.flush_wanted.clear()
-            # Shielded: cancelling the heartbeat must never drop results mid-save.
-            await asyncio.shield(self.flush())
+            if self.finished:
+                return
+            await self.flush()
             if self.shutdown.is_set():
                 self.halt(ChunkOutcome.RELEASED)
 
