@@ -1,5 +1,5 @@
-"""Bad input over real HTTP, on SQLite and PostgreSQL: every case gets a specific
-OpenAI-style error, and nothing already stored is lost or corrupted.
+"""Bad input over real HTTP, on SQLite and PostgreSQL, local and S3 storage: every case
+gets a specific OpenAI-style error, and nothing already stored is lost or corrupted.
 
 The server here runs without a worker (no engine needed): batches stay queued.
 """
@@ -19,9 +19,21 @@ from openai import OpenAI
 
 from tests.conftest import TINY_NAME, LiveServer, LoopThread, engine_settings, start_server
 from tests.helpers import chat_line, jsonl, wait_for_batch
+from tests.s3_fixtures import S3Server, s3_server  # noqa: F401
 
 MAX_REQUESTS = 20
 MAX_BYTES = 20_000
+
+
+@pytest.fixture(scope="module", params=["local", "s3"])
+def storage_url(request: pytest.FixtureRequest, s3_server: S3Server) -> Iterator[str | None]:  # noqa: F811
+    """Every test here runs on local storage and on S3 (moto's server over real HTTP)."""
+    if request.param == "local":
+        yield None
+        return
+    bucket = s3_server.new_bucket("api")
+    with s3_server.aws_env():
+        yield f"s3://{bucket}/api"
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +41,14 @@ def api(
     loop_thread: LoopThread,
     tiny_model: Path,
     database_url: str,
+    storage_url: str | None,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[LiveServer]:
     settings = engine_settings(
         tiny_model,
         database_url=database_url,
         data_dir=tmp_path_factory.mktemp("data"),
+        storage_url=storage_url,
         worker=False,
         max_requests_per_batch=MAX_REQUESTS,
         max_upload_bytes=MAX_BYTES,
