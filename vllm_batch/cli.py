@@ -40,6 +40,13 @@ EagerOpt = Annotated[
 MaxLenOpt = Annotated[int | None, typer.Option(help="Engine max model length.")]
 ChunkOpt = Annotated[int | None, typer.Option(help="Lines per work unit.")]
 MaxSeqsOpt = Annotated[int | None, typer.Option(help="Engine max concurrent sequences.")]
+BatchedTokensOpt = Annotated[int | None, typer.Option(help="Engine max tokens per scheduler step.")]
+GpuMemOpt = Annotated[float | None, typer.Option(help="Fraction of GPU memory for the engine.")]
+DtypeOpt = Annotated[str | None, typer.Option(help="Model dtype (auto: float32 on CPU).")]
+PrefixCacheOpt = Annotated[
+    bool | None,
+    typer.Option("--enable-prefix-caching/--no-enable-prefix-caching", help="vLLM prefix caching."),
+]
 EngineOpt = Annotated[
     str | None,
     typer.Option(
@@ -75,6 +82,10 @@ def serve(
     enforce_eager: EagerOpt = None,
     max_model_len: MaxLenOpt = None,
     max_num_seqs: MaxSeqsOpt = None,
+    max_num_batched_tokens: BatchedTokensOpt = None,
+    gpu_memory_utilization: GpuMemOpt = None,
+    dtype: DtypeOpt = None,
+    enable_prefix_caching: PrefixCacheOpt = None,
     chunk_size: ChunkOpt = None,
     engine: EngineOpt = None,
 ) -> None:
@@ -96,6 +107,10 @@ def serve(
         enforce_eager=enforce_eager,
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        gpu_memory_utilization=gpu_memory_utilization,
+        dtype=dtype,
+        enable_prefix_caching=enable_prefix_caching,
         chunk_size=chunk_size,
         engine=engine,
     )
@@ -123,6 +138,10 @@ def worker_command(
     enforce_eager: EagerOpt = None,
     max_model_len: MaxLenOpt = None,
     max_num_seqs: MaxSeqsOpt = None,
+    max_num_batched_tokens: BatchedTokensOpt = None,
+    gpu_memory_utilization: GpuMemOpt = None,
+    dtype: DtypeOpt = None,
+    enable_prefix_caching: PrefixCacheOpt = None,
     engine: EngineOpt = None,
 ) -> None:
     """Run a worker without the API (scale-out: many workers, one database)."""
@@ -135,6 +154,10 @@ def worker_command(
         enforce_eager=enforce_eager,
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        gpu_memory_utilization=gpu_memory_utilization,
+        dtype=dtype,
+        enable_prefix_caching=enable_prefix_caching,
         engine=engine,
     )
     asyncio.run(_run_worker(settings))
@@ -226,17 +249,13 @@ def run(
         float, typer.Option(help="Seconds between progress log lines (when not a TTY).")
     ] = 5.0,
     max_num_seqs: MaxSeqsOpt = None,
-    max_num_batched_tokens: Annotated[
-        int | None, typer.Option(help="Engine max tokens per scheduler step.")
-    ] = None,
-    gpu_memory_utilization: Annotated[
-        float | None, typer.Option(help="Fraction of GPU memory for the engine.")
-    ] = None,
+    max_num_batched_tokens: BatchedTokensOpt = None,
+    gpu_memory_utilization: GpuMemOpt = None,
     tensor_parallel_size: Annotated[
         int | None, typer.Option("--tensor-parallel-size", "-tp", help="GPUs per model.")
     ] = None,
     max_model_len: MaxLenOpt = None,
-    dtype: Annotated[str | None, typer.Option(help="Model dtype (auto: float32 on CPU).")] = None,
+    dtype: DtypeOpt = None,
     enforce_eager: EagerOpt = None,
     enable_prefix_caching: Annotated[
         bool | None,
