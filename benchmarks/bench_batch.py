@@ -44,7 +44,14 @@ from typing import IO, Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RssSampler, free_port, markdown_table, save
+from common import (
+    RssSampler,
+    create_chat_batch,
+    free_port,
+    markdown_table,
+    save,
+    upload_batch_file,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -688,22 +695,9 @@ def run_server(variant: Variant, ctx: Context) -> Result:
         log(f"{variant.name}: engine loaded after {result.startup_s:.1f} s; running the batch")
         with httpx.Client(base_url=f"{url}/v1", timeout=600) as client:
             t0 = time.time()
-            with open(ctx.input, "rb") as handle:
-                upload = client.post(
-                    "/files", files={"file": ("batch.jsonl", handle)}, data={"purpose": "batch"}
-                )
-            upload.raise_for_status()
+            file_id = upload_batch_file(client, ctx.input)
             t1 = time.time()
-            batch = client.post(
-                "/batches",
-                json={
-                    "input_file_id": upload.json()["id"],
-                    "endpoint": "/v1/chat/completions",
-                    "completion_window": "24h",
-                },
-            )
-            batch.raise_for_status()
-            info = batch.json()
+            info = create_chat_batch(client, file_id)
             while info["status"] not in ("completed", "failed", "cancelled", "expired"):
                 if child.proc.poll() is not None:
                     raise child.failure("server exited")

@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RssSampler, save, tree_rss
+from common import RssSampler, create_chat_batch, save, tree_rss, upload_batch_file
 
 MODEL = "bench-model"
 
@@ -110,20 +110,9 @@ def run_size(lines: int, workdir: Path, extra_env: dict[str, str]) -> dict[str, 
             httpx.Client(base_url=f"{url}/v1", timeout=600) as client,
         ):
             t0 = time.perf_counter()
-            with open(input_path, "rb") as handle:
-                upload = client.post(
-                    "/files", files={"file": ("in.jsonl", handle)}, data={"purpose": "batch"}
-                )
-            upload.raise_for_status()
+            file_id = upload_batch_file(client, input_path)
             t1 = time.perf_counter()
-            batch = client.post(
-                "/batches",
-                json={
-                    "input_file_id": upload.json()["id"],
-                    "endpoint": "/v1/chat/completions",
-                    "completion_window": "24h",
-                },
-            ).json()
+            batch = create_chat_batch(client, file_id)
             while batch["status"] not in ("completed", "failed", "cancelled", "expired"):
                 time.sleep(0.2)
                 batch = client.get(f"/batches/{batch['id']}").json()

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 
 RESULTS = Path(__file__).parent / "results"
@@ -45,26 +46,8 @@ def _has(dist: str) -> bool:
         return False
 
 
-def tree_rss(pid: int) -> int:
-    """RSS of a process and all its children, in bytes."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    total = 0
-    for proc in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            total += proc.memory_info().rss
-    return total
-
-
-def tree_pss(pid: int) -> int:
-    """PSS (shared pages split between sharers) of a process and its children, in bytes.
-
-    Slower than :func:`tree_rss` (~15 ms per large process), but does not count the
-    libraries that every process of the tree maps (torch) once per process.
-    """
+def _tree_memory(pid: int, read: Any) -> int:
+    """Sum ``read(process)`` over a process and all its children, in bytes."""
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
@@ -73,8 +56,46 @@ def tree_pss(pid: int) -> int:
     total = 0
     for proc in procs:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            total += proc.memory_full_info().pss
+            total += read(proc)
     return total
+
+
+def tree_rss(pid: int) -> int:
+    """RSS of a process and all its children, in bytes."""
+    return _tree_memory(pid, lambda proc: proc.memory_info().rss)
+
+
+def tree_pss(pid: int) -> int:
+    """PSS (shared pages split between sharers) of a process and its children, in bytes.
+
+    Slower than :func:`tree_rss` (~15 ms per large process), but does not count the
+    libraries that every process of the tree maps (torch) once per process.
+    """
+    return _tree_memory(pid, lambda proc: proc.memory_full_info().pss)
+
+
+def upload_batch_file(client: httpx.Client, path: Path) -> str:
+    """``POST /v1/files`` (purpose batch), streaming ``path``; returns the file id."""
+    with open(path, "rb") as handle:
+        upload = client.post(
+            "/files", files={"file": (path.name, handle)}, data={"purpose": "batch"}
+        )
+    upload.raise_for_status()
+    return str(upload.json()["id"])
+
+
+def create_chat_batch(client: httpx.Client, file_id: str) -> dict[str, Any]:
+    """``POST /v1/batches`` for a chat-completions input file; returns the batch."""
+    batch = client.post(
+        "/batches",
+        json={
+            "input_file_id": file_id,
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+        },
+    )
+    batch.raise_for_status()
+    return dict(batch.json())
 
 
 class RssSampler:
