@@ -17,6 +17,7 @@ from vllm_batch.api.deps import require_api_key
 from vllm_batch.api.errors import error_response, install_error_handlers
 from vllm_batch.api.state import AppContext
 from vllm_batch.config import ModelSpec, Settings
+from vllm_batch.engines import make_engine
 from vllm_batch.engines.base import Engine
 from vllm_batch.engines.manager import EngineFactory, EngineManager
 from vllm_batch.service.housekeeping import run_housekeeping
@@ -110,12 +111,6 @@ def vllm_engine_factory(settings: Settings) -> EngineFactory:
     """The engine for ``settings.engine``: real vLLM (imported lazily) unless benchmarking."""
 
     def factory(spec: ModelSpec) -> Engine:
-        if settings.engine == "instant-benchmark":
-            from vllm_batch.engines.instant import InstantBenchmarkEngine
-
-            return InstantBenchmarkEngine(spec.name)
-        from vllm_batch.engines.vllm_engine import VllmEngine
-
-        return VllmEngine(spec, settings)
+        return make_engine(spec, settings)
 
     return factory

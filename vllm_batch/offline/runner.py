@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 import anyio
 
 from vllm_batch.config import ModelSpec, Settings
+from vllm_batch.engines import make_engine
 from vllm_batch.engines.base import Engine, EngineFailure, EngineResult
 from vllm_batch.offline import io
 from vllm_batch.offline.preflight import describe, preflight, strict_errors
@@ -103,9 +104,7 @@ class ServedModelGuard:
 
 
 def default_engine_factory(spec: ModelSpec, settings: Settings) -> Engine:
-    from vllm_batch.engines.vllm_engine import VllmEngine
-
-    return VllmEngine(spec, settings)
+    return make_engine(spec, settings)
 
 
 def iter_requests(path: Path, start: int) -> Generator[tuple[int, bytes], None, None]:

@@ -1,0 +1,17 @@
+"""Inference engines: vLLM (the default) and a benchmark-only instant engine."""
+
+from __future__ import annotations
+
+from vllm_batch.config import ModelSpec, Settings
+from vllm_batch.engines.base import Engine
+
+
+def make_engine(spec: ModelSpec, settings: Settings) -> Engine:
+    """The engine ``settings.engine`` names; vLLM is imported only when it is used."""
+    if settings.engine == "instant-benchmark":
+        from vllm_batch.engines.instant import InstantBenchmarkEngine
+
+        return InstantBenchmarkEngine(spec.name)
+    from vllm_batch.engines.vllm_engine import VllmEngine
+
+    return VllmEngine(spec, settings)
