@@ -54,7 +54,7 @@ def batch_object(row: BatchRow) -> Batch:
     return Batch(
         id=row.id,
         endpoint=row.endpoint,
-        errors=Errors(data=row.errors) if row.errors else None,  # type: ignore[arg-type]
+        errors=Errors.model_validate({"data": row.errors}) if row.errors else None,
         input_file_id=row.input_file_id,
         completion_window=row.completion_window,
         status=row.status,  # type: ignore[arg-type]

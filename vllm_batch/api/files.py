@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Protocol, TypeVar
 
 import anyio
 from fastapi import APIRouter, Form, Query, UploadFile
@@ -18,6 +18,12 @@ from vllm_batch.store import queries
 from vllm_batch.store.models import FileRow
 from vllm_batch.validation import UploadRejected, UploadScan, copy_upload
 
+
+class _HasId(Protocol):
+    id: str
+
+
+T = TypeVar("T", bound=_HasId)
 router = APIRouter(tags=["files"])
 MAX_FILE_EXPIRY_SECONDS = 30 * 24 * 3600
 
@@ -114,7 +120,7 @@ async def list_files(
     return page([file_object(row) for row in rows], limit)
 
 
-def page(items: list, limit: int) -> ListPage:  # type: ignore[type-arg]
+def page(items: list[T], limit: int) -> ListPage[T]:
     """A list page from ``limit + 1`` fetched items."""
     data = items[:limit]
     return ListPage(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from vllm_batch.engines.base import EngineFailure
 from vllm_batch.store import queries
@@ -14,6 +16,7 @@ from vllm_batch.worker.context import WorkerContext
 from vllm_batch.worker.finalize import finalize_batch
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 ENGINE_RETRY_SECONDS = 2.0
 
 
@@ -37,7 +40,7 @@ class Worker:
             await self.process(chunk, shutdown)
         log.info("worker %s stopped", self.ctx.worker_id)
 
-    async def _guarded(self, work):  # type: ignore[no-untyped-def]
+    async def _guarded(self, work: Awaitable[T]) -> T | None:
         """Database hiccups must not kill the loop: log and try again next round."""
         try:
             return await work
