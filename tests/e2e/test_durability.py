@@ -24,6 +24,7 @@ from tests.e2e.conftest import ServerProcess, spawn_server, stop_server
 from tests.helpers import chat_line, jsonl, parse_jsonl, wait_for_batch
 
 LINES = 480
+LOADED = f"model {TINY_NAME} loaded"  # logged by the engine manager once vLLM is up
 DURABLE_ENV = {
     "VLLM_BATCH_FLUSH_INTERVAL": "0.2",
     "VLLM_BATCH_FLUSH_EVERY": "32",
@@ -172,7 +173,7 @@ def test_three_workers_share_one_batch_exactly_once(tiny_model: Path, tmp_path: 
         )
         workers = [spawn_worker(tiny_model, db_url, data_dir, f"worker{i}") for i in range(3)]
         deadline = time.monotonic() + 240
-        while not all("loaded" in (data_dir / f"worker{i}.log").read_text() for i in range(3)):
+        while not all(LOADED in (data_dir / f"worker{i}.log").read_text() for i in range(3)):
             assert all(w.poll() is None for w in workers), "a worker died"
             assert time.monotonic() < deadline, "workers did not load their engines"
             time.sleep(1)
