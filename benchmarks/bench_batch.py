@@ -497,13 +497,8 @@ def from_output_file(result: Result, ctx: Context, output: Path) -> Result:
     return check(result, ctx, missing, first_error)
 
 
-def run_offline(
-    variant: Variant, ctx: Context, cmd: list[str], env: dict[str, str], output: Path
-) -> Result:
-    """Run an offline tool to completion; start-up ends at its first start-marker log line."""
-    result = Result(variant.name, load_avg_before=os.getloadavg()[0])
-    log(f"{variant.name}: {' '.join(cmd)}")
-    child = Child(cmd, env, ctx.workdir / f"{variant.name}.log", START_MARKERS)
+def run_to_end(child: Child, result: Result, ctx: Context, output: Path) -> None:
+    """Wait for ``child``, record its memory, and fail unless it exited 0 with ``output``."""
     try:
         code = child.wait(ctx.timeout)
     finally:
@@ -511,6 +506,16 @@ def run_offline(
     child.measure(result)
     if code != 0 or not output.exists():
         raise child.failure(f"exit code {code}")
+
+
+def run_offline(
+    variant: Variant, ctx: Context, cmd: list[str], env: dict[str, str], output: Path
+) -> Result:
+    """Run an offline tool to completion; start-up ends at its first start-marker log line."""
+    result = Result(variant.name, load_avg_before=os.getloadavg()[0])
+    log(f"{variant.name}: {' '.join(cmd)}")
+    child = Child(cmd, env, ctx.workdir / f"{variant.name}.log", START_MARKERS)
+    run_to_end(child, result, ctx, output)
     # The output file is written last: its mtime ends processing (engine shutdown excluded).
     done = output.stat().st_mtime
     result.wall_s = done - child.started
@@ -552,13 +557,7 @@ def run_raw(variant: Variant, ctx: Context) -> Result:
         ctx.env,
         ctx.workdir / f"{variant.name}.log",
     )
-    try:
-        code = child.wait(ctx.timeout)
-    finally:
-        child.stop()
-    child.measure(result)
-    if code != 0 or not out.exists():
-        raise child.failure(f"exit code {code}")
+    run_to_end(child, result, ctx, out)
     raw = json.loads(out.read_text())
     result.startup_s = raw["ready_at"] - child.started
     result.wall_s = raw["done_at"] - child.started
