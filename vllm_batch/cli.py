@@ -164,14 +164,14 @@ def worker_command(
 
 
 async def _run_worker(settings: Settings) -> None:
-    from vllm_batch.api.app import vllm_engine_factory
+    from vllm_batch.api.app import settings_engine_factory
     from vllm_batch.engines.manager import EngineManager
     from vllm_batch.service.housekeeping import run_housekeeping
     from vllm_batch.worker.context import WorkerContext, open_store
     from vllm_batch.worker.loop import Worker
 
     async with open_store(settings) as store:
-        engines = EngineManager(settings.model_specs, vllm_engine_factory(settings))
+        engines = EngineManager(settings.model_specs, settings_engine_factory(settings))
         ctx = WorkerContext(**store.shared(), engines=engines)
         shutdown = asyncio.Event()
 

@@ -42,7 +42,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
             worker_task = None
             if settings.worker:
                 ctx.engines = EngineManager(
-                    settings.model_specs, engine_factory or vllm_engine_factory(settings)
+                    settings.model_specs, engine_factory or settings_engine_factory(settings)
                 )
                 ctx.worker = Worker(WorkerContext(**ctx.shared(), engines=ctx.engines))
                 worker_task = asyncio.create_task(ctx.worker.run(shutdown))
@@ -107,7 +107,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     return app
 
 
-def vllm_engine_factory(settings: Settings) -> EngineFactory:
+def settings_engine_factory(settings: Settings) -> EngineFactory:
     """The engine for ``settings.engine``: real vLLM (imported lazily) unless benchmarking."""
 
     def factory(spec: ModelSpec) -> Engine:
