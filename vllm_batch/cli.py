@@ -166,8 +166,9 @@ def worker_command(
 async def _run_worker(settings: Settings) -> None:
     from vllm_batch.api.app import settings_engine_factory
     from vllm_batch.engines.manager import EngineManager
+    from vllm_batch.runtime import open_store
     from vllm_batch.service.housekeeping import run_housekeeping
-    from vllm_batch.worker.context import WorkerContext, open_store
+    from vllm_batch.worker.context import WorkerContext
     from vllm_batch.worker.loop import Worker
 
     async with open_store(settings) as store:

@@ -29,6 +29,15 @@ async def get_session(ctx: CtxDep) -> AsyncIterator[AsyncSession]:
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 
+async def get_read_session(ctx: CtxDep) -> AsyncIterator[AsyncSession]:
+    async with ctx.read_sessions() as session:
+        yield session
+
+
+ReadSessionDep = Annotated[AsyncSession, Depends(get_read_session)]
+"""For routes that only read: never blocks (or is blocked by) writers."""
+
+
 def require_api_key(request: Request, ctx: CtxDep) -> None:
     """``Authorization: Bearer <key>`` when an API key is configured (constant-time compare)."""
     expected = ctx.settings.api_key

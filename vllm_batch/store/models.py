@@ -23,6 +23,8 @@ class FileRow(Base):
     expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True, index=True)
     storage_key: Mapped[str] = mapped_column(String(1024))
     line_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # The API key name that uploaded the file (``None``: created before ownership existed).
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 
 
 class BatchRow(Base):
@@ -62,6 +64,8 @@ class BatchRow(Base):
     finalize_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
     # Seconds after creation at which output/error files expire (``output_expires_after``).
     output_expires_after: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # The API key name that created the batch (``None``: created before ownership existed).
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 
 
 class ChunkRow(Base):
@@ -83,6 +87,9 @@ class ChunkRow(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
     lease_until: Mapped[float | None] = mapped_column(Float, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    """Claims so far (also part of request ids)."""
+    engine_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Real engine failures while running this chunk; only these count toward the limit."""
 
 
 class ResultRow(Base):
