@@ -17,16 +17,6 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-# Errors that a database outage or a busy SQLite file raise: retry the operation later.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    exc.OperationalError,
-    exc.InterfaceError,
-    exc.DisconnectionError,
-    exc.TimeoutError,
-    OSError,
-    TimeoutError,
-    ConnectionError,
-)
 log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _PG_MIGRATION_LOCK = 4_080_001
@@ -103,13 +93,34 @@ async def migrate(engine: AsyncEngine) -> None:
         await conn.run_sync(_upgrade)
 
 
+# SQLSTATE classes of a lost or refused connection: 08 connection exception, 53 insufficient
+# resources, 57 operator intervention (server shutting down, backend terminated); 55000 is
+# "database is not currently accepting connections".
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57")
+_TRANSIENT_SQLSTATES = ("55000", "40001", "40P01")
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether ``error`` comes from an unreachable, busy or restarting database."""
+    if isinstance(error, exc.DBAPIError):
+        if error.connection_invalidated or isinstance(
+            error, exc.OperationalError | exc.InterfaceError
+        ):
+            return True
+        error = error.orig or error
+    if isinstance(error, OSError | TimeoutError | exc.DisconnectionError | exc.TimeoutError):
+        return True
+    sqlstate = str(getattr(error, "sqlstate", "") or "")
+    return sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES or sqlstate in _TRANSIENT_SQLSTATES
+
+
 def db_retrying(what: str, *, attempts: int | None = None) -> tenacity.AsyncRetrying:
     """Retry an operation while the database is unreachable or busy (forever by default).
 
     ``async for attempt in db_retrying("saving x"): with attempt: ...``
     """
     return tenacity.AsyncRetrying(
-        retry=tenacity.retry_if_exception_type(TRANSIENT_ERRORS),
+        retry=tenacity.retry_if_exception(is_transient),
         wait=tenacity.wait_exponential_jitter(initial=0.2, max=10.0),
         stop=tenacity.stop_after_attempt(attempts) if attempts else tenacity.stop_never,
         before_sleep=lambda state: log.warning(
