@@ -28,15 +28,30 @@ from vllm_batch.store.notify import notify_work
 # ---------------------------------------------------------------- files
 
 
-async def get_file(session: AsyncSession, file_id: str) -> FileRow | None:
-    return await session.get(FileRow, file_id)
+# ``owner`` arguments below: ``None`` sees every row (admin keys, internal callers); a key
+# name sees only the rows that key created.
+
+
+async def get_file(
+    session: AsyncSession, file_id: str, *, owner: str | None = None
+) -> FileRow | None:
+    row = await session.get(FileRow, file_id)
+    return row if row is not None and (owner is None or row.owner == owner) else None
 
 
 async def list_files(
-    session: AsyncSession, *, purpose: str | None, limit: int, after: str | None, order: str
+    session: AsyncSession,
+    *,
+    purpose: str | None,
+    limit: int,
+    after: str | None,
+    order: str,
+    owner: str | None = None,
 ) -> Sequence[FileRow]:
     """A page of files ordered by id (ids are time-ordered), one extra row for ``has_more``."""
     query = select(FileRow)
+    if owner is not None:
+        query = query.where(FileRow.owner == owner)
     if purpose:
         query = query.where(FileRow.purpose == purpose)
     descending = order == "desc"
@@ -57,6 +72,11 @@ async def expired_files(session: AsyncSession, now: int, limit: int = 500) -> Se
     return (await session.scalars(query)).all()
 
 
+async def insert_file(session: AsyncSession, row: FileRow) -> None:
+    session.add(row)
+    await session.flush()
+
+
 async def delete_file(session: AsyncSession, file_id: str) -> None:
     await session.execute(delete(FileRow).where(FileRow.id == file_id))
 
@@ -72,15 +92,20 @@ async def file_used_by_active_batch(session: AsyncSession, file_id: str) -> str 
 # ---------------------------------------------------------------- batches
 
 
-async def get_batch(session: AsyncSession, batch_id: str) -> BatchRow | None:
-    return await session.get(BatchRow, batch_id, populate_existing=True)
+async def get_batch(
+    session: AsyncSession, batch_id: str, *, owner: str | None = None
+) -> BatchRow | None:
+    row = await session.get(BatchRow, batch_id, populate_existing=True)
+    return row if row is not None and (owner is None or row.owner == owner) else None
 
 
 async def list_batches(
-    session: AsyncSession, *, limit: int, after: str | None
+    session: AsyncSession, *, limit: int, after: str | None, owner: str | None = None
 ) -> Sequence[BatchRow]:
     """Newest first, one extra row for ``has_more``."""
     query = select(BatchRow)
+    if owner is not None:
+        query = query.where(BatchRow.owner == owner)
     if after:
         query = query.where(BatchRow.id < after)
     query = query.order_by(BatchRow.id.desc()).limit(limit + 1)
@@ -91,8 +116,13 @@ async def batches_with_status(session: AsyncSession, status: str) -> Sequence[st
     return (await session.scalars(select(BatchRow.id).where(BatchRow.status == status))).all()
 
 
-async def count_batches_by_status(session: AsyncSession) -> dict[str, int]:
-    rows = await session.execute(select(BatchRow.status, func.count()).group_by(BatchRow.status))
+async def count_batches_by_status(
+    session: AsyncSession, *, owner: str | None = None
+) -> dict[str, int]:
+    query = select(BatchRow.status, func.count()).group_by(BatchRow.status)
+    if owner is not None:
+        query = query.where(BatchRow.owner == owner)
+    rows = await session.execute(query)
     return {status: count for status, count in rows.tuples()}
 
 
