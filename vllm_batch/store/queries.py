@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from typing import cast
 
 from sqlalchemy import Table, and_, delete, func, or_, select, update
@@ -11,6 +10,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from vllm_batch.pipeline.results import LineResult
 from vllm_batch.protocol.batch import TERMINAL_STATUSES
 from vllm_batch.store.models import BatchRow, ChunkRow, FileRow, ResultRow
 from vllm_batch.store.notify import notify_work
@@ -286,19 +286,6 @@ async def release_owner(session: AsyncSession, owner: str) -> None:
 
 
 # ---------------------------------------------------------------- results
-
-
-@dataclass(frozen=True)
-class LineResult:
-    """A finished input line ready to be saved."""
-
-    line: int
-    is_error: bool
-    data: str
-    input_tokens: int = 0
-    cached_tokens: int = 0
-    output_tokens: int = 0
-    reasoning_tokens: int = 0
 
 
 async def save_results(session: AsyncSession, batch_id: str, results: Sequence[LineResult]) -> int:

@@ -17,12 +17,12 @@ from enum import Enum
 import anyio
 import orjson
 
+from vllm_batch.pipeline.dispatch import Dispatcher
+from vllm_batch.pipeline.output import failure_line
 from vllm_batch.store import queries
 from vllm_batch.store.models import ChunkRow
 from vllm_batch.validation import iter_lines
 from vllm_batch.worker.context import WorkerContext
-from vllm_batch.worker.dispatch import Dispatcher
-from vllm_batch.worker.output import failure_line
 
 log = logging.getLogger(__name__)
 

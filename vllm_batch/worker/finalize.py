@@ -14,6 +14,7 @@ from collections.abc import Generator
 import anyio
 import orjson
 
+from vllm_batch.pipeline.output import failure_line
 from vllm_batch.protocol.ids import new_id, now
 from vllm_batch.storage.aio import AsyncBlobWriter
 from vllm_batch.storage.base import BlobStorage
@@ -21,7 +22,6 @@ from vllm_batch.store import queries
 from vllm_batch.store.models import BatchRow, FileRow
 from vllm_batch.validation import iter_lines
 from vllm_batch.worker.context import StoreContext
-from vllm_batch.worker.output import failure_line
 
 log = logging.getLogger(__name__)
 FINAL_STATUS = {None: "completed", "cancel": "cancelled", "expire": "expired"}
