@@ -95,11 +95,18 @@ def temp_path(directory: str | None, prefix: str) -> Path:
     return Path(name)
 
 
+class _HttpStatus(Exception):
+    """An HTTP error status, as retries log it (``HTTP 503``: no URL, no response text)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
 def _retryable(error: BaseException) -> bool:
     """Network errors, 5xx, 408 and 429 are worth another attempt; other statuses are not."""
-    if isinstance(error, httpx.HTTPStatusError):
-        status = error.response.status_code
-        return status >= 500 or status in (408, 429)
+    if isinstance(error, _HttpStatus):
+        return error.status >= 500 or error.status in (408, 429)
     return isinstance(error, httpx.HTTPError)
 
 
@@ -108,6 +115,13 @@ def _with_retries(
 ) -> None:
     """Run ``action`` with backoff; ``TransferError`` (with ``what`` redacted) when it gives up."""
     what = redact(what)
+
+    def once() -> None:
+        try:
+            action()
+        except httpx.HTTPStatusError as exc:
+            raise _HttpStatus(exc.response.status_code) from None
+
     try:
         for attempt in retrying_sync(
             on=_retryable,
@@ -119,12 +133,11 @@ def _with_retries(
             sleep=sleep,
         ):
             with attempt:
-                action()
-    except httpx.HTTPStatusError as exc:
-        error = f"HTTP {exc.response.status_code}"
+                once()
+    except _HttpStatus as exc:
         if not _retryable(exc):
-            raise TransferError(f"{what} failed: {error}") from None
-        raise TransferError(f"{what} failed after {attempts} attempts: {error}") from None
+            raise TransferError(f"{what} failed: {exc}") from None
+        raise TransferError(f"{what} failed after {attempts} attempts: {exc}") from None
     except httpx.HTTPError as exc:
         error = redact(describe(exc))
         raise TransferError(f"{what} failed after {attempts} attempts: {error}") from None
