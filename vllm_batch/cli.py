@@ -274,11 +274,13 @@ def run(
 ) -> None:
     """Run one batch file offline, like `vllm run-batch` (output in input order).
 
-    A local output is written to OUTPUT.partial and renamed to OUTPUT only when every
-    request is in it: OUTPUT never holds a partial result. If the run stops early
-    (Ctrl-C, SIGTERM, engine failure, kill), OUTPUT.partial stays and `--resume` continues
-    it. A URL output is uploaded only when complete. The output may not be the input file.
-    Query strings of http(s) URLs (pre-signed signatures) are never logged.
+    A local output is written to OUTPUT.partial and renamed to OUTPUT once complete:
+    OUTPUT never holds a partial result.
+
+    If the run stops early (Ctrl-C, SIGTERM, engine failure, kill), OUTPUT.partial
+    stays and --resume continues it. A URL output is uploaded only when complete.
+
+    The output may not be the input file. URL query strings are never logged.
     """
     from vllm_batch.config import ModelSpec
     from vllm_batch.offline import RunFailed, RunOptions, run_batch

@@ -158,7 +158,7 @@ def test_engine_failure_keeps_the_prefix_and_resume_finishes(tmp_path: Path) -> 
         run_batch(options(inp, out), Factory(FakeEngine(fail_on="q25")))
     assert info.value.exit_code == 1
     assert not out.exists()  # only the .partial file: nobody mistakes it for a result
-    assert f"is in {partial}: rerun with --resume" in info.value.message
+    assert f"the partial output is {partial}: rerun with --resume" in info.value.message
     before = read_lines(partial)
     assert 0 < len(before) <= 25
     with partial.open("a") as handle:

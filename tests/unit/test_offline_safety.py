@@ -204,7 +204,7 @@ def test_interrupted_run_leaves_only_a_partial_file(tmp_path: Path, sig: signal.
     out = tmp_path / "out.jsonl"
     out.write_text("an older complete output\n")
     partial = tmp_path / "out.jsonl.partial"
-    with pytest.raises(RunFailed, match="stopped after") as info:
+    with pytest.raises(RunFailed, match="stopped early") as info:
         run_batch(options(inp, out), Factory(SignalAtLine(sig, "q40")))
     assert info.value.exit_code == 1 and "rerun with --resume" in info.value.message
     assert out.read_text() == "an older complete output\n"  # untouched until a run completes
@@ -214,6 +214,19 @@ def test_interrupted_run_leaves_only_a_partial_file(tmp_path: Path, sig: signal.
     summary = run_batch(options(inp, out, resume=True), Factory())
     assert summary.resumed == len(done) and not partial.exists()
     assert [line["custom_id"] for line in read_lines(out)] == [f"req-{i}" for i in range(300)]
+
+
+def test_interrupted_run_uploads_nothing(tmp_path: Path) -> None:
+    inp = write_input(tmp_path / "in.jsonl", 300)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    with FileServer() as server, pytest.raises(RunFailed, match="stopped early") as info:
+        run_batch(
+            options(inp, f"{server.url}/out.jsonl", output_tmp_dir=str(spool)),
+            Factory(SignalAtLine(signal.SIGTERM, "q40")),
+        )
+    assert "nothing was uploaded" in info.value.message and info.value.exit_code == 1
+    assert server.put_attempts == 0 and list(spool.iterdir()) == []
 
 
 def test_resume_accepts_an_output_written_in_place(tmp_path: Path) -> None:

@@ -194,13 +194,13 @@ def _run(options: RunOptions, engine_factory: EngineFactory, temps: list[Path]) 
         finally:
             writer.flush(sync=True)
     if failure is None and writer.next_index < total:
-        failure = RunFailed(f"stopped after {writer.next_index} of {total} requests")
+        failure = RunFailed("stopped early")
     if failure is not None:
+        done = f"{failure.message} ({writer.next_index} of {total} requests done)"
         if final is None:
-            raise RunFailed(f"{failure.message}; nothing was uploaded", failure.exit_code)
+            raise RunFailed(f"{done}; nothing was uploaded", failure.exit_code)
         raise RunFailed(
-            f"{failure.message}; the partial output ({writer.next_index} of {total} requests) "
-            f"is in {out_path}: rerun with --resume to continue",
+            f"{done}; the partial output is {out_path}: rerun with --resume to continue",
             failure.exit_code,
         )
     if final is not None:
@@ -355,10 +355,7 @@ async def _execute(
 def _interrupt(
     loop: asyncio.AbstractEventLoop, dispatcher: Dispatcher, sig: signal.Signals
 ) -> None:
-    log.warning(
-        "%s: stopping; finished lines are kept in the .partial output, rerun with --resume",
-        sig.name,
-    )
+    log.warning("%s: stopping early; the output so far is kept, marked partial", sig.name)
     loop.remove_signal_handler(sig)  # a second signal acts as usual
     dispatcher.halt()
 
