@@ -65,17 +65,13 @@ class SlowFirstLineEngine:
         return EngineResult(200, json.dumps({"i": index}), output_tokens=1)
 
 
+def _line(i: int) -> bytes:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": f"q{i}"}]}
+    return json.dumps({"custom_id": f"c{i}", "url": "/v1/chat/completions", "body": body}).encode()
+
+
 def _lines(count: int) -> list[tuple[int, bytes]]:
-    body = lambda i: {"model": "tiny", "messages": [{"role": "user", "content": f"q{i}"}]}  # noqa: E731
-    return [
-        (
-            i,
-            json.dumps(
-                {"custom_id": f"c{i}", "url": "/v1/chat/completions", "body": body(i)}
-            ).encode(),
-        )
-        for i in range(count)
-    ]
+    return [(i, _line(i)) for i in range(count)]
 
 
 class CountingHandle:
@@ -121,7 +117,7 @@ def test_slow_first_line_keeps_the_reorder_buffer_bounded(bound: int) -> None:
     assert engine.submitted_while_first_ran <= bound
 
 
-def test_without_a_horizon_the_buffer_grows(tmp_path: Path) -> None:
+def test_without_a_horizon_the_buffer_grows() -> None:
     """The problem the bound solves: one slow line and everything behind it piles up."""
     engine = SlowFirstLineEngine(delay=0.3)
     writer = OrderedWriter(CountingHandle())  # type: ignore[arg-type]
