@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from vllm_batch.pipeline.results import LineResult
 from vllm_batch.protocol.ids import new_id, now
 from vllm_batch.runtime import StoreContext
 from vllm_batch.states import FINAL_STATUS, BatchStatus, IllegalTransition, StopReason
@@ -138,7 +139,7 @@ async def claim_chunk(ctx: StoreContext, owner: str, models: Sequence[str]) -> C
 
 
 async def save(
-    ctx: StoreContext, chunk: ChunkRow, owner: str, results: Sequence[queries.LineResult]
+    ctx: StoreContext, chunk: ChunkRow, owner: str, results: Sequence[LineResult]
 ) -> queries.SaveOutcome:
     """Save finished lines and renew the lease, only while the chunk is still ours."""
     async with ctx.sessions() as session, session.begin():

@@ -19,6 +19,7 @@ from sqlalchemy import func, select, update
 
 from vllm_batch import lifecycle
 from vllm_batch.config import Settings
+from vllm_batch.pipeline.results import LineResult
 from vllm_batch.protocol.ids import new_id, now
 from vllm_batch.runtime import StoreContext, open_store
 from vllm_batch.states import (
@@ -118,9 +119,9 @@ def plan(model: str = "m") -> BatchPlan:
     return BatchPlan(model=model, total=LINES, chunks=chunks)
 
 
-def result(line: int, error: bool = False) -> queries.LineResult:
+def result(line: int, error: bool = False) -> LineResult:
     data = orjson.dumps({"custom_id": f"r{line}", "line": line}).decode()
-    return queries.LineResult(line=line, is_error=error, data=data, input_tokens=1)
+    return LineResult(line=line, is_error=error, data=data, input_tokens=1)
 
 
 async def batch(ctx: StoreContext, batch_id: str) -> BatchRow:

@@ -17,6 +17,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from vllm_batch.retry import retrying
+
 log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _PG_MIGRATION_LOCK = 4_080_001
@@ -115,19 +117,8 @@ def is_transient(error: BaseException) -> bool:
 
 
 def db_retrying(what: str, *, attempts: int | None = None) -> tenacity.AsyncRetrying:
-    """Retry an operation while the database is unreachable or busy (forever by default).
+    """Retry while the database is unreachable or busy (forever by default).
 
     ``async for attempt in db_retrying("saving x"): with attempt: ...``
     """
-    return tenacity.AsyncRetrying(
-        retry=tenacity.retry_if_exception(is_transient),
-        wait=tenacity.wait_exponential_jitter(initial=0.2, max=10.0),
-        stop=tenacity.stop_after_attempt(attempts) if attempts else tenacity.stop_never,
-        before_sleep=lambda state: log.warning(
-            "database error while %s (attempt %d): %s; retrying",
-            what,
-            state.attempt_number,
-            state.outcome.exception() if state.outcome else None,
-        ),
-        reraise=True,
-    )
+    return retrying(on=is_transient, attempts=attempts, max_wait=10.0, log=log, what=what)

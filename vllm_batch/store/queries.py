@@ -11,6 +11,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from vllm_batch.pipeline.results import LineResult
 from vllm_batch.states import (
     ACTIVE,
     STOPPABLE,
@@ -393,19 +394,6 @@ async def release_owner(session: AsyncSession, owner: str) -> None:
 
 
 # ---------------------------------------------------------------- results
-
-
-@dataclass(frozen=True)
-class LineResult:
-    """A finished input line ready to be saved."""
-
-    line: int
-    is_error: bool
-    data: str
-    input_tokens: int = 0
-    cached_tokens: int = 0
-    output_tokens: int = 0
-    reasoning_tokens: int = 0
 
 
 @dataclass(frozen=True)

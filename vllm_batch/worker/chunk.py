@@ -17,13 +17,14 @@ import anyio
 import orjson
 
 from vllm_batch import lifecycle
+from vllm_batch.pipeline.dispatch import Dispatcher
+from vllm_batch.pipeline.output import failure_line
+from vllm_batch.pipeline.results import LineResult
 from vllm_batch.store import queries
 from vllm_batch.store.db import db_retrying
 from vllm_batch.store.models import ChunkRow
 from vllm_batch.validation import iter_lines
 from vllm_batch.worker.context import WorkerContext
-from vllm_batch.worker.dispatch import Dispatcher
-from vllm_batch.worker.output import failure_line
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +97,13 @@ async def _give_up(ctx: WorkerContext, runner: _ChunkRunner, key: str, done: set
         "giving up on it."
     )
 
-    def read() -> list[queries.LineResult]:
+    def read() -> list[LineResult]:
         results = []
         for index, raw in iter_chunk_requests(ctx, key, chunk):
             if index not in done:
                 custom_id = str(orjson.loads(raw).get("custom_id"))
                 data = failure_line(custom_id, "engine_error", message)
-                results.append(queries.LineResult(line=index, is_error=True, data=data))
+                results.append(LineResult(line=index, is_error=True, data=data))
         return results
 
     runner.pending.extend(await anyio.to_thread.run_sync(read))
@@ -118,12 +119,12 @@ class _ChunkRunner:
         self.shutdown = shutdown
         self.dispatcher: Dispatcher | None = None
         self.outcome = ChunkOutcome.DONE
-        self.pending: list[queries.LineResult] = []
+        self.pending: list[LineResult] = []
         self.flush_lock = asyncio.Lock()
         self.flush_wanted = asyncio.Event()
         self.finished = False
 
-    def add(self, result: queries.LineResult) -> None:
+    def add(self, result: LineResult) -> None:
         self.pending.append(result)
         if len(self.pending) >= self.ctx.settings.flush_every:
             self.flush_wanted.set()

@@ -20,6 +20,7 @@ import anyio
 import orjson
 
 from vllm_batch import lifecycle
+from vllm_batch.pipeline.output import failure_line
 from vllm_batch.protocol.ids import new_id, now
 from vllm_batch.runtime import StoreContext
 from vllm_batch.states import StopReason
@@ -28,7 +29,6 @@ from vllm_batch.storage.base import BlobStorage
 from vllm_batch.store import queries
 from vllm_batch.store.models import BatchRow, FileRow
 from vllm_batch.validation import iter_lines
-from vllm_batch.worker.output import failure_line
 
 log = logging.getLogger(__name__)
 FINALIZE_LEASE_SECONDS = 60.0
