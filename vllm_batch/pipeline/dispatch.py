@@ -23,7 +23,7 @@ import orjson
 from vllm_batch.engines.base import Engine, EngineFailure, EngineResult
 from vllm_batch.pipeline.output import ErrorShape, failure_line, result_line
 from vllm_batch.pipeline.results import LineResult
-from vllm_batch.retry import retrying
+from vllm_batch.retry import describe, retrying
 
 log = logging.getLogger(__name__)
 TRANSIENT_RETRIES = 3
@@ -75,7 +75,19 @@ async def execute_line(
             shape=shape,
         )
         return LineResult(line=index, is_error=True, data=data)
-    result = await _run_retrying_5xx(engine, url, body, request_id)
+    try:
+        result = await _run_retrying_5xx(engine, url, body, request_id)
+    except (EngineFailure, asyncio.CancelledError):
+        raise
+    except Exception as exc:  # one bad request must never take its chunk down with it
+        log.warning("request %s failed: %s", request_id, describe(exc), exc_info=True)
+        data = failure_line(
+            custom_id,
+            "request_failed",
+            f"The request could not be processed: {describe(exc)[:500]}",
+            shape=shape,
+        )
+        return LineResult(line=index, is_error=True, data=data)
     return LineResult(
         line=index,
         is_error=not result.ok,
