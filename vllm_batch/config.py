@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     postgres_password: str | None = Field(default=None, validation_alias=_env("POSTGRES_PASSWORD"))
     storage_url: str | None = None
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    api_key: str | None = None
+    api_key: str | None = Field(default=None, repr=False)  # never in logs or reprs
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Host headers accepted when no API key is set (DNS-rebinding guard); "*" allows all.
     # localhost, 127.0.0.1, ::1 and ``host`` are always allowed.
