@@ -436,3 +436,41 @@ def test_deeply_nested_line_refused_at_upload(
     assert upload(http, jsonl([shallow])).status_code == 200
     assert counts(api) == (before[0] + 1, before[1])
     assert len(blobs(data_dir)) == len(stored) + 1
+
+
+# ------------------------------------------------------------------ fuzz findings
+
+
+def test_nul_in_the_url_is_a_400(api: LiveServer, http: httpx.Client) -> None:
+    before = counts(api)
+    for path in ("/files/file-%00x", "/batches?after=%00", "/files?purpose=ba%00tch"):
+        error = error_of(http.get(path), 400)
+        assert error["code"] == "invalid_url"
+    assert error_of(http.delete("/files/file-%00"), 400)["code"] == "invalid_url"
+    assert counts(api) == before
+
+
+def test_unstorable_text_in_a_batch_request_is_a_400(
+    api: LiveServer, http: httpx.Client, file_id: str
+) -> None:
+    before = counts(api)
+    for field, value in (
+        ("input_file_id", "\\ud800"),
+        ("input_file_id", "file-\\u0000"),
+        ("completion_window", "24h\\u0000"),
+    ):
+        body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions"}
+        body["completion_window"] = "24h"
+        raw = json.dumps(body)[:-1] + f', "{field}": "{value}"}}'
+        response = http.post(
+            "/batches", content=raw.encode(), headers={"content-type": "application/json"}
+        )
+        error = error_of(response, 400)
+        assert error["param"] == field, error
+    metadata = json.dumps({"input_file_id": file_id, "endpoint": "/v1/chat/completions"})
+    raw = metadata[:-1] + ', "completion_window": "24h", "metadata": {"k": "\\udfff"}}'
+    response = http.post(
+        "/batches", content=raw.encode(), headers={"content-type": "application/json"}
+    )
+    assert error_of(response, 400)["param"].startswith("metadata")
+    assert counts(api) == before

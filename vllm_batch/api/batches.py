@@ -107,13 +107,6 @@ def check_metadata(metadata: dict[str, str] | None) -> None:
             code="invalid_value",
         )
     for key, value in metadata.items():
-        if "\x00" in key or "\x00" in value:
-            raise APIError(
-                400,
-                "metadata keys and values may not contain NUL characters.",
-                param="metadata",
-                code="invalid_value",
-            )
         if len(key) > MAX_METADATA_KEY:
             raise APIError(
                 400,

@@ -6,6 +6,7 @@ Outermost first (``install_edge`` adds them in reverse):
     HostGuardMiddleware  DNS-rebinding guard, only when no API key is set   -> 400
     CORSMiddleware       (if configured) preflights are answered without a key
     EdgeGuardMiddleware  API key -> Principal in scope["state"] on /v1       -> 401
+                         NUL in the path or query string                     -> 400
                          byte cap counted on what is actually received       -> 413
 
 An unauthenticated request never has its body read; a body over the cap is cut off as
@@ -70,6 +71,12 @@ def may_have_body(scope: Scope) -> bool:
     headers = Headers(scope=scope)
     length = headers.get("content-length", "")
     return "transfer-encoding" in headers or (length not in ("", "0"))
+
+
+def has_nul(scope: Scope) -> bool:
+    """Whether the path or query string carries a NUL (no database can store one)."""
+    query: bytes = scope.get("query_string", b"")
+    return "\x00" in scope["path"] or b"%00" in query or b"\x00" in query
 
 
 async def refuse(
@@ -215,6 +222,16 @@ class EdgeGuardMiddleware:
                 )
                 return
             scope.setdefault("state", {})["principal"] = principal
+        if has_nul(scope):
+            await refuse(
+                scope,
+                send,
+                400,
+                "The URL may not contain NUL characters.",
+                code="invalid_url",
+                close=may_have_body(scope),
+            )
+            return
         cap = self.body_cap
         if self.is_upload(scope):
             cap = self.max_upload_bytes + UPLOAD_OVERHEAD_BYTES
