@@ -28,6 +28,7 @@ MAX_UPLOAD = 20_000
 MAX_BODY = 64 * 1024
 AUTH = {"Authorization": f"Bearer {KEY}"}
 BOUNDARY = "edgeboundary"
+ORIGIN = "https://app.example"
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,7 @@ def api(
         api_key=KEY,
         max_upload_bytes=MAX_UPLOAD,
         max_request_body_bytes=MAX_BODY,
+        cors_origins=[ORIGIN],
     )
     yield from start_server(loop_thread, settings, None)
 
@@ -173,6 +175,29 @@ def test_unauthenticated_post_is_refused_with_an_unread_body(api: LiveServer) ->
     )
     assert error_of(response, 401)["code"] == "invalid_api_key"
     assert counts(api) == before
+
+
+def test_cors_preflight_needs_no_key_and_refusals_carry_cors(api: LiveServer) -> None:
+    preflight = httpx.options(
+        f"{api.base_url}/files",
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization",
+        },
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == ORIGIN
+    refused = httpx.get(f"{api.base_url}/files", headers={"Origin": ORIGIN})
+    assert error_of(refused, 401)["code"] == "invalid_api_key"
+    assert refused.headers["access-control-allow-origin"] == ORIGIN
+
+
+def test_request_id_is_echoed_only_when_sane(api: LiveServer) -> None:
+    given = httpx.get(f"{api.url}/health", headers={"X-Request-Id": "abc-123"})
+    assert given.headers["x-request-id"] == "abc-123"
+    odd = httpx.get(f"{api.url}/health", headers={"X-Request-Id": "a b" + "x" * 300})
+    assert odd.headers["x-request-id"].startswith("req_")
 
 
 # ------------------------------------------------------------------ byte caps

@@ -16,6 +16,7 @@ Refusals that leave body bytes unread close the connection.
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from collections.abc import Iterable
@@ -29,8 +30,10 @@ from vllm_batch.api.auth import KeyRing
 from vllm_batch.api.errors import error_response
 from vllm_batch.config import Settings
 
+log = logging.getLogger(__name__)
 UPLOAD_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries, part headers and form fields
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+WILDCARD_BINDS = ("0.0.0.0", "::", "")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -47,6 +50,13 @@ def install_edge(app: FastAPI, settings: Settings) -> None:
             allow_credentials=True,
         )
     if not keys.enabled:
+        if settings.host in WILDCARD_BINDS and not settings.allowed_hosts:
+            log.warning(
+                "bound to %s without an API key: only Host headers %s are served; set "
+                "VLLM_BATCH_ALLOWED_HOSTS (or an API key) to reach this server by other names",
+                settings.host,
+                ", ".join(sorted(allowed_hosts(settings))),
+            )
         app.add_middleware(HostGuardMiddleware, allowed=allowed_hosts(settings))
     app.add_middleware(RequestIdMiddleware)
 
