@@ -190,8 +190,9 @@ def worker_command(
 async def _run_worker(settings: Settings) -> None:
     from vllm_batch.api.app import settings_engine_factory
     from vllm_batch.engines.manager import EngineManager
+    from vllm_batch.runtime import open_store
     from vllm_batch.service.housekeeping import run_housekeeping
-    from vllm_batch.worker.context import WorkerContext, open_store
+    from vllm_batch.worker.context import WorkerContext
     from vllm_batch.worker.loop import Worker
 
     async with open_store(settings) as store:
@@ -272,6 +273,14 @@ def run(
     progress_interval: Annotated[
         float, typer.Option(help="Seconds between progress log lines (when not a TTY).")
     ] = 5.0,
+    max_buffered_results: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Most finished results kept in memory behind a slower earlier request; "
+            "when full, reading pauses until that request finishes.",
+        ),
+    ] = 4096,
     max_num_seqs: MaxSeqsOpt = None,
     max_num_batched_tokens: BatchedTokensOpt = None,
     gpu_memory_utilization: GpuMemOpt = None,
@@ -288,9 +297,19 @@ def run(
         ),
     ] = None,
 ) -> None:
-    """Run one batch file offline, like `vllm run-batch` (output in input order)."""
+    """Run one batch file offline, like `vllm run-batch` (output in input order).
+
+    A local output is written to OUTPUT.partial and renamed to OUTPUT once complete:
+    OUTPUT never holds a partial result.
+
+    If the run stops early (Ctrl-C, SIGTERM, engine failure, kill), OUTPUT.partial
+    stays and --resume continues it. A URL output is uploaded only when complete.
+
+    The output may not be the input file. URL query strings are never logged.
+    """
     from vllm_batch.config import ModelSpec
     from vllm_batch.offline import RunFailed, RunOptions, run_batch
+    from vllm_batch.offline.io import redact
 
     if ctx.args:
         typer.echo(
@@ -327,6 +346,7 @@ def run(
         strict=strict,
         resume=resume,
         progress_interval=progress_interval,
+        max_buffered=max_buffered_results,
     )
     try:
         summary = run_batch(options)
@@ -335,7 +355,7 @@ def run(
         raise typer.Exit(exc.exit_code) from None
     typer.echo(
         f"done: {summary.total} requests ({summary.resumed} resumed, {summary.errors} errors) "
-        f"in {summary.seconds:.1f}s -> {output_file}",
+        f"in {summary.seconds:.1f}s -> {redact(output_file)}",
         err=True,
     )
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from vllm_batch.offline import io as offline_io
 from vllm_batch.offline.io import ResumeMismatch, TransferError, download, scan_resume, upload
 
 
@@ -73,8 +73,15 @@ class FileServer:
 @pytest.fixture
 def no_sleep(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     delays: list[float] = []
-    monkeypatch.setattr(offline_io.time, "sleep", delays.append)
+    monkeypatch.setattr(time, "sleep", delays.append)
     return delays
+
+
+def _assert_backoff(delays: list[float], retries: int) -> None:
+    """Exponential backoff from 1 s with up to 1 s of jitter (``offline_io.BACKOFF_SECONDS``)."""
+    assert len(delays) == retries
+    for n, delay in enumerate(delays):
+        assert 2**n <= delay <= 2**n + 1, delays
 
 
 def test_download_streams_to_a_file(tmp_path: Path) -> None:
@@ -98,7 +105,8 @@ def test_upload_retries_with_backoff(tmp_path: Path, no_sleep: list[float]) -> N
     with FileServer(fail_puts=2) as server:
         upload(path, f"{server.url}/out.jsonl")
     assert server.received["/out.jsonl"] == path.read_bytes()
-    assert server.put_attempts == 3 and no_sleep == [1.0, 2.0]
+    assert server.put_attempts == 3
+    _assert_backoff(no_sleep, 2)
     assert server.put_headers[-1]["Content-Length"] == str(path.stat().st_size)
     assert "Transfer-Encoding" not in server.put_headers[-1]
 
@@ -108,7 +116,8 @@ def test_upload_gives_up_after_five_attempts(tmp_path: Path, no_sleep: list[floa
     path.write_bytes(b"x\n")
     with FileServer(fail_puts=99) as server, pytest.raises(TransferError, match="5 attempts"):
         upload(path, f"{server.url}/out.jsonl")
-    assert server.put_attempts == 5 and no_sleep == [1.0, 2.0, 4.0, 8.0]
+    assert server.put_attempts == 5
+    _assert_backoff(no_sleep, 4)
 
 
 def _input(path: Path, ids: list[str]) -> Path:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,6 @@ from vllm_batch.config import ModelSpec, Settings
 from vllm_batch.engines.base import EngineFailure, EngineResult
 from vllm_batch.engines.vllm_engine import error_result
 from vllm_batch.offline import RunFailed, RunOptions, run_batch
-from vllm_batch.offline import io as offline_io
 
 SPEC = ModelSpec("tiny", "/models/tiny")
 
@@ -102,8 +102,13 @@ def test_output_is_in_input_order_with_error_lines(tmp_path: Path) -> None:
         "request_id": lines[3]["response"]["request_id"],
         "body": None,
     }
-    assert "`other` does not exist" in lines[3]["error"]["message"]
+    # vLLM's ``ErrorResponse`` under ``error``, with the HTTP status as its code.
+    assert lines[3]["error"]["error"]["code"] == 404
+    assert lines[3]["error"]["error"]["type"] == "NotFoundError"
+    assert lines[3]["error"]["error"]["param"] == "model"
+    assert "`other` does not exist" in lines[3]["error"]["error"]["message"]
     assert lines[5]["response"]["status_code"] == 400 and lines[5]["response"]["body"] is None
+    assert lines[5]["error"]["error"]["code"] == 400
     assert "q3" not in factory.engine.seen  # the unknown model never reached the engine
     assert factory.engine.started and factory.engine.stopped
 
@@ -148,15 +153,19 @@ def test_strict_lists_errors_before_the_engine(tmp_path: Path) -> None:
 def test_engine_failure_keeps_the_prefix_and_resume_finishes(tmp_path: Path) -> None:
     inp = write_input(tmp_path / "in.jsonl", 40)
     out = tmp_path / "out.jsonl"
+    partial = tmp_path / "out.jsonl.partial"
     with pytest.raises(RunFailed, match="engine failed") as info:
         run_batch(options(inp, out), Factory(FakeEngine(fail_on="q25")))
     assert info.value.exit_code == 1
-    before = read_lines(out)
+    assert not out.exists()  # only the .partial file: nobody mistakes it for a result
+    assert f"the partial output is {partial}: rerun with --resume" in info.value.message
+    before = read_lines(partial)
     assert 0 < len(before) <= 25
-    with out.open("a") as handle:
+    with partial.open("a") as handle:
         handle.write('{"id": "partial", "cust')  # as if killed mid-write
     engine = FakeEngine()
     summary = run_batch(options(inp, out, resume=True), Factory(engine))
+    assert not partial.exists()
     after = read_lines(out)
     assert [line["custom_id"] for line in after] == [f"req-{i}" for i in range(40)]
     assert after[: len(before)] == before
@@ -185,7 +194,7 @@ def test_resume_refuses_another_input(tmp_path: Path) -> None:
 
 
 def test_url_input_and_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(offline_io.time, "sleep", lambda _s: None)
+    monkeypatch.setattr(time, "sleep", lambda _s: None)
     data = write_input(tmp_path / "in.jsonl", 20).read_bytes()
     spool = tmp_path / "spool"
     spool.mkdir()
@@ -200,7 +209,7 @@ def test_url_input_and_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_failed_upload_keeps_the_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(offline_io.time, "sleep", lambda _s: None)
+    monkeypatch.setattr(time, "sleep", lambda _s: None)
     inp = write_input(tmp_path / "in.jsonl", 3)
     with FileServer(fail_puts=99) as server, pytest.raises(RunFailed) as info:
         run_batch(options(inp, f"{server.url}/out", output_tmp_dir=str(tmp_path)), Factory())

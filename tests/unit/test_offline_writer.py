@@ -1,4 +1,4 @@
-"""In-order output of ``vllm-batch run``: reorder buffer, writer, vLLM-shaped error lines."""
+"""In-order output of ``vllm-batch run``: reorder buffer and writer."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ import random
 import pytest
 
 from vllm_batch.engines.base import EngineResult
-from vllm_batch.engines.vllm_engine import error_result
-from vllm_batch.offline.writer import OrderedWriter, ReorderBuffer, vllm_error_line
-from vllm_batch.store.queries import LineResult
-from vllm_batch.worker.output import failure_line, result_line
+from vllm_batch.offline.writer import OrderedWriter, ReorderBuffer
+from vllm_batch.pipeline.output import result_line
+from vllm_batch.pipeline.results import LineResult
 
 
 def test_reorder_buffer_releases_in_index_order() -> None:
@@ -57,20 +56,16 @@ def test_writer_writes_in_order_and_reports_every_result() -> None:
     assert seen == [4, 5, 3, 7, 6] and writer.written == 5 and writer.next_index == 8
 
 
-def test_error_lines_take_vllm_shape() -> None:
-    result = error_result(400, "BadRequestError", "Invalid request body: bad", "messages")
-    line = json.loads(vllm_error_line(result_line("a", result, "req-1")))
-    assert line["custom_id"] == "a"
-    assert line["response"] == {"status_code": 400, "request_id": "req-1", "body": None}
-    assert line["error"] == {
-        "code": "invalid_request_error",
-        "message": "Invalid request body: bad",
-        "param": "messages",
-    }
+def test_writer_horizon_follows_the_head() -> None:
+    writer = OrderedWriter(io.BytesIO(), start=10, max_buffered=3)
+    assert writer.horizon() == 13
+    writer.add(_ok(12))
+    writer.add(_ok(11))
+    assert writer.horizon() == 13 and writer.peak_buffered == 2
+    writer.add(_ok(10))
+    assert writer.horizon() == 16 and len(writer.buffer) == 0
 
 
-def test_other_lines_are_left_alone() -> None:
-    failure = failure_line("x", "invalid_request", "broken")
-    assert vllm_error_line(failure) == failure
-    ok = _ok(0).data
-    assert vllm_error_line(ok) == ok
+def test_writer_rejects_a_zero_bound() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        OrderedWriter(io.BytesIO(), max_buffered=0)

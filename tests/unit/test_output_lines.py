@@ -1,4 +1,4 @@
-"""Output/error line shapes match OpenAI's batch output lines."""
+"""Output/error line shapes: OpenAI's (the server) and ``vllm run-batch``'s (``run``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 from vllm_batch.config import ModelSpec, Settings
 from vllm_batch.engines.base import EngineResult
 from vllm_batch.engines.vllm_engine import engine_argv, error_result
-from vllm_batch.worker.output import failure_line, result_line
+from vllm_batch.pipeline.output import ErrorShape, failure_line, result_line
 
 
 def test_success_line_embeds_body_verbatim() -> None:
@@ -29,6 +29,49 @@ def test_error_line_has_status_body_and_error() -> None:
 def test_failure_line_has_null_response() -> None:
     line = json.loads(failure_line("x", "batch_expired", "too late"))
     assert line["response"] is None and line["error"]["code"] == "batch_expired"
+
+
+def test_vllm_shape_error_line_matches_vllm_run_batch() -> None:
+    """vLLM's ``BatchRequestOutput`` for an ``ErrorResponse``: null body, the error wrapped."""
+    result = error_result(404, "NotFoundError", "The model `x` does not exist.", "model")
+    line = json.loads(result_line("a", result, "req-1", shape=ErrorShape.VLLM))
+    assert list(line) == ["id", "custom_id", "response", "error"]
+    assert line["custom_id"] == "a"
+    assert line["response"] == {"status_code": 404, "request_id": "req-1", "body": None}
+    assert line["error"] == {
+        "error": {
+            "message": "The model `x` does not exist.",
+            "type": "NotFoundError",
+            "param": "model",
+            "code": 404,
+        }
+    }
+
+
+def test_vllm_shape_error_line_without_an_error_body() -> None:
+    result = EngineResult(503, "{}", error_code="server_error", error_message="overloaded")
+    line = json.loads(result_line("a", result, "req-1", shape=ErrorShape.VLLM))
+    assert line["error"]["error"] == {
+        "message": "overloaded",
+        "type": "server_error",
+        "param": None,
+        "code": 503,
+    }
+
+
+def test_success_lines_are_the_same_in_both_shapes() -> None:
+    body = '{"id":"chatcmpl-1","choices":[]}'
+    openai = json.loads(result_line("a", EngineResult(200, body), "r", shape=ErrorShape.OPENAI))
+    vllm = json.loads(result_line("a", EngineResult(200, body), "r", shape=ErrorShape.VLLM))
+    assert {**openai, "id": None} == {**vllm, "id": None}
+
+
+def test_vllm_shape_failure_line_is_vllms_request_error() -> None:
+    """Like vLLM's ``make_error_request_output``: a 400 response and the message as a string."""
+    line = json.loads(failure_line("x", "invalid_request", "broken", shape=ErrorShape.VLLM))
+    assert line["response"]["status_code"] == 400 and line["response"]["body"] is None
+    assert line["response"]["request_id"].startswith("vllm-batch-")
+    assert line["error"] == "broken"
 
 
 def test_engine_argv_maps_settings() -> None:

@@ -19,9 +19,10 @@ from vllm_batch.config import ModelSpec, Settings
 from vllm_batch.engines import make_engine
 from vllm_batch.engines.base import Engine
 from vllm_batch.engines.manager import EngineFactory, EngineManager
+from vllm_batch.runtime import open_store
 from vllm_batch.service.housekeeping import run_housekeeping
 from vllm_batch.service.validate import resume_validation
-from vllm_batch.worker.context import WorkerContext, open_store
+from vllm_batch.worker.context import WorkerContext
 from vllm_batch.worker.loop import Worker
 
 log = logging.getLogger(__name__)

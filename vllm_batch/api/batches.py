@@ -8,7 +8,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
-from vllm_batch.api.deps import CtxDep, SessionDep
+from vllm_batch import lifecycle
+from vllm_batch.api.deps import CtxDep, ReadSessionDep
 from vllm_batch.api.errors import APIError, not_found
 from vllm_batch.api.files import page, stream_file
 from vllm_batch.protocol.batch import (
@@ -20,9 +21,9 @@ from vllm_batch.protocol.batch import (
     InputTokensDetails,
     OutputTokensDetails,
 )
-from vllm_batch.protocol.ids import new_id, now
 from vllm_batch.protocol.page import ListPage
 from vllm_batch.service.validate import validate_batch
+from vllm_batch.states import BatchStatus
 from vllm_batch.store import queries
 from vllm_batch.store.models import BatchRow
 from vllm_batch.validation import SUPPORTED_ENDPOINTS
@@ -39,14 +40,7 @@ MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 
 def batch_object(row: BatchRow) -> Batch:
     usage = None
-    if row.status in (
-        "completed",
-        "cancelled",
-        "expired",
-        "finalizing",
-        "in_progress",
-        "cancelling",
-    ):
+    if row.status not in (BatchStatus.VALIDATING, BatchStatus.FAILED):
         usage = BatchUsage(
             input_tokens=row.input_tokens,
             input_tokens_details=InputTokensDetails(cached_tokens=row.cached_tokens),
@@ -141,7 +135,7 @@ def _priority(metadata: dict[str, str] | None) -> int:
 
 
 @router.post("/batches", response_model=Batch)
-async def create_batch(ctx: CtxDep, session: SessionDep, request: BatchCreateRequest) -> Batch:
+async def create_batch(ctx: CtxDep, session: ReadSessionDep, request: BatchCreateRequest) -> Batch:
     if request.endpoint not in SUPPORTED_ENDPOINTS:
         raise APIError(
             400,
@@ -153,53 +147,45 @@ async def create_batch(ctx: CtxDep, session: SessionDep, request: BatchCreateReq
     window = window_seconds(request.completion_window)
     check_metadata(request.metadata)
     priority = _priority(request.metadata)
-    async with session.begin():
-        input_file = await queries.get_file(session, request.input_file_id)
-        if input_file is None:
-            raise APIError(
-                404,
-                f"No such File object: '{request.input_file_id}'.",
-                param="input_file_id",
-                code="not_found",
-            )
-        if input_file.purpose != "batch":
-            raise APIError(
-                400,
-                f"File {input_file.id} has purpose {input_file.purpose!r}; a "
-                "batch input file must be uploaded with purpose 'batch'.",
-                param="input_file_id",
-                code="invalid_value",
-            )
-        created = now()
-        row = BatchRow(
-            id=new_id("batch_"),
-            endpoint=request.endpoint,
-            input_file_id=input_file.id,
-            completion_window=request.completion_window,
-            status="validating",
-            metadata_=request.metadata,
-            created_at=created,
-            expires_at=created + window,
-            total=0,
-            completed=0,
-            failed=0,
-            input_tokens=0,
-            cached_tokens=0,
-            output_tokens=0,
-            reasoning_tokens=0,
-            priority=priority,
-            output_expires_after=(
-                request.output_expires_after.seconds if request.output_expires_after else None
-            ),
+    input_file = await queries.get_file(session, request.input_file_id)
+    if input_file is not None and input_file.purpose != "batch":
+        raise APIError(
+            400,
+            f"File {input_file.id} has purpose {input_file.purpose!r}; a "
+            "batch input file must be uploaded with purpose 'batch'.",
+            param="input_file_id",
+            code="invalid_value",
         )
-        session.add(row)
+    spec = lifecycle.BatchSpec(
+        endpoint=request.endpoint,
+        input_file_id=request.input_file_id,
+        completion_window=request.completion_window,
+        window_seconds=window,
+        metadata=request.metadata,
+        priority=priority,
+        output_expires_after=(
+            request.output_expires_after.seconds if request.output_expires_after else None
+        ),
+        owner=None,
+    )
+    try:
+        if input_file is None:
+            raise lifecycle.InputFileGone(request.input_file_id)
+        row = await lifecycle.create(ctx, spec)
+    except lifecycle.InputFileGone:
+        raise APIError(
+            404,
+            f"No such File object: '{request.input_file_id}'.",
+            param="input_file_id",
+            code="not_found",
+        ) from None
     ctx.spawn(validate_batch(ctx, row.id))
     return batch_object(row)
 
 
 @router.get("/batches", response_model=ListPage[Batch])
 async def list_batches(
-    session: SessionDep,
+    session: ReadSessionDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: str | None = None,
 ) -> ListPage[Batch]:
@@ -207,7 +193,7 @@ async def list_batches(
     return page([batch_object(row) for row in rows], limit)
 
 
-async def load_batch(session: SessionDep, batch_id: str) -> BatchRow:
+async def load_batch(session: ReadSessionDep, batch_id: str) -> BatchRow:
     row = await queries.get_batch(session, batch_id)
     if row is None:
         raise not_found("batch", batch_id)
@@ -215,28 +201,24 @@ async def load_batch(session: SessionDep, batch_id: str) -> BatchRow:
 
 
 @router.get("/batches/{batch_id}", response_model=Batch)
-async def retrieve_batch(session: SessionDep, batch_id: str) -> Batch:
+async def retrieve_batch(session: ReadSessionDep, batch_id: str) -> Batch:
     return batch_object(await load_batch(session, batch_id))
 
 
 @router.post("/batches/{batch_id}/cancel", response_model=Batch)
-async def cancel_batch(ctx: CtxDep, session: SessionDep, batch_id: str) -> Batch:
-    async with session.begin():
-        row = await load_batch(session, batch_id)
-        stopping = await queries.request_stop(session, batch_id, "cancel", now())
-        if not stopping and row.status not in ("cancelling", "cancelled"):
-            raise APIError(
-                409,
-                f"Cannot cancel batch {batch_id}: its status is {row.status!r}.",
-                code="invalid_state",
-            )
+async def cancel_batch(ctx: CtxDep, batch_id: str) -> Batch:
+    try:
+        row = await lifecycle.cancel(ctx, batch_id)
+    except lifecycle.IllegalTransition as exc:
+        raise APIError(409, str(exc), code="invalid_state") from None
+    if row is None:
+        raise not_found("batch", batch_id)
     ctx.spawn(finalize_batch(ctx, batch_id))
-    async with ctx.sessions() as fresh:
-        return batch_object(await load_batch(fresh, batch_id))
+    return batch_object(row)
 
 
 @router.get("/batches/{batch_id}/results")
-async def batch_results(ctx: CtxDep, session: SessionDep, batch_id: str) -> StreamingResponse:
+async def batch_results(ctx: CtxDep, session: ReadSessionDep, batch_id: str) -> StreamingResponse:
     row = await load_batch(session, batch_id)
     output = await queries.get_file(session, row.output_file_id) if row.output_file_id else None
     if output is None:

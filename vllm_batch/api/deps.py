@@ -29,6 +29,15 @@ async def get_session(ctx: CtxDep) -> AsyncIterator[AsyncSession]:
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 
+async def get_read_session(ctx: CtxDep) -> AsyncIterator[AsyncSession]:
+    async with ctx.read_sessions() as session:
+        yield session
+
+
+ReadSessionDep = Annotated[AsyncSession, Depends(get_read_session)]
+"""For routes that only read: never blocks (or is blocked by) writers."""
+
+
 def current_principal(request: Request) -> Principal:
     """The caller, resolved from the API key by the edge middleware before the body is read."""
     principal = getattr(request.state, "principal", None)

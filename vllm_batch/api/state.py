@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vllm_batch.engines.manager import EngineManager
-from vllm_batch.worker.context import StoreContext
+from vllm_batch.runtime import StoreContext
 from vllm_batch.worker.loop import Worker
 
 log = logging.getLogger(__name__)

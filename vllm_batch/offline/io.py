@@ -2,15 +2,20 @@
 
 URLs are streamed to and from local files (never held in memory): a URL input is downloaded
 to a temporary file before the pre-flight pass; a URL output is written to a temporary file
-and uploaded with HTTP PUT once the run is complete.
+and uploaded with HTTP PUT once the run is complete. Transfers are retried with exponential
+backoff and jitter (``vllm_batch.retry``).
+
+URLs may be pre-signed (``?X-Amz-Signature=...``): ``redact`` strips query strings and user
+info from anything logged or raised here, and ``redact_http_logs`` does the same for httpx's
+own request log lines.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -18,6 +23,7 @@ from typing import Any, BinaryIO
 import httpx
 import orjson
 
+from vllm_batch.retry import describe, retrying_sync
 from vllm_batch.validation import iter_lines
 
 log = logging.getLogger(__name__)
@@ -25,6 +31,7 @@ log = logging.getLogger(__name__)
 UPLOAD_ATTEMPTS = 5
 DOWNLOAD_ATTEMPTS = 3
 BACKOFF_SECONDS = 1.0
+MAX_BACKOFF_SECONDS = 30.0
 CHUNK_BYTES = 1024 * 1024
 TIMEOUT = httpx.Timeout(60.0, read=600.0, write=600.0)
 
@@ -41,6 +48,46 @@ def is_url(location: str) -> bool:
     return location.startswith(("http://", "https://"))
 
 
+_URL_SECRETS = re.compile(
+    r"(?P<head>https?://)(?:[^/?#\s@]*@)?(?P<rest>[^?#\s'\"]*)(?:[?#][^\s'\"]*)?",
+    re.IGNORECASE,
+)
+
+
+def redact(text: str) -> str:
+    """``text`` with every http(s) URL's query string, fragment and user info removed.
+
+    ``https://u:p@host/out.jsonl?X-Amz-Signature=...`` → ``https://host/out.jsonl?…``.
+    """
+
+    def strip(match: re.Match[str]) -> str:
+        hidden = match.group(0) != match.group("head") + match.group("rest")
+        return match.group("head") + match.group("rest") + ("?…" if hidden else "")
+
+    return _URL_SECRETS.sub(strip, text)
+
+
+class RedactUrls(logging.Filter):
+    """Rewrites a record's message with ``redact`` (for loggers that print request URLs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
+
+def redact_http_logs(logger: logging.Logger | None = None) -> None:
+    """Redact URLs in ``logger``'s records (default: httpx's ``HTTP Request: PUT <url>``)."""
+    logger = logger or logging.getLogger("httpx")
+    if not any(isinstance(existing, RedactUrls) for existing in logger.filters):
+        logger.addFilter(RedactUrls())
+
+
+redact_http_logs(log)  # retry warnings quote httpx errors, which contain the URL
+
+
 def temp_path(directory: str | None, prefix: str) -> Path:
     """A new empty file for a download or an output to upload."""
     fd, name = tempfile.mkstemp(prefix=prefix, suffix=".jsonl", dir=directory)
@@ -48,35 +95,52 @@ def temp_path(directory: str | None, prefix: str) -> Path:
     return Path(name)
 
 
-def _retryable(status: int) -> bool:
-    return status >= 500 or status in (408, 429)
+class _HttpStatus(Exception):
+    """An HTTP error status, as retries log it (``HTTP 503``: no URL, no response text)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
+def _retryable(error: BaseException) -> bool:
+    """Network errors, 5xx, 408 and 429 are worth another attempt; other statuses are not."""
+    if isinstance(error, _HttpStatus):
+        return error.status >= 500 or error.status in (408, 429)
+    return isinstance(error, httpx.HTTPError)
 
 
 def _with_retries(
     what: str, attempts: int, action: Callable[[], None], sleep: Callable[[float], None] | None
 ) -> None:
-    for attempt in range(1, attempts + 1):
+    """Run ``action`` with backoff; ``TransferError`` (with ``what`` redacted) when it gives up."""
+    what = redact(what)
+
+    def once() -> None:
         try:
             action()
-            return
         except httpx.HTTPStatusError as exc:
-            error = f"HTTP {exc.response.status_code}"
-            if not _retryable(exc.response.status_code):
-                raise TransferError(f"{what} failed: {error}") from exc
-        except httpx.HTTPError as exc:
-            error = f"{type(exc).__name__}: {exc}"
-        if attempt == attempts:
-            raise TransferError(f"{what} failed after {attempts} attempts: {error}")
-        delay = BACKOFF_SECONDS * 2 ** (attempt - 1)
-        log.warning(
-            "%s failed (attempt %d/%d: %s); retrying in %.1fs",
-            what,
-            attempt,
-            attempts,
-            error,
-            delay,
-        )
-        (sleep or time.sleep)(delay)
+            raise _HttpStatus(exc.response.status_code) from None
+
+    try:
+        for attempt in retrying_sync(
+            on=_retryable,
+            attempts=attempts,
+            max_wait=MAX_BACKOFF_SECONDS,
+            first_wait=BACKOFF_SECONDS,
+            log=log,
+            what=what,
+            sleep=sleep,
+        ):
+            with attempt:
+                once()
+    except _HttpStatus as exc:
+        if not _retryable(exc):
+            raise TransferError(f"{what} failed: {exc}") from None
+        raise TransferError(f"{what} failed after {attempts} attempts: {exc}") from None
+    except httpx.HTTPError as exc:
+        error = redact(describe(exc))
+        raise TransferError(f"{what} failed after {attempts} attempts: {error}") from None
 
 
 def download(
@@ -97,7 +161,7 @@ def download(
             for chunk in response.iter_bytes(CHUNK_BYTES):
                 out.write(chunk)
 
-    log.info("downloading input from %s", url)
+    log.info("downloading input from %s", redact(url))
     _with_retries(f"download of {url}", attempts, attempt, sleep)
 
 
@@ -122,7 +186,7 @@ def upload(
             response = httpx.put(url, content=_chunks(handle), headers=headers, timeout=TIMEOUT)
         response.raise_for_status()
 
-    log.info("uploading output (%d bytes) to %s", size, url)
+    log.info("uploading output (%d bytes) to %s", size, redact(url))
     _with_retries(f"upload to {url}", attempts, attempt, sleep)
 
 

@@ -2,6 +2,11 @@
 
 Requests take the server's path (``Dispatcher`` → ``execute_line`` → engine), so output
 bodies are the bytes the server would produce; error lines use ``vllm run-batch``'s shape.
+
+A local output is written to ``<output>.partial`` and renamed to ``<output>`` only once every
+request is in it, so ``<output>`` never holds a partial result; after an interruption,
+``--resume`` continues the ``.partial`` file. A URL output is uploaded only when complete.
+http(s) locations are logged and reported without their query string (pre-signed URLs).
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 import uuid
@@ -25,9 +31,10 @@ from vllm_batch.engines.base import Engine, EngineFailure, EngineResult
 from vllm_batch.offline import io
 from vllm_batch.offline.preflight import describe, preflight, strict_errors
 from vllm_batch.offline.progress import Progress, RunStats, make_progress
-from vllm_batch.offline.writer import OrderedWriter
+from vllm_batch.offline.writer import DEFAULT_MAX_BUFFERED, OrderedWriter
+from vllm_batch.pipeline.dispatch import Dispatcher
+from vllm_batch.pipeline.output import ErrorShape
 from vllm_batch.validation import iter_lines
-from vllm_batch.worker.dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +43,7 @@ EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 """Structurally invalid input, ``--strict`` validation errors, ``--resume`` mismatch, usage."""
 TICK_SECONDS = 0.5
+PARTIAL_SUFFIX = ".partial"
 
 EngineFactory = Callable[[ModelSpec, Settings], Engine]
 
@@ -60,6 +68,8 @@ class RunOptions:
     resume: bool = False
     progress_interval: float = 5.0
     progress_tty: bool | None = None
+    max_buffered: int = DEFAULT_MAX_BUFFERED
+    """Most finished results held in memory waiting for an earlier line (then reading pauses)."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,7 @@ class RunSummary:
     errors: int
     output_tokens: int
     seconds: float
+    peak_buffered: int = 0
 
 
 class ServedModelGuard:
@@ -115,8 +126,14 @@ def iter_requests(path: Path, start: int) -> Generator[tuple[int, bytes], None, 
                 yield index, raw
 
 
+def partial_path(output: Path) -> Path:
+    """Where a local output is written until the run is complete."""
+    return output.with_name(output.name + PARTIAL_SUFFIX)
+
+
 def run_batch(options: RunOptions, engine_factory: EngineFactory | None = None) -> RunSummary:
     """Run one batch file end to end; raises ``RunFailed`` with an exit code."""
+    io.redact_http_logs()
     temps: list[Path] = []
     try:
         return _run(options, engine_factory or default_engine_factory, temps)
@@ -127,49 +144,74 @@ def run_batch(options: RunOptions, engine_factory: EngineFactory | None = None) 
 
 def _run(options: RunOptions, engine_factory: EngineFactory, temps: list[Path]) -> RunSummary:
     started = time.monotonic()
-    input_path = _fetch_input(options, temps)
-    total, first_url = _check_input(input_path, options.input)
+    if options.max_buffered < 1:
+        raise RunFailed("--max-buffered-results must be at least 1", EXIT_BAD_INPUT)
     remote = io.is_url(options.output)
     if options.resume and remote:
         raise RunFailed("--resume needs a local output path, not a URL", EXIT_BAD_INPUT)
-    if remote:
-        out_path = _temp_file(options.output_tmp_dir, "vllm_batch_output_")
-        temps.append(out_path)
-    else:
-        out_path = Path(options.output)
-    resumed = _resume_point(out_path, input_path, total) if total and options.resume else 0
+    if not remote:
+        _refuse_same_file(options.input, Path(options.output))
+    input_path = _fetch_input(options, temps)
+    total, first_url = _check_input(input_path, io.redact(options.input))
     if total and options.strict and first_url is not None:
         errors = strict_errors(input_path, first_url, [options.spec.name])
         if errors:
-            raise RunFailed(describe(errors, len(errors), options.input), EXIT_BAD_INPUT)
+            raise RunFailed(describe(errors, len(errors), io.redact(options.input)), EXIT_BAD_INPUT)
+    resumed = 0
+    if remote:
+        final = None
+        out_path = _temp_file(options.output_tmp_dir, "vllm_batch_output_")
+        temps.append(out_path)
+    else:
+        final = Path(options.output)
+        out_path = partial_path(final)
+        if options.resume:
+            resumed = _resume(final, input_path, total)
+        elif out_path.exists():
+            log.warning("discarding the earlier partial output %s (no --resume)", out_path)
 
     stats = RunStats(total=total, resumed=resumed)
     try:
         handle: BinaryIO = out_path.open("ab" if resumed else "wb")
     except OSError as exc:
         raise RunFailed(f"cannot write output {out_path}: {exc}") from exc
+    failure: RunFailed | None = None
     with handle:
-        writer = OrderedWriter(handle, start=resumed, on_result=stats.add)
-        if resumed < total:
-            engine = ServedModelGuard(engine_factory(options.spec, options.settings))
-            progress = make_progress(
-                stats, interval=options.progress_interval, tty=options.progress_tty
-            )
-            asyncio.run(
-                _execute(engine, input_path, writer, progress, options.settings.group_prefixes)
-            )
-        writer.flush(sync=True)
-    if writer.next_index < total:
-        done = f"stopped after {writer.next_index} of {total} requests"
-        if remote:
-            raise RunFailed(f"{done}; nothing was uploaded")
-        raise RunFailed(f"{done}; rerun with --resume to continue (output: {out_path})")
-    if remote:
+        writer = OrderedWriter(
+            handle, start=resumed, on_result=stats.add, max_buffered=options.max_buffered
+        )
+        try:
+            if resumed < total:
+                engine = ServedModelGuard(engine_factory(options.spec, options.settings))
+                progress = make_progress(
+                    stats, interval=options.progress_interval, tty=options.progress_tty
+                )
+                asyncio.run(
+                    _execute(engine, input_path, writer, progress, options.settings.group_prefixes)
+                )
+        except RunFailed as exc:
+            failure = exc
+        finally:
+            writer.flush(sync=True)
+    if failure is None and writer.next_index < total:
+        failure = RunFailed("stopped early")
+    if failure is not None:
+        done = f"{failure.message} ({writer.next_index} of {total} requests done)"
+        if final is None:
+            raise RunFailed(f"{done}; nothing was uploaded", failure.exit_code)
+        raise RunFailed(
+            f"{done}; the partial output is {out_path}: rerun with --resume to continue",
+            failure.exit_code,
+        )
+    if final is not None:
+        _publish(out_path, final)
+    else:
         try:
             io.upload(out_path, options.output)
         except io.TransferError as exc:
             temps.remove(out_path)
             raise RunFailed(f"{exc}; the output is kept at {out_path}") from exc
+    log.info("peak reorder buffer: %d results", writer.peak_buffered)
     return RunSummary(
         total=total,
         resumed=resumed,
@@ -177,7 +219,39 @@ def _run(options: RunOptions, engine_factory: EngineFactory, temps: list[Path]) 
         errors=stats.errors,
         output_tokens=stats.output_tokens,
         seconds=time.monotonic() - started,
+        peak_buffered=writer.peak_buffered,
     )
+
+
+def _refuse_same_file(input_location: str, output: Path) -> None:
+    """Refuse an output (or its ``.partial``) that is the input file, however it is spelled."""
+    if io.is_url(input_location):
+        return
+    source = Path(input_location)
+    for candidate in (output, partial_path(output)):
+        try:
+            same = source.exists() and candidate.exists() and os.path.samefile(source, candidate)
+        except OSError:
+            same = False
+        if same:
+            raise RunFailed(
+                f"the output {output} is the input file {input_location}: "
+                "writing it would destroy the input; choose another output path",
+                EXIT_BAD_INPUT,
+            )
+
+
+def _publish(partial: Path, final: Path) -> None:
+    """Give the complete output its name (atomically) and make the rename durable."""
+    try:
+        partial.replace(final)
+        directory = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except OSError as exc:
+        raise RunFailed(f"cannot rename {partial} to {final}: {exc}") from exc
 
 
 def _temp_file(directory: str | None, prefix: str) -> Path:
@@ -201,14 +275,20 @@ def _check_input(path: Path, name: str) -> tuple[int, str | None]:
     return check.total, check.first_url
 
 
-def _resume_point(out_path: Path, input_path: Path, total: int) -> int:
+def _resume(final: Path, input_path: Path, total: int) -> int:
+    """Requests already in ``<final>.partial`` (or in ``final``, which then becomes it)."""
+    partial = partial_path(final)
+    # ``final`` itself: an already complete output, or one from a version that wrote in place.
+    source = final if not partial.exists() and final.exists() else partial
     try:
-        done = io.scan_resume(out_path, input_path)
+        done = io.scan_resume(source, input_path) if total else 0
+        if source == final:
+            final.replace(partial)
     except io.ResumeMismatch as exc:
-        raise RunFailed(f"cannot resume {out_path}: {exc}", EXIT_BAD_INPUT) from exc
+        raise RunFailed(f"cannot resume {source}: {exc}", EXIT_BAD_INPUT) from exc
     except OSError as exc:
-        raise RunFailed(f"cannot resume {out_path}: {exc}") from exc
-    log.info("resuming: %d of %d requests already in %s", done, total, out_path)
+        raise RunFailed(f"cannot resume {source}: {exc}") from exc
+    log.info("resuming: %d of %d requests already in %s", done, total, source)
     return done
 
 
@@ -246,6 +326,8 @@ async def _execute(
             writer.add,
             lambda index: f"vllm-batch-{token}-{index}",
             group_prefixes=group_prefixes,
+            horizon=writer.horizon,
+            error_shape=ErrorShape.VLLM,
         )
         lines = iter_requests(input_path, writer.next_index)
         progress.start()
@@ -273,7 +355,7 @@ async def _execute(
 def _interrupt(
     loop: asyncio.AbstractEventLoop, dispatcher: Dispatcher, sig: signal.Signals
 ) -> None:
-    log.warning("%s: stopping; finished lines are kept, rerun with --resume", sig.name)
+    log.warning("%s: stopping early; the output so far is kept, marked partial", sig.name)
     loop.remove_signal_handler(sig)  # a second signal acts as usual
     dispatcher.halt()
 

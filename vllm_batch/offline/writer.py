@@ -1,18 +1,18 @@
 """In-order output: results arrive in any order and are written as soon as their turn comes.
 
-The reorder buffer holds only results that finished ahead of an earlier line; the
-dispatcher's in-flight window (and its read-ahead block) bounds how many that can be.
+The reorder buffer holds only results that finished ahead of an earlier line. It is bounded:
+``OrderedWriter.horizon`` tells the dispatcher the highest line it may submit
+(``next_index + max_buffered``), so a slow early line pauses reading and submitting instead
+of letting every later result pile up behind it.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any, BinaryIO, Generic, TypeVar
+from typing import BinaryIO, Generic, TypeVar
 
-import orjson
-
-from vllm_batch.store.queries import LineResult
+from vllm_batch.pipeline.results import LineResult
 
 T = TypeVar("T")
 
@@ -39,36 +39,29 @@ class ReorderBuffer(Generic[T]):
         return ready
 
 
-def vllm_error_line(data: str) -> str:
-    """An error line in ``vllm run-batch``'s shape: ``response.body`` null, details in ``error``.
-
-    The server writes OpenAI's shape (the error body under ``response.body``), which vLLM's
-    ``BatchRequestOutput`` rejects; the status code, request id and error are kept.
-    """
-    line: Any = orjson.loads(data)
-    response = line.get("response")
-    body = response.get("body") if isinstance(response, dict) else None
-    if not isinstance(body, dict) or "error" not in body:
-        return data
-    response["body"] = None
-    info, error = body["error"], line.get("error")
-    if isinstance(info, dict) and isinstance(error, dict) and info.get("param") is not None:
-        error.setdefault("param", info["param"])
-    return orjson.dumps(line).decode()
+DEFAULT_MAX_BUFFERED = 4096
 
 
 class OrderedWriter:
-    """Writes ``LineResult``s to ``handle`` in line order; ``add`` is the dispatcher callback."""
+    """Writes ``LineResult``s to ``handle`` in line order; ``add`` is the dispatcher callback.
+
+    Pass ``horizon`` to the dispatcher: then at most ``max_buffered`` results wait in memory.
+    """
 
     def __init__(
         self,
         handle: BinaryIO,
         start: int = 0,
         on_result: Callable[[LineResult], None] | None = None,
+        max_buffered: int = DEFAULT_MAX_BUFFERED,
     ) -> None:
+        if max_buffered < 1:
+            raise ValueError("max_buffered must be at least 1")
         self.handle = handle
         self.buffer: ReorderBuffer[str] = ReorderBuffer(start)
         self.on_result = on_result
+        self.max_buffered = max_buffered
+        self.peak_buffered = 0
         self.written = 0
         self._dirty = False
 
@@ -76,11 +69,15 @@ class OrderedWriter:
     def next_index(self) -> int:
         return self.buffer.next_index
 
+    def horizon(self) -> int:
+        """The highest line index that may be submitted without overflowing the buffer."""
+        return self.buffer.next_index + self.max_buffered
+
     def add(self, result: LineResult) -> None:
         if self.on_result is not None:
             self.on_result(result)
-        data = vllm_error_line(result.data) if result.is_error else result.data
-        ready = self.buffer.push(result.line, data)
+        ready = self.buffer.push(result.line, result.data)
+        self.peak_buffered = max(self.peak_buffered, len(self.buffer))
         if ready:
             self.handle.write("".join(f"{line}\n" for line in ready).encode())
             self.written += len(ready)

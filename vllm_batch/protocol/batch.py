@@ -17,9 +17,6 @@ BatchStatus = Literal[
     "cancelled",
 ]
 
-TERMINAL_STATUSES: frozenset[str] = frozenset({"failed", "completed", "expired", "cancelled"})
-CANCELLABLE_STATUSES: frozenset[str] = frozenset({"validating", "in_progress"})
-
 
 class BatchError(BaseModel):
     code: str | None = None

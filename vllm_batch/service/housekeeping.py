@@ -1,8 +1,9 @@
 """Periodic upkeep run by every server and worker process; every step is idempotent.
 
-- release leases held by dead processes on this host (a ``kill -9`` before a restart);
+- release leases held by dead processes in our PID scope (a ``kill -9`` before a restart);
 - mark batches past their completion window for expiry;
-- assemble output files for batches that are ready (completed, cancelled, expired);
+- assemble output files for batches that are ready (completed, cancelled, expired), and
+  drop saved results that a finished batch no longer needs;
 - delete files past ``expires_at`` and their stored blobs.
 """
 
@@ -11,57 +12,48 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 
 import anyio
-import psutil
 
+from vllm_batch import lifecycle
+from vllm_batch.identity import InstanceId
 from vllm_batch.protocol.ids import now
+from vllm_batch.runtime import StoreContext
 from vllm_batch.store import queries
-from vllm_batch.worker.context import StoreContext
-from vllm_batch.worker.finalize import finalize_ready_batches
+from vllm_batch.worker.finalize import delete_saved_results, finalize_ready_batches
 
 log = logging.getLogger(__name__)
 INTERVAL_SECONDS = 2.0
 
 
-def owner_is_dead(owner: str, instance_id: str, prefix: str) -> bool:
-    """Whether a lease owner ``host-pid-random`` on this host no longer runs.
-
-    An owner with our own pid but another id is an earlier incarnation (containers
-    reuse pids after a restart), so it is dead too.
-    """
-    if owner == instance_id:
-        return False
-    pid_text = owner[len(prefix) :].split("-", 1)[0]
-    if not pid_text.isdigit():
-        return False
-    pid = int(pid_text)
-    return pid == os.getpid() or not psutil.pid_exists(pid)
-
-
 async def release_dead_owners(ctx: StoreContext) -> int:
-    prefix = f"{socket.gethostname()}-"
+    """Release the leases of processes in our own PID scope that no longer run."""
+    me = ctx.instance
     async with ctx.sessions() as session, session.begin():
-        dead = [
-            o
-            for o in await queries.lease_owners(session, prefix)
-            if owner_is_dead(o, ctx.instance_id, prefix)
-        ]
-        for owner in dead:
-            log.warning("releasing leases of dead worker %s", owner)
-            await queries.release_owner(session, owner)
+        dead = []
+        for text in await queries.lease_owners(session, me.scope):
+            owner = InstanceId.parse(text)
+            if owner is not None and me.sees_dead(owner):
+                dead.append(text)
+        for owner_text in dead:
+            log.warning("releasing leases of dead worker %s", owner_text)
+            await queries.release_owner(session, owner_text)
     if dead:
         ctx.notifier.wake()
     return len(dead)
 
 
 async def expire_overdue(ctx: StoreContext) -> None:
-    async with ctx.sessions() as session, session.begin():
-        for batch_id in await queries.overdue_batches(session, now()):
-            log.info("batch %s passed its completion window: expiring", batch_id)
-            await queries.request_stop(session, batch_id, "expire", now())
+    for batch_id in await lifecycle.expire_overdue(ctx):
+        log.info("batch %s passed its completion window: expiring", batch_id)
+
+
+async def sweep_finished_results(ctx: StoreContext) -> None:
+    """Saved results of finished batches (left by a crash right after finalization)."""
+    async with ctx.read_sessions() as session:
+        leftovers = await queries.finished_batches_with_results(session)
+    for batch_id in leftovers:
+        await delete_saved_results(ctx, batch_id)
 
 
 async def sweep_expired_files(ctx: StoreContext) -> int:
@@ -79,6 +71,7 @@ async def housekeeping_once(ctx: StoreContext) -> None:
     await release_dead_owners(ctx)
     await expire_overdue(ctx)
     await finalize_ready_batches(ctx)
+    await sweep_finished_results(ctx)
     await sweep_expired_files(ctx)
 
 

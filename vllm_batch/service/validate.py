@@ -6,10 +6,11 @@ import logging
 
 import anyio
 
-from vllm_batch.protocol.ids import now
+from vllm_batch import lifecycle
+from vllm_batch.runtime import StoreContext
+from vllm_batch.states import BatchStatus
 from vllm_batch.store import queries
 from vllm_batch.validation import BatchPlan, plan_batch
-from vllm_batch.worker.context import StoreContext
 
 log = logging.getLogger(__name__)
 
@@ -17,9 +18,9 @@ log = logging.getLogger(__name__)
 async def validate_batch(ctx: StoreContext, batch_id: str) -> None:
     """``validating`` → ``in_progress`` with chunks queued, or → ``failed`` with ``errors``."""
     settings = ctx.settings
-    async with ctx.sessions() as session:
+    async with ctx.read_sessions() as session:
         batch = await queries.get_batch(session, batch_id)
-        if batch is None or batch.status != "validating":
+        if batch is None or batch.status != BatchStatus.VALIDATING:
             return
         input_file = await queries.get_file(session, batch.input_file_id)
     if input_file is None:
@@ -42,27 +43,23 @@ async def validate_batch(ctx: StoreContext, batch_id: str) -> None:
                 )
 
         plan = await anyio.to_thread.run_sync(scan)
-    async with ctx.sessions() as session, session.begin():
-        if plan.errors or plan.model is None:
-            await queries.fail_validation(session, batch_id, plan.errors, now())
-            log.info("batch %s failed validation: %s", batch_id, plan.errors[:3])
-        else:
-            await queries.start_batch(
-                session, batch_id, model=plan.model, total=plan.total, chunks=plan.chunks, now=now()
-            )
-            log.info(
-                "batch %s queued: %d requests in %d chunks for %s",
-                batch_id,
-                plan.total,
-                len(plan.chunks),
-                plan.model,
-            )
+    await lifecycle.queue_or_fail(ctx, batch_id, plan)
+    if plan.errors or plan.model is None:
+        log.info("batch %s failed validation: %s", batch_id, plan.errors[:3])
+    else:
+        log.info(
+            "batch %s queued: %d requests in %d chunks for %s",
+            batch_id,
+            plan.total,
+            len(plan.chunks),
+            plan.model,
+        )
     ctx.notifier.wake()
 
 
 async def resume_validation(ctx: StoreContext) -> None:
     """Validate batches left in ``validating`` by a previous process."""
-    async with ctx.sessions() as session:
-        pending = await queries.batches_with_status(session, "validating")
+    async with ctx.read_sessions() as session:
+        pending = await queries.batches_with_status(session, BatchStatus.VALIDATING)
     for batch_id in pending:
         await validate_batch(ctx, batch_id)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
+import tenacity
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, event, text
+from sqlalchemy import Connection, event, exc, text
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -15,8 +17,13 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from vllm_batch.retry import retrying
+
+log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _PG_MIGRATION_LOCK = 4_080_001
+# Execution option marking an engine whose SQLite transactions take the write lock at BEGIN.
+_WRITE_OPTION = "vllm_batch_write"
 
 
 def is_sqlite(url: str) -> bool:
@@ -24,7 +31,13 @@ def is_sqlite(url: str) -> bool:
 
 
 def create_engine(url: str) -> AsyncEngine:
-    """An async engine; SQLite gets WAL and a generous busy timeout for many writers."""
+    """An async engine; SQLite gets WAL, a generous busy timeout and real transactions.
+
+    pysqlite only sends ``BEGIN`` at the first write, so a ``SELECT`` before it sees no
+    lock at all. SQLAlchemy's documented fix disables that and emits ``BEGIN`` ourselves:
+    write sessions (``make_sessionmaker``) send ``BEGIN IMMEDIATE`` and so serialise with
+    every other writer from their first statement; read sessions send a plain ``BEGIN``.
+    """
     if is_sqlite(url):
         path = url.split(":///", 1)[-1]
         if path and path != ":memory:":
@@ -33,6 +46,7 @@ def create_engine(url: str) -> AsyncEngine:
 
         @event.listens_for(engine.sync_engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # we send BEGIN ourselves (below)
             cursor = dbapi_conn.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
@@ -40,12 +54,25 @@ def create_engine(url: str) -> AsyncEngine:
             cursor.execute("PRAGMA busy_timeout=60000")
             cursor.close()
 
+        @event.listens_for(engine.sync_engine, "begin")
+        def _begin(conn: Connection) -> None:
+            write = conn.get_execution_options().get(_WRITE_OPTION, False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
         return engine
     return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
 
 
-def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return async_sessionmaker(engine, expire_on_commit=False)
+def make_sessionmaker(
+    engine: AsyncEngine, *, read_only: bool = False
+) -> async_sessionmaker[AsyncSession]:
+    """Sessions for writes (SQLite: ``BEGIN IMMEDIATE``), or for reads (plain ``BEGIN``).
+
+    Read sessions never block writers and may stay open while streaming; use them for
+    anything that does not write.
+    """
+    bind = engine if read_only else engine.execution_options(**{_WRITE_OPTION: True})
+    return async_sessionmaker(bind, expire_on_commit=False)
 
 
 def _alembic_config(connection: Connection) -> Config:
@@ -66,3 +93,32 @@ async def migrate(engine: AsyncEngine) -> None:
     """Apply every pending Alembic migration."""
     async with engine.begin() as conn:
         await conn.run_sync(_upgrade)
+
+
+# SQLSTATE classes of a lost or refused connection: 08 connection exception, 53 insufficient
+# resources, 57 operator intervention (server shutting down, backend terminated); 55000 is
+# "database is not currently accepting connections".
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57")
+_TRANSIENT_SQLSTATES = ("55000", "40001", "40P01")
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether ``error`` comes from an unreachable, busy or restarting database."""
+    if isinstance(error, exc.DBAPIError):
+        if error.connection_invalidated or isinstance(
+            error, exc.OperationalError | exc.InterfaceError
+        ):
+            return True
+        error = error.orig or error
+    if isinstance(error, OSError | TimeoutError | exc.DisconnectionError | exc.TimeoutError):
+        return True
+    sqlstate = str(getattr(error, "sqlstate", "") or "")
+    return sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES or sqlstate in _TRANSIENT_SQLSTATES
+
+
+def db_retrying(what: str, *, attempts: int | None = None) -> tenacity.AsyncRetrying:
+    """Retry while the database is unreachable or busy (forever by default).
+
+    ``async for attempt in db_retrying("saving x"): with attempt: ...``
+    """
+    return retrying(on=is_transient, attempts=attempts, max_wait=10.0, log=log, what=what)

@@ -7,6 +7,8 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from vllm_batch.states import ChunkStatus
+
 
 class Base(DeclarativeBase):
     pass
@@ -23,6 +25,8 @@ class FileRow(Base):
     expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True, index=True)
     storage_key: Mapped[str] = mapped_column(String(1024))
     line_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # The API key name that uploaded the file (``None``: created before ownership existed).
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 
 
 class BatchRow(Base):
@@ -62,6 +66,8 @@ class BatchRow(Base):
     finalize_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
     # Seconds after creation at which output/error files expire (``output_expires_after``).
     output_expires_after: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # The API key name that created the batch (``None``: created before ownership existed).
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 
 
 class ChunkRow(Base):
@@ -79,10 +85,13 @@ class ChunkRow(Base):
     start_line: Mapped[int] = mapped_column(Integer)
     end_line: Mapped[int] = mapped_column(Integer)
     start_offset: Mapped[int] = mapped_column(BigInteger)
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default=ChunkStatus.QUEUED)
     lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
     lease_until: Mapped[float | None] = mapped_column(Float, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    """Claims so far (also part of request ids)."""
+    engine_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Real engine failures while running this chunk; only these count toward the limit."""
 
 
 class ResultRow(Base):

@@ -4,29 +4,55 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
-from sqlalchemy import Table, and_, delete, func, or_, select, update
+from sqlalchemy import Table, and_, case, delete, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from vllm_batch.protocol.batch import TERMINAL_STATUSES
+from vllm_batch.pipeline.results import LineResult
+from vllm_batch.states import (
+    ACTIVE,
+    STOPPABLE,
+    TERMINAL,
+    BatchStatus,
+    ChunkStatus,
+    IllegalTransition,
+    StopReason,
+    batch_sources,
+    chunk_sources,
+)
 from vllm_batch.store.models import BatchRow, ChunkRow, FileRow, ResultRow
 from vllm_batch.store.notify import notify_work
 
 # ---------------------------------------------------------------- files
 
 
-async def get_file(session: AsyncSession, file_id: str) -> FileRow | None:
-    return await session.get(FileRow, file_id)
+# ``owner`` arguments below: ``None`` sees every row (admin keys, internal callers); a key
+# name sees only the rows that key created.
+
+
+async def get_file(
+    session: AsyncSession, file_id: str, *, owner: str | None = None
+) -> FileRow | None:
+    row = await session.get(FileRow, file_id)
+    return row if row is not None and (owner is None or row.owner == owner) else None
 
 
 async def list_files(
-    session: AsyncSession, *, purpose: str | None, limit: int, after: str | None, order: str
+    session: AsyncSession,
+    *,
+    purpose: str | None,
+    limit: int,
+    after: str | None,
+    order: str,
+    owner: str | None = None,
 ) -> Sequence[FileRow]:
     """A page of files ordered by id (ids are time-ordered), one extra row for ``has_more``."""
     query = select(FileRow)
+    if owner is not None:
+        query = query.where(FileRow.owner == owner)
     if purpose:
         query = query.where(FileRow.purpose == purpose)
     descending = order == "desc"
@@ -40,11 +66,16 @@ async def expired_files(session: AsyncSession, now: int, limit: int = 500) -> Se
     """Files past ``expires_at`` that no running batch reads."""
     in_use = (
         select(BatchRow.id)
-        .where(BatchRow.input_file_id == FileRow.id, BatchRow.status.not_in(TERMINAL_STATUSES))
+        .where(BatchRow.input_file_id == FileRow.id, BatchRow.status.not_in(TERMINAL))
         .exists()
     )
     query = select(FileRow).where(FileRow.expires_at < now, ~in_use).limit(limit)
     return (await session.scalars(query)).all()
+
+
+async def insert_file(session: AsyncSession, row: FileRow) -> None:
+    session.add(row)
+    await session.flush()
 
 
 async def delete_file(session: AsyncSession, file_id: str) -> None:
@@ -54,7 +85,7 @@ async def delete_file(session: AsyncSession, file_id: str) -> None:
 async def file_used_by_active_batch(session: AsyncSession, file_id: str) -> str | None:
     """The id of a non-terminal batch reading ``file_id``, if any."""
     query = select(BatchRow.id).where(
-        BatchRow.input_file_id == file_id, BatchRow.status.not_in(TERMINAL_STATUSES)
+        BatchRow.input_file_id == file_id, BatchRow.status.not_in(TERMINAL)
     )
     return (await session.scalars(query.limit(1))).first()
 
@@ -62,15 +93,20 @@ async def file_used_by_active_batch(session: AsyncSession, file_id: str) -> str 
 # ---------------------------------------------------------------- batches
 
 
-async def get_batch(session: AsyncSession, batch_id: str) -> BatchRow | None:
-    return await session.get(BatchRow, batch_id, populate_existing=True)
+async def get_batch(
+    session: AsyncSession, batch_id: str, *, owner: str | None = None
+) -> BatchRow | None:
+    row = await session.get(BatchRow, batch_id, populate_existing=True)
+    return row if row is not None and (owner is None or row.owner == owner) else None
 
 
 async def list_batches(
-    session: AsyncSession, *, limit: int, after: str | None
+    session: AsyncSession, *, limit: int, after: str | None, owner: str | None = None
 ) -> Sequence[BatchRow]:
     """Newest first, one extra row for ``has_more``."""
     query = select(BatchRow)
+    if owner is not None:
+        query = query.where(BatchRow.owner == owner)
     if after:
         query = query.where(BatchRow.id < after)
     query = query.order_by(BatchRow.id.desc()).limit(limit + 1)
@@ -81,21 +117,62 @@ async def batches_with_status(session: AsyncSession, status: str) -> Sequence[st
     return (await session.scalars(select(BatchRow.id).where(BatchRow.status == status))).all()
 
 
-async def count_batches_by_status(session: AsyncSession) -> dict[str, int]:
-    rows = await session.execute(select(BatchRow.status, func.count()).group_by(BatchRow.status))
+async def count_batches_by_status(
+    session: AsyncSession, *, owner: str | None = None
+) -> dict[str, int]:
+    query = select(BatchRow.status, func.count()).group_by(BatchRow.status)
+    if owner is not None:
+        query = query.where(BatchRow.owner == owner)
+    rows = await session.execute(query)
     return {status: count for status, count in rows.tuples()}
+
+
+async def lock_batch(session: AsyncSession, batch_id: str) -> BatchRow | None:
+    """Read ``batch_id`` and hold it until commit, so racing writers of it serialise.
+
+    PostgreSQL locks the row (``FOR UPDATE``); a SQLite write session already holds the
+    database's write lock since its ``BEGIN IMMEDIATE``.
+    """
+    return await session.get(BatchRow, batch_id, populate_existing=True, with_for_update=True)
+
+
+def _rowcount(result: object) -> int:
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+async def _move_batch(
+    session: AsyncSession, batch_id: str, target: BatchStatus, *where: Any, **values: Any
+) -> bool:
+    """The one writer of ``batches.status``: guarded by the sources ``states`` allows."""
+    result = await session.execute(
+        update(BatchRow)
+        .where(BatchRow.id == batch_id, BatchRow.status.in_(batch_sources(target)), *where)
+        .values(status=target, **values)
+        .execution_options(synchronize_session=False)
+    )
+    return _rowcount(result) == 1
+
+
+async def insert_batch(session: AsyncSession, row: BatchRow) -> None:
+    """A new batch; it always starts ``validating``."""
+    if row.status != BatchStatus.VALIDATING:
+        raise IllegalTransition(f"a new batch must be validating, not {row.status!r}")
+    session.add(row)
+    await session.flush()
 
 
 async def fail_validation(
     session: AsyncSession, batch_id: str, errors: list[dict[str, object]], now: int
 ) -> bool:
     """``validating`` → ``failed`` with ``errors``; False if the batch moved on meanwhile."""
-    result = await session.execute(
-        update(BatchRow)
-        .where(BatchRow.id == batch_id, BatchRow.status == "validating")
-        .values(status="failed", errors=errors, failed_at=now)
+    return await _move_batch(
+        session,
+        batch_id,
+        BatchStatus.FAILED,
+        BatchRow.stop_reason.is_(None),
+        errors=errors,
+        failed_at=now,
     )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 async def start_batch(
@@ -108,12 +185,16 @@ async def start_batch(
     now: int,
 ) -> bool:
     """``validating`` → ``in_progress`` and enqueue ``chunks`` of (start_line, end_line, offset)."""
-    result = await session.execute(
-        update(BatchRow)
-        .where(BatchRow.id == batch_id, BatchRow.status == "validating")
-        .values(status="in_progress", in_progress_at=now, model=model, total=total)
+    moved = await _move_batch(
+        session,
+        batch_id,
+        BatchStatus.IN_PROGRESS,
+        BatchRow.stop_reason.is_(None),
+        in_progress_at=now,
+        model=model,
+        total=total,
     )
-    if not result.rowcount:  # type: ignore[attr-defined]
+    if not moved:
         return False
     session.add_all(
         ChunkRow(
@@ -124,8 +205,9 @@ async def start_batch(
             start_line=start,
             end_line=end,
             start_offset=offset,
-            status="queued",
+            status=ChunkStatus.QUEUED,
             attempts=0,
+            engine_failures=0,
         )
         for idx, (start, end, offset) in enumerate(chunks)
     )
@@ -133,21 +215,22 @@ async def start_batch(
     return True
 
 
-async def request_stop(session: AsyncSession, batch_id: str, reason: str, now: int) -> bool:
-    """Ask a running batch to stop: ``cancel`` (→ cancelling) or ``expire``."""
-    values: dict[str, object] = {"stop_reason": reason}
-    if reason == "cancel":
-        values.update(status="cancelling", cancelling_at=now)
-    result = await session.execute(
-        update(BatchRow)
-        .where(
-            BatchRow.id == batch_id,
-            BatchRow.status.in_(("validating", "in_progress")),
-            BatchRow.stop_reason.is_(None),
+async def request_stop(session: AsyncSession, batch_id: str, reason: StopReason, now: int) -> bool:
+    """Ask a running batch to stop: cancel (→ ``cancelling``) or expire (status kept)."""
+    guard = (BatchRow.status.in_(STOPPABLE), BatchRow.stop_reason.is_(None))
+    if reason is StopReason.CANCEL:
+        return await _move_batch(
+            session,
+            batch_id,
+            BatchStatus.CANCELLING,
+            *guard,
+            stop_reason=reason,
+            cancelling_at=now,
         )
-        .values(**values)
+    result = await session.execute(
+        update(BatchRow).where(BatchRow.id == batch_id, *guard).values(stop_reason=reason)
     )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    return _rowcount(result) == 1
 
 
 async def batch_stop_reason(session: AsyncSession, batch_id: str) -> str | None:
@@ -159,7 +242,7 @@ async def batch_stop_reason(session: AsyncSession, batch_id: str) -> str | None:
 async def overdue_batches(session: AsyncSession, now: int) -> Sequence[str]:
     """Running batches whose completion window has passed."""
     query = select(BatchRow.id).where(
-        BatchRow.status.in_(("validating", "in_progress")),
+        BatchRow.status.in_(STOPPABLE),
         BatchRow.stop_reason.is_(None),
         BatchRow.expires_at < now,
     )
@@ -174,21 +257,22 @@ async def claim_chunk(
 ) -> ChunkRow | None:
     """Lease the next runnable chunk (queued, or whose lease expired) for one of ``models``.
 
-    Oldest batch first (higher ``priority`` before), then chunk order. On PostgreSQL the
-    candidate row is locked with ``FOR UPDATE SKIP LOCKED`` so workers never collide;
-    SQLite serialises writers, so the same statement is safe there.
+    One conditional ``UPDATE``: higher ``priority`` first, then oldest batch, then chunk
+    order. On PostgreSQL the candidate row is locked with ``FOR UPDATE SKIP LOCKED`` so
+    workers never collide; SQLite write sessions serialise from ``BEGIN IMMEDIATE``.
     """
+    runnable = or_(
+        ChunkRow.status == ChunkStatus.QUEUED,
+        and_(ChunkRow.status == ChunkStatus.RUNNING, ChunkRow.lease_until < now),
+    )
     candidate = (
         select(ChunkRow.id)
         .join(BatchRow, BatchRow.id == ChunkRow.batch_id)
         .where(
             ChunkRow.model.in_(models),
-            BatchRow.status == "in_progress",
+            BatchRow.status == BatchStatus.IN_PROGRESS,
             BatchRow.stop_reason.is_(None),
-            or_(
-                ChunkRow.status == "queued",
-                and_(ChunkRow.status == "running", ChunkRow.lease_until < now),
-            ),
+            runnable,
         )
         .order_by(BatchRow.priority.desc(), BatchRow.created_at, BatchRow.id, ChunkRow.idx)
         .limit(1)
@@ -197,9 +281,13 @@ async def claim_chunk(
     )
     result = await session.execute(
         update(ChunkRow)
-        .where(ChunkRow.id == candidate)
+        .where(
+            ChunkRow.id == candidate,
+            ChunkRow.status.in_(chunk_sources(ChunkStatus.RUNNING)),
+            runnable,
+        )
         .values(
-            status="running",
+            status=ChunkStatus.RUNNING,
             lease_owner=owner,
             lease_until=now + lease,
             attempts=ChunkRow.attempts + 1,
@@ -210,40 +298,59 @@ async def claim_chunk(
     return result.scalars().first()
 
 
+def _held_by(chunk_id: str, owner: str) -> tuple[Any, ...]:
+    return (
+        ChunkRow.id == chunk_id,
+        ChunkRow.lease_owner == owner,
+        ChunkRow.status == ChunkStatus.RUNNING,
+    )
+
+
 async def renew_lease(session: AsyncSession, chunk_id: str, owner: str, until: float) -> bool:
     """Extend our lease; False if another worker took the chunk over."""
     result = await session.execute(
-        update(ChunkRow)
-        .where(ChunkRow.id == chunk_id, ChunkRow.lease_owner == owner, ChunkRow.status == "running")
-        .values(lease_until=until)
+        update(ChunkRow).where(*_held_by(chunk_id, owner)).values(lease_until=until)
     )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    return _rowcount(result) == 1
 
 
-async def finish_chunk(session: AsyncSession, chunk_id: str, owner: str) -> None:
-    await session.execute(
+async def finish_chunk(session: AsyncSession, chunk_id: str, owner: str) -> bool:
+    """``running`` → ``done``, only while we hold the lease."""
+    result = await session.execute(
         update(ChunkRow)
-        .where(ChunkRow.id == chunk_id, ChunkRow.lease_owner == owner)
-        .values(status="done", lease_until=None)
+        .where(*_held_by(chunk_id, owner))
+        .values(status=ChunkStatus.DONE, lease_until=None)
     )
+    return _rowcount(result) == 1
 
 
-async def release_chunk(session: AsyncSession, chunk_id: str, owner: str) -> None:
-    """Hand a chunk back to the queue (graceful shutdown, or the batch is stopping)."""
-    await session.execute(
-        update(ChunkRow)
-        .where(ChunkRow.id == chunk_id, ChunkRow.lease_owner == owner, ChunkRow.status == "running")
-        .values(status="queued", lease_owner=None, lease_until=None)
+async def release_chunk(
+    session: AsyncSession, chunk_id: str, owner: str, *, engine_failure: bool = False
+) -> bool:
+    """``running`` → ``queued`` (shutdown, batch stopping, or the engine broke).
+
+    Only ``engine_failure`` releases count toward ``max_chunk_attempts``.
+    """
+    values: dict[str, Any] = {
+        "status": ChunkStatus.QUEUED,
+        "lease_owner": None,
+        "lease_until": None,
+    }
+    if engine_failure:
+        values["engine_failures"] = ChunkRow.engine_failures + 1
+    result = await session.execute(
+        update(ChunkRow).where(*_held_by(chunk_id, owner)).values(**values)
     )
     await notify_work(session)
+    return _rowcount(result) == 1
 
 
 async def chunk_summary(session: AsyncSession, batch_id: str, now: float) -> tuple[int, int]:
     """(chunks not yet done, chunks under a live lease) for ``batch_id``."""
-    undone = func.sum(func.cast(ChunkRow.status != "done", type_=ChunkRow.idx.type))
+    undone = func.sum(func.cast(ChunkRow.status != ChunkStatus.DONE, type_=ChunkRow.idx.type))
     live = func.sum(
         func.cast(
-            and_(ChunkRow.status == "running", ChunkRow.lease_until >= now),
+            and_(ChunkRow.status == ChunkStatus.RUNNING, ChunkRow.lease_until >= now),
             type_=ChunkRow.idx.type,
         )
     )
@@ -260,7 +367,8 @@ async def queue_depth(session: AsyncSession) -> dict[str, int]:
 async def lease_owners(session: AsyncSession, prefix: str) -> set[str]:
     """Owners (worker ids starting with ``prefix``) of live chunk or finalization leases."""
     chunk_owners = select(ChunkRow.lease_owner).where(
-        ChunkRow.status == "running", ChunkRow.lease_owner.startswith(prefix, autoescape=True)
+        ChunkRow.status == ChunkStatus.RUNNING,
+        ChunkRow.lease_owner.startswith(prefix, autoescape=True),
     )
     batch_owners = select(BatchRow.finalize_owner).where(
         BatchRow.finalize_lease_until.is_not(None),
@@ -274,8 +382,8 @@ async def release_owner(session: AsyncSession, owner: str) -> None:
     """Drop every lease held by ``owner`` (a worker known to be dead)."""
     await session.execute(
         update(ChunkRow)
-        .where(ChunkRow.lease_owner == owner, ChunkRow.status == "running")
-        .values(status="queued", lease_owner=None, lease_until=None)
+        .where(ChunkRow.lease_owner == owner, ChunkRow.status == ChunkStatus.RUNNING)
+        .values(status=ChunkStatus.QUEUED, lease_owner=None, lease_until=None)
     )
     await session.execute(
         update(BatchRow)
@@ -289,19 +397,41 @@ async def release_owner(session: AsyncSession, owner: str) -> None:
 
 
 @dataclass(frozen=True)
-class LineResult:
-    """A finished input line ready to be saved."""
+class SaveOutcome:
+    """What a chunk's save learned: whether we still hold it, and any stop request."""
 
-    line: int
-    is_error: bool
-    data: str
-    input_tokens: int = 0
-    cached_tokens: int = 0
-    output_tokens: int = 0
-    reasoning_tokens: int = 0
+    held: bool
+    saved: int = 0
+    stop_reason: str | None = None
 
 
-async def save_results(session: AsyncSession, batch_id: str, results: Sequence[LineResult]) -> int:
+async def save_chunk_results(
+    session: AsyncSession,
+    *,
+    batch_id: str,
+    chunk_id: str,
+    owner: str,
+    results: Sequence[LineResult],
+    lease_until: float,
+) -> SaveOutcome:
+    """Renew our chunk lease and save ``results``, in one transaction, only if still ours.
+
+    The batch row is locked first, so a finalizer claiming it either runs before (and
+    this save is refused: the batch is being finalized) or after (and sees these rows).
+    A save that lost the lease or whose batch is finalizing or finished writes nothing.
+    """
+    batch = await lock_batch(session, batch_id)
+    if batch is None or batch.status in TERMINAL or batch.finalize_owner is not None:
+        return SaveOutcome(held=False)
+    if not await renew_lease(session, chunk_id, owner, lease_until):
+        return SaveOutcome(held=False)
+    saved = await _insert_results(session, batch_id, results)
+    return SaveOutcome(held=True, saved=saved, stop_reason=batch.stop_reason)
+
+
+async def _insert_results(
+    session: AsyncSession, batch_id: str, results: Sequence[LineResult]
+) -> int:
     """Insert results once each and add only the new ones to the batch's counts and usage.
 
     A line already saved (e.g. by a worker whose lease was taken over) is skipped, so
@@ -337,6 +467,7 @@ async def save_results(session: AsyncSession, batch_id: str, results: Sequence[L
                 output_tokens=BatchRow.output_tokens + sum(r.output_tokens for r in new),
                 reasoning_tokens=BatchRow.reasoning_tokens + sum(r.reasoning_tokens for r in new),
             )
+            .execution_options(synchronize_session=False)
         )
     return len(new)
 
@@ -385,53 +516,148 @@ async def delete_results(session: AsyncSession, batch_id: str) -> None:
     await session.execute(delete(ResultRow).where(ResultRow.batch_id == batch_id))
 
 
+async def finished_batches_with_results(session: AsyncSession, limit: int = 100) -> Sequence[str]:
+    """Finished batches whose saved results were not deleted yet (a crash right after)."""
+    has_results = select(ResultRow.line).where(ResultRow.batch_id == BatchRow.id).exists()
+    query = select(BatchRow.id).where(BatchRow.status.in_(TERMINAL), has_results).limit(limit)
+    return (await session.scalars(query)).all()
+
+
 # ---------------------------------------------------------------- finalization
+
+
+def _ready_to_finalize(now: float) -> Any:
+    """Every chunk done (no stop requested), or stopping with no live chunk lease left."""
+    undone = (
+        select(ChunkRow.id)
+        .where(ChunkRow.batch_id == BatchRow.id, ChunkRow.status != ChunkStatus.DONE)
+        .exists()
+    )
+    live = (
+        select(ChunkRow.id)
+        .where(
+            ChunkRow.batch_id == BatchRow.id,
+            ChunkRow.status == ChunkStatus.RUNNING,
+            ChunkRow.lease_until >= now,
+        )
+        .exists()
+    )
+    return or_(
+        and_(
+            BatchRow.stop_reason.is_(None),
+            BatchRow.status.in_((BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING)),
+            ~undone,
+        ),
+        and_(BatchRow.stop_reason.is_not(None), ~live),
+    )
+
+
+def _finalize_lease_free(now: float) -> Any:
+    return or_(BatchRow.finalize_lease_until.is_(None), BatchRow.finalize_lease_until < now)
 
 
 async def claim_finalization(
     session: AsyncSession, batch_id: str, *, owner: str, now: float, lease: float
 ) -> BatchRow | None:
-    """Take the right to write a batch's output files, if nobody holds it.
+    """Take the right to write a batch's output files: one guarded ``UPDATE``.
 
-    Ready means: running with every chunk done, or asked to stop with no live lease left.
-    The batch moves to ``finalizing`` (unless it is ``cancelling``).
+    Succeeds only if the batch is active, ready (see ``_ready_to_finalize``) and nobody
+    holds a live finalization lease. ``in_progress`` moves to ``finalizing``; a stopping
+    batch keeps its status until ``finish_batch``.
     """
-    batch = await session.get(BatchRow, batch_id, populate_existing=True, with_for_update=True)
-    if batch is None or batch.status in TERMINAL_STATUSES:
-        return None
-    if batch.finalize_lease_until is not None and batch.finalize_lease_until >= now:
-        return None
-    undone, live = await chunk_summary(session, batch_id, now)
-    if batch.stop_reason is None:
-        if batch.status not in ("in_progress", "finalizing") or undone:
-            return None
-    elif live:
-        return None
-    batch.finalize_lease_until = now + lease
-    batch.finalize_owner = owner
-    if batch.status == "in_progress":
-        batch.status = "finalizing"
-        batch.finalizing_at = int(now)
-    return batch
+    await lock_batch(session, batch_id)
+    to_finalizing = BatchRow.status == BatchStatus.IN_PROGRESS
+    result = await session.execute(
+        update(BatchRow)
+        .where(
+            BatchRow.id == batch_id,
+            BatchRow.status.in_(ACTIVE),
+            _finalize_lease_free(now),
+            _ready_to_finalize(now),
+        )
+        .values(
+            finalize_owner=owner,
+            finalize_lease_until=now + lease,
+            status=case(
+                (and_(to_finalizing, BatchRow.stop_reason.is_(None)), BatchStatus.FINALIZING),
+                else_=BatchRow.status,
+            ),
+            finalizing_at=case(
+                (and_(to_finalizing, BatchRow.stop_reason.is_(None)), int(now)),
+                else_=BatchRow.finalizing_at,
+            ),
+        )
+        .returning(BatchRow)
+        .execution_options(synchronize_session=False, populate_existing=True)
+    )
+    return result.scalars().first()
+
+
+async def renew_finalization(
+    session: AsyncSession, batch_id: str, owner: str, until: float
+) -> bool:
+    """Extend our finalization lease; False if we lost it or the batch is finished."""
+    result = await session.execute(
+        update(BatchRow)
+        .where(
+            BatchRow.id == batch_id,
+            BatchRow.finalize_owner == owner,
+            BatchRow.status.in_(ACTIVE),
+        )
+        .values(finalize_lease_until=until)
+    )
+    return _rowcount(result) == 1
+
+
+async def finish_batch(
+    session: AsyncSession,
+    batch_id: str,
+    *,
+    owner: str,
+    target: BatchStatus,
+    files: Sequence[FileRow],
+    output_file_id: str | None,
+    error_file_id: str | None,
+    extra_failed: int,
+    now: int,
+) -> bool:
+    """The final status, atomically: only if ``owner`` still holds the finalization lease.
+
+    The output file rows are added in the same transaction; on False nothing was written.
+    """
+    await lock_batch(session, batch_id)
+    values: dict[str, Any] = {
+        "output_file_id": output_file_id,
+        "error_file_id": error_file_id,
+        "failed": BatchRow.failed + extra_failed,
+        "finalize_owner": None,
+        "finalize_lease_until": None,
+        f"{target.value}_at": now,
+    }
+    if target is BatchStatus.COMPLETED:
+        values["finalizing_at"] = func.coalesce(BatchRow.finalizing_at, now)
+    moved = await _move_batch(
+        session,
+        batch_id,
+        target,
+        BatchRow.finalize_owner == owner,
+        BatchRow.stop_reason.is_(None)
+        if target is BatchStatus.COMPLETED
+        else BatchRow.stop_reason == _STOP_FOR[target],
+        **values,
+    )
+    if moved:
+        session.add_all(files)
+        await session.flush()
+    return moved
+
+
+_STOP_FOR = {BatchStatus.CANCELLED: StopReason.CANCEL, BatchStatus.EXPIRED: StopReason.EXPIRE}
 
 
 async def finalization_candidates(session: AsyncSession, now: float) -> Sequence[str]:
-    """Batches that may be ready for output assembly (checked precisely when claimed)."""
-    lease_free = or_(BatchRow.finalize_lease_until.is_(None), BatchRow.finalize_lease_until < now)
-    pending = (
-        select(ChunkRow.id)
-        .where(ChunkRow.batch_id == BatchRow.id, ChunkRow.status != "done")
-        .exists()
-    )
+    """Batches ready for output assembly whose finalization lease is free."""
     query = select(BatchRow.id).where(
-        lease_free,
-        or_(
-            and_(BatchRow.status == "in_progress", BatchRow.stop_reason.is_(None), ~pending),
-            BatchRow.status == "finalizing",
-            and_(
-                BatchRow.stop_reason.is_not(None),
-                BatchRow.status.in_(("validating", "in_progress", "cancelling")),
-            ),
-        ),
+        BatchRow.status.in_(ACTIVE), _finalize_lease_free(now), _ready_to_finalize(now)
     )
     return (await session.scalars(query)).all()

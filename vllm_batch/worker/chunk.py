@@ -10,19 +10,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Generator
 from enum import Enum
 
 import anyio
 import orjson
 
+from vllm_batch import lifecycle
+from vllm_batch.pipeline.dispatch import Dispatcher
+from vllm_batch.pipeline.output import failure_line
+from vllm_batch.pipeline.results import LineResult
 from vllm_batch.store import queries
+from vllm_batch.store.db import db_retrying
 from vllm_batch.store.models import ChunkRow
 from vllm_batch.validation import iter_lines
 from vllm_batch.worker.context import WorkerContext
-from vllm_batch.worker.dispatch import Dispatcher
-from vllm_batch.worker.output import failure_line
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ def iter_chunk_requests(
 
 async def run_chunk(ctx: WorkerContext, chunk: ChunkRow, shutdown: asyncio.Event) -> ChunkOutcome:
     """Process every not-yet-saved line of ``chunk`` while we hold its lease."""
-    async with ctx.sessions() as session:
+    async with ctx.read_sessions() as session:
         batch = await queries.get_batch(session, chunk.batch_id)
         input_file = await queries.get_file(session, batch.input_file_id) if batch else None
         done = await queries.done_lines(session, chunk.batch_id, chunk.start_line, chunk.end_line)
@@ -56,7 +58,7 @@ async def run_chunk(ctx: WorkerContext, chunk: ChunkRow, shutdown: asyncio.Event
         log.error("chunk %s has no batch or input file; releasing it", chunk.id)
         return ChunkOutcome.RELEASED
     runner = _ChunkRunner(ctx, chunk, shutdown)
-    if chunk.attempts > ctx.settings.max_chunk_attempts:
+    if chunk.engine_failures >= ctx.settings.max_chunk_attempts:
         await _give_up(ctx, runner, input_file.storage_key, done)
         return runner.outcome
     engine = await ctx.engines.get(chunk.model)
@@ -86,21 +88,22 @@ async def _give_up(ctx: WorkerContext, runner: _ChunkRunner, key: str, done: set
     """After too many failed attempts, the chunk's unfinished lines become error lines."""
     chunk = runner.chunk
     log.error(
-        "chunk %s failed %d times; writing its remaining lines as errors",
+        "the engine failed %d times on chunk %s; writing its remaining lines as errors",
+        chunk.engine_failures,
         chunk.id,
-        chunk.attempts - 1,
     )
     message = (
-        f"The engine failed {chunk.attempts - 1} times while running this request; giving up on it."
+        f"The engine failed {chunk.engine_failures} times while running this request; "
+        "giving up on it."
     )
 
-    def read() -> list[queries.LineResult]:
+    def read() -> list[LineResult]:
         results = []
         for index, raw in iter_chunk_requests(ctx, key, chunk):
             if index not in done:
                 custom_id = str(orjson.loads(raw).get("custom_id"))
                 data = failure_line(custom_id, "engine_error", message)
-                results.append(queries.LineResult(line=index, is_error=True, data=data))
+                results.append(LineResult(line=index, is_error=True, data=data))
         return results
 
     runner.pending.extend(await anyio.to_thread.run_sync(read))
@@ -116,12 +119,12 @@ class _ChunkRunner:
         self.shutdown = shutdown
         self.dispatcher: Dispatcher | None = None
         self.outcome = ChunkOutcome.DONE
-        self.pending: list[queries.LineResult] = []
+        self.pending: list[LineResult] = []
         self.flush_lock = asyncio.Lock()
         self.flush_wanted = asyncio.Event()
         self.finished = False
 
-    def add(self, result: queries.LineResult) -> None:
+    def add(self, result: LineResult) -> None:
         self.pending.append(result)
         if len(self.pending) >= self.ctx.settings.flush_every:
             self.flush_wanted.set()
@@ -146,28 +149,31 @@ class _ChunkRunner:
                 self.halt(ChunkOutcome.RELEASED)
 
     async def flush(self) -> None:
-        """Save finished results, renew the lease and look for a stop request, atomically."""
+        """Save finished results, renew the lease and look for a stop request, atomically.
+
+        Database errors are retried (with backoff, for as long as they last): a finished
+        result is never dropped unless the lease was lost, and then its line is redone by
+        the new owner.
+        """
         async with self.flush_lock:
             pending, self.pending = self.pending, []
-            lease_until = time.time() + self.ctx.settings.lease_seconds
             try:
-                async with self.ctx.sessions() as session, session.begin():
-                    await queries.save_results(session, self.chunk.batch_id, pending)
-                    held = await queries.renew_lease(
-                        session, self.chunk.id, self.ctx.worker_id, lease_until
-                    )
-                    reason = await queries.batch_stop_reason(session, self.chunk.batch_id)
+                async for attempt in db_retrying(f"saving chunk {self.chunk.id}"):
+                    with attempt:
+                        outcome = await lifecycle.save(
+                            self.ctx, self.chunk, self.ctx.worker_id, pending
+                        )
             except BaseException:
                 self.pending[:0] = pending  # keep them for the next attempt
                 raise
-        if not held:
+        if not outcome.held:
             log.warning("lost the lease on chunk %s", self.chunk.id)
             self.halt(ChunkOutcome.LOST)
-        elif reason is not None:
+        elif outcome.stop_reason is not None:
             log.info(
                 "batch %s is stopping (%s): aborting chunk %s",
                 self.chunk.batch_id,
-                reason,
+                outcome.stop_reason,
                 self.chunk.id,
             )
             self.halt(ChunkOutcome.RELEASED)

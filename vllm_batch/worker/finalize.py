@@ -1,37 +1,47 @@
 """Output assembly: saved results → output and error files, then the final status.
 
-Runs under a finalization lease, so exactly one process assembles a batch; if it dies
-the lease expires and another redoes it (blob keys are per batch, so a redo overwrites).
-Results stream from the database in input order; memory stays flat.
+One path for every batch (completed, cancelled, expired), under a finalization lease
+that is renewed while writing. Each attempt writes to its own storage keys, and the
+final status, file rows and ids commit in one guarded transaction that succeeds only if
+this process still holds the lease; a loser deletes its own blobs. Saved results are
+deleted only after that commit. Results stream in input order: memory stays flat.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import secrets
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Iterable
 
 import anyio
 import orjson
 
+from vllm_batch import lifecycle
+from vllm_batch.pipeline.output import failure_line
 from vllm_batch.protocol.ids import new_id, now
+from vllm_batch.runtime import StoreContext
+from vllm_batch.states import StopReason
 from vllm_batch.storage.aio import AsyncBlobWriter
 from vllm_batch.storage.base import BlobStorage
 from vllm_batch.store import queries
 from vllm_batch.store.models import BatchRow, FileRow
 from vllm_batch.validation import iter_lines
-from vllm_batch.worker.context import StoreContext
-from vllm_batch.worker.output import failure_line
 
 log = logging.getLogger(__name__)
-FINAL_STATUS = {None: "completed", "cancel": "cancelled", "expire": "expired"}
-FINALIZE_LEASE_SECONDS = 300.0
+FINALIZE_LEASE_SECONDS = 60.0
 WRITE_BUFFER = 1024 * 1024
+
+
+class FinalizationLost(Exception):
+    """Another process took over this batch's finalization (our lease lapsed)."""
 
 
 async def finalize_ready_batches(ctx: StoreContext) -> int:
     """Assemble every batch that is ready; returns how many were finished."""
-    async with ctx.sessions() as session:
+    async with ctx.read_sessions() as session:
         candidates = await queries.finalization_candidates(session, time.time())
     finished = 0
     for batch_id in candidates:
@@ -41,62 +51,124 @@ async def finalize_ready_batches(ctx: StoreContext) -> int:
 
 async def finalize_batch(ctx: StoreContext, batch_id: str) -> bool:
     """Write the batch's files and move it to its final status, if it is ready and free."""
-    async with ctx.sessions() as session, session.begin():
-        batch = await queries.claim_finalization(
-            session, batch_id, owner=ctx.instance_id, now=time.time(), lease=FINALIZE_LEASE_SECONDS
-        )
+    batch = await lifecycle.claim_finalization(ctx, batch_id, FINALIZE_LEASE_SECONDS)
     if batch is None:
         return False
-    status = FINAL_STATUS[batch.stop_reason]
-    output_id, error_id = new_id("file-"), new_id("file-")
-    output_key, error_key = f"batches/{batch_id}/output.jsonl", f"batches/{batch_id}/errors.jsonl"
-    async with (
-        AsyncBlobWriter(ctx.storage, output_key) as output,
-        AsyncBlobWriter(ctx.storage, error_key) as errors,
-    ):
-        expired_lines = await _write_results(ctx, batch, output, errors)
-    stamp = now()
-    async with ctx.sessions() as session, session.begin():
-        row = await queries.get_batch(session, batch_id)
-        assert row is not None
-        for file_id, key, writer, name in (
-            (output_id, output_key, output, "output"),
-            (error_id, error_key, errors, "errors"),
-        ):
-            if writer.bytes:
-                session.add(
-                    FileRow(
-                        id=file_id,
-                        bytes=writer.bytes,
-                        created_at=stamp,
-                        filename=f"{batch_id}_{name}.jsonl",
-                        purpose="batch_output",
-                        storage_key=key,
-                        line_count=None,
-                        expires_at=(
-                            stamp + row.output_expires_after if row.output_expires_after else None
-                        ),
-                    )
+    attempt = secrets.token_hex(4)
+    keys = {
+        False: f"batches/{batch_id}/{attempt}/output.jsonl",
+        True: f"batches/{batch_id}/{attempt}/errors.jsonl",
+    }
+    keeper = _LeaseKeeper(ctx, batch_id)
+    try:
+        async with keeper:
+            async with (
+                AsyncBlobWriter(ctx.storage, keys[False]) as output,
+                AsyncBlobWriter(ctx.storage, keys[True]) as errors,
+            ):
+                expired_lines = await _write_results(ctx, batch, output, errors, keeper)
+            keeper.check()
+            stamp = now()
+            files = {
+                is_error: FileRow(
+                    id=new_id("file-"),
+                    bytes=writer.bytes,
+                    created_at=stamp,
+                    filename=f"{batch_id}_{'errors' if is_error else 'output'}.jsonl",
+                    purpose="batch_output",
+                    storage_key=keys[is_error],
+                    line_count=None,
+                    expires_at=(
+                        stamp + batch.output_expires_after if batch.output_expires_after else None
+                    ),
+                    owner=batch.owner,
                 )
-        row.output_file_id = output_id if output.bytes else None
-        row.error_file_id = error_id if errors.bytes else None
-        row.failed += expired_lines
-        row.status = status
-        row.finalize_lease_until = None
-        row.finalize_owner = None
-        setattr(row, f"{status}_at", stamp)
-        if status == "completed" and row.finalizing_at is None:
-            row.finalizing_at = stamp
-        await queries.delete_results(session, batch_id)
-    for writer, key in ((output, output_key), (errors, error_key)):
-        if not writer.bytes:
-            await anyio.to_thread.run_sync(ctx.storage.delete, key)
+                for is_error, writer in ((False, output), (True, errors))
+                if writer.bytes
+            }
+            status = await lifecycle.finish(
+                ctx,
+                batch,
+                files=list(files.values()),
+                output_file_id=files[False].id if False in files else None,
+                error_file_id=files[True].id if True in files else None,
+                extra_failed=expired_lines,
+            )
+    except FinalizationLost:
+        status = None
+    except BaseException:
+        await _delete_blobs(ctx, keys.values())
+        raise
+    if status is None:
+        log.warning("batch %s: lost the finalization lease; discarding this attempt", batch_id)
+        await _delete_blobs(ctx, keys.values())
+        return False
+    await _delete_blobs(ctx, [key for is_error, key in keys.items() if is_error not in files])
+    await delete_saved_results(ctx, batch_id)
     log.info("batch %s %s (%d expired lines)", batch_id, status, expired_lines)
     return True
 
 
+async def delete_saved_results(ctx: StoreContext, batch_id: str) -> None:
+    """Drop a finished batch's saved results (its output files hold them now)."""
+    async with ctx.sessions() as session, session.begin():
+        await queries.delete_results(session, batch_id)
+
+
+async def _delete_blobs(ctx: StoreContext, keys: Iterable[str]) -> None:
+    for key in list(keys):
+        with contextlib.suppress(Exception):
+            await anyio.to_thread.run_sync(ctx.storage.delete, key)
+
+
+class _LeaseKeeper:
+    """Renews the finalization lease in the background; ``check`` raises once it is lost."""
+
+    def __init__(self, ctx: StoreContext, batch_id: str) -> None:
+        self.ctx = ctx
+        self.batch_id = batch_id
+        self.lost = False
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> _LeaseKeeper:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+
+    def check(self) -> None:
+        if self.lost:
+            raise FinalizationLost(self.batch_id)
+
+    async def _run(self) -> None:
+        interval = FINALIZE_LEASE_SECONDS / 4
+        while not self._stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), interval)
+            if self._stop.is_set():
+                return
+            try:
+                held = await lifecycle.renew_finalization(
+                    self.ctx, self.batch_id, FINALIZE_LEASE_SECONDS
+                )
+            except Exception:
+                log.warning("batch %s: renewing the finalization lease failed", self.batch_id)
+                continue
+            if not held:
+                self.lost = True
+                return
+
+
 async def _write_results(
-    ctx: StoreContext, batch: BatchRow, output: AsyncBlobWriter, errors: AsyncBlobWriter
+    ctx: StoreContext,
+    batch: BatchRow,
+    output: AsyncBlobWriter,
+    errors: AsyncBlobWriter,
+    keeper: _LeaseKeeper,
 ) -> int:
     """Copy results in input order; for an expired batch, unfinished lines become errors."""
     buffers: dict[bool, list[bytes]] = {False: [], True: []}
@@ -107,14 +179,15 @@ async def _write_results(
         buffers[is_error].append(data)
         sizes[is_error] += len(data)
         if sizes[is_error] >= WRITE_BUFFER:
+            keeper.check()
             await writers[is_error].write(b"".join(buffers[is_error]))
             buffers[is_error].clear()
             sizes[is_error] = 0
 
     expired_lines = 0
     missing = None
-    async with ctx.sessions() as session:
-        if batch.stop_reason == "expire":
+    async with ctx.read_sessions() as session:
+        if batch.stop_reason == StopReason.EXPIRE:
             input_file = await queries.get_file(session, batch.input_file_id)
             if input_file is not None:
                 missing = _MissingLines(ctx.storage, input_file.storage_key)

@@ -4,7 +4,9 @@ worker and ``vllm-batch run``.
 Lines are read ahead in blocks and, within a block, submitted grouped by prompt prefix
 (system prompt / first message), so requests that share a prefix reach vLLM together and
 hit its prefix cache. Results are handed to ``on_result`` as they finish, in any order;
-callers order output by line index.
+callers order output by line index. A caller that writes in order passes ``horizon`` (the
+highest line index it can take now) so that one slow line cannot make it buffer everything
+behind it: lines past the horizon wait, and reading stops, until the head line completes.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ from typing import Any
 import anyio
 import orjson
 
-from vllm_batch.engines.base import Engine, EngineFailure
-from vllm_batch.store.queries import LineResult
-from vllm_batch.worker.output import failure_line, result_line
+from vllm_batch.engines.base import Engine, EngineFailure, EngineResult
+from vllm_batch.pipeline.output import ErrorShape, failure_line, result_line
+from vllm_batch.pipeline.results import LineResult
+from vllm_batch.retry import retrying
 
 log = logging.getLogger(__name__)
 TRANSIENT_RETRIES = 3
 RETRY_BACKOFF_SECONDS = 0.5
+RETRY_MAX_WAIT_SECONDS = 8.0
 
 LineSource = Generator[tuple[int, bytes], None, None]
 
@@ -41,8 +45,19 @@ def prefix_key(line: dict[str, Any]) -> str:
     return prompt[:512] if isinstance(prompt, str) else ""
 
 
-async def execute_line(engine: Engine, index: int, raw: bytes, request_id: str) -> LineResult:
-    """Run one input line; every outcome except a broken engine is a ``LineResult``."""
+async def execute_line(
+    engine: Engine,
+    index: int,
+    raw: bytes,
+    request_id: str,
+    *,
+    shape: ErrorShape = ErrorShape.OPENAI,
+) -> LineResult:
+    """Run one input line; every outcome except a broken engine is a ``LineResult``.
+
+    A 5xx result is retried ``TRANSIENT_RETRIES`` times (backoff with jitter) before it is
+    written as the line's error; ``shape`` is the error lines' format.
+    """
     line: Any = None
     try:
         line = orjson.loads(raw)
@@ -57,22 +72,14 @@ async def execute_line(engine: Engine, index: int, raw: bytes, request_id: str) 
             str(known_id or f"line-{index + 1}"),
             "invalid_request",
             f"Unreadable request line {index + 1}: {exc}",
+            shape=shape,
         )
         return LineResult(line=index, is_error=True, data=data)
-    for attempt in range(TRANSIENT_RETRIES + 1):
-        result = await engine.run(
-            url, body, request_id if not attempt else f"{request_id}-retry{attempt}"
-        )
-        if result.status_code < 500 or attempt == TRANSIENT_RETRIES:
-            break
-        log.warning(
-            "request %s failed transiently (%s); retrying", request_id, result.error_message
-        )
-        await asyncio.sleep(RETRY_BACKOFF_SECONDS * 2**attempt)
+    result = await _run_retrying_5xx(engine, url, body, request_id)
     return LineResult(
         line=index,
         is_error=not result.ok,
-        data=result_line(custom_id, result, request_id),
+        data=result_line(custom_id, result, request_id, shape=shape),
         input_tokens=result.input_tokens,
         cached_tokens=result.cached_tokens,
         output_tokens=result.output_tokens,
@@ -80,8 +87,50 @@ async def execute_line(engine: Engine, index: int, raw: bytes, request_id: str) 
     )
 
 
+class _Transient(Exception):
+    """A 5xx result, raised only to drive the retrier."""
+
+    def __init__(self, result: EngineResult) -> None:
+        super().__init__(result.status_code)
+        self.result = result
+
+    def __str__(self) -> str:
+        return f"HTTP {self.result.status_code}: {self.result.error_message}"
+
+
+async def _run_retrying_5xx(
+    engine: Engine, url: str, body: dict[str, Any], request_id: str
+) -> EngineResult:
+    """``engine.run``, retried on 5xx results; the last result if they all fail."""
+    policy = retrying(
+        on=_Transient,
+        attempts=TRANSIENT_RETRIES + 1,
+        max_wait=RETRY_MAX_WAIT_SECONDS,
+        first_wait=RETRY_BACKOFF_SECONDS,
+        log=log,
+        what=f"request {request_id}",
+    )
+    try:
+        async for attempt in policy:
+            with attempt:
+                number = attempt.retry_state.attempt_number
+                rid = request_id if number == 1 else f"{request_id}-retry{number - 1}"
+                result = await engine.run(url, body, rid)
+                if result.status_code >= 500:
+                    raise _Transient(result)
+                return result
+    except _Transient as exc:
+        return exc.result
+    raise AssertionError("unreachable: the retrier returns or raises")
+
+
 class Dispatcher:
-    """Keeps ``engine.max_in_flight`` requests submitted until the source is drained."""
+    """Keeps ``engine.max_in_flight`` requests submitted until the source is drained.
+
+    ``horizon``, if given, returns the highest line index the caller can take now; a line
+    beyond it is held back (and no further block is read) until a result moves the horizon.
+    Do not combine it with ``skip``: a skipped line would never complete.
+    """
 
     def __init__(
         self,
@@ -90,14 +139,19 @@ class Dispatcher:
         request_id: Callable[[int], str],
         *,
         group_prefixes: bool = True,
+        horizon: Callable[[], int] | None = None,
+        error_shape: ErrorShape = ErrorShape.OPENAI,
     ) -> None:
         self.engine = engine
         self.on_result = on_result
         self.request_id = request_id
         self.group_prefixes = group_prefixes
+        self.horizon = horizon
+        self.error_shape = error_shape
         self.stopped = asyncio.Event()
         self.failure: EngineFailure | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._progress = asyncio.Event()
 
     async def run(self, source: LineSource, skip: Collection[int] = ()) -> None:
         """Submit every line of ``source`` not in ``skip``; raise ``EngineFailure`` if it broke."""
@@ -108,12 +162,14 @@ class Dispatcher:
                 block = await anyio.to_thread.run_sync(self._read_block, source, block_size)
                 if not block:
                     break
-                for index, raw in self._order([(i, r) for i, r in block if i not in skip]):
+                pending = self._order([(i, r) for i, r in block if i not in skip])
+                while pending:
                     await window.acquire()
-                    if self.stopped.is_set():
+                    item = await self._take(pending)
+                    if item is None:
                         window.release()
                         break
-                    task = asyncio.create_task(self._one(index, raw, window))
+                    task = asyncio.create_task(self._one(*item, window))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
             if self._tasks:
@@ -124,6 +180,17 @@ class Dispatcher:
                 await asyncio.wait(set(self._tasks))
         if self.failure is not None:
             raise self.failure
+
+    async def _take(self, pending: list[tuple[int, bytes]]) -> tuple[int, bytes] | None:
+        """The next line to submit (the first one within the horizon), or None once stopped."""
+        while not self.stopped.is_set():
+            limit = None if self.horizon is None else self.horizon()
+            for position, (index, _raw) in enumerate(pending):
+                if limit is None or index <= limit:
+                    return pending.pop(position)
+            self._progress.clear()
+            await self._progress.wait()
+        return None
 
     @staticmethod
     def _read_block(source: LineSource, size: int) -> list[tuple[int, bytes]]:
@@ -145,7 +212,9 @@ class Dispatcher:
 
     async def _one(self, index: int, raw: bytes, window: asyncio.Semaphore) -> None:
         try:
-            result = await execute_line(self.engine, index, raw, self.request_id(index))
+            result = await execute_line(
+                self.engine, index, raw, self.request_id(index), shape=self.error_shape
+            )
         except EngineFailure as exc:
             self.failure = exc
             self.halt()
@@ -153,9 +222,11 @@ class Dispatcher:
         finally:
             window.release()
         self.on_result(result)
+        self._progress.set()
 
     def halt(self) -> None:
         """Stop submitting and abort what is in flight (vLLM aborts cancelled requests)."""
         self.stopped.set()
+        self._progress.set()
         for task in list(self._tasks):
             task.cancel()

@@ -1,0 +1,215 @@
+"""Every batch and chunk transition, one named function each (the table is in ``states``).
+
+Each function runs one transaction on a write session and returns whether its guarded
+statement took effect; nothing else in the code base changes a status. Route handlers,
+the worker, the finalizer and housekeeping all come through here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from vllm_batch.pipeline.results import LineResult
+from vllm_batch.protocol.ids import new_id, now
+from vllm_batch.runtime import StoreContext
+from vllm_batch.states import FINAL_STATUS, BatchStatus, IllegalTransition, StopReason
+from vllm_batch.store import queries
+from vllm_batch.store.models import BatchRow, ChunkRow, FileRow
+from vllm_batch.validation import BatchPlan
+
+__all__ = [
+    "BatchSpec",
+    "IllegalTransition",
+    "InputFileGone",
+    "cancel",
+    "claim_chunk",
+    "claim_finalization",
+    "create",
+    "expire_overdue",
+    "finish",
+    "finish_chunk",
+    "queue_or_fail",
+    "release_chunk",
+    "renew_finalization",
+    "save",
+]
+
+
+class InputFileGone(LookupError):
+    """The batch's input file does not exist (any more)."""
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """A checked batch creation request."""
+
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    window_seconds: int
+    metadata: dict[str, str] | None
+    priority: int
+    output_expires_after: int | None
+    owner: str | None
+
+
+async def create(ctx: StoreContext, spec: BatchSpec) -> BatchRow:
+    """→ ``validating``. Raises ``InputFileGone`` if the input file vanished meanwhile."""
+    async with ctx.sessions() as session, session.begin():
+        if await queries.get_file(session, spec.input_file_id) is None:
+            raise InputFileGone(spec.input_file_id)
+        created = now()
+        row = BatchRow(
+            id=new_id("batch_"),
+            endpoint=spec.endpoint,
+            input_file_id=spec.input_file_id,
+            completion_window=spec.completion_window,
+            status=BatchStatus.VALIDATING,
+            metadata_=spec.metadata,
+            created_at=created,
+            expires_at=created + spec.window_seconds,
+            total=0,
+            completed=0,
+            failed=0,
+            input_tokens=0,
+            cached_tokens=0,
+            output_tokens=0,
+            reasoning_tokens=0,
+            priority=spec.priority,
+            output_expires_after=spec.output_expires_after,
+            owner=spec.owner,
+        )
+        await queries.insert_batch(session, row)
+    return row
+
+
+async def queue_or_fail(ctx: StoreContext, batch_id: str, plan: BatchPlan) -> bool:
+    """``validating`` → ``in_progress`` with chunks queued, or → ``failed`` with errors."""
+    async with ctx.sessions() as session, session.begin():
+        if plan.errors or plan.model is None:
+            return await queries.fail_validation(session, batch_id, plan.errors, now())
+        return await queries.start_batch(
+            session, batch_id, model=plan.model, total=plan.total, chunks=plan.chunks, now=now()
+        )
+
+
+async def cancel(ctx: StoreContext, batch_id: str) -> BatchRow | None:
+    """``validating``/``in_progress`` → ``cancelling``; None if there is no such batch.
+
+    Cancelling an already cancelling or cancelled batch is a no-op; anything else raises
+    ``IllegalTransition``.
+    """
+    async with ctx.sessions() as session, session.begin():
+        row = await queries.lock_batch(session, batch_id)
+        if row is None:
+            return None
+        stopping = await queries.request_stop(session, batch_id, StopReason.CANCEL, now())
+        if not stopping and row.status not in (BatchStatus.CANCELLING, BatchStatus.CANCELLED):
+            raise IllegalTransition(
+                f"Cannot cancel batch {batch_id}: its status is {row.status!r}."
+            )
+    async with ctx.read_sessions() as session:
+        return await queries.get_batch(session, batch_id)
+
+
+async def expire_overdue(ctx: StoreContext) -> list[str]:
+    """Running batches past their completion window get ``stop_reason = expire``."""
+    async with ctx.sessions() as session, session.begin():
+        stamp = now()
+        overdue = await queries.overdue_batches(session, stamp)
+        return [
+            batch_id
+            for batch_id in overdue
+            if await queries.request_stop(session, batch_id, StopReason.EXPIRE, stamp)
+        ]
+
+
+async def claim_chunk(ctx: StoreContext, owner: str, models: Sequence[str]) -> ChunkRow | None:
+    """``queued`` (or ``running`` with an expired lease) → ``running`` under our lease."""
+    async with ctx.sessions() as session, session.begin():
+        return await queries.claim_chunk(
+            session,
+            owner=owner,
+            models=models,
+            now=time.time(),
+            lease=ctx.settings.lease_seconds,
+        )
+
+
+async def save(
+    ctx: StoreContext, chunk: ChunkRow, owner: str, results: Sequence[LineResult]
+) -> queries.SaveOutcome:
+    """Save finished lines and renew the lease, only while the chunk is still ours."""
+    async with ctx.sessions() as session, session.begin():
+        return await queries.save_chunk_results(
+            session,
+            batch_id=chunk.batch_id,
+            chunk_id=chunk.id,
+            owner=owner,
+            results=results,
+            lease_until=time.time() + ctx.settings.lease_seconds,
+        )
+
+
+async def finish_chunk(ctx: StoreContext, chunk: ChunkRow, owner: str) -> bool:
+    """``running`` → ``done`` if every line has a result; otherwise back to ``queued``."""
+    async with ctx.sessions() as session, session.begin():
+        saved = await queries.count_done_lines(
+            session, chunk.batch_id, chunk.start_line, chunk.end_line
+        )
+        if saved == chunk.end_line - chunk.start_line:
+            return await queries.finish_chunk(session, chunk.id, owner)
+        await queries.release_chunk(session, chunk.id, owner)
+        return False
+
+
+async def release_chunk(
+    ctx: StoreContext, chunk: ChunkRow, owner: str, *, engine_failure: bool = False
+) -> bool:
+    """``running`` → ``queued``; ``engine_failure`` counts toward ``max_chunk_attempts``."""
+    async with ctx.sessions() as session, session.begin():
+        return await queries.release_chunk(session, chunk.id, owner, engine_failure=engine_failure)
+
+
+async def claim_finalization(ctx: StoreContext, batch_id: str, lease: float) -> BatchRow | None:
+    """Take the batch's finalization lease if it is ready and nobody else holds it."""
+    async with ctx.sessions() as session, session.begin():
+        return await queries.claim_finalization(
+            session, batch_id, owner=ctx.instance_id, now=time.time(), lease=lease
+        )
+
+
+async def renew_finalization(ctx: StoreContext, batch_id: str, lease: float) -> bool:
+    async with ctx.sessions() as session, session.begin():
+        return await queries.renew_finalization(
+            session, batch_id, ctx.instance_id, time.time() + lease
+        )
+
+
+async def finish(
+    ctx: StoreContext,
+    batch: BatchRow,
+    *,
+    files: Sequence[FileRow],
+    output_file_id: str | None,
+    error_file_id: str | None,
+    extra_failed: int,
+) -> BatchStatus | None:
+    """→ ``completed``/``cancelled``/``expired``, atomically, while we hold the lease."""
+    reason = StopReason(batch.stop_reason) if batch.stop_reason else None
+    target = FINAL_STATUS[reason]
+    async with ctx.sessions() as session, session.begin():
+        done = await queries.finish_batch(
+            session,
+            batch.id,
+            owner=ctx.instance_id,
+            target=target,
+            files=files,
+            output_file_id=output_file_id,
+            error_file_id=error_file_id,
+            extra_failed=extra_failed,
+            now=now(),
+        )
+    return target if done else None

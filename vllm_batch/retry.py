@@ -1,0 +1,119 @@
+"""Retry policies: one place that builds tenacity retriers, for every retry in the project.
+
+Every policy waits with exponential backoff plus jitter
+(``first_wait * 2**(n-1) + uniform(0, first_wait)``, capped at ``max_wait``), logs each retry
+at WARNING as ``"<what> failed (attempt n/N: <error>); retrying in <s>s"`` and, when it gives
+up, re-raises the last exception unchanged (no ``tenacity.RetryError`` to unwrap)::
+
+    async for attempt in retrying(on=OSError, attempts=5, max_wait=30, log=log, what="save"):
+        with attempt:
+            await save()
+
+``on`` is exception types, or a predicate for finer choices (e.g. only some HTTP statuses).
+``attempts=None`` retries forever. ``what`` is logged: never put secrets (signed URLs) in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import tenacity
+
+RetryOn = type[BaseException] | tuple[type[BaseException], ...] | Callable[[BaseException], bool]
+
+
+def retrying(
+    *,
+    on: RetryOn,
+    attempts: int | None,
+    max_wait: float,
+    log: logging.Logger,
+    what: str,
+    first_wait: float = 0.5,
+    sleep: Callable[[float], Awaitable[None] | None] | None = None,
+) -> tenacity.AsyncRetrying:
+    """An async retrier (``async for attempt in ...: with attempt: ...``)."""
+    policy = _Policy(on, attempts, max_wait, log, what, first_wait)
+    return tenacity.AsyncRetrying(
+        sleep=sleep or asyncio.sleep,
+        retry=policy.retry,
+        stop=policy.stop,
+        wait=policy.wait,
+        before_sleep=policy.before_sleep,
+        reraise=True,
+    )
+
+
+def retrying_sync(
+    *,
+    on: RetryOn,
+    attempts: int | None,
+    max_wait: float,
+    log: logging.Logger,
+    what: str,
+    first_wait: float = 0.5,
+    sleep: Callable[[float], None] | None = None,
+) -> tenacity.Retrying:
+    """The same policy for blocking code (``for attempt in ...: with attempt: ...``)."""
+    policy = _Policy(on, attempts, max_wait, log, what, first_wait)
+    return tenacity.Retrying(
+        sleep=sleep or time.sleep,
+        retry=policy.retry,
+        stop=policy.stop,
+        wait=policy.wait,
+        before_sleep=policy.before_sleep,
+        reraise=True,
+    )
+
+
+class _Policy:
+    """The parts both retriers share: what to retry, when to stop, how long to wait, logging."""
+
+    def __init__(
+        self,
+        on: RetryOn,
+        attempts: int | None,
+        max_wait: float,
+        log: logging.Logger,
+        what: str,
+        first_wait: float,
+    ) -> None:
+        if attempts is not None and attempts < 1:
+            raise ValueError("attempts must be at least 1 (or None: retry forever)")
+        self.retry: tenacity.retry_base = (
+            tenacity.retry_if_exception_type(on)
+            if isinstance(on, type | tuple)
+            else tenacity.retry_if_exception(on)
+        )
+        self.stop: tenacity.stop.stop_base = (
+            tenacity.stop_never if attempts is None else tenacity.stop_after_attempt(attempts)
+        )
+        self.wait = tenacity.wait_exponential_jitter(
+            multiplier=first_wait, max=max_wait, jitter=first_wait
+        )
+        self.log = log
+        self.what = what
+        self.limit = "∞" if attempts is None else str(attempts)
+
+    def before_sleep(self, state: tenacity.RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome is not None else None
+        wait = state.next_action.sleep if state.next_action is not None else 0.0
+        self.log.warning(
+            "%s failed (attempt %d/%s: %s); retrying in %.1fs",
+            self.what,
+            state.attempt_number,
+            self.limit,
+            describe(error),
+            wait,
+        )
+
+
+def describe(error: BaseException | None) -> str:
+    """``Type: message`` (or just the type when there is no message), for log lines."""
+    if error is None:
+        return "no error"
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
