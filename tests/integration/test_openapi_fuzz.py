@@ -11,13 +11,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 
-from tests.conftest import LiveServer, LoopThread, engine_settings, start_server
+from tests.conftest import TINY_NAME, LiveServer, LoopThread, engine_settings, start_server
+from tests.helpers import chat_line, jsonl
 
 FUZZ_KEY = "sk-fuzz-key"
 MAX_EXAMPLES = 80
@@ -42,11 +44,33 @@ def fuzz_server(
     yield from start_server(loop_thread, settings, None)
 
 
+def seed_objects(server: LiveServer, headers: dict[str, str]) -> dict[str, str]:
+    """A stored batch file and a batch on it, so the fuzz also reaches real objects."""
+    content = jsonl([chat_line(i, TINY_NAME) for i in range(3)])
+    with httpx.Client(base_url=server.base_url, headers=headers) as http:
+        uploaded = http.post(
+            "/files", files={"file": ("seed.jsonl", content)}, data={"purpose": "batch"}
+        )
+        assert uploaded.status_code == 200, uploaded.text
+        file_id = uploaded.json()["id"]
+        batch = http.post(
+            "/batches",
+            json={
+                "input_file_id": file_id,
+                "endpoint": "/v1/chat/completions",
+                "completion_window": "24h",
+            },
+        )
+        assert batch.status_code == 200, batch.text
+    return {"file_id": file_id, "batch_id": batch.json()["id"]}
+
+
 def test_no_server_errors(fuzz_server: LiveServer) -> None:
     """Every operation, ``MAX_EXAMPLES`` generated requests each: never a 5xx."""
     key = fuzz_server.settings.api_key
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     api_schema = schemathesis.openapi.from_url(f"{fuzz_server.url}/openapi.json")
+    known = seed_objects(fuzz_server, headers)
     failures: list[str] = []
     statuses: Counter[int] = Counter()
     operations = [result.ok() for result in api_schema.get_all_operations()]
@@ -55,6 +79,9 @@ def test_no_server_errors(fuzz_server: LiveServer) -> None:
         strategy = operation.as_strategy(GenerationMode.POSITIVE) | operation.as_strategy(
             GenerationMode.NEGATIVE
         )
+        real = {name: value for name, value in known.items() if "{" + name + "}" in operation.path}
+        if real:  # also hit stored objects, not only unknown ids
+            strategy |= operation.as_strategy(path_parameters=real)
 
         @given(case=strategy)
         @settings(
