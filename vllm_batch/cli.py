@@ -75,7 +75,14 @@ def serve(
     database_url: DbOpt = None,
     storage_url: StorageOpt = None,
     model: ModelOpt = None,
-    api_key: Annotated[str | None, typer.Option(help="Require this bearer token on /v1.")] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(help="Require this bearer token on /v1 (shows in `ps`; see --api-key-file)."),
+    ] = None,
+    api_key_file: Annotated[
+        Path | None,
+        typer.Option(help="Read the bearer token for /v1 from this file (whitespace stripped)."),
+    ] = None,
     worker: Annotated[
         bool | None, typer.Option("--worker/--no-worker", help="Run an in-process worker.")
     ] = None,
@@ -95,6 +102,10 @@ def serve(
     from vllm_batch.api.app import create_app
 
     _setup_logging()
+    if api_key_file is not None:
+        if api_key is not None:
+            raise typer.BadParameter("give --api-key or --api-key-file, not both")
+        api_key = read_api_key_file(api_key_file)
     settings = build_settings(
         host=host,
         port=port,
@@ -116,9 +127,9 @@ def serve(
     )
     url = f"http://{settings.host}:{settings.port}"
     typer.echo(f"vLLM Batch Server on {url}  (models: {', '.join(settings.served_model_names)})")
+    key_hint = "<your key>" if settings.api_key else "none"
     typer.echo(
-        f'  from openai import OpenAI; client = OpenAI(base_url="{url}/v1", '
-        f'api_key="{settings.api_key or "none"}")'
+        f'  from openai import OpenAI; client = OpenAI(base_url="{url}/v1", api_key="{key_hint}")'
     )
     uvicorn.run(
         create_app(settings),
@@ -127,6 +138,19 @@ def serve(
         log_level="info",
         timeout_graceful_shutdown=30,
     )
+
+
+def read_api_key_file(path: Path) -> str:
+    """The API key stored in ``path``, surrounding whitespace stripped; never empty."""
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise typer.BadParameter(
+            f"cannot read {path}: {exc.strerror or exc}", param_hint="--api-key-file"
+        ) from None
+    if not key:
+        raise typer.BadParameter(f"{path} is empty", param_hint="--api-key-file")
+    return key
 
 
 @app.command("worker")

@@ -56,13 +56,19 @@ class Settings(BaseSettings):
     postgres_password: str | None = Field(default=None, validation_alias=_env("POSTGRES_PASSWORD"))
     storage_url: str | None = None
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    api_key: str | None = None
+    api_key: str | None = Field(default=None, repr=False)  # never in logs or reprs
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Host headers accepted when no API key is set (DNS-rebinding guard); "*" allows all.
+    # localhost, 127.0.0.1, ::1 and ``host`` are always allowed.
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    docs_enabled: bool = True  # serve /docs, /redoc and /openapi.json
     worker: bool = True
     # "instant-benchmark" is a no-inference engine for pipeline benchmarks only.
     engine: Literal["vllm", "instant-benchmark"] = "vllm"
 
     max_upload_bytes: int = 200 * 1024 * 1024
+    # Body cap for every request except uploads (POST /v1/files), which get max_upload_bytes.
+    max_request_body_bytes: int = Field(default=1024 * 1024, ge=1)
     max_requests_per_batch: int = 50_000
     chunk_size: int = Field(
         default=5_000, ge=1, validation_alias=_env("VLLM_BATCH_CHUNK_SIZE", "CHUNK_SIZE")
@@ -87,7 +93,7 @@ class Settings(BaseSettings):
     group_prefixes: bool = True  # submit requests sharing a first message/prompt together
     kv_cache_gib: float | None = None
 
-    @field_validator("models", "cors_origins", mode="before")
+    @field_validator("models", "cors_origins", "allowed_hosts", mode="before")
     @classmethod
     def _split_list(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -15,6 +15,7 @@ import orjson
 
 SUPPORTED_ENDPOINTS: tuple[str, ...] = ("/v1/chat/completions", "/v1/completions")
 MAX_REPORTED_ERRORS = 100
+MAX_JSON_DEPTH = 64  # nesting levels per line; orjson itself gives up at 1024
 
 
 class UploadRejected(Exception):
@@ -78,7 +79,24 @@ def _parse_object(raw: bytes, number: int) -> dict[str, Any]:
             f"Invalid JSONL: line {number} must be a JSON object, got {type(value).__name__}.",
             code="invalid_jsonl",
         )
+    if raw.count(b"{") + raw.count(b"[") > MAX_JSON_DEPTH and too_deep(value, MAX_JSON_DEPTH):
+        raise UploadRejected(
+            f"Invalid JSONL: line {number} is nested deeper than {MAX_JSON_DEPTH} levels.",
+            code="json_too_deep",
+        )
     return value
+
+
+def too_deep(value: Any, limit: int) -> bool:
+    """Whether objects/arrays nest more than ``limit`` levels (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 @dataclass
@@ -141,11 +159,33 @@ def _check_line(
     served_models: Sequence[str],
     seen_ids: set[int],
 ) -> None:
+    """Check one line; whatever goes wrong becomes this line's error, never a crash."""
     try:
         line = _parse_object(raw, number)
     except UploadRejected as exc:
         plan.error("invalid_json_line", exc.message, number)
         return
+    except Exception as exc:
+        plan.error("invalid_json_line", f"Line {number} could not be parsed ({exc}).", number)
+        return
+    try:
+        _check_fields(plan, line, number, endpoint, served_models, seen_ids)
+    except Exception as exc:
+        plan.error(
+            "invalid_line",
+            f"Line {number} could not be checked ({exc.__class__.__name__}).",
+            number,
+        )
+
+
+def _check_fields(
+    plan: BatchPlan,
+    line: dict[str, Any],
+    number: int,
+    endpoint: str,
+    served_models: Sequence[str],
+    seen_ids: set[int],
+) -> None:
     custom_id = line.get("custom_id")
     if custom_id is None:
         plan.error(

@@ -5,16 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
-from fastapi import Depends, FastAPI, Request, Response
-from fastapi.middleware.cors import CORSMiddleware
+from fastapi import Depends, FastAPI
 
 from vllm_batch import __version__
 from vllm_batch.api import batches, files, info
-from vllm_batch.api.deps import require_api_key
-from vllm_batch.api.errors import error_response, install_error_handlers
+from vllm_batch.api.deps import current_principal
+from vllm_batch.api.edge import install_edge
+from vllm_batch.api.errors import install_error_handlers
 from vllm_batch.api.state import AppContext
 from vllm_batch.config import ModelSpec, Settings
 from vllm_batch.engines import make_engine
@@ -28,7 +27,6 @@ from vllm_batch.worker.loop import Worker
 
 log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_SECONDS = 30.0
-UPLOAD_OVERHEAD_BYTES = 64 * 1024
 
 
 def create_app(settings: Settings, engine_factory: EngineFactory | None = None) -> FastAPI:
@@ -65,46 +63,22 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
                     task.cancel()
                 await asyncio.gather(*ctx.background, return_exceptions=True)
 
-    app = FastAPI(title="vLLM Batch Server", version=__version__, lifespan=lifespan)
+    docs = settings.docs_enabled
+    app = FastAPI(
+        title="vLLM Batch Server",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     install_error_handlers(app)
-    v1 = [Depends(require_api_key)]
+    v1 = [Depends(current_principal)]
     app.include_router(files.router, prefix="/v1", dependencies=v1)
     app.include_router(batches.router, prefix="/v1", dependencies=v1)
     app.include_router(info.v1_router, prefix="/v1", dependencies=v1)
     app.include_router(info.router)
-    if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.cors_origins,
-            allow_methods=["*"],
-            allow_headers=["*"],
-            allow_credentials=True,
-        )
-
-    @app.middleware("http")
-    async def request_id_and_upload_limit(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        request_id = request.headers.get("x-request-id") or f"req_{uuid.uuid4().hex}"
-        length = request.headers.get("content-length")
-        if (
-            request.method == "POST"
-            and request.url.path == "/v1/files"
-            and length
-            and length.isdigit()
-            and int(length) > settings.max_upload_bytes + UPLOAD_OVERHEAD_BYTES
-        ):
-            response: Response = error_response(
-                413,
-                f"File is too large: the limit is {settings.max_upload_bytes} bytes.",
-                "file",
-                "file_too_large",
-            )
-        else:
-            response = await call_next(request)
-        response.headers["X-Request-Id"] = request_id
-        return response
-
+    install_edge(app, settings)
     return app
 
 

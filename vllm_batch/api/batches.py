@@ -30,8 +30,11 @@ from vllm_batch.validation import SUPPORTED_ENDPOINTS
 from vllm_batch.worker.finalize import finalize_batch
 
 router = APIRouter(tags=["batches"])
-WINDOW_PATTERN = re.compile(r"^(\d+)([smhd])$")
+# ASCII digits only, bounded length (no huge ints), matched with fullmatch (no "24h\n").
+WINDOW_PATTERN = re.compile(r"([0-9]{1,6})([smhd])")
 WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MIN_WINDOW_SECONDS, MAX_WINDOW_SECONDS = 3600, 30 * 86400
+PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31 - 1  # batches.priority is a 32-bit Integer
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 
 
@@ -73,17 +76,18 @@ def batch_object(row: BatchRow) -> Batch:
 
 
 def window_seconds(window: str) -> int:
-    """``"24h"`` (OpenAI's only value); longer windows like ``"48h"``/``"7d"`` as an extension."""
-    match = WINDOW_PATTERN.match(window)
-    if not match or int(match.group(1)) <= 0:
+    """``"24h"`` (OpenAI's only value); durations from 1h to 30d (``"48h"``, ``"7d"``) too."""
+    match = WINDOW_PATTERN.fullmatch(window)
+    seconds = int(match.group(1)) * WINDOW_UNITS[match.group(2)] if match else 0
+    if not MIN_WINDOW_SECONDS <= seconds <= MAX_WINDOW_SECONDS:
         raise APIError(
             400,
-            f"Invalid completion_window {window!r}: use '24h' (or a duration "
-            "such as '48h' or '7d').",
+            f"Invalid completion_window {window[:32]!r}: use '24h' (or a duration between "
+            "'1h' and '30d', such as '48h' or '7d').",
             param="completion_window",
             code="invalid_value",
         )
-    return int(match.group(1)) * WINDOW_UNITS[match.group(2)]
+    return seconds
 
 
 def check_metadata(metadata: dict[str, str] | None) -> None:
@@ -114,12 +118,20 @@ def check_metadata(metadata: dict[str, str] | None) -> None:
 
 
 def _priority(metadata: dict[str, str] | None) -> int:
+    """``metadata.priority`` as a 32-bit signed integer (higher runs first)."""
+    raw = (metadata or {}).get("priority", "0")
     try:
-        return int((metadata or {}).get("priority", 0))
+        value = int(raw) if raw.strip().lstrip("+-").isascii() else None
     except ValueError:
+        value = None
+    if value is None or not PRIORITY_MIN <= value <= PRIORITY_MAX:
         raise APIError(
-            400, "metadata.priority must be an integer.", param="metadata", code="invalid_value"
-        ) from None
+            400,
+            f"metadata.priority must be an integer between {PRIORITY_MIN} and {PRIORITY_MAX}.",
+            param="metadata",
+            code="invalid_value",
+        )
+    return value
 
 
 @router.post("/batches", response_model=Batch)

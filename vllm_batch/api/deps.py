@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from vllm_batch.api.auth import Principal
 from vllm_batch.api.errors import APIError
 from vllm_batch.api.state import AppContext
 
@@ -38,16 +38,16 @@ ReadSessionDep = Annotated[AsyncSession, Depends(get_read_session)]
 """For routes that only read: never blocks (or is blocked by) writers."""
 
 
-def require_api_key(request: Request, ctx: CtxDep) -> None:
-    """``Authorization: Bearer <key>`` when an API key is configured (constant-time compare)."""
-    expected = ctx.settings.api_key
-    if not expected:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected.encode()):
+def current_principal(request: Request) -> Principal:
+    """The caller, resolved from the API key by the edge middleware before the body is read."""
+    principal = getattr(request.state, "principal", None)
+    if not isinstance(principal, Principal):  # the edge did not run: refuse, never guess
         raise APIError(
             401,
             "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.",
             code="invalid_api_key",
         )
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(current_principal)]

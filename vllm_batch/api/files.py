@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Annotated, Literal, Protocol, TypeVar
+from urllib.parse import quote
 
 import anyio
 from fastapi import APIRouter, Form, Query, UploadFile
@@ -26,6 +27,7 @@ class _HasId(Protocol):
 T = TypeVar("T", bound=_HasId)
 router = APIRouter(tags=["files"])
 MAX_FILE_EXPIRY_SECONDS = 30 * 24 * 3600
+MAX_FILENAME_CHARS = 1024  # files.filename is String(1024)
 
 
 def file_object(row: FileRow) -> FileObject:
@@ -55,6 +57,7 @@ async def create_file(
             param="purpose",
             code="invalid_value",
         )
+    filename = upload_filename(file)
     created = now()
     expires_at = _expires_at(created, expires_anchor, expires_seconds)
     file_id = new_id("file-")
@@ -73,7 +76,7 @@ async def create_file(
         id=file_id,
         bytes=scan.bytes,
         created_at=created,
-        filename=file.filename or "upload.jsonl",
+        filename=filename,
         purpose=purpose,
         expires_at=expires_at,
         storage_key=key,
@@ -86,6 +89,26 @@ async def create_file(
         await anyio.to_thread.run_sync(ctx.storage.delete, key)
         raise
     return file_object(row)
+
+
+def upload_filename(file: UploadFile) -> str:
+    """The stored name: at most ``MAX_FILENAME_CHARS`` characters and no control characters."""
+    name = file.filename or "upload.jsonl"
+    if len(name) > MAX_FILENAME_CHARS:
+        raise APIError(
+            400,
+            f"The filename is {len(name)} characters long; the limit is {MAX_FILENAME_CHARS}.",
+            param="file",
+            code="invalid_value",
+        )
+    if any(ord(char) < 32 or ord(char) == 127 for char in name):
+        raise APIError(
+            400,
+            "The filename may not contain control characters.",
+            param="file",
+            code="invalid_value",
+        )
+    return name
 
 
 def _expires_at(created: int, anchor: str | None, seconds: int | None) -> int | None:
@@ -154,9 +177,17 @@ def stream_file(ctx: CtxDep, row: FileRow) -> StreamingResponse:
         media_type="application/octet-stream",
         headers={
             "Content-Length": str(row.bytes),
-            "Content-Disposition": f'attachment; filename="{row.filename}"',
+            "Content-Disposition": content_disposition(row.filename),
         },
     )
+
+
+def content_disposition(filename: str) -> str:
+    """``attachment`` with an ASCII ``filename`` fallback and the exact RFC 5987 ``filename*``."""
+    fallback = "".join(
+        char if 32 <= ord(char) < 127 and char not in '"\\' else "_" for char in filename
+    )
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
 @router.delete("/files/{file_id}", response_model=FileDeleted)

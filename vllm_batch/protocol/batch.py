@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 BatchStatus = Literal[
     "validating",
@@ -82,11 +82,25 @@ class ExpiresAfter(BaseModel):
     seconds: int = Field(ge=3600, le=30 * 24 * 3600)
 
 
+def storable_text(value: str) -> str:
+    """Text a database can store: no NUL character, no lone surrogate (``"\\ud800"``)."""
+    if "\x00" in value:
+        raise ValueError("NUL characters are not allowed")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("invalid Unicode (a lone surrogate)") from None
+    return value
+
+
+StorableText = Annotated[str, AfterValidator(storable_text)]
+
+
 class BatchCreateRequest(BaseModel):
     """Body of ``POST /v1/batches``; limits are checked in the service for exact messages."""
 
-    input_file_id: str
-    endpoint: str
-    completion_window: str
-    metadata: dict[str, str] | None = None
+    input_file_id: StorableText
+    endpoint: StorableText
+    completion_window: StorableText
+    metadata: dict[StorableText, StorableText] | None = None
     output_expires_after: ExpiresAfter | None = None
