@@ -83,6 +83,14 @@ def serve(
         Path | None,
         typer.Option(help="Read the bearer token for /v1 from this file (whitespace stripped)."),
     ] = None,
+    api_keys_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Per-key ownership: a file of 'NAME:KEY' or 'NAME:KEY:admin' lines. Each key "
+            "sees only its own files and batches; admin keys see all. "
+            "Env: VLLM_BATCH_API_KEYS_FILE (or VLLM_BATCH_API_KEYS, comma separated)."
+        ),
+    ] = None,
     worker: Annotated[
         bool | None, typer.Option("--worker/--no-worker", help="Run an in-process worker.")
     ] = None,
@@ -114,6 +122,7 @@ def serve(
         storage_url=storage_url,
         models=model or None,
         api_key=api_key,
+        api_keys_file=api_keys_file,
         worker=worker,
         enforce_eager=enforce_eager,
         max_model_len=max_model_len,
@@ -125,9 +134,15 @@ def serve(
         chunk_size=chunk_size,
         engine=engine,
     )
+    from vllm_batch.api.auth import KeyConfigError, KeyRing
+
+    try:
+        keys = KeyRing.from_settings(settings)
+    except KeyConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="API keys") from None
     url = f"http://{settings.host}:{settings.port}"
     typer.echo(f"vLLM Batch Server on {url}  (models: {', '.join(settings.served_model_names)})")
-    key_hint = "<your key>" if settings.api_key else "none"
+    key_hint = "<your key>" if keys.enabled else "none"
     typer.echo(
         f'  from openai import OpenAI; client = OpenAI(base_url="{url}/v1", api_key="{key_hint}")'
     )

@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     storage_url: str | None = None
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     api_key: str | None = Field(default=None, repr=False)  # never in logs or reprs
+    # Per-key ownership: "NAME:KEY" or "NAME:KEY:admin" entries, comma separated, and/or a
+    # file of such lines. Each key sees only its own files and batches; admin keys see all.
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
+    api_keys_file: Path | None = None
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Host headers accepted when no API key is set (DNS-rebinding guard); "*" allows all.
     # localhost, 127.0.0.1, ::1 and ``host`` are always allowed.
@@ -93,7 +97,7 @@ class Settings(BaseSettings):
     group_prefixes: bool = True  # submit requests sharing a first message/prompt together
     kv_cache_gib: float | None = None
 
-    @field_validator("models", "cors_origins", "allowed_hosts", mode="before")
+    @field_validator("models", "cors_origins", "allowed_hosts", "api_keys", mode="before")
     @classmethod
     def _split_list(cls, value: Any) -> Any:
         if isinstance(value, str):

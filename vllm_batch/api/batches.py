@@ -7,9 +7,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from vllm_batch import lifecycle
-from vllm_batch.api.deps import CtxDep, ReadSessionDep
+from vllm_batch.api.auth import Principal
+from vllm_batch.api.deps import CtxDep, PrincipalDep, ReadSessionDep
 from vllm_batch.api.errors import APIError, not_found
 from vllm_batch.api.files import page, stream_file
 from vllm_batch.protocol.batch import (
@@ -135,7 +137,9 @@ def _priority(metadata: dict[str, str] | None) -> int:
 
 
 @router.post("/batches", response_model=Batch)
-async def create_batch(ctx: CtxDep, session: ReadSessionDep, request: BatchCreateRequest) -> Batch:
+async def create_batch(
+    ctx: CtxDep, session: ReadSessionDep, principal: PrincipalDep, request: BatchCreateRequest
+) -> Batch:
     if request.endpoint not in SUPPORTED_ENDPOINTS:
         raise APIError(
             400,
@@ -147,7 +151,7 @@ async def create_batch(ctx: CtxDep, session: ReadSessionDep, request: BatchCreat
     window = window_seconds(request.completion_window)
     check_metadata(request.metadata)
     priority = _priority(request.metadata)
-    input_file = await queries.get_file(session, request.input_file_id)
+    input_file = await queries.get_file(session, request.input_file_id, owner=principal.scope)
     if input_file is not None and input_file.purpose != "batch":
         raise APIError(
             400,
@@ -166,7 +170,7 @@ async def create_batch(ctx: CtxDep, session: ReadSessionDep, request: BatchCreat
         output_expires_after=(
             request.output_expires_after.seconds if request.output_expires_after else None
         ),
-        owner=None,
+        owner=principal.name,
     )
     try:
         if input_file is None:
@@ -186,27 +190,32 @@ async def create_batch(ctx: CtxDep, session: ReadSessionDep, request: BatchCreat
 @router.get("/batches", response_model=ListPage[Batch])
 async def list_batches(
     session: ReadSessionDep,
+    principal: PrincipalDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: str | None = None,
 ) -> ListPage[Batch]:
-    rows = await queries.list_batches(session, limit=limit, after=after)
+    rows = await queries.list_batches(session, limit=limit, after=after, owner=principal.scope)
     return page([batch_object(row) for row in rows], limit)
 
 
-async def load_batch(session: ReadSessionDep, batch_id: str) -> BatchRow:
-    row = await queries.get_batch(session, batch_id)
+async def load_batch(session: AsyncSession, principal: Principal, batch_id: str) -> BatchRow:
+    """The batch, if ``principal`` may see it (another key's batch is simply not found)."""
+    row = await queries.get_batch(session, batch_id, owner=principal.scope)
     if row is None:
         raise not_found("batch", batch_id)
     return row
 
 
 @router.get("/batches/{batch_id}", response_model=Batch)
-async def retrieve_batch(session: ReadSessionDep, batch_id: str) -> Batch:
-    return batch_object(await load_batch(session, batch_id))
+async def retrieve_batch(session: ReadSessionDep, principal: PrincipalDep, batch_id: str) -> Batch:
+    return batch_object(await load_batch(session, principal, batch_id))
 
 
 @router.post("/batches/{batch_id}/cancel", response_model=Batch)
-async def cancel_batch(ctx: CtxDep, batch_id: str) -> Batch:
+async def cancel_batch(
+    ctx: CtxDep, session: ReadSessionDep, principal: PrincipalDep, batch_id: str
+) -> Batch:
+    await load_batch(session, principal, batch_id)
     try:
         row = await lifecycle.cancel(ctx, batch_id)
     except lifecycle.IllegalTransition as exc:
@@ -218,8 +227,10 @@ async def cancel_batch(ctx: CtxDep, batch_id: str) -> Batch:
 
 
 @router.get("/batches/{batch_id}/results")
-async def batch_results(ctx: CtxDep, session: ReadSessionDep, batch_id: str) -> StreamingResponse:
-    row = await load_batch(session, batch_id)
+async def batch_results(
+    ctx: CtxDep, session: ReadSessionDep, principal: PrincipalDep, batch_id: str
+) -> StreamingResponse:
+    row = await load_batch(session, principal, batch_id)
     output = await queries.get_file(session, row.output_file_id) if row.output_file_id else None
     if output is None:
         raise APIError(

@@ -8,8 +8,10 @@ from urllib.parse import quote
 import anyio
 from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from vllm_batch.api.deps import CtxDep, SessionDep
+from vllm_batch.api.auth import Principal
+from vllm_batch.api.deps import CtxDep, PrincipalDep, ReadSessionDep, SessionDep
 from vllm_batch.api.errors import APIError, not_found
 from vllm_batch.protocol.file import UPLOAD_PURPOSES, FileDeleted, FileObject
 from vllm_batch.protocol.ids import new_id, now
@@ -45,6 +47,7 @@ def file_object(row: FileRow) -> FileObject:
 async def create_file(
     ctx: CtxDep,
     session: SessionDep,
+    principal: PrincipalDep,
     file: UploadFile,
     purpose: Annotated[str, Form()],
     expires_anchor: Annotated[str | None, Form(alias="expires_after[anchor]")] = None,
@@ -81,10 +84,11 @@ async def create_file(
         expires_at=expires_at,
         storage_key=key,
         line_count=scan.requests if purpose == "batch" else None,
+        owner=principal.name,
     )
     try:
         async with session.begin():
-            session.add(row)
+            await queries.insert_file(session, row)
     except BaseException:
         await anyio.to_thread.run_sync(ctx.storage.delete, key)
         raise
@@ -133,13 +137,16 @@ def _expires_at(created: int, anchor: str | None, seconds: int | None) -> int | 
 
 @router.get("/files", response_model=ListPage[FileObject])
 async def list_files(
-    session: SessionDep,
+    session: ReadSessionDep,
+    principal: PrincipalDep,
     purpose: str | None = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
     after: str | None = None,
     order: Literal["asc", "desc"] = "desc",
 ) -> ListPage[FileObject]:
-    rows = await queries.list_files(session, purpose=purpose, limit=limit, after=after, order=order)
+    rows = await queries.list_files(
+        session, purpose=purpose, limit=limit, after=after, order=order, owner=principal.scope
+    )
     return page([file_object(row) for row in rows], limit)
 
 
@@ -154,21 +161,26 @@ def page(items: list[T], limit: int) -> ListPage[T]:
     )
 
 
-async def load_file(session: SessionDep, file_id: str) -> FileRow:
-    row = await queries.get_file(session, file_id)
+async def load_file(session: AsyncSession, principal: Principal, file_id: str) -> FileRow:
+    """The file, if ``principal`` may see it (another key's file is simply not found)."""
+    row = await queries.get_file(session, file_id, owner=principal.scope)
     if row is None:
         raise not_found("File", file_id)
     return row
 
 
 @router.get("/files/{file_id}", response_model=FileObject)
-async def retrieve_file(session: SessionDep, file_id: str) -> FileObject:
-    return file_object(await load_file(session, file_id))
+async def retrieve_file(
+    session: ReadSessionDep, principal: PrincipalDep, file_id: str
+) -> FileObject:
+    return file_object(await load_file(session, principal, file_id))
 
 
 @router.get("/files/{file_id}/content")
-async def file_content(ctx: CtxDep, session: SessionDep, file_id: str) -> StreamingResponse:
-    return stream_file(ctx, await load_file(session, file_id))
+async def file_content(
+    ctx: CtxDep, session: ReadSessionDep, principal: PrincipalDep, file_id: str
+) -> StreamingResponse:
+    return stream_file(ctx, await load_file(session, principal, file_id))
 
 
 def stream_file(ctx: CtxDep, row: FileRow) -> StreamingResponse:
@@ -191,9 +203,11 @@ def content_disposition(filename: str) -> str:
 
 
 @router.delete("/files/{file_id}", response_model=FileDeleted)
-async def delete_file(ctx: CtxDep, session: SessionDep, file_id: str) -> FileDeleted:
+async def delete_file(
+    ctx: CtxDep, session: SessionDep, principal: PrincipalDep, file_id: str
+) -> FileDeleted:
     async with session.begin():
-        row = await load_file(session, file_id)
+        row = await load_file(session, principal, file_id)
         batch_id = await queries.file_used_by_active_batch(session, file_id)
         if batch_id is not None:
             raise APIError(
