@@ -9,9 +9,11 @@ from typing import Any
 import httpx
 import pytest
 from openai import OpenAI
+from sqlalchemy import update
 
 from tests.conftest import TINY_NAME, LiveServer
 from tests.helpers import chat_line, completion_line, jsonl, parse_jsonl, wait_for_batch
+from vllm_batch.store.models import BatchRow
 
 
 @pytest.fixture(scope="module")
@@ -177,10 +179,20 @@ def test_cancel_running_batch_keeps_finished_results(client: OpenAI) -> None:
         assert len({r["custom_id"] for r in results}) == len(results)
 
 
-def test_expiry_keeps_finished_and_marks_the_rest(client: OpenAI) -> None:
+def test_expiry_keeps_finished_and_marks_the_rest(client: OpenAI, server: LiveServer) -> None:
     lines = [chat_line(i, TINY_NAME, max_tokens=100, ignore_eos=True) for i in range(1000)]
-    batch = submit(client, lines, completion_window="4s")
-    assert batch.expires_at == batch.created_at + 4
+    batch = submit(client, lines, completion_window="1h")
+    assert batch.expires_at == batch.created_at + 3600
+
+    async def shorten_window(session: Any) -> None:  # 1h is the shortest window accepted
+        async with session.begin():
+            await session.execute(
+                update(BatchRow)
+                .where(BatchRow.id == batch.id)
+                .values(expires_at=BatchRow.created_at + 4)
+            )
+
+    server.db(shorten_window)
     final = wait_for_batch(client, batch.id, timeout=90)
     assert final.status == "expired" and final.expired_at is not None
     counts = final.request_counts

@@ -101,11 +101,13 @@ def test_batch_round_trip_on_s3(
     direct = httpx.get(f"{s3_api.base_url}/batches/{batch.id}/results")
     assert direct.status_code == 200 and direct.text == text
 
-    output_key = f"{PREFIX}/batches/{batch.id}/output.jsonl"
+    # one finalization attempt wrote batches/<id>/<attempt>/output.jsonl; nothing else is kept
+    kept = [key for key in objects(s3_server, bucket) if key.startswith(f"{PREFIX}/batches/")]
+    assert len(kept) == 1 and kept[0].startswith(f"{PREFIX}/batches/{batch.id}/"), kept
+    output_key = kept[0]
+    assert output_key.endswith("/output.jsonl")  # the empty error file is not kept
     assert s3_server.get(bucket, output_key) == text.encode()
     assert client.files.retrieve(batch.output_file_id).bytes == len(text.encode())
-    # the empty error file is not kept
-    assert f"{PREFIX}/batches/{batch.id}/errors.jsonl" not in objects(s3_server, bucket)
     assert s3_server.uploads_in_progress(bucket) == []
 
     assert client.files.delete(upload.id).deleted

@@ -246,6 +246,7 @@ def test_signed_urls_are_never_logged_or_reported(
 ) -> None:
     monkeypatch.setattr(time, "sleep", lambda _s: None)
     caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="httpx")  # other tests may have quietened it
     data = write_input(tmp_path / "in.jsonl", 5).read_bytes()
     with _signed_server(data, fail_puts=99) as server, pytest.raises(RunFailed) as info:
         with_user = server.url.replace("http://", "http://user:pw@")
@@ -270,6 +271,7 @@ def test_unreadable_signed_input_is_reported_without_the_signature(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="httpx")  # other tests may have quietened it
     with FileServer() as server, pytest.raises(RunFailed, match="HTTP 404") as info:
         run_batch(options(f"{server.url}/missing?{SECRET}", tmp_path / "out.jsonl"), Factory())
     texts = [record.getMessage() for record in caplog.records] + [info.value.message]
