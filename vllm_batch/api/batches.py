@@ -181,7 +181,7 @@ async def create_batch(ctx: CtxDep, session: SessionDep, request: BatchCreateReq
             ),
         )
         session.add(row)
-    ctx.spawn(validate_batch(ctx, row.id))
+    ctx.spawn(validate_batch(ctx, row.id, ctx.validating))
     return batch_object(row)
 
 

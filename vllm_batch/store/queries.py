@@ -228,8 +228,14 @@ async def finish_chunk(session: AsyncSession, chunk_id: str, owner: str) -> None
     )
 
 
-async def release_chunk(session: AsyncSession, chunk_id: str, owner: str) -> None:
-    """Hand a chunk back to the queue (graceful shutdown, or the batch is stopping)."""
+async def release_chunk(
+    session: AsyncSession, chunk_id: str, owner: str, *, engine_failure: bool = False
+) -> None:
+    """Hand a chunk back to the queue (graceful shutdown, or the batch is stopping).
+
+    ``engine_failure``: placeholder until the lead's version lands (it counts one real
+    engine failure toward ``max_chunk_attempts``); accepted and ignored here.
+    """
     await session.execute(
         update(ChunkRow)
         .where(ChunkRow.id == chunk_id, ChunkRow.lease_owner == owner, ChunkRow.status == "running")
