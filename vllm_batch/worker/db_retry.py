@@ -130,7 +130,11 @@ async def retry_db(
         before_sleep=before_sleep,
         reraise=True,
     )
-    result: T = await retrying(call)
+
+    async def attempt() -> T:
+        return await call()
+
+    result: T = await retrying(attempt)
     if health is not None:
         health.recovered()
     return result

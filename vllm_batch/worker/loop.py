@@ -24,7 +24,7 @@ from vllm_batch.store import queries
 from vllm_batch.store.models import ChunkRow
 from vllm_batch.worker.chunk import ChunkOutcome, run_chunk
 from vllm_batch.worker.context import WorkerContext
-from vllm_batch.worker.db_retry import DbHealth, retry_db
+from vllm_batch.worker.db_retry import Backoff, DbHealth, retry_db
 from vllm_batch.worker.finalize import finalize_batch
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class Worker:
         self.current_chunk: str | None = None
         self.chunks_done = 0
         self.db = DbHealth()
+        self.db_backoff = Backoff()
         self.errors = 0
         """Rounds that ended in an unexpected error (logged, then the loop went on)."""
         self._shutdown = asyncio.Event()
@@ -88,7 +89,9 @@ class Worker:
             await asyncio.wait_for(self._shutdown.wait(), seconds)
 
     async def _db(self, call: Callable[[], Awaitable[T]], what: str) -> T:
-        return await retry_db(call, what, shutdown=self._shutdown, health=self.db)
+        return await retry_db(
+            call, what, shutdown=self._shutdown, health=self.db, backoff=self.db_backoff
+        )
 
     async def claim(self) -> ChunkRow | None:
         """Prefer the loaded model (no swap), then any model this worker may load."""
