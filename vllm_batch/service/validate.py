@@ -18,6 +18,7 @@ from vllm_batch.protocol.ids import now
 from vllm_batch.store import queries
 from vllm_batch.validation import BatchPlan, plan_batch
 from vllm_batch.worker.context import StoreContext
+from vllm_batch.worker.db_retry import is_db_outage
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,11 @@ class ValidationSweeper:
         while not shutdown.is_set():
             try:
                 await self.sweep()
-            except Exception:
-                log.exception("validation sweep failed; retrying")
+            except Exception as exc:
+                if not is_db_outage(exc):
+                    log.exception("validation sweep failed; retrying")
+                else:  # expected during an outage: one line, not a traceback
+                    log.warning("validation sweep: database unavailable (%s)", type(exc).__name__)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(shutdown.wait(), self.interval)
 
