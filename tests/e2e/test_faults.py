@@ -65,6 +65,19 @@ def wait_completed_at_least(client: OpenAI, batch_id: str, n: int, timeout: floa
         time.sleep(0.2)
 
 
+def wait_mid_chunk(client: OpenAI, batch_id: str, timeout: float = 180) -> int:
+    """Wait until the second chunk or a later one is running and partly saved."""
+    chunk = int(FAULT_ENV["VLLM_BATCH_CHUNK_SIZE"])
+    deadline = time.monotonic() + timeout
+    while True:
+        counts = client.batches.retrieve(batch_id).request_counts
+        assert counts is not None
+        if counts.completed > chunk and 3 <= counts.completed % chunk <= chunk // 2:
+            return counts.completed
+        assert time.monotonic() < deadline, f"never caught a chunk half done: {counts}"
+        time.sleep(0.1)
+
+
 def ready(url: str) -> tuple[int, dict[str, Any]]:
     response = httpx.get(f"{url}/ready", timeout=15)
     return response.status_code, response.json()
@@ -151,8 +164,8 @@ def run_outage_test(
     try:
         client = OpenAI(base_url=server.base_url, api_key="x", max_retries=5)
         assert ready(server.url)[0] == 200
-        batch_id = submit(client, lines)
-        wait_completed_at_least(client, batch_id, 25)
+        batch_id = submit(client, lines, max_tokens=96)
+        wait_mid_chunk(client, batch_id)
         started = time.monotonic()
         start_outage()
         try:
