@@ -58,13 +58,6 @@ def submit(client: OpenAI, lines: int, max_tokens: int = 24) -> str:
     return batch.id
 
 
-def wait_completed_at_least(client: OpenAI, batch_id: str, n: int, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while client.batches.retrieve(batch_id).request_counts.completed < n:
-        assert time.monotonic() < deadline, f"fewer than {n} lines done after {timeout}s"
-        time.sleep(0.2)
-
-
 def wait_mid_chunk(client: OpenAI, batch_id: str, timeout: float = 180) -> int:
     """Wait until the second chunk or a later one is running and partly saved."""
     chunk = int(FAULT_ENV["VLLM_BATCH_CHUNK_SIZE"])
