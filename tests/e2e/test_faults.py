@@ -268,7 +268,10 @@ def test_ten_graceful_worker_restarts_fail_no_line(tiny_model: Path, tmp_path: P
     worker: subprocess.Popen[bytes] | None = None
     try:
         api = spawn_server(
-            ["--no-worker", *model_args(tiny_model, db_url)], data_dir, wait_engine=False
+            ["--no-worker", *model_args(tiny_model, db_url)],
+            data_dir,
+            env=FAULT_ENV,  # the API chunks the batch: 20 lines a chunk
+            wait_engine=False,
         )
         client = OpenAI(base_url=api.base_url, api_key="x", max_retries=5)
         batch_id = submit(client, lines, max_tokens=32)
@@ -287,7 +290,9 @@ def test_ten_graceful_worker_restarts_fail_no_line(tiny_model: Path, tmp_path: P
             os.kill(worker.pid, signal.SIGTERM)
             assert worker.wait(60) == 0, log_path.read_text()[-3000:]
             log = log_path.read_text(errors="replace")
-            assert "Traceback" not in log, log[-3000:]
+            # (vLLM's own AsyncLLM.__del__ may print a traceback at interpreter exit.)
+            assert "Traceback" not in log.split("unloading model")[0], log[-3000:]
+            assert "ERROR vllm_batch" not in log, log[-3000:]
             after = client.batches.retrieve(batch_id)
             assert after.status == "in_progress", f"batch ended before restart {n + 1}: {after}"
             assert after.request_counts is not None and after.request_counts.failed == 0, (
