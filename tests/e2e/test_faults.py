@@ -263,18 +263,20 @@ def test_ten_graceful_worker_restarts_fail_no_line(tiny_model: Path, tmp_path: P
     rng = random.Random(int(time.time()))
     db_url = create_pg_database()
     data_dir = tmp_path / "data"
-    lines = 300
+    lines = 1000  # ~1 min of engine work: more than ten short worker lives
     api: ServerProcess | None = None
     worker: subprocess.Popen[bytes] | None = None
     try:
         api = spawn_server(
             ["--no-worker", *model_args(tiny_model, db_url)],
             data_dir,
-            env=FAULT_ENV,  # the API chunks the batch: 20 lines a chunk
+            # Chunks (made by the API) longer than a worker lives: each is interrupted
+            # and resumed several times, more often than max_chunk_attempts.
+            env={**FAULT_ENV, "VLLM_BATCH_CHUNK_SIZE": "100"},
             wait_engine=False,
         )
         client = OpenAI(base_url=api.base_url, api_key="x", max_retries=5)
-        batch_id = submit(client, lines, max_tokens=32)
+        batch_id = submit(client, lines, max_tokens=48)
         stops = []
         for n in range(RESTARTS):
             log_path = data_dir / f"worker{n}.log"
