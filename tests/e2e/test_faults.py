@@ -272,7 +272,7 @@ def test_ten_graceful_worker_restarts_fail_no_line(tiny_model: Path, tmp_path: P
             data_dir,
             # Chunks (made by the API) longer than a worker lives: each is interrupted
             # and resumed several times, more often than max_chunk_attempts.
-            env={**FAULT_ENV, "VLLM_BATCH_CHUNK_SIZE": "100"},
+            env={**FAULT_ENV, "VLLM_BATCH_CHUNK_SIZE": "200"},
             wait_engine=False,
         )
         client = OpenAI(base_url=api.base_url, api_key="x", max_retries=5)
@@ -288,7 +288,7 @@ def test_ten_graceful_worker_restarts_fail_no_line(tiny_model: Path, tmp_path: P
                 time.sleep(0.3)
             before = client.batches.retrieve(batch_id).request_counts
             assert before is not None
-            time.sleep(rng.uniform(1.0, 4.0))
+            time.sleep(rng.uniform(0.5, 2.0))
             os.kill(worker.pid, signal.SIGTERM)
             assert worker.wait(60) == 0, log_path.read_text()[-3000:]
             log = log_path.read_text(errors="replace")
