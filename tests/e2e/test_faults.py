@@ -292,14 +292,14 @@ def test_ten_graceful_worker_restarts_fail_no_line(tiny_model: Path, tmp_path: P
             os.kill(worker.pid, signal.SIGTERM)
             assert worker.wait(60) == 0, log_path.read_text()[-3000:]
             log = log_path.read_text(errors="replace")
-            # (vLLM's own AsyncLLM.__del__ may print a traceback at interpreter exit.)
-            assert "Traceback" not in log.split("unloading model")[0], log[-3000:]
-            assert "ERROR vllm_batch" not in log, log[-3000:]
             after = client.batches.retrieve(batch_id)
             assert after.status == "in_progress", f"batch ended before restart {n + 1}: {after}"
             assert after.request_counts is not None and after.request_counts.failed == 0, (
                 f"restart {n + 1}: {after.request_counts} (worker log tail: {log[-2000:]})"
             )
+            # (vLLM's own AsyncLLM.__del__ may print a traceback at interpreter exit.)
+            assert "Traceback" not in log.split("unloading model")[0], log[-3000:]
+            assert "ERROR vllm_batch" not in log, log[-3000:]
             stops.append((before.completed, after.request_counts.completed))
         worker = spawn_worker(tiny_model, db_url, data_dir, data_dir / "worker-final.log")
         wait_for_batch(client, batch_id, timeout=600)
