@@ -207,6 +207,7 @@ async def _run_worker(settings: Settings) -> None:
     from vllm_batch.engines.manager import EngineManager
     from vllm_batch.runtime import open_store
     from vllm_batch.service.housekeeping import run_housekeeping
+    from vllm_batch.service.supervise import TaskHealth, supervise
     from vllm_batch.worker.context import WorkerContext
     from vllm_batch.worker.loop import Worker
 
@@ -222,9 +223,12 @@ async def _run_worker(settings: Settings) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop)
-        upkeep = asyncio.create_task(run_housekeeping(ctx, shutdown))
+        worker = Worker(ctx)
+        upkeep = asyncio.create_task(
+            supervise(TaskHealth("housekeeping"), lambda: run_housekeeping(ctx, shutdown), shutdown)
+        )
         try:
-            await Worker(ctx).run(shutdown)
+            await supervise(TaskHealth("worker"), lambda: worker.run(shutdown), shutdown)
             await upkeep
         finally:
             upkeep.cancel()

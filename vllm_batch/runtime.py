@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -28,6 +28,8 @@ class StoreContext:
     notifier: WorkNotifier
     instance: InstanceId
     """This process's identity as a lease owner."""
+    finalizing: set[str] = field(default_factory=set)
+    """Batches this process is finalizing right now (so it never starts a second attempt)."""
 
     @property
     def instance_id(self) -> str:

@@ -21,7 +21,8 @@ from vllm_batch.engines.base import Engine
 from vllm_batch.engines.manager import EngineFactory, EngineManager
 from vllm_batch.runtime import open_store
 from vllm_batch.service.housekeeping import run_housekeeping
-from vllm_batch.service.validate import resume_validation
+from vllm_batch.service.supervise import TaskHealth, supervise
+from vllm_batch.service.validate import ValidationSweeper
 from vllm_batch.worker.context import WorkerContext
 from vllm_batch.worker.loop import Worker
 
@@ -38,23 +39,32 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
             ctx = AppContext(**store.shared())
             app.state.ctx = ctx
             shutdown = asyncio.Event()
-            worker_task = None
             if settings.worker:
                 ctx.engines = EngineManager(
                     settings.model_specs, engine_factory or settings_engine_factory(settings)
                 )
-                ctx.worker = Worker(WorkerContext(**ctx.shared(), engines=ctx.engines))
-                worker_task = asyncio.create_task(ctx.worker.run(shutdown))
-            ctx.spawn(resume_validation(ctx))
-            ctx.spawn(run_housekeeping(ctx, shutdown))
+                worker = Worker(WorkerContext(**ctx.shared(), engines=ctx.engines))
+                ctx.worker = worker
+                ctx.worker_health = TaskHealth("worker")
+                ctx.worker_task = asyncio.create_task(
+                    supervise(ctx.worker_health, lambda: worker.run(shutdown), shutdown)
+                )
+            sweeper = ValidationSweeper(ctx, ctx.validating)
+            for name, run in (
+                ("housekeeping", lambda: run_housekeeping(ctx, shutdown)),
+                ("validation sweeper", lambda: sweeper.run(shutdown)),
+            ):
+                health = TaskHealth(name)
+                ctx.services.append(health)
+                ctx.spawn(supervise(health, run, shutdown))
             try:
                 yield
             finally:
                 shutdown.set()
                 ctx.notifier.wake()
-                if worker_task is not None:
+                if ctx.worker_task is not None:
                     try:
-                        await asyncio.wait_for(worker_task, SHUTDOWN_GRACE_SECONDS)
+                        await asyncio.wait_for(ctx.worker_task, SHUTDOWN_GRACE_SECONDS)
                     except Exception:
                         log.exception("worker did not stop cleanly")
                 if ctx.engines is not None:

@@ -183,7 +183,7 @@ async def create_batch(
             param="input_file_id",
             code="not_found",
         ) from None
-    ctx.spawn(validate_batch(ctx, row.id))
+    ctx.spawn(validate_batch(ctx, row.id, ctx.validating))
     return batch_object(row)
 
 

@@ -1,43 +1,54 @@
-"""Service routes: ``/`` (info), ``/health``, ``/ready`` and ``/v1/models``."""
+"""Service routes: ``/`` (info), ``/health``, ``/ready`` and ``/v1/models``.
+
+``/`` and ``/ready`` need no API key, so without a valid one they show states and counts
+only; ids (worker, chunk, batch) and error texts only with ``Authorization: Bearer <key>``
+(and never when no key is configured: then nobody is authenticated).
+"""
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
 
 from vllm_batch import __version__
-from vllm_batch.api.deps import CtxDep, SessionDep
+from vllm_batch.api.deps import CtxDep
+from vllm_batch.api.probes import check_database, check_services, check_worker
 from vllm_batch.store import queries
 
 router = APIRouter(tags=["service"])
 v1_router = APIRouter(tags=["models"])
 
 
-def worker_state(ctx: CtxDep) -> dict[str, Any]:
-    if ctx.worker is None or ctx.engines is None:
-        return {"enabled": False}
-    return {
-        "enabled": True,
-        "id": ctx.worker.ctx.worker_id,
-        "engine": ctx.engines.state,
-        "loaded_model": ctx.engines.loaded_model,
-        "current_chunk": ctx.worker.current_chunk,
-        "chunks_done": ctx.worker.chunks_done,
-    }
+def has_valid_key(request: Request, api_key: str | None) -> bool:
+    """Whether the request carries ``Authorization: Bearer <api_key>`` (constant time)."""
+    if not api_key:
+        return False
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), api_key.encode())
 
 
 @router.get("/")
-async def service_info(ctx: CtxDep, session: SessionDep) -> dict[str, Any]:
+async def service_info(ctx: CtxDep, request: Request) -> dict[str, Any]:
+    details = has_valid_key(request, ctx.settings.api_key)
+    worker = check_worker(ctx)
+    counts: dict[str, Any]
+    try:
+        async with ctx.sessions() as session:
+            counts = {
+                "batches": await queries.count_batches_by_status(session),
+                "chunks": await queries.queue_depth(session),
+            }
+    except Exception as exc:  # the page still answers while the database is down
+        counts = {"batches": None, "chunks": None, "database": exc.__class__.__name__}
     return {
         "name": "vLLM Batch Server",
         "version": __version__,
         "models": ctx.settings.served_model_names,
-        "batches": await queries.count_batches_by_status(session),
-        "chunks": await queries.queue_depth(session),
-        "worker": worker_state(ctx),
+        **counts,
+        "worker": {**worker.state, **worker.details} if details else worker.state,
         "links": {
             "openai_base_url": "/v1",
             "files": "/v1/files",
@@ -56,15 +67,26 @@ async def health() -> dict[str, str]:
 
 
 @router.get("/ready")
-async def ready(ctx: CtxDep, session: SessionDep) -> JSONResponse:
-    try:
-        await session.execute(text("SELECT 1"))
-        database = "ok"
-    except Exception as exc:  # report, don't raise: this is a probe
-        database = f"error: {exc.__class__.__name__}"
-    body = {"database": database, "worker": worker_state(ctx)}
-    body["status"] = "ready" if database == "ok" else "not_ready"
-    return JSONResponse(body, status_code=200 if database == "ok" else 503)
+async def ready(ctx: CtxDep, request: Request) -> JSONResponse:
+    """200 if the database answers, the worker runs and its engine loads; else 503."""
+    details = has_valid_key(request, ctx.settings.api_key)
+    checks = {
+        "database": await check_database(ctx),
+        "worker": check_worker(ctx),
+        "services": check_services(ctx),
+    }
+    ok = all(check.ok for check in checks.values())
+    database = checks["database"]
+    body: dict[str, Any] = {
+        "status": "ready" if ok else "not_ready",
+        "database": "ok" if database.ok else "unavailable",
+        "worker": checks["worker"].state,
+        "services": checks["services"].state,
+        "reasons": {name: check.reason for name, check in checks.items() if not check.ok},
+    }
+    if details:
+        body["details"] = {name: check.details for name, check in checks.items()}
+    return JSONResponse(body, status_code=200 if ok else 503)
 
 
 @v1_router.get("/models")

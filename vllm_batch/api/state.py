@@ -10,6 +10,7 @@ from typing import Any
 
 from vllm_batch.engines.manager import EngineManager
 from vllm_batch.runtime import StoreContext
+from vllm_batch.service.supervise import TaskHealth
 from vllm_batch.worker.loop import Worker
 
 log = logging.getLogger(__name__)
@@ -19,7 +20,23 @@ log = logging.getLogger(__name__)
 class AppContext(StoreContext):
     engines: EngineManager | None = None
     worker: Worker | None = None
+    worker_health: TaskHealth | None = None
+    worker_task: asyncio.Task[None] | None = None
+    services: list[TaskHealth] = field(default_factory=list)
+    """Supervised background services (housekeeping, validation sweeper)."""
+    validating: set[str] = field(default_factory=set)
+    """Batches this process is validating right now."""
     background: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    @property
+    def worker_alive(self) -> bool:
+        """The worker task runs (not dead, not waiting to be restarted)."""
+        return (
+            self.worker_task is not None
+            and not self.worker_task.done()
+            and self.worker_health is not None
+            and self.worker_health.running
+        )
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` in the background, keep a reference, log its failure."""

@@ -1,10 +1,20 @@
-"""Keeps at most one engine loaded and swaps models on demand (one GPU at a time)."""
+"""Keeps at most one engine loaded and swaps models on demand (one GPU at a time).
+
+A model whose engine fails to start is remembered as failed (error and time) and is not
+tried again before its backoff (``first_retry`` doubling up to ``max_retry``) has passed:
+``get`` raises ``EngineLoadError`` at once meanwhile, and the worker stops claiming work
+for it (``claimable_models``) and retries the load itself (``due_retries``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from vllm_batch.config import ModelSpec
 from vllm_batch.engines.base import Engine
@@ -12,17 +22,64 @@ from vllm_batch.engines.base import Engine
 log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[ModelSpec], Engine]
+FIRST_LOAD_RETRY_SECONDS = 5.0
+MAX_LOAD_RETRY_SECONDS = 60.0
+
+
+class EngineLoadError(Exception):
+    """A model's engine could not start. Its work waits; it is never failed for this."""
+
+    def __init__(self, model: str, message: str) -> None:
+        super().__init__(f"engine for {model} cannot load: {message}")
+        self.model = model
+
+
+@dataclass
+class LoadFailure:
+    """Why and since when a model cannot load, and when to try again."""
+
+    model: str
+    error: str
+    first_failed_at: float
+    last_failed_at: float
+    attempts: int
+    retry_at: float
+
+    def describe(self, now: float, *, details: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "state": "failed",
+            "failed_attempts": self.attempts,
+            "failing_for_seconds": round(now - self.first_failed_at, 1),
+            "next_retry_in_seconds": round(max(0.0, self.retry_at - now), 1),
+        }
+        if details:
+            out["error"] = self.error
+            out["last_failed_at"] = int(self.last_failed_at)
+        return out
 
 
 class EngineManager:
     """Owns the worker's engine; ``get`` loads the asked-for model, unloading another."""
 
-    def __init__(self, specs: Sequence[ModelSpec], factory: EngineFactory) -> None:
+    def __init__(
+        self,
+        specs: Sequence[ModelSpec],
+        factory: EngineFactory,
+        *,
+        first_retry: float = FIRST_LOAD_RETRY_SECONDS,
+        max_retry: float = MAX_LOAD_RETRY_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.specs = {spec.name: spec for spec in specs}
         self._factory = factory
         self._engine: Engine | None = None
         self._lock = asyncio.Lock()
+        self._first_retry = first_retry
+        self._max_retry = max_retry
+        self._clock = clock
         self.state = "idle"
+        """``idle``, ``loading <model>``, ``ready`` or ``failed``."""
+        self.failures: dict[str, LoadFailure] = {}
 
     @property
     def model_names(self) -> list[str]:
@@ -32,22 +89,89 @@ class EngineManager:
     def loaded_model(self) -> str | None:
         return self._engine.model_name if self._engine and self.state == "ready" else None
 
+    @property
+    def failed(self) -> bool:
+        """Some served model cannot load right now."""
+        return bool(self.failures)
+
+    def claimable_models(self) -> list[str]:
+        """Models the worker may take work for: none whose engine is known not to load."""
+        return [name for name in self.specs if name not in self.failures]
+
+    def due_retries(self) -> list[str]:
+        """Failed models whose backoff has passed: time to try loading them again."""
+        now = self._clock()
+        return [name for name, f in self.failures.items() if f.retry_at <= now]
+
+    def next_retry_in(self) -> float | None:
+        """Seconds until the earliest load retry, or None if nothing failed."""
+        if not self.failures:
+            return None
+        return max(0.0, min(f.retry_at for f in self.failures.values()) - self._clock())
+
+    def describe(self, *, details: bool) -> dict[str, Any]:
+        """The engine state for ``/`` and ``/ready`` (errors only with ``details``)."""
+        now = self._clock()
+        return {
+            "state": self.state,
+            "loaded_model": self.loaded_model,
+            "failed_models": {
+                name: failure.describe(now, details=details)
+                for name, failure in self.failures.items()
+            },
+        }
+
     async def get(self, model: str) -> Engine:
+        """The engine for ``model``, started if needed; ``EngineLoadError`` if it cannot be."""
         async with self._lock:
             if self._engine is not None and self._engine.model_name == model:
                 return self._engine
+            failure = self.failures.get(model)
+            if failure is not None and failure.retry_at > self._clock():
+                raise EngineLoadError(model, f"{failure.error} (backing off)")
             await self._unload()
-            engine = self._factory(self.specs[model])
             self.state = f"loading {model}"
+            engine: Engine | None = None
             try:
+                engine = self._factory(self.specs[model])
                 await engine.start()
-            except BaseException:
-                self.state = "failed"
+            except asyncio.CancelledError:
+                self.state = "idle"
                 raise
+            except Exception as exc:
+                self._record_failure(model, exc)
+                if engine is not None:
+                    await self._stop_quietly(engine)
+                raise EngineLoadError(model, self.failures[model].error) from exc
             self._engine = engine
             self.state = "ready"
+            if self.failures.pop(model, None) is not None:
+                log.info("model %s loaded after earlier load failures", model)
             log.info("model %s loaded", model)
             return engine
+
+    def _record_failure(self, model: str, exc: BaseException) -> None:
+        now = self._clock()
+        previous = self.failures.get(model)
+        attempts = previous.attempts + 1 if previous else 1
+        delay = min(self._max_retry, self._first_retry * 2 ** (attempts - 1))
+        delay *= random.uniform(0.8, 1.0)  # jitter: workers sharing a broken model spread out
+        self.failures[model] = LoadFailure(
+            model=model,
+            error=f"{exc.__class__.__name__}: {exc}"[:500],
+            first_failed_at=previous.first_failed_at if previous else now,
+            last_failed_at=now,
+            attempts=attempts,
+            retry_at=now + delay,
+        )
+        self.state = "failed"
+        log.error(
+            "model %s failed to load (attempt %d): %s; retrying in %.0f s",
+            model,
+            attempts,
+            self.failures[model].error,
+            delay,
+        )
 
     async def restart(self) -> None:
         """Drop the current engine (it broke); the next ``get`` starts a fresh one."""
@@ -64,6 +188,10 @@ class EngineManager:
         engine, self._engine = self._engine, None
         self.state = "idle"
         log.info("unloading model %s", engine.model_name)
+        await self._stop_quietly(engine)
+
+    @staticmethod
+    async def _stop_quietly(engine: Engine) -> None:
         try:
             await engine.stop()
         except Exception:

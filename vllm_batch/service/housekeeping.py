@@ -18,8 +18,10 @@ import anyio
 from vllm_batch import lifecycle
 from vllm_batch.identity import InstanceId
 from vllm_batch.protocol.ids import now
+from vllm_batch.retry import describe
 from vllm_batch.runtime import StoreContext
 from vllm_batch.store import queries
+from vllm_batch.store.db import is_transient
 from vllm_batch.worker.finalize import delete_saved_results, finalize_ready_batches
 
 log = logging.getLogger(__name__)
@@ -80,7 +82,10 @@ async def run_housekeeping(ctx: StoreContext, shutdown: asyncio.Event) -> None:
     while not shutdown.is_set():
         try:
             await housekeeping_once(ctx)
-        except Exception:
-            log.exception("housekeeping failed; retrying")
+        except Exception as exc:
+            if is_transient(exc):  # an outage: one line every round, not a traceback
+                log.warning("housekeeping: database unavailable (%s)", describe(exc)[:200])
+            else:
+                log.exception("housekeeping failed; retrying")
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(shutdown.wait(), INTERVAL_SECONDS)

@@ -1,8 +1,16 @@
-"""Validate a new batch's input file and enqueue its chunks (or fail it with line errors)."""
+"""Validate a new batch's input file and enqueue its chunks (or fail it with line errors).
+
+``validate_batch`` is idempotent (its writes are conditional on status ``validating``), so
+a batch left in ``validating`` by a crash, a storage error or a database outage is simply
+validated again by ``ValidationSweeper``, which every server runs in the background.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
 
 import anyio
 
@@ -11,12 +19,32 @@ from vllm_batch.runtime import StoreContext
 from vllm_batch.states import BatchStatus
 from vllm_batch.store import queries
 from vllm_batch.validation import BatchPlan, plan_batch
+from vllm_batch.worker.db_retry import is_db_outage
 
 log = logging.getLogger(__name__)
 
 
-async def validate_batch(ctx: StoreContext, batch_id: str) -> None:
-    """``validating`` → ``in_progress`` with chunks queued, or → ``failed`` with ``errors``."""
+async def validate_batch(
+    ctx: StoreContext, batch_id: str, in_flight: set[str] | None = None
+) -> None:
+    """``validating`` → ``in_progress`` with chunks queued, or → ``failed`` with ``errors``.
+
+    ``in_flight`` (optional) holds the batch id while it is being validated here, so the
+    sweeper leaves it alone.
+    """
+    if in_flight is None:
+        await _validate(ctx, batch_id)
+        return
+    if batch_id in in_flight:
+        return
+    in_flight.add(batch_id)
+    try:
+        await _validate(ctx, batch_id)
+    finally:
+        in_flight.discard(batch_id)
+
+
+async def _validate(ctx: StoreContext, batch_id: str) -> None:
     settings = ctx.settings
     async with ctx.read_sessions() as session:
         batch = await queries.get_batch(session, batch_id)
@@ -57,9 +85,83 @@ async def validate_batch(ctx: StoreContext, batch_id: str) -> None:
     ctx.notifier.wake()
 
 
-async def resume_validation(ctx: StoreContext) -> None:
-    """Validate batches left in ``validating`` by a previous process."""
-    async with ctx.read_sessions() as session:
-        pending = await queries.batches_with_status(session, BatchStatus.VALIDATING)
-    for batch_id in pending:
-        await validate_batch(ctx, batch_id)
+SWEEP_SECONDS = 10.0
+FIRST_RETRY_SECONDS = 10.0
+MAX_RETRY_SECONDS = 300.0
+
+
+class ValidationSweeper:
+    """Re-validates batches stuck in ``validating`` that this process is not validating.
+
+    The first sweep (at start) takes every such batch: a previous process left it. Later
+    sweeps retry a batch whose validation failed here (storage or database error) with
+    backoff, and any other once this sweeper has seen it waiting ``stale_after`` seconds
+    (another process may still be validating a fresh one; validating twice is harmless).
+    """
+
+    def __init__(
+        self,
+        ctx: StoreContext,
+        in_flight: set[str],
+        *,
+        interval: float = SWEEP_SECONDS,
+        stale_after: float = 60.0,
+    ) -> None:
+        self.ctx = ctx
+        self.in_flight = in_flight
+        self.interval = interval
+        self.stale_after = stale_after
+        self._retry_at: dict[str, tuple[float, float]] = {}  # batch -> (when, last delay)
+        self._first_seen: dict[str, float] = {}
+        self._first = True
+
+    async def run(self, shutdown: asyncio.Event) -> None:
+        """Sweep every ``interval`` seconds until ``shutdown``; a failed sweep is logged."""
+        while not shutdown.is_set():
+            try:
+                await self.sweep()
+            except Exception as exc:
+                if not is_db_outage(exc):
+                    log.exception("validation sweep failed; retrying")
+                else:  # expected during an outage: one line, not a traceback
+                    log.warning("validation sweep: database unavailable (%s)", type(exc).__name__)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(shutdown.wait(), self.interval)
+
+    async def sweep(self) -> int:
+        """Validate the due batches; returns how many were attempted."""
+        async with self.ctx.read_sessions() as session:
+            pending = await queries.batches_with_status(session, BatchStatus.VALIDATING)
+        first, self._first = self._first, False
+        clock = time.monotonic()
+        attempted = 0
+        for batch_id in pending:
+            seen = self._first_seen.setdefault(batch_id, clock)
+            if batch_id in self.in_flight:
+                continue
+            retry = self._retry_at.get(batch_id)
+            if retry is not None:
+                if retry[0] > clock:
+                    continue
+            elif not first and clock - seen < self.stale_after:
+                continue
+            attempted += 1
+            try:
+                await validate_batch(self.ctx, batch_id, self.in_flight)
+            except Exception as exc:
+                delay = min(MAX_RETRY_SECONDS, retry[1] * 2) if retry else FIRST_RETRY_SECONDS
+                self._retry_at[batch_id] = (time.monotonic() + delay, delay)
+                log.warning(
+                    "validating batch %s failed (%s: %s); retrying in %.0f s",
+                    batch_id,
+                    exc.__class__.__name__,
+                    exc,
+                    delay,
+                )
+            else:
+                self._retry_at.pop(batch_id, None)
+        known = set(pending)
+        for table in (self._retry_at, self._first_seen):
+            for batch_id in [b for b in table if b not in known]:
+                del table[batch_id]
+        return attempted

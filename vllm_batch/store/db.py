@@ -103,14 +103,29 @@ _TRANSIENT_SQLSTATES = ("55000", "40001", "40P01")
 
 
 def is_transient(error: BaseException) -> bool:
-    """Whether ``error`` comes from an unreachable, busy or restarting database."""
+    """Whether ``error`` comes from an unreachable, busy or restarting database.
+
+    The one classifier for every database retry: a bug (integrity, SQL or data error) is
+    not transient unless its SQLSTATE says the connection was lost or refused.
+    """
+    import asyncpg
+
     if isinstance(error, exc.DBAPIError):
         if error.connection_invalidated or isinstance(
             error, exc.OperationalError | exc.InterfaceError
         ):
             return True
         error = error.orig or error
-    if isinstance(error, OSError | TimeoutError | exc.DisconnectionError | exc.TimeoutError):
+    if isinstance(
+        error,
+        OSError
+        | TimeoutError
+        | exc.DisconnectionError
+        | exc.TimeoutError
+        | asyncpg.PostgresConnectionError
+        | asyncpg.InterfaceError
+        | asyncpg.exceptions.CannotConnectNowError,
+    ):
         return True
     sqlstate = str(getattr(error, "sqlstate", "") or "")
     return sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES or sqlstate in _TRANSIENT_SQLSTATES
@@ -121,4 +136,6 @@ def db_retrying(what: str, *, attempts: int | None = None) -> tenacity.AsyncRetr
 
     ``async for attempt in db_retrying("saving x"): with attempt: ...``
     """
-    return retrying(on=is_transient, attempts=attempts, max_wait=10.0, log=log, what=what)
+    return retrying(
+        on=is_transient, attempts=attempts, first_wait=0.1, max_wait=2.0, log=log, what=what
+    )

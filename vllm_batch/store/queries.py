@@ -552,8 +552,9 @@ def _ready_to_finalize(now: float) -> Any:
     )
 
 
-def _finalize_lease_free(now: float) -> Any:
-    return or_(BatchRow.finalize_lease_until.is_(None), BatchRow.finalize_lease_until < now)
+def _finalize_lease_free(now: float, owner: str | None = None) -> Any:
+    free = or_(BatchRow.finalize_lease_until.is_(None), BatchRow.finalize_lease_until < now)
+    return free if owner is None else or_(free, BatchRow.finalize_owner == owner)
 
 
 async def claim_finalization(
@@ -562,8 +563,9 @@ async def claim_finalization(
     """Take the right to write a batch's output files: one guarded ``UPDATE``.
 
     Succeeds only if the batch is active, ready (see ``_ready_to_finalize``) and nobody
-    holds a live finalization lease. ``in_progress`` moves to ``finalizing``; a stopping
-    batch keeps its status until ``finish_batch``.
+    else holds a live finalization lease (``owner`` may take its own lease again).
+    ``in_progress`` moves to ``finalizing``; a stopping batch keeps its status until
+    ``finish_batch``.
     """
     await lock_batch(session, batch_id)
     to_finalizing = BatchRow.status == BatchStatus.IN_PROGRESS
@@ -572,7 +574,7 @@ async def claim_finalization(
         .where(
             BatchRow.id == batch_id,
             BatchRow.status.in_(ACTIVE),
-            _finalize_lease_free(now),
+            _finalize_lease_free(now, owner),
             _ready_to_finalize(now),
         )
         .values(

@@ -8,7 +8,7 @@ from vllm_batch.engines.manager import EngineManager
 from vllm_batch.runtime import StoreContext
 
 
-@dataclass
+@dataclass(kw_only=True)
 class WorkerContext(StoreContext):
     engines: EngineManager
 

@@ -51,6 +51,18 @@ async def finalize_ready_batches(ctx: StoreContext) -> int:
 
 async def finalize_batch(ctx: StoreContext, batch_id: str) -> bool:
     """Write the batch's files and move it to its final status, if it is ready and free."""
+    if batch_id in ctx.finalizing:
+        return False
+    ctx.finalizing.add(batch_id)
+    try:
+        return await _finalize(ctx, batch_id)
+    finally:
+        ctx.finalizing.discard(batch_id)
+
+
+async def _finalize(ctx: StoreContext, batch_id: str) -> bool:
+    # Re-entrant for this process: an attempt cut short (say, by a database outage) is
+    # retried at once instead of waiting for our own lease to lapse.
     batch = await lifecycle.claim_finalization(ctx, batch_id, FINALIZE_LEASE_SECONDS)
     if batch is None:
         return False

@@ -1,23 +1,35 @@
-"""The worker's claim loop: lease a chunk, run it, finalize batches, repeat."""
+"""The worker's claim loop: lease a chunk, run it, finalize batches, repeat.
+
+The loop must outlive every fault short of ``shutdown``:
+
+- each database call (claim, finish or release a chunk, finalize) goes through
+  ``retry_db``: an outage is waited out with backoff, not turned into an exit;
+- anything else unexpected in one round is logged, and the loop goes on after a pause;
+- a model whose engine cannot load is not claimed for while its load is retried with
+  backoff (``EngineManager``); a chunk already held is handed back, never failed.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from vllm_batch import lifecycle
 from vllm_batch.engines.base import EngineFailure
-from vllm_batch.store import queries
+from vllm_batch.engines.manager import EngineLoadError
 from vllm_batch.store.models import ChunkRow
 from vllm_batch.worker.chunk import ChunkOutcome, run_chunk
 from vllm_batch.worker.context import WorkerContext
+from vllm_batch.worker.db_retry import Backoff, DbHealth, retry_db
 from vllm_batch.worker.finalize import finalize_batch
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 ENGINE_RETRY_SECONDS = 2.0
+ERROR_PAUSE_SECONDS = 2.0
 
 
 class Worker:
@@ -27,47 +39,73 @@ class Worker:
         self.ctx = ctx
         self.current_chunk: str | None = None
         self.chunks_done = 0
+        self.db = DbHealth()
+        self.db_backoff = Backoff()
+        self.errors = 0
+        """Rounds that ended in an unexpected error (logged, then the loop went on)."""
+        self._shutdown = asyncio.Event()
 
     async def run(self, shutdown: asyncio.Event) -> None:
+        """Loop until ``shutdown``; returns only then."""
+        self._shutdown = shutdown
         models = ", ".join(self.ctx.engines.model_names)
         log.info("worker %s serving %s", self.ctx.worker_id, models)
-        await self._guarded(self.ctx.engines.get(self.ctx.engines.model_names[0]))
+        await self._try_load(self.ctx.engines.model_names[0])
         while not shutdown.is_set():
-            chunk = await self._guarded(self.claim())
-            if chunk is None:
-                await self.ctx.notifier.wait(self.ctx.settings.poll_interval)
-                continue
-            await self.process(chunk, shutdown)
+            try:
+                await self.step()
+            except Exception:
+                self.errors += 1
+                log.exception("worker %s: unexpected error; going on", self.ctx.worker_id)
+                await self._pause(ERROR_PAUSE_SECONDS)
         log.info("worker %s stopped", self.ctx.worker_id)
 
-    async def _guarded(self, work: Awaitable[T]) -> T | None:
-        """Database hiccups must not kill the loop: log and try again next round."""
-        try:
-            return await work
-        except Exception:
-            log.exception("worker %s: housekeeping/claim failed", self.ctx.worker_id)
-            await asyncio.sleep(self.ctx.settings.poll_interval)
-            return None
+    async def step(self) -> None:
+        """One round: retry due engine loads, then claim and run one chunk (or wait)."""
+        for model in self.ctx.engines.due_retries():
+            await self._try_load(model)
+        if not self.ctx.engines.claimable_models():
+            wait = self.ctx.engines.next_retry_in()
+            await self._pause(wait if wait is not None else self.ctx.settings.poll_interval)
+            return
+        chunk = await self._db(self.claim, "claim a chunk")
+        if chunk is None:
+            wait = self.ctx.settings.poll_interval
+            next_retry = self.ctx.engines.next_retry_in()
+            if next_retry is not None:
+                wait = min(wait, max(next_retry, 0.05))
+            await self.ctx.notifier.wait(wait)
+            return
+        await self.process(chunk)
+
+    async def _try_load(self, model: str) -> None:
+        """Load ``model`` now; a failure is recorded by the manager (and retried later)."""
+        with contextlib.suppress(EngineLoadError):
+            await self.ctx.engines.get(model)
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._shutdown.wait(), seconds)
+
+    async def _db(self, call: Callable[[], Awaitable[T]], what: str) -> T:
+        return await retry_db(
+            call, what, shutdown=self._shutdown, health=self.db, backoff=self.db_backoff
+        )
 
     async def claim(self) -> ChunkRow | None:
-        """Prefer the loaded model (no swap), then any model this worker serves."""
+        """Prefer the loaded model (no swap), then any model this worker may load."""
+        claimable = self.ctx.engines.claimable_models()
         loaded = self.ctx.engines.loaded_model
-        preferences = [[loaded]] if loaded else []
-        preferences.append(self.ctx.engines.model_names)
+        preferences = [[loaded]] if loaded in claimable else []
+        preferences.append(claimable)
         for models in preferences:
-            async with self.ctx.sessions() as session, session.begin():
-                chunk = await queries.claim_chunk(
-                    session,
-                    owner=self.ctx.worker_id,
-                    models=models,
-                    now=time.time(),
-                    lease=self.ctx.settings.lease_seconds,
-                )
+            chunk = await lifecycle.claim_chunk(self.ctx, self.ctx.worker_id, models)
             if chunk is not None:
                 return chunk
         return None
 
-    async def process(self, chunk: ChunkRow, shutdown: asyncio.Event) -> None:
+    async def process(self, chunk: ChunkRow) -> None:
+        """Run a leased chunk, then mark it done or hand it back, then try to finalize."""
         self.current_chunk = chunk.id
         log.info(
             "worker %s took chunk %s (lines %d-%d, attempt %d)",
@@ -78,40 +116,42 @@ class Worker:
             chunk.attempts,
         )
         try:
-            outcome = await run_chunk(self.ctx, chunk, shutdown)
+            outcome = await run_chunk(self.ctx, chunk, self._shutdown)
+        except EngineLoadError as exc:
+            log.error("chunk %s waits: %s; releasing it", chunk.id, exc)
+            await self._release(chunk, engine_failure=False)
+            return
         except EngineFailure as exc:
             log.error("engine failed on chunk %s: %s; restarting it", chunk.id, exc)
-            await self._release(chunk)
+            await self._release(chunk, engine_failure=True)
             await self.ctx.engines.restart()
-            await asyncio.sleep(ENGINE_RETRY_SECONDS)
+            await self._pause(ENGINE_RETRY_SECONDS)
             return
         except Exception:
             log.exception("chunk %s failed unexpectedly; releasing it", chunk.id)
-            await self._release(chunk)
-            await asyncio.sleep(ENGINE_RETRY_SECONDS)
+            await self._release(chunk, engine_failure=False)
+            await self._pause(ERROR_PAUSE_SECONDS)
             return
         finally:
             self.current_chunk = None
         if outcome is ChunkOutcome.DONE:
-            async with self.ctx.sessions() as session, session.begin():
-                saved = await queries.count_done_lines(
-                    session, chunk.batch_id, chunk.start_line, chunk.end_line
-                )
-                if saved == chunk.end_line - chunk.start_line:
-                    await queries.finish_chunk(session, chunk.id, self.ctx.worker_id)
-                    self.chunks_done += 1
-                else:  # never mark a chunk done with a line missing
-                    log.error(
-                        "chunk %s has %d of %d results; releasing it",
-                        chunk.id,
-                        saved,
-                        chunk.end_line - chunk.start_line,
-                    )
-                    await queries.release_chunk(session, chunk.id, self.ctx.worker_id)
+            if await self._db(lambda: self._finish(chunk), f"finish chunk {chunk.id}"):
+                self.chunks_done += 1
         elif outcome is ChunkOutcome.RELEASED:
-            await self._release(chunk)
-        await finalize_batch(self.ctx, chunk.batch_id)
+            await self._release(chunk, engine_failure=False)
+        await self._db(lambda: finalize_batch(self.ctx, chunk.batch_id), "finalize a batch")
 
-    async def _release(self, chunk: ChunkRow) -> None:
-        async with self.ctx.sessions() as session, session.begin():
-            await queries.release_chunk(session, chunk.id, self.ctx.worker_id)
+    async def _finish(self, chunk: ChunkRow) -> bool:
+        """Mark ``chunk`` done if every line has a saved result, else hand it back."""
+        done = await lifecycle.finish_chunk(self.ctx, chunk, self.ctx.worker_id)
+        if not done:
+            log.error("chunk %s is missing results or no longer ours; released it", chunk.id)
+        return done
+
+    async def _release(self, chunk: ChunkRow, *, engine_failure: bool) -> None:
+        await self._db(
+            lambda: lifecycle.release_chunk(
+                self.ctx, chunk, self.ctx.worker_id, engine_failure=engine_failure
+            ),
+            f"release chunk {chunk.id}",
+        )

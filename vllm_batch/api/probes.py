@@ -1,0 +1,119 @@
+"""Readiness checks: can the database be written, does the worker run, can its engine load.
+
+Each check returns a ``Check``; ``/ready`` is 200 only if all pass. A check names a reason
+when it fails and never raises (this is a probe). Ids (worker, chunk, batch) and error
+texts go into ``details``, which only a caller with a valid API key gets to see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from sqlalchemy import text
+
+from vllm_batch.api.state import AppContext
+from vllm_batch.store.db import is_sqlite
+
+DB_TIMEOUT_SECONDS = 2.0
+
+
+@dataclass
+class Check:
+    """One component's verdict: ``ok``, a public ``state``, a ``reason`` and ``details``."""
+
+    ok: bool
+    state: dict[str, Any]
+    reason: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def _sqlite_path(url: str) -> str | None:
+    path = url.split(":///", 1)[-1].split("?", 1)[0]
+    return None if not path or path == ":memory:" else path
+
+
+def _sqlite_write_probe(path: str, timeout: float) -> None:
+    """Take and drop SQLite's write lock: a reader alone would not notice a held lock."""
+    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+    finally:
+        conn.close()
+
+
+async def check_database(ctx: AppContext, timeout: float = DB_TIMEOUT_SECONDS) -> Check:
+    """The database answers within ``timeout`` (on SQLite: its write lock can be taken)."""
+    url = ctx.settings.resolved_database_url
+    started = time.monotonic()
+    try:
+        path = _sqlite_path(url) if is_sqlite(url) else None
+        if path is not None:
+            await anyio.to_thread.run_sync(_sqlite_write_probe, path, timeout)
+        else:
+            async with asyncio.timeout(timeout), ctx.sessions() as session:
+                await session.execute(text("SELECT 1"))
+    except Exception as exc:  # report, don't raise: this is a probe
+        kind = "timeout" if isinstance(exc, TimeoutError) else exc.__class__.__name__
+        return Check(
+            ok=False,
+            state={"state": "unavailable"},
+            reason=f"database did not answer ({kind})",
+            details={"error": f"{exc.__class__.__name__}: {exc}"[:300]},
+        )
+    return Check(ok=True, state={"state": "ok", "ms": round(1000 * (time.monotonic() - started))})
+
+
+def check_worker(ctx: AppContext) -> Check:
+    """The worker task runs, sees the database, and its engine is not failing to load."""
+    if ctx.worker is None or ctx.engines is None:
+        return Check(ok=True, state={"enabled": False})
+    worker, engines, health = ctx.worker, ctx.engines, ctx.worker_health
+    state: dict[str, Any] = {
+        "enabled": True,
+        "alive": ctx.worker_alive,
+        "restarts": health.restarts if health else 0,
+        "engine": engines.state,
+        "loaded_model": engines.loaded_model,
+        "busy": worker.current_chunk is not None,
+        "chunks_done": worker.chunks_done,
+        "database": "ok" if worker.db.ok else "retrying",
+    }
+    details: dict[str, Any] = {
+        "id": worker.ctx.worker_id,
+        "current_chunk": worker.current_chunk,
+        "last_error": health.last_error if health else None,
+        "database_error": worker.db.last_error,
+    }
+    reasons = []
+    if not ctx.worker_alive:
+        reasons.append("worker task is not running (restarting)")
+    if not worker.db.ok:
+        assert worker.db.failing_since is not None
+        reasons.append(
+            f"worker cannot reach the database for "
+            f"{time.time() - worker.db.failing_since:.0f} s (retrying)"
+        )
+    if engines.failed:
+        state["engine_failures"] = engines.describe(details=False)["failed_models"]
+        details["engine_failures"] = engines.describe(details=True)["failed_models"]
+        names = ", ".join(sorted(engines.failures))
+        reasons.append(f"engine for {names} cannot load (retrying with backoff)")
+    return Check(ok=not reasons, state=state, reason="; ".join(reasons) or None, details=details)
+
+
+def check_services(ctx: AppContext) -> Check:
+    """Background services (housekeeping, validation sweeper) are running."""
+    state = {h.name: {"running": h.running, "restarts": h.restarts} for h in ctx.services}
+    down = [h.name for h in ctx.services if not h.running]
+    return Check(
+        ok=not down,
+        state=state,
+        reason=f"not running (restarting): {', '.join(down)}" if down else None,
+        details={h.name: h.last_error for h in ctx.services if h.last_error},
+    )
