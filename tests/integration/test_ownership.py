@@ -146,3 +146,18 @@ def test_keyring_parsing(tmp_path: Path) -> None:
         KeyRing.from_settings(Settings(api_keys_file=keys_file))
     with pytest.raises(KeyConfigError, match="cannot read"):
         KeyRing.from_settings(Settings(api_keys_file=tmp_path / "missing"))
+
+
+def test_service_info_counts_respect_ownership(api: LiveServer, a_batch: Any) -> None:
+    def info(key: str | None) -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        response = httpx.get(f"{api.url}/", headers=headers)
+        assert response.status_code == 200
+        return dict(response.json())
+
+    assert info(None)["batches"] is None  # keys are configured: no counts without one
+    assert "id" not in info(KEYS["team-b"])["worker"]
+    assert info(KEYS["team-b"])["batches"].get("completed", 0) == 0
+    assert info(KEYS["team-a"])["batches"]["completed"] >= 1
+    admin = info(KEYS["ops"])
+    assert admin["batches"]["completed"] >= 1 and "id" in admin["worker"]

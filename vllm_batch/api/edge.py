@@ -40,6 +40,7 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 def install_edge(app: FastAPI, settings: Settings) -> None:
     """Add the edge middleware to ``app`` in the order drawn in the module docstring."""
     keys = KeyRing.from_settings(settings)
+    app.state.keys = keys  # for the public routes that show more to a valid key
     app.add_middleware(EdgeGuardMiddleware, keys=keys, settings=settings)
     if settings.cors_origins:
         app.add_middleware(

@@ -1,19 +1,21 @@
 """Service routes: ``/`` (info), ``/health``, ``/ready`` and ``/v1/models``.
 
 ``/`` and ``/ready`` need no API key, so without a valid one they show states and counts
-only; ids (worker, chunk, batch) and error texts only with ``Authorization: Bearer <key>``
-(and never when no key is configured: then nobody is authenticated).
+only; ids (worker, chunk, batch) and error texts only with an admin key in
+``Authorization: Bearer <key>`` (and never when no key is configured: then nobody is
+authenticated). Batch counts on ``/`` are the caller's own with a non-admin key, and
+hidden from callers without a key when keys are configured.
 """
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from vllm_batch import __version__
+from vllm_batch.api.auth import KeyRing, Principal
 from vllm_batch.api.deps import CtxDep
 from vllm_batch.api.probes import check_database, check_services, check_worker
 from vllm_batch.store import queries
@@ -22,23 +24,37 @@ router = APIRouter(tags=["service"])
 v1_router = APIRouter(tags=["models"])
 
 
-def has_valid_key(request: Request, api_key: str | None) -> bool:
-    """Whether the request carries ``Authorization: Bearer <api_key>`` (constant time)."""
-    if not api_key:
-        return False
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), api_key.encode())
+def caller(request: Request) -> Principal | None:
+    """The principal of a valid key on this request; None without one (or with no keys)."""
+    keys: KeyRing = request.app.state.keys
+    if not keys.enabled:
+        return None
+    header = request.headers.get("authorization")
+    return keys.resolve(header.encode("latin-1", "replace") if header else None)
+
+
+def has_admin_key(request: Request) -> bool:
+    principal = caller(request)
+    return principal is not None and principal.admin
 
 
 @router.get("/")
 async def service_info(ctx: CtxDep, request: Request) -> dict[str, Any]:
-    details = has_valid_key(request, ctx.settings.api_key)
+    principal = caller(request)
+    details = principal is not None and principal.admin
+    show_batches = principal is not None or not request.app.state.keys.enabled
     worker = check_worker(ctx)
     counts: dict[str, Any]
     try:
-        async with ctx.sessions() as session:
+        async with ctx.read_sessions() as session:
             counts = {
-                "batches": await queries.count_batches_by_status(session),
+                "batches": (
+                    await queries.count_batches_by_status(
+                        session, owner=principal.scope if principal else None
+                    )
+                    if show_batches
+                    else None
+                ),
                 "chunks": await queries.queue_depth(session),
             }
     except Exception as exc:  # the page still answers while the database is down
@@ -56,7 +72,7 @@ async def service_info(ctx: CtxDep, request: Request) -> dict[str, Any]:
             "models": "/v1/models",
             "health": "/health",
             "ready": "/ready",
-            "docs": "/docs",
+            "docs": "/docs" if ctx.settings.docs_enabled else None,
         },
     }
 
@@ -69,7 +85,7 @@ async def health() -> dict[str, str]:
 @router.get("/ready")
 async def ready(ctx: CtxDep, request: Request) -> JSONResponse:
     """200 if the database answers, the worker runs and its engine loads; else 503."""
-    details = has_valid_key(request, ctx.settings.api_key)
+    details = has_admin_key(request)
     checks = {
         "database": await check_database(ctx),
         "worker": check_worker(ctx),
