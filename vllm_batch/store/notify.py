@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
 from sqlalchemy import text
@@ -18,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 log = logging.getLogger(__name__)
 CHANNEL = "vllm_batch_work"
+RECONNECT_SECONDS = 5.0
 
 
 async def notify_work(session: AsyncSession) -> None:
@@ -33,19 +35,38 @@ class WorkNotifier:
         self._url = database_url
         self._event = asyncio.Event()
         self._conn: Any = None
+        self._last_attempt = 0.0
 
     async def start(self) -> None:
         if not self._url.startswith("postgresql"):
             return
         import asyncpg
 
+        self._last_attempt = time.monotonic()
         dsn = self._url.replace("postgresql+asyncpg://", "postgresql://", 1)
         try:
-            self._conn = await asyncpg.connect(dsn)
+            self._conn = await asyncio.wait_for(asyncpg.connect(dsn), RECONNECT_SECONDS)
             await self._conn.add_listener(CHANNEL, self._on_notify)
-        except Exception:
-            log.exception("LISTEN failed; workers will poll instead")
+        except Exception as exc:
+            log.warning("LISTEN failed (%s); polling until it reconnects", type(exc).__name__)
             self._conn = None
+
+    async def _reconnect_if_lost(self) -> None:
+        """After a database outage the LISTEN connection is gone: open it again."""
+        if not self._url.startswith("postgresql"):
+            return
+        if self._conn is not None and not self._conn.is_closed():
+            return
+        if time.monotonic() - self._last_attempt < RECONNECT_SECONDS:
+            return
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.close()
+            self._conn = None
+        await self.start()
+        if self._conn is not None:
+            log.info("LISTEN %s reconnected", CHANNEL)
+            self._event.set()  # work may have appeared while we were not listening
 
     def _on_notify(self, *_args: object) -> None:
         self._event.set()
@@ -55,6 +76,7 @@ class WorkNotifier:
 
     async def wait(self, timeout: float) -> None:
         """Return when woken or after ``timeout`` seconds."""
+        await self._reconnect_if_lost()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._event.wait(), timeout)
         self._event.clear()
