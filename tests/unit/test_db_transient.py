@@ -11,7 +11,8 @@ import pytest
 from sqlalchemy import exc, text
 
 from tests.conftest import PG_ADMIN_DSN, create_pg_database, drop_pg_database
-from vllm_batch.store.db import create_engine, db_retrying, is_transient, make_sessionmaker
+from vllm_batch.store.db import create_engine, is_transient, make_sessionmaker
+from vllm_batch.worker.db_retry import Backoff, retry_db
 
 
 async def _admin(statement: str) -> None:
@@ -80,14 +81,17 @@ async def test_postgres_refused_and_terminated_connections_are_transient(pg_url:
                 await session.execute(text("SELECT 1"))
         assert is_transient(refused.value)
         calls = 0
-        async for attempt in db_retrying("probing", attempts=2):
-            with attempt:
-                calls += 1
-                if calls == 1:
-                    await _admin(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
-                    raise refused.value
-                async with sessions() as session:
-                    assert await session.scalar(text("SELECT 1")) == 1
+
+        async def probe() -> int:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                await _admin(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+                raise refused.value
+            async with sessions() as session:
+                return int(await session.scalar(text("SELECT 1")) or 0)
+
+        assert await retry_db(probe, "probing", backoff=Backoff(first=0.01, max=0.05)) == 1
         assert calls == 2
     finally:
         await engine.dispose()

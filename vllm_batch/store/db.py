@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import tenacity
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, event, exc, text
@@ -16,8 +15,6 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-
-from vllm_batch.retry import retrying
 
 log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -129,13 +126,3 @@ def is_transient(error: BaseException) -> bool:
         return True
     sqlstate = str(getattr(error, "sqlstate", "") or "")
     return sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES or sqlstate in _TRANSIENT_SQLSTATES
-
-
-def db_retrying(what: str, *, attempts: int | None = None) -> tenacity.AsyncRetrying:
-    """Retry while the database is unreachable or busy (forever by default).
-
-    ``async for attempt in db_retrying("saving x"): with attempt: ...``
-    """
-    return retrying(
-        on=is_transient, attempts=attempts, first_wait=0.1, max_wait=2.0, log=log, what=what
-    )

@@ -21,12 +21,13 @@ from vllm_batch.pipeline.dispatch import Dispatcher
 from vllm_batch.pipeline.output import failure_line
 from vllm_batch.pipeline.results import LineResult
 from vllm_batch.store import queries
-from vllm_batch.store.db import db_retrying
 from vllm_batch.store.models import ChunkRow
 from vllm_batch.validation import iter_lines
 from vllm_batch.worker.context import WorkerContext
+from vllm_batch.worker.db_retry import Backoff, retry_db
 
 log = logging.getLogger(__name__)
+SAVE_BACKOFF = Backoff(first=0.1, max=2.0)  # poll a recovering database often
 
 
 class ChunkOutcome(Enum):
@@ -158,11 +159,12 @@ class _ChunkRunner:
         async with self.flush_lock:
             pending, self.pending = self.pending, []
             try:
-                async for attempt in db_retrying(f"saving chunk {self.chunk.id}"):
-                    with attempt:
-                        outcome = await lifecycle.save(
-                            self.ctx, self.chunk, self.ctx.worker_id, pending
-                        )
+                outcome = await retry_db(
+                    lambda: lifecycle.save(self.ctx, self.chunk, self.ctx.worker_id, pending),
+                    f"save results of chunk {self.chunk.id}",
+                    shutdown=self.shutdown,
+                    backoff=SAVE_BACKOFF,
+                )
             except BaseException:
                 self.pending[:0] = pending  # keep them for the next attempt
                 raise
