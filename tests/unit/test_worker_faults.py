@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import select
 
+from vllm_batch import lifecycle
 from vllm_batch.config import Settings
 from vllm_batch.engines.base import EngineResult
 from vllm_batch.engines.manager import EngineManager
@@ -127,7 +128,7 @@ async def make_batch(ctx: StoreContext, model: str, lines: int) -> str:
         + b"\n"
         for i in range(lines)
     )
-    file_id, batch_id = new_id("file-"), new_id("batch_")
+    file_id = new_id("file-")
     key = f"files/{file_id}"
     with ctx.storage.open_write(key) as handle:
         handle.write(body)
@@ -143,25 +144,17 @@ async def make_batch(ctx: StoreContext, model: str, lines: int) -> str:
                 line_count=lines,
             )
         )
-        session.add(
-            BatchRow(
-                id=batch_id,
-                endpoint="/v1/chat/completions",
-                input_file_id=file_id,
-                completion_window="24h",
-                status="validating",
-                created_at=now(),
-                expires_at=now() + 86400,
-                total=0,
-                completed=0,
-                failed=0,
-                input_tokens=0,
-                cached_tokens=0,
-                output_tokens=0,
-                reasoning_tokens=0,
-                priority=0,
-            )
-        )
+    spec = lifecycle.BatchSpec(
+        endpoint="/v1/chat/completions",
+        input_file_id=file_id,
+        completion_window="24h",
+        window_seconds=86400,
+        metadata=None,
+        priority=0,
+        output_expires_after=None,
+        owner=None,
+    )
+    batch_id = (await lifecycle.create(ctx, spec)).id
     return batch_id
 
 
