@@ -131,12 +131,18 @@ def killed_run(
             args, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
 
+    def lines_written() -> int:
+        try:
+            return partial.read_bytes().count(b"\n")
+        except OSError:  # not created yet (or renamed away at the very end)
+            return 0
+
     def kill_after_eight_lines() -> None:
         deadline = time.monotonic() + 280
         while time.monotonic() < deadline and process.poll() is None:
-            if partial.exists() and partial.read_bytes().count(b"\n") >= 8:
+            if lines_written() >= 8:
                 break
-            time.sleep(0.1)
+            time.sleep(0.05)
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(30)
