@@ -152,9 +152,9 @@ class _ChunkRunner:
     async def flush(self) -> None:
         """Save finished results, renew the lease and look for a stop request, atomically.
 
-        Database errors are retried (with backoff, for as long as they last): a finished
-        result is never dropped unless the lease was lost, and then its line is redone by
-        the new owner.
+        Database errors are retried with backoff for as long as they last (until shutdown):
+        a finished result is dropped only if the lease was lost, and then its line is
+        redone by the new owner.
         """
         async with self.flush_lock:
             pending, self.pending = self.pending, []
