@@ -233,12 +233,6 @@ async def request_stop(session: AsyncSession, batch_id: str, reason: StopReason,
     return _rowcount(result) == 1
 
 
-async def batch_stop_reason(session: AsyncSession, batch_id: str) -> str | None:
-    return (
-        await session.scalars(select(BatchRow.stop_reason).where(BatchRow.id == batch_id))
-    ).first()
-
-
 async def overdue_batches(session: AsyncSession, now: int) -> Sequence[str]:
     """Running batches whose completion window has passed."""
     query = select(BatchRow.id).where(
@@ -343,19 +337,6 @@ async def release_chunk(
     )
     await notify_work(session)
     return _rowcount(result) == 1
-
-
-async def chunk_summary(session: AsyncSession, batch_id: str, now: float) -> tuple[int, int]:
-    """(chunks not yet done, chunks under a live lease) for ``batch_id``."""
-    undone = func.sum(func.cast(ChunkRow.status != ChunkStatus.DONE, type_=ChunkRow.idx.type))
-    live = func.sum(
-        func.cast(
-            and_(ChunkRow.status == ChunkStatus.RUNNING, ChunkRow.lease_until >= now),
-            type_=ChunkRow.idx.type,
-        )
-    )
-    row = (await session.execute(select(undone, live).where(ChunkRow.batch_id == batch_id))).one()
-    return int(row[0] or 0), int(row[1] or 0)
 
 
 async def queue_depth(session: AsyncSession) -> dict[str, int]:
