@@ -65,3 +65,39 @@ def wait_for_batch(
 
 def parse_jsonl(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+async def create_validating_batch(ctx: Any, body: bytes, lines: int) -> str:
+    """Store ``body`` as a batch input file and create a ``validating`` batch reading it,
+    as the API would (through ``lifecycle.create``); returns the batch id."""
+    from vllm_batch import lifecycle
+    from vllm_batch.protocol.ids import new_id, now
+    from vllm_batch.store.models import FileRow
+
+    file_id = new_id("file-")
+    key = f"files/{file_id}"
+    with ctx.storage.open_write(key) as handle:
+        handle.write(body)
+    async with ctx.sessions() as session, session.begin():
+        session.add(
+            FileRow(
+                id=file_id,
+                bytes=len(body),
+                created_at=now(),
+                filename="in.jsonl",
+                purpose="batch",
+                storage_key=key,
+                line_count=lines,
+            )
+        )
+    spec = lifecycle.BatchSpec(
+        endpoint="/v1/chat/completions",
+        input_file_id=file_id,
+        completion_window="24h",
+        window_seconds=86400,
+        metadata=None,
+        priority=0,
+        output_expires_after=None,
+        owner=None,
+    )
+    return (await lifecycle.create(ctx, spec)).id

@@ -17,10 +17,11 @@ import orjson
 import pytest
 from sqlalchemy import func, select, update
 
+from tests.helpers import create_validating_batch
 from vllm_batch import lifecycle
 from vllm_batch.config import Settings
 from vllm_batch.pipeline.results import LineResult
-from vllm_batch.protocol.ids import new_id, now
+from vllm_batch.protocol.ids import now
 from vllm_batch.runtime import StoreContext, open_store
 from vllm_batch.states import (
     BATCH_MOVES,
@@ -32,7 +33,7 @@ from vllm_batch.states import (
     batch_sources,
 )
 from vllm_batch.store import queries
-from vllm_batch.store.models import BatchRow, ChunkRow, FileRow, ResultRow
+from vllm_batch.store.models import BatchRow, ChunkRow, ResultRow
 from vllm_batch.validation import BatchPlan
 from vllm_batch.worker.finalize import finalize_batch
 
@@ -75,37 +76,11 @@ def input_lines(n: int = LINES) -> bytes:
 
 async def new_batch(ctx: StoreContext, *, queued: bool = True) -> str:
     """A batch of ``LINES`` lines in chunks of ``CHUNK``; queued unless told otherwise."""
-    file_id = new_id("file-")
-    data = input_lines()
-    with ctx.storage.open_write(f"files/{file_id}") as handle:
-        handle.write(data)
-    async with ctx.sessions() as session, session.begin():
-        session.add(
-            FileRow(
-                id=file_id,
-                bytes=len(data),
-                created_at=now(),
-                filename="in.jsonl",
-                purpose="batch",
-                storage_key=f"files/{file_id}",
-                line_count=LINES,
-            )
-        )
-    spec = lifecycle.BatchSpec(
-        endpoint="/v1/chat/completions",
-        input_file_id=file_id,
-        completion_window="24h",
-        window_seconds=86400,
-        metadata=None,
-        priority=0,
-        output_expires_after=None,
-        owner=None,
-    )
-    row = await lifecycle.create(ctx, spec)
-    assert row.status == BatchStatus.VALIDATING
+    batch_id = await create_validating_batch(ctx, input_lines(), LINES)
+    assert (await batch(ctx, batch_id)).status == BatchStatus.VALIDATING
     if queued:
-        assert await lifecycle.queue_or_fail(ctx, row.id, plan(row.id))
-    return row.id
+        assert await lifecycle.queue_or_fail(ctx, batch_id, plan(batch_id))
+    return batch_id
 
 
 def plan(model: str = "m") -> BatchPlan:

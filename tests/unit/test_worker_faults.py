@@ -18,11 +18,10 @@ import pytest
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import select
 
-from vllm_batch import lifecycle
+from tests.helpers import create_validating_batch
 from vllm_batch.config import Settings
 from vllm_batch.engines.base import EngineResult
 from vllm_batch.engines.manager import EngineManager
-from vllm_batch.protocol.ids import new_id, now
 from vllm_batch.runtime import StoreContext, open_store
 from vllm_batch.service import supervise as supervise_mod
 from vllm_batch.service.validate import ValidationSweeper, validate_batch
@@ -128,33 +127,7 @@ async def make_batch(ctx: StoreContext, model: str, lines: int) -> str:
         + b"\n"
         for i in range(lines)
     )
-    file_id = new_id("file-")
-    key = f"files/{file_id}"
-    with ctx.storage.open_write(key) as handle:
-        handle.write(body)
-    async with ctx.sessions() as session, session.begin():
-        session.add(
-            FileRow(
-                id=file_id,
-                bytes=len(body),
-                created_at=now(),
-                filename="in.jsonl",
-                purpose="batch",
-                storage_key=key,
-                line_count=lines,
-            )
-        )
-    spec = lifecycle.BatchSpec(
-        endpoint="/v1/chat/completions",
-        input_file_id=file_id,
-        completion_window="24h",
-        window_seconds=86400,
-        metadata=None,
-        priority=0,
-        output_expires_after=None,
-        owner=None,
-    )
-    batch_id = (await lifecycle.create(ctx, spec)).id
+    batch_id = await create_validating_batch(ctx, body, lines)
     return batch_id
 
 
