@@ -97,7 +97,53 @@ class Settings(BaseSettings):
     group_prefixes: bool = True  # submit requests sharing a first message/prompt together
     kv_cache_gib: float | None = None
 
-    @field_validator("models", "cors_origins", "allowed_hosts", "api_keys", mode="before")
+    # ---- webhooks and result handlers (docs: README "Webhooks and result handlers")
+    webhook_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # whsec_… signing secret; unset: generated on first start and kept in the database.
+    webhook_secret: str | None = Field(default=None, repr=False)
+    # Hosts, IPs or CIDRs that webhooks may target although private/loopback/link-local.
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    webhook_timeout: float = Field(default=10.0, gt=0)
+    # Deliveries (webhooks and handler runs) retry with backoff until this many seconds pass.
+    delivery_retry_horizon: float = Field(default=72 * 3600, gt=0)
+    delivery_backoff_base: float = Field(default=5.0, gt=0)
+    delivery_backoff_max: float = Field(default=3600.0, gt=0)
+    delivery_concurrency: int = Field(default=8, ge=1)
+    delivery_poll_interval: float = Field(default=1.0, gt=0)
+    deliveries: bool = True  # run the delivery dispatcher in this process
+    # Which handlers run ("webhook" included); unset: every handler whose enabled() is true.
+    handlers: Annotated[list[str] | None, NoDecode] = None
+    handler_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    label_studio_url: str | None = Field(
+        default=None, validation_alias=_env("VLLM_BATCH_LABEL_STUDIO_URL", "LABEL_STUDIO_URL")
+    )
+    label_studio_api_key: str | None = Field(
+        default=None,
+        repr=False,
+        validation_alias=_env("VLLM_BATCH_LABEL_STUDIO_API_KEY", "LABEL_STUDIO_API_KEY"),
+    )
+    label_studio_project_id: int | None = Field(
+        default=None,
+        validation_alias=_env("VLLM_BATCH_LABEL_STUDIO_PROJECT_ID", "LABEL_STUDIO_PROJECT_ID"),
+    )
+    label_studio_page_size: int = Field(default=500, ge=1)
+    s3_handler_target: str | None = None  # s3://bucket/prefix
+    postgres_handler_dsn: str | None = Field(default=None, repr=False)
+    postgres_handler_table: str = "vllm_batch_results"
+    template_handler_template: Path | None = None  # a Jinja2 template file
+    template_handler_output: str | None = None  # path; "{batch_id}" is replaced
+
+    @field_validator(
+        "models",
+        "cors_origins",
+        "allowed_hosts",
+        "api_keys",
+        "webhook_urls",
+        "webhook_allowed_hosts",
+        "handlers",
+        "handler_modules",
+        mode="before",
+    )
     @classmethod
     def _split_list(cls, value: Any) -> Any:
         if isinstance(value, str):

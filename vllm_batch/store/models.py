@@ -1,4 +1,4 @@
-"""The whole schema: files, batches, their chunks (work units) and saved results."""
+"""The whole schema: files, batches, their chunks (work units), saved results, deliveries."""
 
 from __future__ import annotations
 
@@ -105,3 +105,61 @@ class ResultRow(Base):
     line: Mapped[int] = mapped_column(Integer, primary_key=True)
     is_error: Mapped[bool] = mapped_column(Boolean)
     data: Mapped[str] = mapped_column(Text)
+
+
+class DeliveryRow(Base):
+    """Outbox: one webhook target or result handler to run for a batch's final event.
+
+    Written in the transaction that sets the final status; the dispatcher leases a row,
+    runs it and records the outcome, retrying with backoff until ``give_up_at``.
+    """
+
+    __tablename__ = "deliveries"
+    __table_args__ = (Index("ix_deliveries_due", "status", "next_attempt_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    batch_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("batches.id", ondelete="CASCADE"), index=True
+    )
+    event_id: Mapped[str] = mapped_column(String(64))
+    event_type: Mapped[str] = mapped_column(String(32))
+    kind: Mapped[str] = mapped_column(String(16))  # "webhook" or "handler"
+    target: Mapped[str] = mapped_column(Text)  # the URL, or the handler's name
+    status: Mapped[str] = mapped_column(String(16))  # pending / succeeded / failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[float] = mapped_column(Float)
+    next_attempt_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    give_up_at: Mapped[float] = mapped_column(Float)
+    last_attempt_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_until: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class DeliveryAttemptRow(Base):
+    """One try of one delivery: when, how it ended, and why."""
+
+    __tablename__ = "delivery_attempts"
+
+    delivery_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("deliveries.id", ondelete="CASCADE"), primary_key=True
+    )
+    number: Mapped[int] = mapped_column(Integer, primary_key=True)
+    started_at: Mapped[float] = mapped_column(Float)
+    finished_at: Mapped[float] = mapped_column(Float)
+    ok: Mapped[bool] = mapped_column(Boolean)
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    owner: Mapped[str] = mapped_column(String(128))
+
+
+class ServerSecretRow(Base):
+    """Secrets the server generates once and keeps (the webhook signing secret)."""
+
+    __tablename__ = "server_secrets"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[int] = mapped_column(BigInteger)
