@@ -205,6 +205,7 @@ def worker_command(
 async def _run_worker(settings: Settings) -> None:
     from vllm_batch.api.app import settings_engine_factory
     from vllm_batch.engines.manager import EngineManager
+    from vllm_batch.handlers.dispatcher import Dispatcher
     from vllm_batch.runtime import open_store
     from vllm_batch.service.housekeeping import run_housekeeping
     from vllm_batch.service.supervise import TaskHealth, supervise
@@ -224,15 +225,49 @@ async def _run_worker(settings: Settings) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop)
         worker = Worker(ctx)
-        upkeep = asyncio.create_task(
-            supervise(TaskHealth("housekeeping"), lambda: run_housekeeping(ctx, shutdown), shutdown)
-        )
+        services = [
+            asyncio.create_task(
+                supervise(
+                    TaskHealth("housekeeping"), lambda: run_housekeeping(ctx, shutdown), shutdown
+                )
+            )
+        ]
+        if settings.deliveries:
+            dispatcher = Dispatcher(ctx)
+            services.append(
+                asyncio.create_task(
+                    supervise(TaskHealth("deliveries"), lambda: dispatcher.run(shutdown), shutdown)
+                )
+            )
         try:
             await supervise(TaskHealth("worker"), lambda: worker.run(shutdown), shutdown)
-            await upkeep
+            await asyncio.gather(*services)
         finally:
-            upkeep.cancel()
+            for task in services:
+                task.cancel()
             await engines.close()
+
+
+@app.command("webhook-secret")
+def webhook_secret_command(
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+) -> None:
+    """Print the webhook signing secret (whsec_…) receivers verify events with.
+
+    It is VLLM_BATCH_WEBHOOK_SECRET if set; otherwise the one the server generated and
+    keeps in its database (generated now if the server never ran).
+    """
+    settings = build_settings(data_dir=data_dir, database_url=database_url)
+
+    async def read() -> str:
+        from vllm_batch.handlers.dispatcher import webhook_secret
+        from vllm_batch.runtime import open_store
+
+        async with open_store(settings) as store:
+            return await webhook_secret(store)
+
+    typer.echo(asyncio.run(read()))
 
 
 @models_app.command("prepare")

@@ -86,10 +86,18 @@ async def create(ctx: StoreContext, spec: BatchSpec) -> BatchRow:
 
 
 async def queue_or_fail(ctx: StoreContext, batch_id: str, plan: BatchPlan) -> bool:
-    """``validating`` → ``in_progress`` with chunks queued, or → ``failed`` with errors."""
+    """``validating`` → ``in_progress`` with chunks queued, or → ``failed`` with errors.
+
+    A failed batch's webhook deliveries commit with the status.
+    """
     async with ctx.sessions() as session, session.begin():
         if plan.errors or plan.model is None:
-            return await queries.fail_validation(session, batch_id, plan.errors, now())
+            row = await session.get(BatchRow, batch_id)
+            stamp = now()
+            deliveries = ctx.deliveries.rows(
+                batch_id, row.metadata_ if row else None, BatchStatus.FAILED, stamp
+            )
+            return await queries.fail_validation(session, batch_id, plan.errors, stamp, deliveries)
         return await queries.start_batch(
             session, batch_id, model=plan.model, total=plan.total, chunks=plan.chunks, now=now()
         )
@@ -197,9 +205,15 @@ async def finish(
     error_file_id: str | None,
     extra_failed: int,
 ) -> BatchStatus | None:
-    """→ ``completed``/``cancelled``/``expired``, atomically, while we hold the lease."""
+    """→ ``completed``/``cancelled``/``expired``, atomically, while we hold the lease.
+
+    The final event's deliveries (webhooks, result handlers) commit with the status.
+    """
     reason = StopReason(batch.stop_reason) if batch.stop_reason else None
     target = FINAL_STATUS[reason]
+    stamp = now()
+    # Planned before the transaction: handlers' enabled() is user code.
+    deliveries = ctx.deliveries.rows(batch.id, batch.metadata_, target, stamp)
     async with ctx.sessions() as session, session.begin():
         done = await queries.finish_batch(
             session,
@@ -210,6 +224,7 @@ async def finish(
             output_file_id=output_file_id,
             error_file_id=error_file_id,
             extra_failed=extra_failed,
-            now=now(),
+            now=stamp,
+            deliveries=deliveries,
         )
     return target if done else None

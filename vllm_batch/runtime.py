@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from vllm_batch.config import Settings
+from vllm_batch.handlers.plan import DeliveryPlan
 from vllm_batch.identity import InstanceId
 from vllm_batch.storage.base import BlobStorage
 from vllm_batch.store.notify import WorkNotifier
@@ -28,6 +29,8 @@ class StoreContext:
     notifier: WorkNotifier
     instance: InstanceId
     """This process's identity as a lease owner."""
+    deliveries: DeliveryPlan
+    """Webhooks and result handlers planned for every batch that reaches a final status."""
     finalizing: set[str] = field(default_factory=set)
     """Batches this process is finalizing right now (so it never starts a second attempt)."""
 
@@ -46,6 +49,7 @@ async def open_store(settings: Settings) -> AsyncIterator[StoreContext]:
     from vllm_batch.storage import open_storage
     from vllm_batch.store.db import create_engine, make_sessionmaker, migrate
 
+    deliveries = DeliveryPlan.load(settings)  # fails fast on a bad handler setting
     db = create_engine(settings.resolved_database_url)
     notifier = WorkNotifier(settings.resolved_database_url)
     try:
@@ -58,6 +62,7 @@ async def open_store(settings: Settings) -> AsyncIterator[StoreContext]:
             storage=open_storage(settings.storage_url, settings.data_dir),
             notifier=notifier,
             instance=InstanceId.new(),
+            deliveries=deliveries,
         )
     finally:
         await notifier.close()

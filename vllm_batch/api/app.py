@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import Depends, FastAPI
 
@@ -19,6 +19,7 @@ from vllm_batch.config import ModelSpec, Settings
 from vllm_batch.engines import make_engine
 from vllm_batch.engines.base import Engine
 from vllm_batch.engines.manager import EngineFactory, EngineManager
+from vllm_batch.handlers.dispatcher import Dispatcher
 from vllm_batch.runtime import open_store
 from vllm_batch.service.housekeeping import run_housekeeping
 from vllm_batch.service.supervise import TaskHealth, supervise
@@ -50,10 +51,14 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
                     supervise(ctx.worker_health, lambda: worker.run(shutdown), shutdown)
                 )
             sweeper = ValidationSweeper(ctx, ctx.validating)
-            for name, run in (
+            services: list[tuple[str, Callable[[], Awaitable[None]]]] = [
                 ("housekeeping", lambda: run_housekeeping(ctx, shutdown)),
                 ("validation sweeper", lambda: sweeper.run(shutdown)),
-            ):
+            ]
+            if settings.deliveries:
+                dispatcher = ctx.dispatcher = Dispatcher(ctx)
+                services.append(("deliveries", lambda: dispatcher.run(shutdown)))
+            for name, run in services:
                 health = TaskHealth(name)
                 ctx.services.append(health)
                 ctx.spawn(supervise(health, run, shutdown))

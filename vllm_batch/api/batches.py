@@ -1,4 +1,4 @@
-"""``/v1/batches``: create, list, retrieve, cancel, and ``/results`` (output content)."""
+"""``/v1/batches``: create, list, retrieve, cancel, ``/results`` and ``/deliveries``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ from vllm_batch.api.auth import Principal
 from vllm_batch.api.deps import CtxDep, PrincipalDep, ReadSessionDep
 from vllm_batch.api.errors import APIError, not_found
 from vllm_batch.api.files import page, stream_file
+from vllm_batch.config import Settings
+from vllm_batch.handlers.webhook import display_target
+from vllm_batch.netguard import AllowList, RefusedURL, check_url
 from vllm_batch.protocol.batch import (
     Batch,
     BatchCreateRequest,
@@ -23,11 +26,12 @@ from vllm_batch.protocol.batch import (
     InputTokensDetails,
     OutputTokensDetails,
 )
+from vllm_batch.protocol.delivery import Delivery, DeliveryAttempt, DeliveryList
 from vllm_batch.protocol.page import ListPage
 from vllm_batch.service.validate import validate_batch
 from vllm_batch.states import BatchStatus
-from vllm_batch.store import queries
-from vllm_batch.store.models import BatchRow
+from vllm_batch.store import outbox, queries
+from vllm_batch.store.models import BatchRow, DeliveryRow
 from vllm_batch.validation import SUPPORTED_ENDPOINTS
 from vllm_batch.worker.finalize import finalize_batch
 
@@ -136,6 +140,22 @@ def _priority(metadata: dict[str, str] | None) -> int:
     return value
 
 
+async def check_webhook_url(settings: Settings, metadata: dict[str, str] | None) -> None:
+    """``metadata.webhook_url`` must be http(s) and (unless allowed) not a private target."""
+    url = (metadata or {}).get("webhook_url")
+    if url is None:
+        return
+    try:
+        await check_url(url, AllowList(settings.webhook_allowed_hosts))
+    except RefusedURL as exc:
+        raise APIError(
+            400,
+            f"metadata.webhook_url {exc}.",
+            param="metadata.webhook_url",
+            code="invalid_webhook_url",
+        ) from None
+
+
 @router.post("/batches", response_model=Batch)
 async def create_batch(
     ctx: CtxDep, session: ReadSessionDep, principal: PrincipalDep, request: BatchCreateRequest
@@ -151,6 +171,7 @@ async def create_batch(
     window = window_seconds(request.completion_window)
     check_metadata(request.metadata)
     priority = _priority(request.metadata)
+    await check_webhook_url(ctx.settings, request.metadata)
     input_file = await queries.get_file(session, request.input_file_id, owner=principal.scope)
     if input_file is not None and input_file.purpose != "batch":
         raise APIError(
@@ -240,3 +261,45 @@ async def batch_results(
             code="output_not_ready",
         )
     return stream_file(ctx, output)
+
+
+@router.get("/batches/{batch_id}/deliveries", response_model=DeliveryList)
+async def batch_deliveries(
+    session: ReadSessionDep, principal: PrincipalDep, batch_id: str
+) -> DeliveryList:
+    """Webhook deliveries and result-handler runs for the batch's final event."""
+    await load_batch(session, principal, batch_id)
+    rows = await outbox.for_batch(session, batch_id)
+    return DeliveryList(data=[await delivery_object(session, row) for row in rows])
+
+
+async def delivery_object(session: AsyncSession, row: DeliveryRow) -> Delivery:
+    history = await outbox.attempts_of(session, row.id)
+    return Delivery(
+        id=row.id,
+        batch_id=row.batch_id,
+        event_id=row.event_id,
+        event_type=row.event_type,
+        kind=row.kind,  # type: ignore[arg-type]
+        target=display_target(row.target) if row.kind == "webhook" else row.target,
+        status=row.status,  # type: ignore[arg-type]
+        attempts=row.attempts,
+        last_status_code=row.last_status_code,
+        last_error=row.last_error,
+        last_attempt_at=row.last_attempt_at,
+        next_attempt_at=row.next_attempt_at,
+        give_up_at=row.give_up_at,
+        created_at=row.created_at,
+        finished_at=row.finished_at,
+        history=[
+            DeliveryAttempt(
+                number=a.number,
+                started_at=a.started_at,
+                finished_at=a.finished_at,
+                ok=a.ok,
+                status_code=a.status_code,
+                error=a.error,
+            )
+            for a in history
+        ],
+    )

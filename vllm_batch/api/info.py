@@ -18,7 +18,7 @@ from vllm_batch import __version__
 from vllm_batch.api.auth import KeyRing, Principal
 from vllm_batch.api.deps import CtxDep
 from vllm_batch.api.probes import check_database, check_services, check_worker
-from vllm_batch.store import queries
+from vllm_batch.store import outbox, queries
 
 router = APIRouter(tags=["service"])
 v1_router = APIRouter(tags=["models"])
@@ -56,15 +56,30 @@ async def service_info(ctx: CtxDep, request: Request) -> dict[str, Any]:
                     else None
                 ),
                 "chunks": await queries.queue_depth(session),
+                "deliveries": (
+                    await outbox.counts(session, owner=principal.scope if principal else None)
+                    if show_batches
+                    else None
+                ),
             }
     except Exception as exc:  # the page still answers while the database is down
-        counts = {"batches": None, "chunks": None, "database": exc.__class__.__name__}
+        counts = {
+            "batches": None,
+            "chunks": None,
+            "deliveries": None,
+            "database": exc.__class__.__name__,
+        }
     return {
         "name": "vLLM Batch Server",
         "version": __version__,
         "models": ctx.settings.served_model_names,
         **counts,
         "worker": {**worker.state, **worker.details} if details else worker.state,
+        "handlers": {
+            "webhooks": ctx.deliveries.webhooks,
+            "server_webhook_urls": len(ctx.deliveries.webhook_urls),
+            "result_handlers": sorted(ctx.deliveries.handlers),
+        },
         "links": {
             "openai_base_url": "/v1",
             "files": "/v1/files",

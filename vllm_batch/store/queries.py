@@ -23,7 +23,7 @@ from vllm_batch.states import (
     batch_sources,
     chunk_sources,
 )
-from vllm_batch.store.models import BatchRow, ChunkRow, FileRow, ResultRow
+from vllm_batch.store.models import BatchRow, ChunkRow, DeliveryRow, FileRow, ResultRow
 from vllm_batch.store.notify import notify_work
 
 # ---------------------------------------------------------------- files
@@ -162,10 +162,17 @@ async def insert_batch(session: AsyncSession, row: BatchRow) -> None:
 
 
 async def fail_validation(
-    session: AsyncSession, batch_id: str, errors: list[dict[str, object]], now: int
+    session: AsyncSession,
+    batch_id: str,
+    errors: list[dict[str, object]],
+    now: int,
+    deliveries: Sequence[DeliveryRow] = (),
 ) -> bool:
-    """``validating`` → ``failed`` with ``errors``; False if the batch moved on meanwhile."""
-    return await _move_batch(
+    """``validating`` → ``failed`` with ``errors``; False if the batch moved on meanwhile.
+
+    ``deliveries`` (the final event's outbox rows) are added in the same transaction.
+    """
+    moved = await _move_batch(
         session,
         batch_id,
         BatchStatus.FAILED,
@@ -173,6 +180,10 @@ async def fail_validation(
         errors=errors,
         failed_at=now,
     )
+    if moved:
+        session.add_all(deliveries)
+        await session.flush()
+    return moved
 
 
 async def start_batch(
@@ -603,10 +614,12 @@ async def finish_batch(
     error_file_id: str | None,
     extra_failed: int,
     now: int,
+    deliveries: Sequence[DeliveryRow] = (),
 ) -> bool:
     """The final status, atomically: only if ``owner`` still holds the finalization lease.
 
-    The output file rows are added in the same transaction; on False nothing was written.
+    The output file rows and the final event's outbox rows (``deliveries``) are added in
+    the same transaction; on False nothing was written.
     """
     await lock_batch(session, batch_id)
     values: dict[str, Any] = {
@@ -630,7 +643,7 @@ async def finish_batch(
         **values,
     )
     if moved:
-        session.add_all(files)
+        session.add_all([*files, *deliveries])
         await session.flush()
     return moved
 
