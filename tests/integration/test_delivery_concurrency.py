@@ -1,0 +1,66 @@
+"""Several dispatchers on one database never run the same delivery twice."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import create_validating_batch, jsonl
+from tests.webhook_receiver import webhook_receiver
+from vllm_batch.config import Settings
+from vllm_batch.handlers.dispatcher import Dispatcher
+from vllm_batch.runtime import open_store
+from vllm_batch.states import BatchStatus
+from vllm_batch.store import outbox
+
+TARGETS = 24
+
+
+async def test_three_dispatchers_deliver_each_event_once(database_url: str, tmp_path: Path) -> None:
+    with webhook_receiver("127.0.0.2") as receiver:
+        urls = [receiver.script(f"/t{i}", 200) for i in range(TARGETS)]
+        for i in range(TARGETS):
+            receiver.delay[f"/t{i}"] = 0.05
+        settings = Settings(
+            database_url=database_url,
+            data_dir=tmp_path,
+            webhook_urls=urls,
+            webhook_allowed_hosts=["127.0.0.2"],
+            delivery_poll_interval=0.02,
+            delivery_concurrency=4,
+        )
+        async with contextlib.AsyncExitStack() as stack:
+            stores = [await stack.enter_async_context(open_store(settings)) for _ in range(3)]
+            batch_id = await create_validating_batch(stores[0], jsonl([{}]), 1)
+            rows = stores[0].deliveries.rows(batch_id, None, BatchStatus.COMPLETED, time.time())
+            assert len(rows) == TARGETS
+            async with stores[0].sessions() as session, session.begin():
+                session.add_all(rows)
+            shutdown = asyncio.Event()
+            dispatchers = [Dispatcher(store) for store in stores]
+            tasks = [asyncio.create_task(d.run(shutdown)) for d in dispatchers]
+            deadline = time.monotonic() + 60
+            while len(receiver.requests) < TARGETS and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)  # any duplicate would arrive now
+            shutdown.set()
+            await asyncio.gather(*tasks)
+            async with stores[0].read_sessions() as session:
+                final = await outbox.for_batch(session, batch_id)
+                owners = Counter()
+                for row in final:
+                    attempts = await outbox.attempts_of(session, row.id)
+                    assert [a.number for a in attempts] == [1]
+                    owners[attempts[0].owner] += 1
+    assert Counter(r.path for r in receiver.requests) == {f"/t{i}": 1 for i in range(TARGETS)}
+    assert {row.status for row in final} == {"succeeded"} and len(final) == TARGETS
+    assert sum(d.delivered for d in dispatchers) == TARGETS
+    assert len(owners) >= 2, owners  # the work really was shared
+
+
+pytestmark = pytest.mark.asyncio(loop_scope="function")
