@@ -1,0 +1,37 @@
+"""The README's webhook receiver, run as written, accepts our events and rejects forgeries."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from vllm_batch.handlers.webhook import event_body, new_secret, signed_headers
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def receiver_snippet() -> str:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    [snippet] = [b for b in blocks if "webhooks.unwrap" in b and "FastAPI" in b]
+    return snippet
+
+
+def test_readme_receiver_verifies_signed_events(capsys: pytest.CaptureFixture[str]) -> None:
+    import datetime as dt
+
+    secret = new_secret()
+    code = receiver_snippet().replace('SECRET = "whsec_..."', f"SECRET = {secret!r}")
+    scope: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    client = TestClient(scope["app"], raise_server_exceptions=False)
+    body = event_body("evt_1", "batch.completed", 1, "batch_9")
+    headers = signed_headers(secret, "evt_1", body, dt.datetime.now(tz=dt.UTC))
+    assert client.post("/hook", content=body, headers=headers).status_code == 200
+    assert client.post("/hook", content=body, headers=headers).status_code == 200  # a retry
+    assert capsys.readouterr().out == "done: batch_9 batch_9\n"
+    forged = signed_headers(new_secret(), "evt_1", body, dt.datetime.now(tz=dt.UTC))
+    assert client.post("/hook", content=body, headers=forged).status_code == 500
