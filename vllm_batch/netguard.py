@@ -79,11 +79,20 @@ class AllowList:
         return any(address in network for network in self.networks)
 
 
+RESOLVE_TIMEOUT_SECONDS = 5.0
+
+
 async def system_resolver(host: str, port: int) -> list[str]:
-    """Every address ``host`` resolves to, via the system resolver."""
-    infos = await asyncio.get_running_loop().getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-    )
+    """Every address ``host`` resolves to, via the system resolver (in a thread, bounded)."""
+    try:
+        infos = await asyncio.wait_for(
+            asyncio.get_running_loop().getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+            ),
+            RESOLVE_TIMEOUT_SECONDS,
+        )
+    except TimeoutError:
+        raise OSError(f"no answer within {RESOLVE_TIMEOUT_SECONDS:.0f} s") from None
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
