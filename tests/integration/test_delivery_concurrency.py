@@ -64,3 +64,29 @@ async def test_three_dispatchers_deliver_each_event_once(database_url: str, tmp_
 
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
+
+
+async def test_graceful_stop_hands_webhook_attempts_back(database_url: str, tmp_path: Path) -> None:
+    with webhook_receiver("127.0.0.2") as receiver:
+        receiver.delay["/slow"] = 3
+        settings = Settings(
+            database_url=database_url,
+            data_dir=tmp_path,
+            webhook_urls=[receiver.script("/slow", 200)],
+            webhook_allowed_hosts=["127.0.0.2"],
+            delivery_poll_interval=0.02,
+        )
+        async with open_store(settings) as store:
+            batch_id = await create_validating_batch(store, jsonl([{}]), 1)
+            [row] = store.deliveries.rows(batch_id, None, BatchStatus.EXPIRED, time.time())
+            async with store.sessions() as session, session.begin():
+                session.add(row)
+            shutdown = asyncio.Event()
+            task = asyncio.create_task(Dispatcher(store).run(shutdown))
+            while not receiver.at("/slow"):
+                await asyncio.sleep(0.02)
+            shutdown.set()
+            await asyncio.wait_for(task, 2)  # does not wait for the slow receiver
+            async with store.read_sessions() as session:
+                [after] = await outbox.for_batch(session, batch_id)
+    assert (after.status, after.attempts, after.lease_owner) == ("pending", 0, None)

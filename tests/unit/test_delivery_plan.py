@@ -95,3 +95,10 @@ def test_backoff_grows_with_jitter_and_is_capped() -> None:
         assert 0.5 * min(3600, 5 * 2 ** (n - 1)) <= delay <= min(3600, 5 * 2 ** (n - 1))
     assert len({backoff_delay(3, 5, 3600) for _ in range(20)}) > 1
     assert backoff_delay(40, 5, 3600) <= 3600
+
+
+def test_bad_handler_settings_stop_the_start() -> None:
+    with pytest.raises(HandlerConfigError, match="whsec_"):
+        DeliveryPlan.load(Settings(webhook_secret="not-a-secret!"))
+    with pytest.raises(HandlerConfigError, match=r"built-in result handler settings: .*s3://"):
+        DeliveryPlan.load(Settings(s3_handler_target="https://bucket/prefix"))

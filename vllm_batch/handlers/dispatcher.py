@@ -86,13 +86,14 @@ class Dispatcher:
         self.concurrency = settings.delivery_concurrency
         self.lease = max(MIN_LEASE_SECONDS, 3 * settings.webhook_timeout)
         self.secret: str | None = None
-        self.inflight: set[asyncio.Task[None]] = set()
+        self.running: dict[asyncio.Task[None], DeliveryRow] = {}
+        """Attempts in flight, by task."""
         self._pool: ThreadPoolExecutor | None = None
         self.delivered = 0
         self.failed_attempts = 0
 
     async def run(self, shutdown: asyncio.Event) -> None:
-        """Deliver until ``shutdown``; in-flight attempts are abandoned to their leases."""
+        """Deliver until ``shutdown``; unfinished attempts are released, to be tried again."""
         settings = self.ctx.settings
         self.secret = await retry_db(
             lambda: webhook_secret(self.ctx), "load the webhook secret", shutdown=shutdown
@@ -110,13 +111,27 @@ class Dispatcher:
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(shutdown.wait(), settings.delivery_poll_interval)
             finally:
-                for task in list(self.inflight):
+                # Webhook attempts stop when cancelled: hand them back so a restart need not
+                # wait out their leases. A handler's thread cannot be stopped: its lease stays.
+                webhooks = [d.id for d in self.running.values() if d.kind == "webhook"]
+                tasks = list(self.running)
+                for task in tasks:
                     task.cancel()
-                await asyncio.gather(*self.inflight, return_exceptions=True)
+                await asyncio.gather(*tasks, return_exceptions=True)
                 self._pool.shutdown(wait=False, cancel_futures=True)
+                await self._release(webhooks)
+
+    async def _release(self, ids: list[str]) -> None:
+        if not ids:
+            return
+        try:
+            async with self.ctx.sessions() as session, session.begin():
+                await outbox.release(session, ids, self.ctx.instance_id)
+        except Exception as exc:  # the leases expire on their own
+            log.warning("deliveries: could not release leases at shutdown (%s)", describe(exc))
 
     async def _claim_and_start(self) -> None:
-        free = self.concurrency - len(self.inflight)
+        free = self.concurrency - len(self.running)
         if free <= 0:
             return
         try:
@@ -135,8 +150,8 @@ class Dispatcher:
             return
         for delivery in claimed:
             task = asyncio.create_task(self._attempt(delivery), name=f"delivery {delivery.id}")
-            self.inflight.add(task)
-            task.add_done_callback(self.inflight.discard)
+            self.running[task] = delivery
+            task.add_done_callback(lambda done: self.running.pop(done, None))
 
     async def _attempt(self, delivery: DeliveryRow) -> None:
         started = time.time()

@@ -18,7 +18,7 @@ from typing import Any
 
 from vllm_batch.config import Settings
 from vllm_batch.handlers.base import ResultHandler, call_enabled, get_registry
-from vllm_batch.handlers.webhook import EVENT_TYPES
+from vllm_batch.handlers.webhook import EVENT_TYPES, check_secret
 from vllm_batch.protocol.ids import new_id
 from vllm_batch.states import BatchStatus
 from vllm_batch.store.models import DeliveryRow
@@ -38,7 +38,10 @@ class HandlerConfigError(ValueError):
 def builtin_handlers(settings: Settings) -> list[ResultHandler]:
     from vllm_batch.handlers.builtin import make_builtin_handlers
 
-    return make_builtin_handlers(settings)
+    try:
+        return make_builtin_handlers(settings)
+    except ValueError as exc:
+        raise HandlerConfigError(f"built-in result handler settings: {exc}") from exc
 
 
 def _as_handlers(obj: Any, source: str) -> list[ResultHandler]:
@@ -93,6 +96,11 @@ class DeliveryPlan:
 
     @classmethod
     def load(cls, settings: Settings) -> DeliveryPlan:
+        if settings.webhook_secret:
+            try:
+                check_secret(settings.webhook_secret)
+            except ValueError as exc:
+                raise HandlerConfigError(str(exc)) from None
         available = discover(settings)
         chosen: Sequence[str] = (
             settings.handlers if settings.handlers is not None else [WEBHOOK, *available]

@@ -62,6 +62,20 @@ async def renew_lease(session: AsyncSession, delivery_id: str, owner: str, until
     return int(getattr(result, "rowcount", 0) or 0) == 1
 
 
+async def release(session: AsyncSession, ids: Sequence[str], owner: str) -> int:
+    """Drop ``owner``'s leases on ``ids``: those deliveries are due again at once."""
+    result = await session.execute(
+        update(DeliveryRow)
+        .where(
+            DeliveryRow.id.in_(ids),
+            DeliveryRow.lease_owner == owner,
+            DeliveryRow.status == PENDING,
+        )
+        .values(lease_owner=None, lease_until=None)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
 @dataclass(frozen=True)
 class Attempt:
     started_at: float
