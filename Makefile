@@ -65,7 +65,7 @@ unit: install-test
 	$(BIN)/pytest tests/unit -q
 
 test: install-test model lint
-	$(BIN)/pytest -q -ra --durations=15
+	$(BIN)/pytest -q -ra --durations=15 -n 2 --dist loadfile
 
 bench: install-test model
 	$(BIN)/python benchmarks/bench_batch.py
