@@ -249,8 +249,10 @@
         h("tr", { "data-model": q.model },
           h("td", {}, q.model),
           h("td", { class: "num" }, fmtNum(q.batches)),
-          h("td", { class: "num" }, `${fmtNum(q.queued_chunks)} chunks · ${fmtNum(q.queued_lines)} lines`),
-          h("td", { class: "num" }, `${fmtNum(q.running_chunks)} chunks · ${fmtNum(q.running_lines)} lines`)),
+          h("td", { class: "num" }, `${fmtNum(q.queued_lines)} lines`,
+            h("div", { class: "muted small" }, `${fmtNum(q.queued_chunks)} chunks`)),
+          h("td", { class: "num" }, `${fmtNum(q.running_lines)} lines`,
+            h("div", { class: "muted small" }, `${fmtNum(q.running_chunks)} chunks`))),
       ),
     );
     $("queue-empty").hidden = queue.length > 0;
@@ -300,7 +302,19 @@
     $("active-workers").textContent = `${data.active_workers} active`;
   }
 
-  /** GPU health from /ready (``gpu``): a list of devices, or an object holding one. */
+  const gib = (bytes) => (bytes / 2 ** 30).toFixed(1);
+  const GPU_COLUMNS = [
+    ["GPU", ["index", "name"], (d) => `${d.index ?? ""} ${d.name ?? ""}`.trim()],
+    ["Util", ["utilization_percent"], (d) => d.utilization_percent == null ? "–" : `${Math.round(d.utilization_percent)}%`],
+    ["Memory", ["memory_used_bytes", "memory_total_bytes"], (d) => d.memory_total_bytes
+      ? `${gib(d.memory_used_bytes || 0)} / ${gib(d.memory_total_bytes)} GiB` : "–"],
+    ["Temp", ["temperature_celsius"], (d) => d.temperature_celsius == null ? "–" : `${Math.round(d.temperature_celsius)} °C`],
+    ["Power", ["power_watts", "power_limit_watts"], (d) => d.power_watts == null ? "–"
+      : `${Math.round(d.power_watts)}${d.power_limit_watts ? ` / ${Math.round(d.power_limit_watts)}` : ""} W`],
+    ["Throttle", ["throttle_reasons"], (d) => [].concat(d.throttle_reasons || []).join(", ") || "none"],
+  ];
+
+  /** GPU health from /ready's ``gpu`` (readings and guard state); "no GPU" without one. */
   function renderGpu(ready) {
     const gpu = ready ? ready.gpu : undefined;
     const el = $("gpu");
@@ -310,18 +324,21 @@
       el.replaceChildren(h("p", { class: "muted", id: "no-gpu" }, "no GPU", why ? ` (${why})` : ""));
       return;
     }
-    const scalar = (v) => v === null || typeof v !== "object";
-    const columns = [...new Set(devices.flatMap((d) => Object.keys(d)))];
-    const cell = (v) => (v === null || v === undefined ? "–" : scalar(v) ? String(v)
-      : Array.isArray(v) ? v.join(", ") : JSON.stringify(v));
-    const extra = Array.isArray(gpu) ? {} : Object.fromEntries(
-      Object.entries(gpu).filter(([k, v]) => scalar(v) && k !== "gpus" && k !== "devices"));
+    const known = new Set(["uuid", ...GPU_COLUMNS.flatMap(([, keys]) => keys)]);
+    const extraKeys = [...new Set(devices.flatMap((d) => Object.keys(d)))].filter((k) => !known.has(k));
+    const columns = [
+      ...GPU_COLUMNS.filter(([, keys]) => devices.some((d) => keys.some((k) => k in d))),
+      ...extraKeys.map((k) => [k.replaceAll("_", " "), [k], (d) => d[k] == null ? "–"
+        : typeof d[k] === "object" ? JSON.stringify(d[k]) : String(d[k])]),
+    ];
+    const paused = !Array.isArray(gpu) && gpu.claims_paused;
     el.replaceChildren(
-      Object.keys(extra).length ? kvTable(extra) : "",
+      paused ? h("p", { class: "bad", id: "gpu-paused" }, `Claims paused: ${gpu.pause_reason || "GPU guard"}`) : "",
+      Array.isArray(gpu) ? "" : h("p", { class: "muted small" },
+        `guard ${gpu.guard ?? "–"} · pauses ${gpu.pauses ?? 0} · OOM back-offs ${gpu.oom_backoffs ?? 0}`),
       h("table", { class: "grid", id: "gpus" },
-        h("thead", {}, h("tr", {}, columns.map((c) => h("th", {}, c.replaceAll("_", " "))))),
-        h("tbody", {}, devices.map((d) => h("tr", {}, columns.map((c) => h("td", {}, cell(d[c])))))),
-      ),
+        h("thead", {}, h("tr", {}, columns.map(([title]) => h("th", {}, title)))),
+        h("tbody", {}, devices.map((d) => h("tr", {}, columns.map(([, , show]) => h("td", {}, show(d))))))),
     );
   }
 
@@ -438,11 +455,13 @@
 
   async function pollBatch() {
     const id = encodeURIComponent(document.body.dataset.batchId);
-    const [batch, chunks, deliveries] = await Promise.all([
+    const [batch, chunks, deliveries, info] = await Promise.all([
       getJSON(`/v1/dashboard/batches/${id}`),
       getJSON(`/v1/dashboard/batches/${id}/chunks`),
       getJSON(`/v1/batches/${id}/deliveries`),
+      viewerShown ? null : getJSON("/v1/dashboard/overview"),
     ]);
+    if (info) showViewer(info.viewer);
     renderSummary(batch);
     renderChunks(chunks);
     renderDeliveries(deliveries);
@@ -450,7 +469,10 @@
 
   // ------------------------------------------------------------------ key and polling
 
+  let viewerShown = false;
+
   function showViewer(viewer) {
+    viewerShown = true;
     const text = !viewer.keys_required
       ? "no API key needed"
       : `key “${viewer.name}”${viewer.admin ? " (admin)" : ""}`;
@@ -472,6 +494,10 @@
         notice(getKey() ? "This API key was refused: enter a valid one above."
           : "This server needs an API key: enter it above.", "error");
         $("viewer").textContent = "no valid key";
+        for (const el of document.querySelectorAll("main tbody, #counts, #workers, #gpu, #summary, #timeline, #errors")) {
+          el.replaceChildren(); // a forgotten or refused key shows nothing
+        }
+        viewerShown = false;
         stopped = true; // until a key is saved
         return;
       }
@@ -489,12 +515,14 @@
       if (key) localStorage.setItem(KEY_STORE, key);
       else localStorage.removeItem(KEY_STORE);
       stopped = false;
+      viewerShown = false;
       tick();
     });
     $("forget-key").addEventListener("click", () => {
       localStorage.removeItem(KEY_STORE);
       input.value = "";
       stopped = false;
+      viewerShown = false;
       tick();
     });
     const more = $("more");
