@@ -183,7 +183,7 @@ def test_dashboard_in_chromium(live: LiveServer, browser: Browser, receiver: Rec
         seen = watch_row(page, batch_id)
         percents = [pct for _, pct in seen]
         assert percents == sorted(percents), seen  # the bar only moves forward
-        assert len(seen) >= 2, seen  # updated live, without a reload
+        assert any(0 < pct < 100 for pct in percents), seen  # seen mid-way: updated live
         row = page.locator(f'tr[data-batch-id="{batch_id}"]')
         expect(row.locator(".counts-cell")).to_have_text(f"{LINES - 1} · 1 · {LINES}")
         expect(row.locator(".eta")).to_have_text("done")
