@@ -10,7 +10,7 @@ LABEL_STUDIO_VERSION := 1.23.2
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
 
-.PHONY: install install-test label-studio model serve test lint unit bench clean
+.PHONY: install install-test label-studio chromium model serve test lint unit bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -44,8 +44,12 @@ $(LS_VENV)/.installed-$(LABEL_STUDIO_VERSION):
 	test -s $(LS_VENV)/template/label_studio.sqlite3
 	touch $@
 
+# The dashboard's browser test drives Debian's chromium through Playwright (no browser download).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update && apt-get install -y chromium)
+
 install: $(VENV)/.installed
-install-test: $(VENV)/.installed-test $(LS_VENV)/.installed-$(LABEL_STUDIO_VERSION)
+install-test: $(VENV)/.installed-test $(LS_VENV)/.installed-$(LABEL_STUDIO_VERSION) chromium
 label-studio: $(LS_VENV)/.installed-$(LABEL_STUDIO_VERSION)
 
 $(MODEL_DIR)/.prepared: | $(VENV)/.installed

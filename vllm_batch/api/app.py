@@ -24,6 +24,8 @@ from vllm_batch.runtime import open_store
 from vllm_batch.service.housekeeping import run_housekeeping
 from vllm_batch.service.supervise import TaskHealth, supervise
 from vllm_batch.service.validate import ValidationSweeper
+from vllm_batch.web import data as dashboard_data
+from vllm_batch.web.pages import install_pages
 from vllm_batch.worker.context import WorkerContext
 from vllm_batch.worker.loop import Worker
 
@@ -92,7 +94,9 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     app.include_router(files.router, prefix="/v1", dependencies=v1)
     app.include_router(batches.router, prefix="/v1", dependencies=v1)
     app.include_router(info.v1_router, prefix="/v1", dependencies=v1)
+    app.include_router(dashboard_data.router, prefix="/v1", dependencies=v1)
     app.include_router(info.router)
+    install_pages(app)
     install_edge(app, settings)
     return app
 

@@ -1,5 +1,8 @@
 """Service routes: ``/`` (info), ``/health``, ``/ready`` and ``/v1/models``.
 
+``/`` answers JSON to API clients and ``curl``; a browser (``Accept`` ranking ``text/html``
+above JSON) is redirected to the dashboard.
+
 ``/`` and ``/ready`` need no API key, so without a valid one they show states and counts
 only; ids (worker, chunk, batch) and error texts only with an admin key in
 ``Authorization: Bearer <key>`` (and never when no key is configured: then nobody is
@@ -12,13 +15,14 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from vllm_batch import __version__
 from vllm_batch.api.auth import KeyRing, Principal
 from vllm_batch.api.deps import CtxDep
 from vllm_batch.api.probes import check_database, check_services, check_worker
 from vllm_batch.store import outbox, queries
+from vllm_batch.web.pages import DASHBOARD, prefers_html
 
 router = APIRouter(tags=["service"])
 v1_router = APIRouter(tags=["models"])
@@ -38,8 +42,14 @@ def has_admin_key(request: Request) -> bool:
     return principal is not None and principal.admin
 
 
-@router.get("/")
-async def service_info(ctx: CtxDep, request: Request) -> dict[str, Any]:
+@router.get("/", response_model=None)
+async def service_info(
+    ctx: CtxDep, request: Request, response: Response
+) -> dict[str, Any] | RedirectResponse:
+    """Service info as JSON; a browser (``Accept`` preferring HTML) goes to the dashboard."""
+    response.headers["Vary"] = "Accept"
+    if prefers_html(request.headers.get("accept", "")):
+        return RedirectResponse(DASHBOARD, status_code=307, headers={"Vary": "Accept"})
     principal = caller(request)
     details = principal is not None and principal.admin
     show_batches = principal is not None or not request.app.state.keys.enabled
@@ -87,6 +97,7 @@ async def service_info(ctx: CtxDep, request: Request) -> dict[str, Any]:
             "models": "/v1/models",
             "health": "/health",
             "ready": "/ready",
+            "dashboard": DASHBOARD,
             "docs": "/docs" if ctx.settings.docs_enabled else None,
         },
     }

@@ -1,0 +1,88 @@
+"""Response shapes of the dashboard's JSON endpoints (``/v1/dashboard/...``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from vllm_batch.protocol.batch import Batch
+
+
+class LineError(BaseModel):
+    """One of a batch's first errors: a validation error or a failed line."""
+
+    line: int | None = None
+    custom_id: str | None = None
+    code: str | None = None
+    message: str
+
+
+class DashboardBatch(Batch):
+    """A batch as ``/v1/batches`` shows it, plus its first errors (and owner, for admins)."""
+
+    owner: str | None = None
+    first_errors: list[LineError] = Field(default_factory=list)
+
+
+class ChunkInfo(BaseModel):
+    """One chunk of a batch; ``lease_owner``/``lease_until`` only for admin callers."""
+
+    index: int
+    model: str
+    start_line: int
+    end_line: int
+    lines: int
+    status: str
+    attempts: int
+    engine_failures: int
+    saved_lines: int
+    lease_owner: str | None = None
+    lease_until: float | None = None
+
+
+class ChunkList(BaseModel):
+    object: str = "list"
+    batch_id: str
+    data: list[ChunkInfo]
+    has_more: bool = False
+    owners_visible: bool
+    finalize_owner: str | None = None
+
+
+class Viewer(BaseModel):
+    """Who is looking: the key's name (None when no keys are configured) and its rights."""
+
+    name: str | None
+    admin: bool
+    keys_required: bool
+
+
+class QueueEntry(BaseModel):
+    model: str
+    queued_chunks: int
+    running_chunks: int
+    queued_lines: int
+    running_lines: int
+    batches: int
+
+
+class RemoteWorker(BaseModel):
+    """A worker seen through its live chunk leases (admin callers only)."""
+
+    id: str
+    running_chunks: int
+    models: list[str]
+    lease_until: float
+
+
+class Overview(BaseModel):
+    viewer: Viewer
+    models: list[str]
+    batches: dict[str, int]
+    queue: list[QueueEntry]
+    this_process: dict[str, Any]
+    """This process's worker as ``/ready`` shows it (``id`` and details for admins only)."""
+    workers: list[RemoteWorker]
+    active_workers: int
+    """Distinct owners of live chunk leases, this process's worker included."""
