@@ -70,7 +70,7 @@ def ready_gpu(server: LiveServer) -> dict[str, Any]:
 def hot_server(
     loop_thread: LoopThread, tiny_engine: Any, tiny_model: Path, tmp_path: Path
 ) -> Iterator[tuple[LiveServer, ScriptedReadingsForTests]]:
-    readings = ScriptedReadingsForTests(gpu(90))
+    readings = ScriptedReadingsForTests(gpu(60))
     settings = settings_for(tiny_model, tmp_path, chunk_size=4)
     for server in start_server(loop_thread, settings, tiny_engine, gpu_source=readings):
         yield server, readings
@@ -81,8 +81,13 @@ def test_hot_gpu_holds_claims_until_it_cools(
 ) -> None:
     caplog.set_level(logging.INFO, logger="vllm_batch.observability.gpu_guard")
     server, readings = hot_server
-    state = ready_gpu(server)
-    assert state["claims_paused"] is True and state["available"] is True
+    assert ready_gpu(server)["claims_paused"] is False
+    readings.set(gpu(90))
+    deadline = time.monotonic() + 10
+    while not (state := ready_gpu(server))["claims_paused"]:
+        assert time.monotonic() < deadline, state
+        time.sleep(0.05)
+    assert state["available"] is True
     assert state["pause_reason"] == "GPU 0 at 90 °C (pause at 85 °C)"
     assert state["gpus"][0]["temperature_celsius"] == 90 and "uuid" not in state["gpus"][0]
     assert httpx.get(server.url).json()["gpu"]["claims_paused"] is True

@@ -17,7 +17,13 @@ from typing import Any
 import orjson
 
 from vllm_batch.config import ModelSpec, Settings
-from vllm_batch.engines.base import EngineFailure, EngineOutOfMemory, EngineResult, is_cuda_oom
+from vllm_batch.engines.base import (
+    EngineFailure,
+    EngineOutOfMemory,
+    EngineResult,
+    is_cuda_oom,
+    is_oom_message,
+)
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +182,8 @@ class VllmEngine:
         if isinstance(response, ErrorResponse):
             info = response.error
             if info.code >= 500 and _engine_is_dead(handler):
-                raise EngineFailure(info.message)
+                failure = EngineOutOfMemory if is_oom_message(info.message) else EngineFailure
+                raise failure(info.message)
             return error_result(info.code, info.type, info.message, info.param)
         usage = response.usage
         prompt_details = usage.prompt_tokens_details if usage else None
