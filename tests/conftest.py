@@ -186,8 +186,11 @@ class LiveServer:
         return self.loop_thread.run(call())
 
 
-def start_server(loop_thread: LoopThread, settings: Settings, engine: Any) -> Iterator[LiveServer]:
-    """Serve ``create_app(settings)`` with uvicorn in the background loop."""
+def start_server(
+    loop_thread: LoopThread, settings: Settings, engine: Any, **app_kwargs: Any
+) -> Iterator[LiveServer]:
+    """Serve ``create_app(settings, **app_kwargs)`` with uvicorn in the background loop;
+    ``engine`` (if given) is lent to the app unless ``app_kwargs`` has an ``engine_factory``."""
     import uvicorn
 
     from vllm_batch.api.app import create_app
@@ -195,7 +198,8 @@ def start_server(loop_thread: LoopThread, settings: Settings, engine: Any) -> It
     def factory(spec: ModelSpec) -> Any:
         return SharedEngine(engine)
 
-    app = create_app(settings, engine_factory=factory if engine is not None else None)
+    app_kwargs.setdefault("engine_factory", factory if engine is not None else None)
+    app = create_app(settings, **app_kwargs)
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")

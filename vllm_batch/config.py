@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, computed_field, field_validator
+from pydantic import AliasChoices, Field, computed_field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -97,6 +97,19 @@ class Settings(BaseSettings):
     group_prefixes: bool = True  # submit requests sharing a first message/prompt together
     kv_cache_gib: float | None = None
 
+    # ---- GPU health guard (docs: README "GPU health guard")
+    gpu_guard: bool = True  # pause claiming new work while a GPU is too hot or thermal-throttled
+    gpu_max_temperature: float = Field(default=85.0, gt=0)  # °C: pause at or above this
+    gpu_resume_temperature: float = Field(default=80.0, gt=0)  # °C: resume at or below this
+    # NVML throttle reasons that pause claims (power-cap throttling is normal under load).
+    gpu_pause_throttle_reasons: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["hw_thermal_slowdown", "sw_thermal_slowdown"]
+    )
+    gpu_poll_interval: float = Field(default=5.0, gt=0)  # seconds between GPU readings
+    # CUDA out-of-memory back-off: the in-flight window and max_num_seqs halve down to these.
+    oom_min_in_flight: int = Field(default=4, ge=1)
+    oom_min_num_seqs: int = Field(default=2, ge=1)
+
     # ---- webhooks and result handlers (docs: README "Webhooks and result handlers")
     webhook_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # whsec_… signing secret; unset: generated on first start and kept in the database.
@@ -142,6 +155,7 @@ class Settings(BaseSettings):
         "webhook_allowed_hosts",
         "handlers",
         "handler_modules",
+        "gpu_pause_throttle_reasons",
         mode="before",
     )
     @classmethod
@@ -149,6 +163,15 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _check_gpu_temperatures(self) -> Settings:
+        if self.gpu_resume_temperature > self.gpu_max_temperature:
+            raise ValueError(
+                "gpu_resume_temperature must not exceed gpu_max_temperature "
+                f"({self.gpu_resume_temperature} > {self.gpu_max_temperature})"
+            )
+        return self
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -20,6 +20,8 @@ from vllm_batch.engines import make_engine
 from vllm_batch.engines.base import Engine
 from vllm_batch.engines.manager import EngineFactory, EngineManager
 from vllm_batch.handlers.dispatcher import Dispatcher
+from vllm_batch.observability.gpu import NvmlReader, ReadingsSource
+from vllm_batch.observability.gpu_guard import GpuGuard
 from vllm_batch.runtime import open_store
 from vllm_batch.service.housekeeping import run_housekeeping
 from vllm_batch.service.supervise import TaskHealth, supervise
@@ -33,8 +35,13 @@ log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_SECONDS = 30.0
 
 
-def create_app(settings: Settings, engine_factory: EngineFactory | None = None) -> FastAPI:
-    """Build the app. The worker (if enabled) uses ``engine_factory``; default is vLLM."""
+def create_app(
+    settings: Settings,
+    engine_factory: EngineFactory | None = None,
+    gpu_source: ReadingsSource | None = None,
+) -> FastAPI:
+    """Build the app. The worker (if enabled) uses ``engine_factory`` (default: vLLM) and
+    reads its GPUs from ``gpu_source`` (default: NVML)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -46,7 +53,8 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
                 ctx.engines = EngineManager(
                     settings.model_specs, engine_factory or settings_engine_factory(settings)
                 )
-                worker = Worker(WorkerContext(**ctx.shared(), engines=ctx.engines))
+                guard = GpuGuard(gpu_source or NvmlReader(), settings)
+                worker = Worker(WorkerContext(**ctx.shared(), engines=ctx.engines), gpu=guard)
                 ctx.worker = worker
                 ctx.worker_health = TaskHealth("worker")
                 ctx.worker_task = asyncio.create_task(

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from vllm_batch import __version__
 from vllm_batch.api.auth import KeyRing, Principal
 from vllm_batch.api.deps import CtxDep
-from vllm_batch.api.probes import check_database, check_services, check_worker
+from vllm_batch.api.probes import check_database, check_gpu, check_services, check_worker
 from vllm_batch.store import outbox, queries
 from vllm_batch.web.pages import DASHBOARD, prefers_html
 
@@ -85,6 +85,7 @@ async def service_info(
         "models": ctx.settings.served_model_names,
         **counts,
         "worker": {**worker.state, **worker.details} if details else worker.state,
+        "gpu": check_gpu(ctx).state,
         "handlers": {
             "webhooks": ctx.deliveries.webhooks,
             "server_webhook_urls": len(ctx.deliveries.webhook_urls),
@@ -110,12 +111,16 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(ctx: CtxDep, request: Request) -> JSONResponse:
-    """200 if the database answers, the worker runs and its engine loads; else 503."""
+    """200 if the database answers, the worker runs and its engine loads; else 503.
+
+    ``gpu`` shows GPU readings and whether the GPU guard pauses claims (never a 503).
+    """
     details = has_admin_key(request)
     checks = {
         "database": await check_database(ctx),
         "worker": check_worker(ctx),
         "services": check_services(ctx),
+        "gpu": check_gpu(ctx),
     }
     ok = all(check.ok for check in checks.values())
     database = checks["database"]
@@ -124,6 +129,7 @@ async def ready(ctx: CtxDep, request: Request) -> JSONResponse:
         "database": "ok" if database.ok else "unavailable",
         "worker": checks["worker"].state,
         "services": checks["services"].state,
+        "gpu": checks["gpu"].state,
         "reasons": {name: check.reason for name, check in checks.items() if not check.ok},
     }
     if details:

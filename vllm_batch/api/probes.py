@@ -99,6 +99,8 @@ def check_worker(ctx: AppContext) -> Check:
             f"worker cannot reach the database for "
             f"{time.time() - worker.db.failing_since:.0f} s (retrying)"
         )
+    if engines.limits:
+        state["oom_limits"] = engines.describe(details=False)["oom_limits"]
     if engines.failed:
         state["engine_failures"] = engines.describe(details=False)["failed_models"]
         details["engine_failures"] = engines.describe(details=True)["failed_models"]
@@ -117,3 +119,13 @@ def check_services(ctx: AppContext) -> Check:
         reason=f"not running (restarting): {', '.join(down)}" if down else None,
         details={h.name: h.last_error for h in ctx.services if h.last_error},
     )
+
+
+def check_gpu(ctx: AppContext) -> Check:
+    """GPU readings and the guard's state. Never fails readiness: a hot GPU only pauses
+    claims (the API still serves), and a host without a GPU is a normal setup."""
+    if ctx.worker is None:
+        return Check(ok=True, state={"guard": "off", "available": False, "reason": "no worker"})
+    state = ctx.worker.gpu.state()
+    uuids = {str(gpu["index"]): gpu.pop("uuid", None) for gpu in state["gpus"]}
+    return Check(ok=True, state=state, details={"uuids": uuids})

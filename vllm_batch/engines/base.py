@@ -3,11 +3,41 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
+
+CUDA_OOM_MESSAGE = "cuda out of memory"
 
 
 class EngineFailure(Exception):
     """The engine itself broke (died, lost its GPU): the work must be retried, not failed."""
+
+
+class EngineOutOfMemory(EngineFailure):
+    """CUDA ran out of memory: retry the work with a smaller window, never fail its lines."""
+
+
+def is_cuda_oom(exc: BaseException | None) -> bool:
+    """``exc`` (or an exception it was raised from) is a CUDA out-of-memory error.
+
+    Matches ``torch.cuda.OutOfMemoryError`` by name (torch is not imported) and any error
+    whose message says "CUDA out of memory", as PyTorch and vLLM phrase it.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, EngineOutOfMemory) or is_oom_message(str(exc)):
+            return True
+        if any(
+            c.__name__ == "OutOfMemoryError" and c.__module__.startswith("torch")
+            for c in type(exc).__mro__
+        ):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def is_oom_message(message: str | None) -> bool:
+    return message is not None and CUDA_OOM_MESSAGE in message.lower()
 
 
 @dataclass(frozen=True)
@@ -45,4 +75,16 @@ class Engine(Protocol):
 
     async def run(self, url: str, body: dict[str, Any], request_id: str) -> EngineResult:
         """Run one request; per-request problems are results, engine breakage raises."""
+        ...
+
+
+@runtime_checkable
+class ResizableEngine(Protocol):
+    """An engine whose scheduler batch (``max_num_seqs``) can be set before ``start``."""
+
+    @property
+    def max_num_seqs(self) -> int: ...
+
+    def set_max_num_seqs(self, value: int) -> None:
+        """Use at most ``value`` sequences per scheduler step from the next ``start`` on."""
         ...

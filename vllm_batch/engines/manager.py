@@ -1,5 +1,9 @@
 """Keeps at most one engine loaded and swaps models on demand (one GPU at a time).
 
+After a CUDA out-of-memory error, ``shrink`` halves the model's in-flight window and
+``max_num_seqs`` (down to floors) and restarts its engine with the smaller value; the
+limits stay for the life of the process.
+
 A model whose engine fails to start is remembered as failed (error and time) and is not
 tried again before its backoff (``first_retry`` doubling up to ``max_retry``) has passed:
 ``get`` raises ``EngineLoadError`` at once meanwhile, and the worker stops claiming work
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vllm_batch.config import ModelSpec
-from vllm_batch.engines.base import Engine
+from vllm_batch.engines.base import Engine, ResizableEngine
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,26 @@ class LoadFailure:
         return out
 
 
+@dataclass
+class EngineLimits:
+    """A model's limits lowered after CUDA out-of-memory errors (None: not lowered)."""
+
+    max_in_flight: int | None = None
+    max_num_seqs: int | None = None
+
+
+@dataclass(frozen=True)
+class Shrink:
+    """One OOM back-off step: the window and ``max_num_seqs`` before and after."""
+
+    model: str
+    in_flight: tuple[int, int] | None
+    """None when the window is already at its floor."""
+    max_num_seqs: tuple[int, int] | None
+    """None when at its floor, or the engine cannot change it."""
+    restarted: bool
+
+
 class EngineManager:
     """Owns the worker's engine; ``get`` loads the asked-for model, unloading another."""
 
@@ -80,6 +104,8 @@ class EngineManager:
         self.state = "idle"
         """``idle``, ``loading <model>``, ``ready`` or ``failed``."""
         self.failures: dict[str, LoadFailure] = {}
+        self.limits: dict[str, EngineLimits] = {}
+        """Per model: limits lowered after CUDA out-of-memory errors."""
 
     @property
     def model_names(self) -> list[str]:
@@ -119,7 +145,41 @@ class EngineManager:
                 name: failure.describe(now, details=details)
                 for name, failure in self.failures.items()
             },
+            "oom_limits": {name: vars(limits).copy() for name, limits in self.limits.items()},
         }
+
+    def in_flight_window(self, engine: Engine) -> int:
+        """How many requests to keep submitted to ``engine``: its own wish, or less after OOM."""
+        cap = self.limits.get(engine.model_name, EngineLimits()).max_in_flight
+        return engine.max_in_flight if cap is None else min(engine.max_in_flight, cap)
+
+    async def shrink(self, model: str, *, min_in_flight: int, min_num_seqs: int) -> Shrink | None:
+        """Halve ``model``'s window and ``max_num_seqs`` after an OOM; None if both are floored.
+
+        A lower ``max_num_seqs`` needs a new engine: the current one is stopped and the next
+        ``get`` starts one with the lower value (only engines that support it).
+        """
+        async with self._lock:
+            engine = self._engine if self.loaded_model == model else None
+            limits = self.limits.setdefault(model, EngineLimits())
+            window = engine.max_in_flight if engine is not None else None
+            if limits.max_in_flight is not None:
+                window = min(window or limits.max_in_flight, limits.max_in_flight)
+            resizable = isinstance(engine, ResizableEngine)
+            seqs = limits.max_num_seqs
+            if isinstance(engine, ResizableEngine):
+                seqs = engine.max_num_seqs
+            in_flight = _halve(window, min_in_flight)
+            num_seqs = _halve(seqs, min_num_seqs)
+            if in_flight is None and num_seqs is None:
+                return None
+            if in_flight is not None:
+                limits.max_in_flight = in_flight[1]
+            if num_seqs is not None:
+                limits.max_num_seqs = num_seqs[1]
+                if resizable:
+                    await self._unload()
+            return Shrink(model, in_flight, num_seqs, restarted=num_seqs is not None and resizable)
 
     async def get(self, model: str) -> Engine:
         """The engine for ``model``, started if needed; ``EngineLoadError`` if it cannot be."""
@@ -134,6 +194,9 @@ class EngineManager:
             engine: Engine | None = None
             try:
                 engine = self._factory(self.specs[model])
+                cap = self.limits.get(model, EngineLimits()).max_num_seqs
+                if cap is not None and isinstance(engine, ResizableEngine):
+                    engine.set_max_num_seqs(cap)
                 await engine.start()
             except asyncio.CancelledError:
                 self.state = "idle"
@@ -196,3 +259,11 @@ class EngineManager:
             await engine.stop()
         except Exception:
             log.exception("error while stopping the engine for %s", engine.model_name)
+
+
+def _halve(value: int | None, floor: int) -> tuple[int, int] | None:
+    """``(value, half of it but at least floor)`` if that is lower; else None."""
+    if value is None:
+        return None
+    lower = max(floor, value // 2)
+    return (value, lower) if lower < value else None

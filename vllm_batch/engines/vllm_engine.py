@@ -17,7 +17,13 @@ from typing import Any
 import orjson
 
 from vllm_batch.config import ModelSpec, Settings
-from vllm_batch.engines.base import EngineFailure, EngineResult
+from vllm_batch.engines.base import (
+    EngineFailure,
+    EngineOutOfMemory,
+    EngineResult,
+    is_cuda_oom,
+    is_oom_message,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +34,13 @@ def has_cuda_gpu() -> bool:
     return any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/nvidiactl"))
 
 
-def engine_argv(spec: ModelSpec, settings: Settings) -> list[str]:
-    """``vllm run-batch``-style arguments for one model, from our settings."""
+def engine_argv(
+    spec: ModelSpec, settings: Settings, *, max_num_seqs: int | None = None
+) -> list[str]:
+    """``vllm run-batch``-style arguments for one model, from our settings.
+
+    ``max_num_seqs`` overrides the setting (the worker lowers it after a CUDA OOM).
+    """
     gpu = has_cuda_gpu()
     dtype = "float32" if settings.dtype == "auto" and not gpu else settings.dtype
     eager = settings.enforce_eager if settings.enforce_eager is not None else not gpu
@@ -47,7 +58,7 @@ def engine_argv(spec: ModelSpec, settings: Settings) -> list[str]:
         argv.append("--enforce-eager")
     for flag, value in (
         ("--max-model-len", settings.max_model_len),
-        ("--max-num-seqs", settings.max_num_seqs),
+        ("--max-num-seqs", max_num_seqs or settings.max_num_seqs),
         ("--max-num-batched-tokens", settings.max_num_batched_tokens),
     ):
         if value is not None:
@@ -67,7 +78,17 @@ class VllmEngine:
         self._stack = contextlib.AsyncExitStack()
         self._chat: Any = None
         self._completion: Any = None
-        self._max_num_seqs = 256
+        self._max_num_seqs = settings.max_num_seqs or 256
+        self._max_num_seqs_cap: int | None = None
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self._max_num_seqs
+
+    def set_max_num_seqs(self, value: int) -> None:
+        """Start (next ``start``) with at most ``value`` sequences per scheduler step."""
+        self._max_num_seqs_cap = value
+        self._max_num_seqs = min(self._max_num_seqs, value)
 
     @property
     def max_in_flight(self) -> int:
@@ -86,7 +107,7 @@ class VllmEngine:
         from vllm.utils.argparse_utils import FlexibleArgumentParser
 
         args = make_arg_parser(FlexibleArgumentParser()).parse_args(
-            engine_argv(self._spec, self._settings)
+            engine_argv(self._spec, self._settings, max_num_seqs=self._max_num_seqs_cap)
         )
         log.info("starting vLLM engine for %s from %s", self._spec.name, self._spec.path)
         client = await self._stack.enter_async_context(
@@ -143,8 +164,11 @@ class VllmEngine:
         try:
             response = await handler(request, None)
         except EngineDeadError as exc:
-            raise EngineFailure(str(exc)) from exc
+            failure = EngineOutOfMemory if is_cuda_oom(exc) else EngineFailure
+            raise failure(str(exc)) from exc
         except Exception as exc:  # vLLM raises for some bad requests instead of returning
+            if is_cuda_oom(exc):
+                raise EngineOutOfMemory(str(exc)) from exc
             from vllm.entrypoints.serve.exception_handling.error_response import (
                 create_error_response,
             )
@@ -158,7 +182,8 @@ class VllmEngine:
         if isinstance(response, ErrorResponse):
             info = response.error
             if info.code >= 500 and _engine_is_dead(handler):
-                raise EngineFailure(info.message)
+                failure = EngineOutOfMemory if is_oom_message(info.message) else EngineFailure
+                raise failure(info.message)
             return error_result(info.code, info.type, info.message, info.param)
         usage = response.usage
         prompt_details = usage.prompt_tokens_details if usage else None

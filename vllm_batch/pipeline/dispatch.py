@@ -20,7 +20,14 @@ from typing import Any
 import anyio
 import orjson
 
-from vllm_batch.engines.base import Engine, EngineFailure, EngineResult
+from vllm_batch.engines.base import (
+    Engine,
+    EngineFailure,
+    EngineOutOfMemory,
+    EngineResult,
+    is_cuda_oom,
+    is_oom_message,
+)
 from vllm_batch.pipeline.output import ErrorShape, failure_line, result_line
 from vllm_batch.pipeline.results import LineResult
 from vllm_batch.retry import describe, retrying
@@ -56,7 +63,9 @@ async def execute_line(
     """Run one input line; every outcome except a broken engine is a ``LineResult``.
 
     A 5xx result is retried ``TRANSIENT_RETRIES`` times (backoff with jitter) before it is
-    written as the line's error; ``shape`` is the error lines' format.
+    written as the line's error; ``shape`` is the error lines' format. A CUDA out-of-memory
+    error (raised, or as a 5xx result) raises ``EngineOutOfMemory``: the line is retried
+    later with a smaller window, never failed for it.
     """
     line: Any = None
     try:
@@ -80,6 +89,8 @@ async def execute_line(
     except (EngineFailure, asyncio.CancelledError):
         raise
     except Exception as exc:  # one bad request must never take its chunk down with it
+        if is_cuda_oom(exc):
+            raise EngineOutOfMemory(describe(exc)[:500]) from exc
         log.warning("request %s failed: %s", request_id, describe(exc), exc_info=True)
         data = failure_line(
             custom_id,
@@ -128,6 +139,8 @@ async def _run_retrying_5xx(
                 number = attempt.retry_state.attempt_number
                 rid = request_id if number == 1 else f"{request_id}-retry{number - 1}"
                 result = await engine.run(url, body, rid)
+                if result.status_code >= 500 and is_oom_message(result.error_message):
+                    raise EngineOutOfMemory(result.error_message or "CUDA out of memory")
                 if result.status_code >= 500:
                     raise _Transient(result)
                 return result
@@ -137,7 +150,8 @@ async def _run_retrying_5xx(
 
 
 class Dispatcher:
-    """Keeps ``engine.max_in_flight`` requests submitted until the source is drained.
+    """Keeps ``max_in_flight`` requests (default: the engine's wish) submitted until the
+    source is drained.
 
     ``horizon``, if given, returns the highest line index the caller can take now; a line
     beyond it is held back (and no further block is read) until a result moves the horizon.
@@ -153,8 +167,10 @@ class Dispatcher:
         group_prefixes: bool = True,
         horizon: Callable[[], int] | None = None,
         error_shape: ErrorShape = ErrorShape.OPENAI,
+        max_in_flight: int | None = None,
     ) -> None:
         self.engine = engine
+        self.max_in_flight = max_in_flight
         self.on_result = on_result
         self.request_id = request_id
         self.group_prefixes = group_prefixes
@@ -167,8 +183,9 @@ class Dispatcher:
 
     async def run(self, source: LineSource, skip: Collection[int] = ()) -> None:
         """Submit every line of ``source`` not in ``skip``; raise ``EngineFailure`` if it broke."""
-        window = asyncio.Semaphore(self.engine.max_in_flight)
-        block_size = max(256, 2 * self.engine.max_in_flight)
+        in_flight = self.max_in_flight or self.engine.max_in_flight
+        window = asyncio.Semaphore(in_flight)
+        block_size = max(256, 2 * in_flight)
         try:
             while not self.stopped.is_set():
                 block = await anyio.to_thread.run_sync(self._read_block, source, block_size)

@@ -68,6 +68,7 @@ async def run_chunk(ctx: WorkerContext, chunk: ChunkRow, shutdown: asyncio.Event
         runner.add,
         lambda i: f"{chunk.batch_id}-{i}-{chunk.attempts}",
         group_prefixes=ctx.settings.group_prefixes,
+        max_in_flight=ctx.engines.in_flight_window(engine),
     )
     runner.dispatcher = dispatcher
     lines = iter_chunk_requests(ctx, input_file.storage_key, chunk)

@@ -6,7 +6,12 @@ The loop must outlive every fault short of ``shutdown``:
   ``retry_db``: an outage is waited out with backoff, not turned into an exit;
 - anything else unexpected in one round is logged, and the loop goes on after a pause;
 - a model whose engine cannot load is not claimed for while its load is retried with
-  backoff (``EngineManager``); a chunk already held is handed back, never failed.
+  backoff (``EngineManager``); a chunk already held is handed back, never failed;
+- while the GPU guard says a GPU is too hot or thermal-throttled, no new chunk is claimed
+  (the running one finishes);
+- a CUDA out-of-memory error halves the in-flight window and ``max_num_seqs`` (restarting
+  the engine) and hands the chunk back without counting an engine failure; only at the
+  floors does an OOM count toward ``max_chunk_attempts``.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from vllm_batch import lifecycle
-from vllm_batch.engines.base import EngineFailure
+from vllm_batch.engines.base import EngineFailure, EngineOutOfMemory
 from vllm_batch.engines.manager import EngineLoadError
+from vllm_batch.observability.gpu import NvmlReader
+from vllm_batch.observability.gpu_guard import GpuGuard
 from vllm_batch.store.models import ChunkRow
 from vllm_batch.worker.chunk import ChunkOutcome, run_chunk
 from vllm_batch.worker.context import WorkerContext
@@ -35,8 +42,10 @@ ERROR_PAUSE_SECONDS = 2.0
 class Worker:
     """Claims chunks for the models it serves until ``shutdown`` is set."""
 
-    def __init__(self, ctx: WorkerContext) -> None:
+    def __init__(self, ctx: WorkerContext, gpu: GpuGuard | None = None) -> None:
         self.ctx = ctx
+        self.gpu = gpu or GpuGuard(NvmlReader(), ctx.settings)
+        """Pauses claims while a GPU is too hot; its ``state()`` is shown on ``/ready``."""
         self.current_chunk: str | None = None
         self.chunks_done = 0
         self.db = DbHealth()
@@ -50,20 +59,29 @@ class Worker:
         self._shutdown = shutdown
         models = ", ".join(self.ctx.engines.model_names)
         log.info("worker %s serving %s", self.ctx.worker_id, models)
-        await self._try_load(self.ctx.engines.model_names[0])
-        while not shutdown.is_set():
-            try:
-                await self.step()
-            except Exception:
-                self.errors += 1
-                log.exception("worker %s: unexpected error; going on", self.ctx.worker_id)
-                await self._pause(ERROR_PAUSE_SECONDS)
+        await self.gpu.refresh()
+        poller = asyncio.create_task(self.gpu.run(shutdown))
+        try:
+            await self._try_load(self.ctx.engines.model_names[0])
+            while not shutdown.is_set():
+                try:
+                    await self.step()
+                except Exception:
+                    self.errors += 1
+                    log.exception("worker %s: unexpected error; going on", self.ctx.worker_id)
+                    await self._pause(ERROR_PAUSE_SECONDS)
+        finally:
+            poller.cancel()
+            await asyncio.gather(poller, return_exceptions=True)
         log.info("worker %s stopped", self.ctx.worker_id)
 
     async def step(self) -> None:
         """One round: retry due engine loads, then claim and run one chunk (or wait)."""
         for model in self.ctx.engines.due_retries():
             await self._try_load(model)
+        if self.gpu.paused:  # too hot: claim nothing until the guard resumes
+            await self._pause(self.ctx.settings.poll_interval)
+            return
         if not self.ctx.engines.claimable_models():
             wait = self.ctx.engines.next_retry_in()
             await self._pause(wait if wait is not None else self.ctx.settings.poll_interval)
@@ -121,6 +139,9 @@ class Worker:
             log.error("chunk %s waits: %s; releasing it", chunk.id, exc)
             await self._release(chunk, engine_failure=False)
             return
+        except EngineOutOfMemory as exc:
+            await self._back_off_oom(chunk, exc)
+            return
         except EngineFailure as exc:
             log.error("engine failed on chunk %s: %s; restarting it", chunk.id, exc)
             await self._release(chunk, engine_failure=True)
@@ -140,6 +161,44 @@ class Worker:
         elif outcome is ChunkOutcome.RELEASED:
             await self._release(chunk, engine_failure=False)
         await self._db(lambda: finalize_batch(self.ctx, chunk.batch_id), "finalize a batch")
+
+    async def _back_off_oom(self, chunk: ChunkRow, exc: EngineOutOfMemory) -> None:
+        """Shrink the window and ``max_num_seqs``, then hand the chunk back to be retried."""
+        settings = self.ctx.settings
+        self.gpu.record_oom(chunk.model)
+        step = await self.ctx.engines.shrink(
+            chunk.model,
+            min_in_flight=settings.oom_min_in_flight,
+            min_num_seqs=settings.oom_min_num_seqs,
+        )
+        if step is None:
+            log.error(
+                "CUDA out of memory on chunk %s with the in-flight window and max_num_seqs "
+                "at their floors (%d, %d): counting an engine failure: %s",
+                chunk.id,
+                settings.oom_min_in_flight,
+                settings.oom_min_num_seqs,
+                exc,
+            )
+            await self._release(chunk, engine_failure=True)
+            await self.ctx.engines.restart()
+            await self._pause(ENGINE_RETRY_SECONDS)
+            return
+        changes = [
+            f"{name} {change[0]} -> {change[1]}"
+            for name, change in (
+                ("in-flight window", step.in_flight),
+                ("max_num_seqs", step.max_num_seqs),
+            )
+            if change is not None
+        ]
+        log.warning(
+            "CUDA out of memory on chunk %s: %s%s; retrying the chunk",
+            chunk.id,
+            ", ".join(changes),
+            " (engine restarts)" if step.restarted else "",
+        )
+        await self._release(chunk, engine_failure=False)
 
     async def _finish(self, chunk: ChunkRow) -> bool:
         """Mark ``chunk`` done if every line has a saved result, else hand it back."""
