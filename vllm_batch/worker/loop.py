@@ -20,6 +20,7 @@ from typing import TypeVar
 from vllm_batch import lifecycle
 from vllm_batch.engines.base import EngineFailure
 from vllm_batch.engines.manager import EngineLoadError
+from vllm_batch.logs import bound
 from vllm_batch.store.models import ChunkRow
 from vllm_batch.worker.chunk import ChunkOutcome, run_chunk
 from vllm_batch.worker.context import WorkerContext
@@ -46,7 +47,11 @@ class Worker:
         self._shutdown = asyncio.Event()
 
     async def run(self, shutdown: asyncio.Event) -> None:
-        """Loop until ``shutdown``; returns only then."""
+        """Loop until ``shutdown``; returns only then. Log lines carry ``worker``."""
+        with bound(worker=self.ctx.worker_id):
+            await self._run(shutdown)
+
+    async def _run(self, shutdown: asyncio.Event) -> None:
         self._shutdown = shutdown
         models = ", ".join(self.ctx.engines.model_names)
         log.info("worker %s serving %s", self.ctx.worker_id, models)
@@ -106,6 +111,10 @@ class Worker:
 
     async def process(self, chunk: ChunkRow) -> None:
         """Run a leased chunk, then mark it done or hand it back, then try to finalize."""
+        with bound(worker=self.ctx.worker_id, batch_id=chunk.batch_id, chunk_id=chunk.id):
+            await self._process(chunk)
+
+    async def _process(self, chunk: ChunkRow) -> None:
         self.current_chunk = chunk.id
         log.info(
             "worker %s took chunk %s (lines %d-%d, attempt %d)",
