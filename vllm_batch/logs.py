@@ -38,12 +38,13 @@ _RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
     "color_message",  # uvicorn's coloured copy of the message
 }
 _VALUE = r"[^\s\"',;&}\]]+"
+_KEEP = r"(?![\[$<])"  # already [REDACTED], a $VARIABLE or a <placeholder>: not a secret
 _PATTERNS: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(rf"(?i)\b(bearer|basic)\s+(?!\[REDACTED\]){_VALUE}"), rf"\1 {REDACTED}"),
+    (re.compile(rf"(?i)\b(bearer|basic)\s+{_KEEP}{_VALUE}"), rf"\1 {REDACTED}"),
     (
         re.compile(
             r"(?i)((?:api[_-]?key|authorization|secret|password|passwd|access[_-]?token)"
-            rf"[\"']?\s*[:=]\s*[\"']?)(?:(?:bearer|basic)\s+)?(?!\[REDACTED\]){_VALUE}"
+            rf"[\"']?\s*[:=]\s*[\"']?)(?:(?:bearer|basic)\s+)?+{_KEEP}{_VALUE}"
         ),
         rf"\1{REDACTED}",
     ),
@@ -133,14 +134,15 @@ class JsonFormatter(logging.Formatter):
 
 
 class ConsoleFormatter(logging.Formatter):
-    """``2026-01-01 12:00:00 INFO  logger: message  batch_id=… chunk_id=…``."""
+    """``2026-01-01 12:00:00 INFO    logger: message  batch_id=… chunk_id=…`` (ids only)."""
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = dt.datetime.fromtimestamp(record.created).strftime("%Y-%m-%d %H:%M:%S")
         line = f"{stamp} {record.levelname:<7} {record.name}: {redact(record.getMessage())}"
-        fields = record_fields(record)
-        if fields:
-            line += "  " + " ".join(f"{key}={value}" for key, value in fields.items())
+        fields = record_fields(record)  # only the ids here: extras are in the message
+        ids = [f"{key}={fields[key]}" for key in CONTEXT_FIELDS if key in fields]
+        if ids:
+            line += "  " + " ".join(ids)
         if record.exc_info:
             line += "\n" + redact(self.formatException(record.exc_info))
         if record.stack_info:

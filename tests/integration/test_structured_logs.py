@@ -27,7 +27,8 @@ def captured(monkeypatch_module: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
     saved = (list(root.handlers), root.level)
     levels = {name: logging.getLogger(name).level for name in logs.NOISY_LOGGERS}
     for name in ("VLLM_CONFIGURE_LOGGING", "VLLM_LOGGING_LEVEL"):
-        monkeypatch_module.delenv(name, raising=False)
+        monkeypatch_module.setenv(name, "")  # restored (or removed again) afterwards
+        monkeypatch_module.delenv(name)
     stream = io.StringIO()
     logs.configure_logging("info", "json", stream)
     logs.add_secrets([KEY])

@@ -27,7 +27,8 @@ def capture(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
     saved = (list(root.handlers), root.level)
     noisy = {name: logging.getLogger(name).level for name in logs.NOISY_LOGGERS}
     for name in ("VLLM_CONFIGURE_LOGGING", "VLLM_LOGGING_LEVEL", "VLLM_BATCH_LOG_FORMAT"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # restored (or removed again) afterwards
+        monkeypatch.delenv(name)
     stream = io.StringIO()
     yield stream
     root.handlers[:] = saved[0]
@@ -149,10 +150,20 @@ def test_redaction(text: str) -> None:
     assert "[REDACTED]" in cleaned
 
 
-def test_redaction_leaves_ordinary_text() -> None:
+@pytest.mark.parametrize(
+    "text",
+    [
+        "batch batch_1 completed: 16 lines, max_tokens=32, short prompts",
+        'curl -H "Authorization: Bearer $VLLM_BATCH_API_KEY" http://h/v1/models',
+        'OpenAI(base_url="http://h/v1", api_key="<your key>")',
+    ],
+)
+def test_redaction_leaves_ordinary_text(text: str) -> None:
     logs.add_secrets(["short"])  # too short to redact literally
-    text = "batch batch_1 completed: 16 lines, max_tokens=32, short prompts"
-    assert redact(text) == text
+    try:
+        assert redact(text) == text
+    finally:
+        logs._secrets.clear()
 
 
 def test_secrets_never_reach_the_output(capture: io.StringIO) -> None:
