@@ -166,6 +166,7 @@ def serve(
 def _serve(settings: Settings, key_required: bool, fmt: str) -> None:
     """uvicorn with our logging (its access log replaced by ours); the banner once ready."""
     import uvicorn
+    from uvicorn.server import STARTUP_FAILURE
 
     from vllm_batch.api.app import create_app
     from vllm_batch.banner import announce_when_ready, make_banner
@@ -190,7 +191,10 @@ def _serve(settings: Settings, key_required: bool, fmt: str) -> None:
         access_log=False,
         timeout_graceful_shutdown=30,
     )
-    Server(config).run()
+    server = Server(config)
+    server.run()
+    if not server.started:  # as uvicorn.run: a failed start (port in use...) exits non-zero
+        sys.exit(STARTUP_FAILURE)
 
 
 def read_api_key_file(path: Path) -> str:
