@@ -112,9 +112,12 @@ class Worker:
     async def process(self, chunk: ChunkRow) -> None:
         """Run a leased chunk, then mark it done or hand it back, then try to finalize."""
         with bound(worker=self.ctx.worker_id, batch_id=chunk.batch_id, chunk_id=chunk.id):
-            await self._process(chunk)
+            ran = await self._process(chunk)
+        if ran:
+            await self._db(lambda: finalize_batch(self.ctx, chunk.batch_id), "finalize a batch")
 
-    async def _process(self, chunk: ChunkRow) -> None:
+    async def _process(self, chunk: ChunkRow) -> bool:
+        """Whether the chunk ran (done or handed back) rather than failed."""
         self.current_chunk = chunk.id
         log.info(
             "worker %s took chunk %s (lines %d-%d, attempt %d)",
@@ -129,18 +132,18 @@ class Worker:
         except EngineLoadError as exc:
             log.error("chunk %s waits: %s; releasing it", chunk.id, exc)
             await self._release(chunk, engine_failure=False)
-            return
+            return False
         except EngineFailure as exc:
             log.error("engine failed on chunk %s: %s; restarting it", chunk.id, exc)
             await self._release(chunk, engine_failure=True)
             await self.ctx.engines.restart()
             await self._pause(ENGINE_RETRY_SECONDS)
-            return
+            return False
         except Exception:
             log.exception("chunk %s failed unexpectedly; releasing it", chunk.id)
             await self._release(chunk, engine_failure=False)
             await self._pause(ERROR_PAUSE_SECONDS)
-            return
+            return False
         finally:
             self.current_chunk = None
         if outcome is ChunkOutcome.DONE:
@@ -148,7 +151,7 @@ class Worker:
                 self.chunks_done += 1
         elif outcome is ChunkOutcome.RELEASED:
             await self._release(chunk, engine_failure=False)
-        await self._db(lambda: finalize_batch(self.ctx, chunk.batch_id), "finalize a batch")
+        return True
 
     async def _finish(self, chunk: ChunkRow) -> bool:
         """Mark ``chunk`` done if every line has a saved result, else hand it back."""
