@@ -36,6 +36,7 @@ _RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
     "asctime",
     "taskName",
     "color_message",  # uvicorn's coloured copy of the message
+    "vllm_process_name",  # vLLM's record factory, when vLLM configured logging itself
 }
 _VALUE = r"[^\s\"',;&}\]]+"
 _KEEP = r"(?![\[$<])"  # already [REDACTED], a $VARIABLE or a <placeholder>: not a secret
@@ -105,9 +106,18 @@ def record_fields(record: logging.LogRecord) -> dict[str, Any]:
 
 
 class ContextFilter(logging.Filter):
-    """Captures the bound fields when the record is made (before any thread hand-off)."""
+    """Captures the bound fields when the record is made (before any thread hand-off).
+
+    Drops vLLM's warning about our own ``VLLM_BATCH_*`` variables (it sees the prefix).
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if (
+            record.name.startswith("vllm.")
+            and str(record.msg).startswith("Unknown vLLM environment variable")
+            and "VLLM_BATCH_" in record.getMessage()
+        ):
+            return False
         if not hasattr(record, "log_context"):
             record.log_context = dict(_context.get())
         return True
@@ -196,10 +206,15 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(number)
+    logging.captureWarnings(True)  # Python warnings become log lines (logger py.warnings)
     quiet = quiet_level(number)
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(quiet)
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", logging.getLevelName(quiet))
-    logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
+    vllm_logger = logging.getLogger("vllm")
+    vllm_logger.setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
+    if os.environ["VLLM_CONFIGURE_LOGGING"] == "0":  # vLLM already imported: take over
+        vllm_logger.handlers.clear()
+        vllm_logger.propagate = True
     return chosen

@@ -25,6 +25,8 @@ MARKER = "purple-elephant-7431"  # appears only in the request bodies
 def captured(monkeypatch_module: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
     root = logging.getLogger()
     saved = (list(root.handlers), root.level)
+    vllm_logger = logging.getLogger("vllm")
+    vllm_saved = (list(vllm_logger.handlers), vllm_logger.propagate)
     levels = {name: logging.getLogger(name).level for name in logs.NOISY_LOGGERS}
     for name in ("VLLM_CONFIGURE_LOGGING", "VLLM_LOGGING_LEVEL"):
         monkeypatch_module.setenv(name, "")  # restored (or removed again) afterwards
@@ -34,6 +36,8 @@ def captured(monkeypatch_module: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
     logs.add_secrets([KEY])
     yield stream
     root.handlers[:] = saved[0]
+    vllm_logger.handlers[:], vllm_logger.propagate = vllm_saved
+    logging.captureWarnings(False)
     root.setLevel(saved[1])
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
@@ -111,8 +115,12 @@ def test_real_run_logs_carry_ids_and_no_secrets(api: LiveServer, captured: io.St
     records = [json.loads(line) for line in output.splitlines()]
     assert all({"timestamp", "level", "logger", "message"} <= set(r) for r in records)
 
-    [create] = [r for r in records if r.get("request_id") == "req-create-1"]
-    assert create["logger"] == "vllm_batch.access" and create["path"] == "/v1/batches"
+    during_create = [r for r in records if r.get("request_id") == "req-create-1"]
+    [create] = [r for r in during_create if r["logger"] == "vllm_batch.access"]
+    assert create["path"] == "/v1/batches"
+    # Validation runs for the request: its line names the request and the batch.
+    [queued] = [r for r in during_create if r["message"].startswith(f"batch {batch_id} queued")]
+    assert queued["batch_id"] == batch_id
     assert create["status"] == 200 and create["method"] == "POST"
     worker_id = api.app.state.ctx.worker.ctx.worker_id
     took = [r for r in records if r["message"].startswith(f"worker {worker_id} took chunk")]

@@ -25,6 +25,8 @@ def capture(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
     """configure_logging into a buffer; root logger and env restored afterwards."""
     root = logging.getLogger()
     saved = (list(root.handlers), root.level)
+    vllm_logger = logging.getLogger("vllm")
+    vllm_saved = (list(vllm_logger.handlers), vllm_logger.propagate)
     noisy = {name: logging.getLogger(name).level for name in logs.NOISY_LOGGERS}
     for name in ("VLLM_CONFIGURE_LOGGING", "VLLM_LOGGING_LEVEL", "VLLM_BATCH_LOG_FORMAT"):
         monkeypatch.setenv(name, "")  # restored (or removed again) afterwards
@@ -32,6 +34,8 @@ def capture(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
     stream = io.StringIO()
     yield stream
     root.handlers[:] = saved[0]
+    vllm_logger.handlers[:], vllm_logger.propagate = vllm_saved
+    logging.captureWarnings(False)
     root.setLevel(saved[1])
     for name, level in noisy.items():
         logging.getLogger(name).setLevel(level)
@@ -109,6 +113,7 @@ def test_vllm_is_quiet_unless_debug(capture: io.StringIO, monkeypatch: pytest.Mo
     vllm_log = logging.getLogger("vllm.engine.x")
     vllm_log.info("Initializing a V1 LLM engine with config: ...")
     vllm_log.error("EngineCore failed to start.")
+    vllm_log.warning("Unknown vLLM environment variable detected: %s", "VLLM_BATCH_API_KEY")
     assert [(line["logger"], line["message"]) for line in lines(capture)] == [
         ("vllm.engine.x", "EngineCore failed to start.")
     ]
