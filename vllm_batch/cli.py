@@ -7,12 +7,14 @@ import logging
 import os
 import signal
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from vllm_batch.config import Settings
+from vllm_batch.logs import LEVELS, add_secrets, configure_logging
 
 app = typer.Typer(
     help="vLLM Batch Server: an OpenAI-compatible Batch API on your own GPUs.",
@@ -55,10 +57,30 @@ EngineOpt = Annotated[
 ]
 
 
-def _setup_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+LogLevel = Enum("LogLevel", {name: name for name in LEVELS}, type=str)  # type: ignore[misc]
+LogLevelOpt = Annotated[
+    LogLevel | None,  # type: ignore[valid-type]
+    typer.Option(
+        "--log-level",
+        case_sensitive=False,
+        help="Log level (vLLM's own logs stay at warning unless debug). "
+        "Env: VLLM_BATCH_LOG_LEVEL; VLLM_BATCH_LOG_FORMAT=auto|json|console.",
+    ),
+]
+
+
+def _setup_logging(settings: Settings, secrets: list[str] | None = None) -> str:
+    """JSON or console logs at ``settings.log_level``; secrets registered for redaction."""
+    add_secrets(
+        [
+            settings.api_key,
+            settings.webhook_secret,
+            settings.label_studio_api_key,
+            settings.postgres_password,
+            *(secrets or []),
+        ]
     )
+    return configure_logging(settings.log_level, settings.log_format)
 
 
 def build_settings(**overrides: Any) -> Settings:
@@ -103,13 +125,9 @@ def serve(
     enable_prefix_caching: PrefixCacheOpt = None,
     chunk_size: ChunkOpt = None,
     engine: EngineOpt = None,
+    log_level: LogLevelOpt = None,
 ) -> None:
     """Run the API server (and, by default, an in-process worker)."""
-    import uvicorn
-
-    from vllm_batch.api.app import create_app
-
-    _setup_logging()
     if api_key_file is not None:
         if api_key is not None:
             raise typer.BadParameter("give --api-key or --api-key-file, not both")
@@ -133,6 +151,7 @@ def serve(
         enable_prefix_caching=enable_prefix_caching,
         chunk_size=chunk_size,
         engine=engine,
+        log_level=log_level.value if log_level else None,
     )
     from vllm_batch.api.auth import KeyConfigError, KeyRing
 
@@ -140,19 +159,42 @@ def serve(
         keys = KeyRing.from_settings(settings)
     except KeyConfigError as exc:
         raise typer.BadParameter(str(exc), param_hint="API keys") from None
-    url = f"http://{settings.host}:{settings.port}"
-    typer.echo(f"vLLM Batch Server on {url}  (models: {', '.join(settings.served_model_names)})")
-    key_hint = "<your key>" if keys.enabled else "none"
-    typer.echo(
-        f'  from openai import OpenAI; client = OpenAI(base_url="{url}/v1", api_key="{key_hint}")'
-    )
-    uvicorn.run(
-        create_app(settings),
+    fmt = _setup_logging(settings, keys.secrets())
+    _serve(settings, keys.enabled, fmt)
+
+
+def _serve(settings: Settings, key_required: bool, fmt: str) -> None:
+    """uvicorn with our logging (its access log replaced by ours); the banner once ready."""
+    import uvicorn
+    from uvicorn.server import STARTUP_FAILURE
+
+    from vllm_batch.api.app import create_app
+    from vllm_batch.banner import announce_when_ready, make_banner
+
+    log = logging.getLogger("vllm_batch.serve")
+    banner = make_banner(settings, key_required)
+    log.info("starting on %s (models: %s)", banner.url, ", ".join(banner.models))
+    app = create_app(settings)
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                self.banner_task = asyncio.create_task(announce_when_ready(app, banner, fmt))
+
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
-        log_level="info",
+        log_config=None,
+        log_level=settings.log_level,
+        access_log=False,
         timeout_graceful_shutdown=30,
     )
+    server = Server(config)
+    server.run()
+    if not server.started:  # as uvicorn.run: a failed start (port in use...) exits non-zero
+        sys.exit(STARTUP_FAILURE)
 
 
 def read_api_key_file(path: Path) -> str:
@@ -182,9 +224,9 @@ def worker_command(
     dtype: DtypeOpt = None,
     enable_prefix_caching: PrefixCacheOpt = None,
     engine: EngineOpt = None,
+    log_level: LogLevelOpt = None,
 ) -> None:
     """Run a worker without the API (scale-out: many workers, one database)."""
-    _setup_logging()
     settings = build_settings(
         data_dir=data_dir,
         database_url=database_url,
@@ -198,7 +240,9 @@ def worker_command(
         dtype=dtype,
         enable_prefix_caching=enable_prefix_caching,
         engine=engine,
+        log_level=log_level.value if log_level else None,
     )
+    _setup_logging(settings)
     asyncio.run(_run_worker(settings))
 
 
@@ -350,6 +394,7 @@ def run(
             "--enable-prefix-caching/--no-enable-prefix-caching", help="vLLM prefix caching."
         ),
     ] = None,
+    log_level: LogLevelOpt = None,
 ) -> None:
     """Run one batch file offline, like `vllm run-batch` (output in input order).
 
@@ -374,7 +419,6 @@ def run(
             err=True,
         )
         raise typer.Exit(2)
-    _setup_logging()
     try:
         spec = ModelSpec.parse(model)
     except ValueError as exc:
@@ -390,7 +434,9 @@ def run(
         dtype=dtype,
         enforce_eager=enforce_eager,
         enable_prefix_caching=enable_prefix_caching,
+        log_level=log_level.value if log_level else None,
     )
+    _setup_logging(settings)
     options = RunOptions(
         input=input_file,
         output=output_file,

@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     # localhost, 127.0.0.1, ::1 and ``host`` are always allowed.
     allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     docs_enabled: bool = True  # serve /docs, /redoc and /openapi.json
+    # debug, info, warning, error, critical; vLLM's own logs stay at WARNING unless debug.
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"  # auto: console on a TTY
     worker: bool = True
     # "instant-benchmark" is a no-inference engine for pipeline benchmarks only.
     engine: Literal["vllm", "instant-benchmark"] = "vllm"
@@ -172,6 +175,11 @@ class Settings(BaseSettings):
                 f"({self.gpu_resume_temperature} > {self.gpu_max_temperature})"
             )
         return self
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @computed_field  # type: ignore[prop-decorator]
     @property

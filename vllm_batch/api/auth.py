@@ -69,6 +69,10 @@ class KeyRing:
         """Whether requests must present a key at all."""
         return bool(self._keys)
 
+    def secrets(self) -> list[str]:
+        """The keys themselves, for the log redaction filter."""
+        return [key.decode() for key, _principal in self._keys]
+
     def resolve(self, authorization: bytes | None) -> Principal | None:
         """The principal for an ``Authorization: Bearer <key>`` header, or None.
 

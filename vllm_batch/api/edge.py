@@ -2,7 +2,8 @@
 
 Outermost first (``install_edge`` adds them in reverse):
 
-    RequestIdMiddleware  X-Request-Id on every response, refusals included
+    RequestIdMiddleware  X-Request-Id on every response, refusals included; the id is
+                         bound to every log line of the request; one access log line
     HostGuardMiddleware  DNS-rebinding guard, only when no API key is set   -> 400
     CORSMiddleware       (if configured) preflights are answered without a key
     EdgeGuardMiddleware  API key -> Principal in scope["state"] on /v1       -> 401
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
 from collections.abc import Iterable
 
@@ -29,8 +31,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from vllm_batch.api.auth import KeyRing
 from vllm_batch.api.errors import error_response
 from vllm_batch.config import Settings
+from vllm_batch.logs import bound
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("vllm_batch.access")
+QUIET_PATHS = ("/health", "/ready", "/metrics")  # probes and scrapes: access log at DEBUG
 UPLOAD_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries, part headers and form fields
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 WILDCARD_BINDS = ("0.0.0.0", "::", "")
@@ -112,7 +117,11 @@ async def refuse(
 
 
 class RequestIdMiddleware:
-    """Echo a sane client ``X-Request-Id`` or make one; set it on every response."""
+    """Echo a sane client ``X-Request-Id`` or make one; set it on every response.
+
+    The id is bound to the request's log lines. The access line names method, path (never
+    the query string, headers or body), status and duration.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -123,13 +132,38 @@ class RequestIdMiddleware:
             return
         given = Headers(scope=scope).get("x-request-id", "")
         request_id = given if REQUEST_ID.fullmatch(given) else f"req_{uuid.uuid4().hex}"
+        status = 500
+        started = time.perf_counter()
 
         async def send_with_id(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 MutableHeaders(scope=message)["X-Request-Id"] = request_id
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        with bound(request_id=request_id):
+            try:
+                await self.app(scope, receive, send_with_id)
+            finally:
+                log_access(scope, status, time.perf_counter() - started)
+
+
+def log_access(scope: Scope, status: int, seconds: float) -> None:
+    """One line per request: method, path, status, duration (no query string, no body)."""
+    path: str = scope["path"][:200]
+    level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
+    if access_log.isEnabledFor(level):
+        ms = round(seconds * 1000, 1)
+        access_log.log(
+            level,
+            "%s %s %d %.1fms",
+            scope["method"],
+            path,
+            status,
+            ms,
+            extra={"method": scope["method"], "path": path, "status": status, "duration_ms": ms},
+        )
 
 
 class HostGuardMiddleware:

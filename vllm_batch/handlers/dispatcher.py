@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import random
@@ -26,6 +27,7 @@ import httpx
 from vllm_batch.handlers.base import ResultHandler
 from vllm_batch.handlers.results import BatchInfo, ResultStream
 from vllm_batch.handlers.webhook import Outcome, deliver, event_body
+from vllm_batch.logs import bound
 from vllm_batch.netguard import AllowList
 from vllm_batch.retry import describe
 from vllm_batch.runtime import StoreContext
@@ -154,6 +156,12 @@ class Dispatcher:
             task.add_done_callback(lambda done: self.running.pop(done, None))
 
     async def _attempt(self, delivery: DeliveryRow) -> None:
+        with bound(
+            worker=self.ctx.instance_id, batch_id=delivery.batch_id, delivery_id=delivery.id
+        ):
+            await self._attempt_bound(delivery)
+
+    async def _attempt_bound(self, delivery: DeliveryRow) -> None:
         started = time.time()
         keeper = asyncio.create_task(self._keep_lease(delivery))
         try:
@@ -204,8 +212,15 @@ class Dispatcher:
             return Outcome(False, error="the batch no longer exists", permanent=True)
         results = ResultStream(self.ctx.storage, info)
         loop = asyncio.get_running_loop()
+        call = contextvars.copy_context().run  # the handler's log lines carry batch_id too
         return await loop.run_in_executor(
-            self._pool, _run_handler, handler, delivery.batch_id, results, dict(info.metadata)
+            self._pool,
+            call,
+            _run_handler,
+            handler,
+            delivery.batch_id,
+            results,
+            dict(info.metadata),
         )
 
     async def _batch_info(self, batch_id: str) -> BatchInfo | None:

@@ -73,7 +73,9 @@ async def _validate(ctx: StoreContext, batch_id: str) -> None:
         plan = await anyio.to_thread.run_sync(scan)
     await lifecycle.queue_or_fail(ctx, batch_id, plan)
     if plan.errors or plan.model is None:
-        log.info("batch %s failed validation: %s", batch_id, plan.errors[:3])
+        # Codes and line numbers only: messages quote input fields, which stay out of logs.
+        first = ", ".join(f"{e['code']} (line {e['line']})" for e in plan.errors[:3])
+        log.info("batch %s failed validation: %s", batch_id, first, extra={"batch_id": batch_id})
     else:
         log.info(
             "batch %s queued: %d requests in %d chunks for %s",
@@ -81,6 +83,7 @@ async def _validate(ctx: StoreContext, batch_id: str) -> None:
             plan.total,
             len(plan.chunks),
             plan.model,
+            extra={"batch_id": batch_id},
         )
     ctx.notifier.wake()
 

@@ -17,6 +17,7 @@ import anyio
 import orjson
 
 from vllm_batch import lifecycle
+from vllm_batch.logs import bound
 from vllm_batch.pipeline.dispatch import Dispatcher
 from vllm_batch.pipeline.output import failure_line
 from vllm_batch.pipeline.results import LineResult
@@ -51,6 +52,11 @@ def iter_chunk_requests(
 
 async def run_chunk(ctx: WorkerContext, chunk: ChunkRow, shutdown: asyncio.Event) -> ChunkOutcome:
     """Process every not-yet-saved line of ``chunk`` while we hold its lease."""
+    with bound(worker=ctx.worker_id, batch_id=chunk.batch_id, chunk_id=chunk.id):
+        return await _run_chunk(ctx, chunk, shutdown)
+
+
+async def _run_chunk(ctx: WorkerContext, chunk: ChunkRow, shutdown: asyncio.Event) -> ChunkOutcome:
     async with ctx.read_sessions() as session:
         batch = await queries.get_batch(session, chunk.batch_id)
         input_file = await queries.get_file(session, batch.input_file_id) if batch else None

@@ -20,6 +20,7 @@ import anyio
 import orjson
 
 from vllm_batch import lifecycle
+from vllm_batch.logs import bound
 from vllm_batch.pipeline.output import failure_line
 from vllm_batch.protocol.ids import new_id, now
 from vllm_batch.runtime import StoreContext
@@ -55,7 +56,8 @@ async def finalize_batch(ctx: StoreContext, batch_id: str) -> bool:
         return False
     ctx.finalizing.add(batch_id)
     try:
-        return await _finalize(ctx, batch_id)
+        with bound(worker=ctx.instance_id, batch_id=batch_id):
+            return await _finalize(ctx, batch_id)
     finally:
         ctx.finalizing.discard(batch_id)
 

@@ -25,6 +25,7 @@ from typing import TypeVar
 from vllm_batch import lifecycle
 from vllm_batch.engines.base import EngineFailure, EngineOutOfMemory
 from vllm_batch.engines.manager import EngineLoadError
+from vllm_batch.logs import bound
 from vllm_batch.observability.gpu import NvmlReader
 from vllm_batch.observability.gpu_guard import GpuGuard
 from vllm_batch.store.models import ChunkRow
@@ -55,7 +56,11 @@ class Worker:
         self._shutdown = asyncio.Event()
 
     async def run(self, shutdown: asyncio.Event) -> None:
-        """Loop until ``shutdown``; returns only then."""
+        """Loop until ``shutdown``; returns only then. Log lines carry ``worker``."""
+        with bound(worker=self.ctx.worker_id):
+            await self._run(shutdown)
+
+    async def _run(self, shutdown: asyncio.Event) -> None:
         self._shutdown = shutdown
         models = ", ".join(self.ctx.engines.model_names)
         log.info("worker %s serving %s", self.ctx.worker_id, models)
@@ -124,6 +129,13 @@ class Worker:
 
     async def process(self, chunk: ChunkRow) -> None:
         """Run a leased chunk, then mark it done or hand it back, then try to finalize."""
+        with bound(worker=self.ctx.worker_id, batch_id=chunk.batch_id, chunk_id=chunk.id):
+            ran = await self._process(chunk)
+        if ran:
+            await self._db(lambda: finalize_batch(self.ctx, chunk.batch_id), "finalize a batch")
+
+    async def _process(self, chunk: ChunkRow) -> bool:
+        """Whether the chunk ran (done or handed back) rather than failed."""
         self.current_chunk = chunk.id
         log.info(
             "worker %s took chunk %s (lines %d-%d, attempt %d)",
@@ -138,21 +150,21 @@ class Worker:
         except EngineLoadError as exc:
             log.error("chunk %s waits: %s; releasing it", chunk.id, exc)
             await self._release(chunk, engine_failure=False)
-            return
+            return False
         except EngineOutOfMemory as exc:
             await self._back_off_oom(chunk, exc)
-            return
+            return False
         except EngineFailure as exc:
             log.error("engine failed on chunk %s: %s; restarting it", chunk.id, exc)
             await self._release(chunk, engine_failure=True)
             await self.ctx.engines.restart()
             await self._pause(ENGINE_RETRY_SECONDS)
-            return
+            return False
         except Exception:
             log.exception("chunk %s failed unexpectedly; releasing it", chunk.id)
             await self._release(chunk, engine_failure=False)
             await self._pause(ERROR_PAUSE_SECONDS)
-            return
+            return False
         finally:
             self.current_chunk = None
         if outcome is ChunkOutcome.DONE:
@@ -160,7 +172,7 @@ class Worker:
                 self.chunks_done += 1
         elif outcome is ChunkOutcome.RELEASED:
             await self._release(chunk, engine_failure=False)
-        await self._db(lambda: finalize_batch(self.ctx, chunk.batch_id), "finalize a batch")
+        return True
 
     async def _back_off_oom(self, chunk: ChunkRow, exc: EngineOutOfMemory) -> None:
         """Shrink the window and ``max_num_seqs``, then hand the chunk back to be retried."""
