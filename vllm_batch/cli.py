@@ -182,6 +182,17 @@ def worker_command(
     dtype: DtypeOpt = None,
     enable_prefix_caching: PrefixCacheOpt = None,
     engine: EngineOpt = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Serve this host's process metrics on http://HOST:PORT/metrics (for workers "
+            "on hosts without the API server). Env: VLLM_BATCH_METRICS_PORT."
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str | None,
+        typer.Option(help="Bind address for --metrics-port (default: VLLM_BATCH_HOST)."),
+    ] = None,
 ) -> None:
     """Run a worker without the API (scale-out: many workers, one database)."""
     _setup_logging()
@@ -198,6 +209,8 @@ def worker_command(
         dtype=dtype,
         enable_prefix_caching=enable_prefix_caching,
         engine=engine,
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
     )
     asyncio.run(_run_worker(settings))
 
@@ -206,12 +219,15 @@ async def _run_worker(settings: Settings) -> None:
     from vllm_batch.api.app import settings_engine_factory
     from vllm_batch.engines.manager import EngineManager
     from vllm_batch.handlers.dispatcher import Dispatcher
+    from vllm_batch.observability import metrics
+    from vllm_batch.observability.endpoint import serve_worker_metrics
     from vllm_batch.runtime import open_store
     from vllm_batch.service.housekeeping import run_housekeeping
     from vllm_batch.service.supervise import TaskHealth, supervise
     from vllm_batch.worker.context import WorkerContext
     from vllm_batch.worker.loop import Worker
 
+    metrics.configure(settings)
     async with open_store(settings) as store:
         engines = EngineManager(settings.model_specs, settings_engine_factory(settings))
         ctx = WorkerContext(**store.shared(), engines=engines)
@@ -239,6 +255,8 @@ async def _run_worker(settings: Settings) -> None:
                     supervise(TaskHealth("deliveries"), lambda: dispatcher.run(shutdown), shutdown)
                 )
             )
+        if settings.metrics_enabled and settings.metrics_port is not None:
+            services.append(asyncio.create_task(serve_worker_metrics(settings, shutdown)))
         try:
             await supervise(TaskHealth("worker"), lambda: worker.run(shutdown), shutdown)
             await asyncio.gather(*services)

@@ -20,6 +20,8 @@ from vllm_batch.engines import make_engine
 from vllm_batch.engines.base import Engine
 from vllm_batch.engines.manager import EngineFactory, EngineManager
 from vllm_batch.handlers.dispatcher import Dispatcher
+from vllm_batch.observability import metrics
+from vllm_batch.observability.endpoint import install_metrics
 from vllm_batch.runtime import open_store
 from vllm_batch.service.housekeeping import run_housekeeping
 from vllm_batch.service.supervise import TaskHealth, supervise
@@ -36,6 +38,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        metrics.configure(settings)
         async with open_store(settings) as store:
             ctx = AppContext(**store.shared())
             app.state.ctx = ctx
@@ -93,6 +96,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     app.include_router(batches.router, prefix="/v1", dependencies=v1)
     app.include_router(info.v1_router, prefix="/v1", dependencies=v1)
     app.include_router(info.router)
+    install_metrics(app, settings)
     install_edge(app, settings)
     return app
 

@@ -20,6 +20,7 @@ from typing import TypeVar
 from vllm_batch import lifecycle
 from vllm_batch.engines.base import EngineFailure
 from vllm_batch.engines.manager import EngineLoadError
+from vllm_batch.observability import metrics
 from vllm_batch.store.models import ChunkRow
 from vllm_batch.worker.chunk import ChunkOutcome, run_chunk
 from vllm_batch.worker.context import WorkerContext
@@ -119,17 +120,17 @@ class Worker:
             outcome = await run_chunk(self.ctx, chunk, self._shutdown)
         except EngineLoadError as exc:
             log.error("chunk %s waits: %s; releasing it", chunk.id, exc)
-            await self._release(chunk, engine_failure=False)
+            await self._release(chunk, "engine_unavailable")
             return
         except EngineFailure as exc:
             log.error("engine failed on chunk %s: %s; restarting it", chunk.id, exc)
-            await self._release(chunk, engine_failure=True)
+            await self._release(chunk, "engine_failure")
             await self.ctx.engines.restart()
             await self._pause(ENGINE_RETRY_SECONDS)
             return
         except Exception:
             log.exception("chunk %s failed unexpectedly; releasing it", chunk.id)
-            await self._release(chunk, engine_failure=False)
+            await self._release(chunk, "error")
             await self._pause(ERROR_PAUSE_SECONDS)
             return
         finally:
@@ -137,8 +138,11 @@ class Worker:
         if outcome is ChunkOutcome.DONE:
             if await self._db(lambda: self._finish(chunk), f"finish chunk {chunk.id}"):
                 self.chunks_done += 1
+                metrics.chunk_done(chunk.model)
+            else:
+                metrics.chunk_requeued(chunk.model, "incomplete")
         elif outcome is ChunkOutcome.RELEASED:
-            await self._release(chunk, engine_failure=False)
+            await self._release(chunk, "stopped")
         await self._db(lambda: finalize_batch(self.ctx, chunk.batch_id), "finalize a batch")
 
     async def _finish(self, chunk: ChunkRow) -> bool:
@@ -148,10 +152,16 @@ class Worker:
             log.error("chunk %s is missing results or no longer ours; released it", chunk.id)
         return done
 
-    async def _release(self, chunk: ChunkRow, *, engine_failure: bool) -> None:
-        await self._db(
+    async def _release(self, chunk: ChunkRow, reason: str) -> None:
+        """Hand ``chunk`` back to the queue; ``reason`` is a ``chunk_requeues`` label."""
+        released = await self._db(
             lambda: lifecycle.release_chunk(
-                self.ctx, chunk, self.ctx.worker_id, engine_failure=engine_failure
+                self.ctx,
+                chunk,
+                self.ctx.worker_id,
+                engine_failure=reason == "engine_failure",
             ),
             f"release chunk {chunk.id}",
         )
+        if released:
+            metrics.chunk_requeued(chunk.model, reason)

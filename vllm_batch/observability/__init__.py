@@ -1,0 +1,1 @@
+"""Observability: Prometheus metrics (``/metrics``) and vLLM's engine stats."""
