@@ -45,6 +45,10 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400)
 ATTEMPT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 REQUEUE_REASONS = ("engine_failure", "engine_unavailable", "stopped", "error", "incomplete")
+TOKEN_KINDS = ("input", "cached", "output", "reasoning")
+FINAL_STATUSES = ("completed", "cancelled", "expired")
+DELIVERY_KINDS = ("webhook", "handler")
+DELIVERY_OUTCOMES = ("succeeded", "retrying", "failed", "lease_lost")
 
 
 def _counter(name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
@@ -153,7 +157,7 @@ class _Metrics:
         self.rates = _Rates(self)
 
     def declare_model(self, model: str) -> None:
-        """Create the model's series at 0, so rates and dashboards see them from the start."""
+        """Create the model's series at 0: rates and dashboards see every name from the start."""
         for counter in (
             self.lines_completed,
             self.lines_failed,
@@ -161,16 +165,37 @@ class _Metrics:
             self.lease_expiries,
             self.chunks_done,
             self.leases_lost,
+            self.given_up,
+            self.engine_loads,
             self.engine_restarts,
             self.engine_load_failures,
+            self.engine_prefix_queries,
+            self.engine_prefix_hits,
+            self.engine_preemptions,
         ):
             counter.labels(model)
-        for kind in ("input", "cached", "output", "reasoning"):
+        for gauge in (
+            self.engine_loaded,
+            self.engine_running,
+            self.engine_waiting,
+            self.engine_kv_usage,
+            self.engine_hit_rate,
+        ):
+            gauge.labels(model)
+        for kind in TOKEN_KINDS:
             self.tokens.labels(model, kind)
         for reason in REQUEUE_REASONS:
             self.requeues.labels(model, reason)
+        for status in FINAL_STATUSES:
+            self.batch_duration.labels(model, status)
         self.latency.labels(model)
         self.rates.declare(model)
+
+    def declare_deliveries(self) -> None:
+        for kind in DELIVERY_KINDS:
+            self.delivery_seconds.labels(kind)
+            for outcome in DELIVERY_OUTCOMES:
+                self.delivery_attempts.labels(kind, outcome)
 
 
 class _Rates:
@@ -213,33 +238,33 @@ _configure_lock = threading.Lock()
 
 
 def configure(settings: Settings) -> Path | None:
-    """Turn recording on for this process (once); returns the shared directory, or None.
+    """Turn recording on for this process; returns the shared directory, or None if off.
 
-    The first call in a process wins: later ones (other apps in the same process, as in
-    tests) record into the same directory.
+    The directory is chosen once per process: later calls (other apps in the same process,
+    as in tests) record into the same one and only declare their models' series.
     """
     global _metrics, _directory
     if not settings.metrics_enabled:
         return None
     with _configure_lock:
-        if _metrics is not None:
-            return _directory
-        directory = _choose_directory(settings)
-        directory.mkdir(parents=True, exist_ok=True)
-        clean_directory(directory)
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
-        if not getattr(values.ValueClass, "_multiprocess", False):
-            # prometheus-client picks its value class at import; it was imported before
-            # the directory was known (e.g. by vLLM), so switch to files now.
-            values.ValueClass = values.MultiProcessValue()
-        _directory = directory
-        _metrics = _Metrics()
+        if _metrics is None:
+            directory = _choose_directory(settings)
+            directory.mkdir(parents=True, exist_ok=True)
+            clean_directory(directory)
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+            if not getattr(values.ValueClass, "_multiprocess", False):
+                # prometheus-client picks its value class at import; it was imported
+                # before the directory was known (e.g. by vLLM): switch to files now.
+                values.ValueClass = values.MultiProcessValue()
+            _directory = directory
+            _metrics = _Metrics()
+            _metrics.declare_deliveries()
+            atexit.register(_process_exit)
+            threading.Thread(target=_tick, name="metrics-rates", daemon=True).start()
+            log.info("metrics: recording in %s", directory)
         for model in settings.served_model_names:
             _metrics.declare_model(model)
-        atexit.register(_process_exit)
-        threading.Thread(target=_tick, name="metrics-rates", daemon=True).start()
-        log.info("metrics: recording in %s", directory)
-        return directory
+        return _directory
 
 
 def _choose_directory(settings: Settings) -> Path:
