@@ -220,7 +220,7 @@ async def _run_worker(settings: Settings) -> None:
     from vllm_batch.engines.manager import EngineManager
     from vllm_batch.handlers.dispatcher import Dispatcher
     from vllm_batch.observability import metrics
-    from vllm_batch.observability.endpoint import serve_worker_metrics
+    from vllm_batch.observability.endpoint import bind_worker_metrics, serve_worker_metrics
     from vllm_batch.runtime import open_store
     from vllm_batch.service.housekeeping import run_housekeeping
     from vllm_batch.service.supervise import TaskHealth, supervise
@@ -228,6 +228,13 @@ async def _run_worker(settings: Settings) -> None:
     from vllm_batch.worker.loop import Worker
 
     metrics.configure(settings)
+    metrics_socket = None
+    if settings.metrics_enabled and settings.metrics_port is not None:
+        try:
+            metrics_socket = bind_worker_metrics(settings)
+        except OSError as exc:
+            message = f"cannot serve metrics on port {settings.metrics_port}: {exc}"
+            raise SystemExit(message) from None
     async with open_store(settings) as store:
         engines = EngineManager(settings.model_specs, settings_engine_factory(settings))
         ctx = WorkerContext(**store.shared(), engines=engines)
@@ -255,8 +262,10 @@ async def _run_worker(settings: Settings) -> None:
                     supervise(TaskHealth("deliveries"), lambda: dispatcher.run(shutdown), shutdown)
                 )
             )
-        if settings.metrics_enabled and settings.metrics_port is not None:
-            services.append(asyncio.create_task(serve_worker_metrics(settings, shutdown)))
+        if metrics_socket is not None:
+            services.append(
+                asyncio.create_task(serve_worker_metrics(settings, metrics_socket, shutdown))
+            )
         try:
             await supervise(TaskHealth("worker"), lambda: worker.run(shutdown), shutdown)
             await asyncio.gather(*services)

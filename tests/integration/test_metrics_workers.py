@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -155,3 +156,31 @@ def test_api_sums_worker_processes(api: tuple[LiveServer, str], tmp_path: Path) 
             if worker.poll() is None:
                 os.killpg(worker.pid, signal.SIGKILL)
                 worker.wait(30)
+
+
+def test_worker_metrics_port_in_use_stops_the_start(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        worker = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "vllm_batch.cli",
+                "worker",
+                "--engine",
+                "instant-benchmark",
+                "--model",
+                f"{MODEL}=/unused",
+                "--data-dir",
+                str(tmp_path),
+                "--metrics-port",
+                str(port),
+            ],
+            capture_output=True,
+            timeout=60,
+            env={k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
+        )
+    assert worker.returncode != 0
+    assert f"cannot serve metrics on port {port}" in worker.stderr.decode()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -171,25 +172,37 @@ def worker_metrics_app(settings: Settings) -> FastAPI:
     return app
 
 
-async def serve_worker_metrics(settings: Settings, shutdown: asyncio.Event) -> None:
-    """Serve ``worker_metrics_app`` on ``metrics_host:metrics_port`` until ``shutdown``."""
-    import uvicorn
-
+def bind_worker_metrics(settings: Settings) -> socket.socket:
+    """The listening socket for ``metrics_host:metrics_port`` (raises ``OSError`` at once)."""
     assert settings.metrics_port is not None
     host = settings.metrics_host or settings.host
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, settings.metrics_port))
+        sock.listen(64)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+async def serve_worker_metrics(
+    settings: Settings, sock: socket.socket, shutdown: asyncio.Event
+) -> None:
+    """Serve ``worker_metrics_app`` on ``sock`` until ``shutdown``."""
+    import uvicorn
+
     server = uvicorn.Server(
-        uvicorn.Config(
-            worker_metrics_app(settings),
-            host=host,
-            port=settings.metrics_port,
-            log_level="warning",
-            lifespan="off",
-        )
+        uvicorn.Config(worker_metrics_app(settings), log_level="warning", lifespan="off")
     )
     # The worker handles SIGTERM/SIGINT itself; uvicorn must not take them over.
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
-    task = asyncio.create_task(server.serve())
-    log.info("worker metrics on http://%s:%d/metrics", host, settings.metrics_port)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    host, port = sock.getsockname()[:2]
+    log.info("worker metrics on http://%s:%d/metrics", host, port)
     try:
         await shutdown.wait()
     finally:
