@@ -17,10 +17,13 @@ LINES = 40
 
 
 def shared_prefix_line(index: int) -> dict[str, Any]:
-    """A chat line whose long system prompt every line shares: prefix-cache hits."""
+    """A chat line whose system prompt every line shares: prefix-cache hits.
+
+    The prompt spans more than one KV-cache block (128 tokens on CPU): only whole blocks hit.
+    """
     line = chat_line(index, TINY_NAME, max_tokens=24, ignore_eos=True)
     line["body"]["messages"] = [
-        {"role": "system", "content": "You are a terse assistant. " * 8},
+        {"role": "system", "content": "You are a terse assistant. " * 20},
         {"role": "user", "content": f"Count to {index}."},
     ]
     return line
