@@ -225,6 +225,17 @@ def worker_command(
     enable_prefix_caching: PrefixCacheOpt = None,
     engine: EngineOpt = None,
     log_level: LogLevelOpt = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Serve this host's process metrics on http://HOST:PORT/metrics (for workers "
+            "on hosts without the API server). Env: VLLM_BATCH_METRICS_PORT."
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str | None,
+        typer.Option(help="Bind address for --metrics-port (default: VLLM_BATCH_HOST)."),
+    ] = None,
 ) -> None:
     """Run a worker without the API (scale-out: many workers, one database)."""
     settings = build_settings(
@@ -241,6 +252,8 @@ def worker_command(
         enable_prefix_caching=enable_prefix_caching,
         engine=engine,
         log_level=log_level.value if log_level else None,
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
     )
     _setup_logging(settings)
     asyncio.run(_run_worker(settings))
@@ -250,12 +263,22 @@ async def _run_worker(settings: Settings) -> None:
     from vllm_batch.api.app import settings_engine_factory
     from vllm_batch.engines.manager import EngineManager
     from vllm_batch.handlers.dispatcher import Dispatcher
+    from vllm_batch.observability import metrics
+    from vllm_batch.observability.endpoint import bind_worker_metrics, serve_worker_metrics
     from vllm_batch.runtime import open_store
     from vllm_batch.service.housekeeping import run_housekeeping
     from vllm_batch.service.supervise import TaskHealth, supervise
     from vllm_batch.worker.context import WorkerContext
     from vllm_batch.worker.loop import Worker
 
+    metrics.configure(settings)
+    metrics_socket = None
+    if settings.metrics_enabled and settings.metrics_port is not None:
+        try:
+            metrics_socket = bind_worker_metrics(settings)
+        except OSError as exc:
+            message = f"cannot serve metrics on port {settings.metrics_port}: {exc}"
+            raise SystemExit(message) from None
     async with open_store(settings) as store:
         engines = EngineManager(settings.model_specs, settings_engine_factory(settings))
         ctx = WorkerContext(**store.shared(), engines=engines)
@@ -282,6 +305,10 @@ async def _run_worker(settings: Settings) -> None:
                 asyncio.create_task(
                     supervise(TaskHealth("deliveries"), lambda: dispatcher.run(shutdown), shutdown)
                 )
+            )
+        if metrics_socket is not None:
+            services.append(
+                asyncio.create_task(serve_worker_metrics(settings, metrics_socket, shutdown))
             )
         try:
             await supervise(TaskHealth("worker"), lambda: worker.run(shutdown), shutdown)

@@ -149,6 +149,24 @@ class Settings(BaseSettings):
     template_handler_template: Path | None = None  # a Jinja2 template file
     template_handler_output: str | None = None  # path; "{batch_id}" is replaced
 
+    # ---- metrics (docs: README "Operations")
+    metrics_enabled: bool = Field(
+        default=True,
+        validation_alias=_env(
+            "VLLM_BATCH_METRICS_ENABLED", "VLLM_BATCH_PROMETHEUS_ENABLED", "PROMETHEUS_ENABLED"
+        ),
+    )
+    # /metrics needs an admin key when API keys are configured, unless this is true.
+    metrics_public: bool = False
+    # Where processes on this host share their counters (prometheus-client multiprocess
+    # mode); unset: PROMETHEUS_MULTIPROC_DIR, else <data_dir>/metrics.
+    metrics_dir: Path | None = Field(
+        default=None, validation_alias=_env("VLLM_BATCH_METRICS_DIR", "PROMETHEUS_MULTIPROC_DIR")
+    )
+    # ``vllm-batch worker`` only: serve /metrics on this port (off when unset).
+    metrics_port: int | None = None
+    metrics_host: str | None = None  # the worker's /metrics bind address; unset: ``host``
+
     @field_validator(
         "models",
         "cors_origins",
@@ -211,6 +229,11 @@ class Settings(BaseSettings):
     @property
     def files_dir(self) -> Path:
         return self.data_dir / "files"
+
+    @property
+    def resolved_metrics_dir(self) -> Path:
+        """The directory this host's processes share their metrics in."""
+        return self.metrics_dir if self.metrics_dir is not None else self.data_dir / "metrics"
 
 
 def normalize_database_url(url: str) -> str:

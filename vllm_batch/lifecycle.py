@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from vllm_batch.observability import metrics
 from vllm_batch.pipeline.results import LineResult
 from vllm_batch.protocol.ids import new_id, now
 from vllm_batch.runtime import StoreContext
@@ -137,13 +138,17 @@ async def expire_overdue(ctx: StoreContext) -> list[str]:
 async def claim_chunk(ctx: StoreContext, owner: str, models: Sequence[str]) -> ChunkRow | None:
     """``queued`` (or ``running`` with an expired lease) → ``running`` under our lease."""
     async with ctx.sessions() as session, session.begin():
-        return await queries.claim_chunk(
+        claim = await queries.claim_chunk(
             session,
             owner=owner,
             models=models,
             now=time.time(),
             lease=ctx.settings.lease_seconds,
         )
+    if claim is None:
+        return None
+    metrics.chunk_claimed(claim.chunk.model, lease_expired=claim.lease_expired)
+    return claim.chunk
 
 
 async def save(

@@ -181,10 +181,11 @@ def claim_and_fail_one_line(api: LiveServer, batch_id: str) -> None:
 
     async def work(session: Any) -> None:
         async with session.begin():
-            chunk = await queries.claim_chunk(
+            claim = await queries.claim_chunk(
                 session, owner=REMOTE_WORKER, models=[TINY_NAME], now=time.time(), lease=300
             )
-            assert chunk is not None and chunk.batch_id == batch_id
+            assert claim is not None and claim.chunk.batch_id == batch_id
+            chunk = claim.chunk
         async with session.begin():
             line = failure_line("request-0", "invalid_request", "temperature must be >= 0")
             result = LineResult(line=0, is_error=True, data=line)

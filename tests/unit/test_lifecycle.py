@@ -319,6 +319,31 @@ async def test_save_is_idempotent(ctx: StoreContext) -> None:
     assert (row.completed, row.failed, row.input_tokens) == (2, 1, 3)
 
 
+async def test_a_claim_tells_whether_it_took_over_an_expired_lease(ctx: StoreContext) -> None:
+    batch_id = await new_batch(ctx)
+
+    async def claim(owner: str) -> queries.Claim | None:
+        async with ctx.sessions() as session, session.begin():
+            return await queries.claim_chunk(
+                session, owner=owner, models=[batch_id], now=time.time(), lease=30
+            )
+
+    first = await claim("a")
+    assert first is not None and not first.lease_expired
+    async with ctx.sessions() as session, session.begin():
+        await session.execute(
+            update(ChunkRow)
+            .where(ChunkRow.id == first.chunk.id)
+            .values(lease_until=time.time() - 1)
+        )
+    taken = await claim("b")
+    assert taken is not None and taken.lease_expired and taken.chunk.id == first.chunk.id
+    assert taken.chunk.lease_owner == "b" and taken.chunk.attempts == 2
+    assert await lifecycle.release_chunk(ctx, taken.chunk, "b")
+    again = await claim("c")
+    assert again is not None and not again.lease_expired and again.chunk.id == first.chunk.id
+
+
 async def test_save_after_losing_the_lease_writes_nothing(ctx: StoreContext) -> None:
     batch_id = await new_batch(ctx)
     chunk = await lifecycle.claim_chunk(ctx, "old/ns/1/a", [batch_id])

@@ -20,6 +20,8 @@ from vllm_batch.engines import make_engine
 from vllm_batch.engines.base import Engine
 from vllm_batch.engines.manager import EngineFactory, EngineManager
 from vllm_batch.handlers.dispatcher import Dispatcher
+from vllm_batch.observability import metrics
+from vllm_batch.observability.endpoint import install_metrics
 from vllm_batch.observability.gpu import NvmlReader, ReadingsSource
 from vllm_batch.observability.gpu_guard import GpuGuard
 from vllm_batch.runtime import open_store
@@ -45,6 +47,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        metrics.configure(settings)
         async with open_store(settings) as store:
             ctx = AppContext(**store.shared())
             app.state.ctx = ctx
@@ -105,6 +108,7 @@ def create_app(
     app.include_router(dashboard_data.router, prefix="/v1", dependencies=v1)
     app.include_router(info.router)
     install_pages(app)
+    install_metrics(app, settings)
     install_edge(app, settings)
     return app
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from vllm_batch.config import ModelSpec
 from vllm_batch.engines.base import Engine, ResizableEngine
+from vllm_batch.observability import metrics
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,7 @@ class EngineManager:
                 raise EngineLoadError(model, self.failures[model].error) from exc
             self._engine = engine
             self.state = "ready"
+            metrics.engine_loaded(model)
             if self.failures.pop(model, None) is not None:
                 log.info("model %s loaded after earlier load failures", model)
             log.info("model %s loaded", model)
@@ -228,6 +230,7 @@ class EngineManager:
             retry_at=now + delay,
         )
         self.state = "failed"
+        metrics.engine_load_failed(model)
         log.error(
             "model %s failed to load (attempt %d): %s; retrying in %.0f s",
             model,
@@ -239,6 +242,8 @@ class EngineManager:
     async def restart(self) -> None:
         """Drop the current engine (it broke); the next ``get`` starts a fresh one."""
         async with self._lock:
+            if self._engine is not None:
+                metrics.engine_restarted(self._engine.model_name)
             await self._unload()
 
     async def close(self) -> None:
@@ -252,6 +257,7 @@ class EngineManager:
         self.state = "idle"
         log.info("unloading model %s", engine.model_name)
         await self._stop_quietly(engine)
+        metrics.engine_unloaded(engine.model_name)
 
     @staticmethod
     async def _stop_quietly(engine: Engine) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -101,9 +102,7 @@ class VllmEngine:
                 os.environ.setdefault(key, value)
         from starlette.datastructures import State
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-        from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
         from vllm.entrypoints.launchers.run_batch import make_arg_parser
-        from vllm.usage.usage_lib import UsageContext
         from vllm.utils.argparse_utils import FlexibleArgumentParser
 
         args = make_arg_parser(FlexibleArgumentParser()).parse_args(
@@ -111,7 +110,7 @@ class VllmEngine:
         )
         log.info("starting vLLM engine for %s from %s", self._spec.name, self._spec.path)
         client = await self._stack.enter_async_context(
-            build_async_engine_client(args, usage_context=UsageContext.LLM_CLASS)
+            open_client(args, with_stats=self._settings.metrics_enabled)
         )
         state = State()
         await init_app_state(client, state, args, await client.get_supported_tasks())
@@ -196,6 +195,35 @@ class VllmEngine:
             output_tokens=(usage.completion_tokens or 0) if usage else 0,
             reasoning_tokens=completion_details.reasoning_tokens if completion_details else 0,
         )
+
+
+@contextlib.asynccontextmanager
+async def open_client(args: Any, *, with_stats: bool) -> AsyncIterator[Any]:
+    """An ``AsyncLLM`` as vLLM's ``build_async_engine_client`` makes it, plus our stat logger.
+
+    ``with_stats``: vLLM's scheduler stats feed the ``vllm_batch_engine_*`` metrics
+    (``observability/engine_stats.py``); vLLM's own stat logging stays off either way.
+    """
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from vllm_batch.observability.engine_stats import stat_logger_class
+
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    vllm_config = engine_args.create_engine_config(usage_context=UsageContext.LLM_CLASS)
+    client = AsyncLLM.from_vllm_config(
+        vllm_config=vllm_config,
+        usage_context=UsageContext.LLM_CLASS,
+        stat_loggers=[stat_logger_class()] if with_stats else None,
+        enable_log_requests=engine_args.enable_log_requests,
+        disable_log_stats=engine_args.disable_log_stats,
+    )
+    try:
+        await client.reset_mm_cache()  # as vLLM does: drop the profiling run's dummy data
+        yield client
+    finally:
+        client.shutdown(timeout=vllm_config.shutdown_timeout)
 
 
 def _engine_is_dead(handler: Any) -> bool:

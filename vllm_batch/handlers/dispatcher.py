@@ -29,6 +29,7 @@ from vllm_batch.handlers.results import BatchInfo, ResultStream
 from vllm_batch.handlers.webhook import Outcome, deliver, event_body
 from vllm_batch.logs import bound
 from vllm_batch.netguard import AllowList
+from vllm_batch.observability import metrics
 from vllm_batch.retry import describe
 from vllm_batch.runtime import StoreContext
 from vllm_batch.store import outbox, queries
@@ -39,6 +40,12 @@ from vllm_batch.worker.db_retry import retry_db
 log = logging.getLogger(__name__)
 WEBHOOK_SECRET_NAME = "webhook"
 MIN_LEASE_SECONDS = 60.0
+# The delivery's status after an attempt → the ``delivery_attempts`` outcome label.
+ATTEMPT_OUTCOMES = {
+    outbox.SUCCEEDED: "succeeded",
+    outbox.PENDING: "retrying",
+    outbox.FAILED: "failed",
+}
 
 
 async def webhook_secret(ctx: StoreContext) -> str:
@@ -274,6 +281,9 @@ class Dispatcher:
                 )
 
         status = await retry_db(write, f"record delivery {delivery.id}")
+        metrics.delivery_attempt(
+            delivery.kind, ATTEMPT_OUTCOMES.get(status or "", "lease_lost"), finished - started
+        )
         if outcome.ok:
             self.delivered += 1
         else:

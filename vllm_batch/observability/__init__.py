@@ -1,1 +1,1 @@
-"""Observability: Prometheus metrics and the GPU health guard."""
+"""Observability: Prometheus metrics (``/metrics``), vLLM's engine stats, the GPU guard."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Collection, Generator
 from itertools import islice
 from typing import Any
@@ -84,6 +85,7 @@ async def execute_line(
             shape=shape,
         )
         return LineResult(line=index, is_error=True, data=data)
+    started = time.monotonic()
     try:
         result = await _run_retrying_5xx(engine, url, body, request_id)
     except (EngineFailure, asyncio.CancelledError):
@@ -98,7 +100,7 @@ async def execute_line(
             f"The request could not be processed: {describe(exc)[:500]}",
             shape=shape,
         )
-        return LineResult(line=index, is_error=True, data=data)
+        return LineResult(line=index, is_error=True, data=data, seconds=time.monotonic() - started)
     return LineResult(
         line=index,
         is_error=not result.ok,
@@ -107,6 +109,7 @@ async def execute_line(
         cached_tokens=result.cached_tokens,
         output_tokens=result.output_tokens,
         reasoning_tokens=result.reasoning_tokens,
+        seconds=time.monotonic() - started,
     )
 
 

@@ -16,3 +16,5 @@ class LineResult:
     cached_tokens: int = 0
     output_tokens: int = 0
     reasoning_tokens: int = 0
+    seconds: float | None = None
+    """How long the engine took (retries included); None if the line never reached it."""

@@ -257,21 +257,30 @@ async def overdue_batches(session: AsyncSession, now: int) -> Sequence[str]:
 # ---------------------------------------------------------------- chunks and leases
 
 
+@dataclass(frozen=True)
+class Claim:
+    """A chunk just leased, and whether it was taken over from an expired lease."""
+
+    chunk: ChunkRow
+    lease_expired: bool
+
+
 async def claim_chunk(
     session: AsyncSession, *, owner: str, models: Sequence[str], now: float, lease: float
-) -> ChunkRow | None:
+) -> Claim | None:
     """Lease the next runnable chunk (queued, or whose lease expired) for one of ``models``.
 
-    One conditional ``UPDATE``: higher ``priority`` first, then oldest batch, then chunk
-    order. On PostgreSQL the candidate row is locked with ``FOR UPDATE SKIP LOCKED`` so
-    workers never collide; SQLite write sessions serialise from ``BEGIN IMMEDIATE``.
+    Higher ``priority`` first, then oldest batch, then chunk order. On PostgreSQL the
+    candidate row is locked with ``FOR UPDATE SKIP LOCKED`` so workers never collide;
+    SQLite write sessions serialise from ``BEGIN IMMEDIATE``. The guarded ``UPDATE``
+    re-checks that the chunk is still runnable.
     """
     runnable = or_(
         ChunkRow.status == ChunkStatus.QUEUED,
         and_(ChunkRow.status == ChunkStatus.RUNNING, ChunkRow.lease_until < now),
     )
     candidate = (
-        select(ChunkRow.id)
+        select(ChunkRow.id, ChunkRow.status)
         .join(BatchRow, BatchRow.id == ChunkRow.batch_id)
         .where(
             ChunkRow.model.in_(models),
@@ -282,12 +291,14 @@ async def claim_chunk(
         .order_by(BatchRow.priority.desc(), BatchRow.created_at, BatchRow.id, ChunkRow.idx)
         .limit(1)
         .with_for_update(of=ChunkRow, skip_locked=True)
-        .scalar_subquery()
     )
+    found = (await session.execute(candidate)).first()
+    if found is None:
+        return None
     result = await session.execute(
         update(ChunkRow)
         .where(
-            ChunkRow.id == candidate,
+            ChunkRow.id == found.id,
             ChunkRow.status.in_(chunk_sources(ChunkStatus.RUNNING)),
             runnable,
         )
@@ -300,7 +311,10 @@ async def claim_chunk(
         .returning(ChunkRow)
         .execution_options(synchronize_session=False)
     )
-    return result.scalars().first()
+    chunk = result.scalars().first()
+    if chunk is None:
+        return None
+    return Claim(chunk, lease_expired=found.status == ChunkStatus.RUNNING)
 
 
 def _held_by(chunk_id: str, owner: str) -> tuple[Any, ...]:
@@ -393,8 +407,13 @@ class SaveOutcome:
     """What a chunk's save learned: whether we still hold it, and any stop request."""
 
     held: bool
-    saved: int = 0
     stop_reason: str | None = None
+    new: Sequence[LineResult] = ()
+    """The results saved now (a line saved before, by an earlier lease holder, is not)."""
+
+    @property
+    def saved(self) -> int:
+        return len(self.new)
 
 
 async def save_chunk_results(
@@ -417,20 +436,20 @@ async def save_chunk_results(
         return SaveOutcome(held=False)
     if not await renew_lease(session, chunk_id, owner, lease_until):
         return SaveOutcome(held=False)
-    saved = await _insert_results(session, batch_id, results)
-    return SaveOutcome(held=True, saved=saved, stop_reason=batch.stop_reason)
+    new = await _insert_results(session, batch_id, results)
+    return SaveOutcome(held=True, stop_reason=batch.stop_reason, new=new)
 
 
 async def _insert_results(
     session: AsyncSession, batch_id: str, results: Sequence[LineResult]
-) -> int:
+) -> list[LineResult]:
     """Insert results once each and add only the new ones to the batch's counts and usage.
 
     A line already saved (e.g. by a worker whose lease was taken over) is skipped, so
-    counts stay exact. Returns how many lines were new.
+    counts stay exact. Returns the new ones.
     """
     if not results:
-        return 0
+        return []
     dialect = session.get_bind().dialect.name
     insert_fn = pg_insert if dialect == "postgresql" else sqlite_insert
     table = cast(Table, ResultRow.__table__)
@@ -461,7 +480,7 @@ async def _insert_results(
             )
             .execution_options(synchronize_session=False)
         )
-    return len(new)
+    return new
 
 
 async def done_lines(session: AsyncSession, batch_id: str, start: int, end: int) -> set[int]:

@@ -18,6 +18,7 @@ import orjson
 
 from vllm_batch import lifecycle
 from vllm_batch.logs import bound
+from vllm_batch.observability import metrics
 from vllm_batch.pipeline.dispatch import Dispatcher
 from vllm_batch.pipeline.output import failure_line
 from vllm_batch.pipeline.results import LineResult
@@ -116,6 +117,7 @@ async def _give_up(ctx: WorkerContext, runner: _ChunkRunner, key: str, done: set
 
     runner.pending.extend(await anyio.to_thread.run_sync(read))
     await runner.flush()
+    metrics.chunk_given_up(chunk.model)
 
 
 class _ChunkRunner:
@@ -175,8 +177,11 @@ class _ChunkRunner:
             except BaseException:
                 self.pending[:0] = pending  # keep them for the next attempt
                 raise
+        metrics.lines_saved(self.chunk.model, outcome.new)
         if not outcome.held:
             log.warning("lost the lease on chunk %s", self.chunk.id)
+            if self.outcome is not ChunkOutcome.LOST:
+                metrics.chunk_lease_lost(self.chunk.model)
             self.halt(ChunkOutcome.LOST)
         elif outcome.stop_reason is not None:
             log.info(

@@ -23,6 +23,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from vllm_batch.observability import metrics
 from vllm_batch.store.db import is_transient
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ async def retry_db(
         assert error is not None
         if health is not None:
             health.failed(error)
+        metrics.db_retry()
         log.warning(
             "database unavailable (%s: %s) while trying to %s; retry %d in %.1f s",
             error.__class__.__name__,

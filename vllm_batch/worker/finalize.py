@@ -21,6 +21,7 @@ import orjson
 
 from vllm_batch import lifecycle
 from vllm_batch.logs import bound
+from vllm_batch.observability import metrics
 from vllm_batch.pipeline.output import failure_line
 from vllm_batch.protocol.ids import new_id, now
 from vllm_batch.runtime import StoreContext
@@ -117,6 +118,8 @@ async def _finalize(ctx: StoreContext, batch_id: str) -> bool:
         log.warning("batch %s: lost the finalization lease; discarding this attempt", batch_id)
         await _delete_blobs(ctx, keys.values())
         return False
+    metrics.batch_finished(batch.model, status, time.time() - batch.created_at)
+    metrics.lines_expired(batch.model, expired_lines)
     await _delete_blobs(ctx, [key for is_error, key in keys.items() if is_error not in files])
     await delete_saved_results(ctx, batch_id)
     log.info("batch %s %s (%d expired lines)", batch_id, status, expired_lines)

@@ -26,6 +26,7 @@ from vllm_batch import lifecycle
 from vllm_batch.engines.base import EngineFailure, EngineOutOfMemory
 from vllm_batch.engines.manager import EngineLoadError
 from vllm_batch.logs import bound
+from vllm_batch.observability import metrics
 from vllm_batch.observability.gpu import NvmlReader
 from vllm_batch.observability.gpu_guard import GpuGuard
 from vllm_batch.store.models import ChunkRow
@@ -149,20 +150,20 @@ class Worker:
             outcome = await run_chunk(self.ctx, chunk, self._shutdown)
         except EngineLoadError as exc:
             log.error("chunk %s waits: %s; releasing it", chunk.id, exc)
-            await self._release(chunk, engine_failure=False)
+            await self._release(chunk, "engine_unavailable")
             return False
         except EngineOutOfMemory as exc:
             await self._back_off_oom(chunk, exc)
             return False
         except EngineFailure as exc:
             log.error("engine failed on chunk %s: %s; restarting it", chunk.id, exc)
-            await self._release(chunk, engine_failure=True)
+            await self._release(chunk, "engine_failure")
             await self.ctx.engines.restart()
             await self._pause(ENGINE_RETRY_SECONDS)
             return False
         except Exception:
             log.exception("chunk %s failed unexpectedly; releasing it", chunk.id)
-            await self._release(chunk, engine_failure=False)
+            await self._release(chunk, "error")
             await self._pause(ERROR_PAUSE_SECONDS)
             return False
         finally:
@@ -170,8 +171,11 @@ class Worker:
         if outcome is ChunkOutcome.DONE:
             if await self._db(lambda: self._finish(chunk), f"finish chunk {chunk.id}"):
                 self.chunks_done += 1
+                metrics.chunk_done(chunk.model)
+            else:
+                metrics.chunk_requeued(chunk.model, "incomplete")
         elif outcome is ChunkOutcome.RELEASED:
-            await self._release(chunk, engine_failure=False)
+            await self._release(chunk, "stopped")
         return True
 
     async def _back_off_oom(self, chunk: ChunkRow, exc: EngineOutOfMemory) -> None:
@@ -192,7 +196,7 @@ class Worker:
                 settings.oom_min_num_seqs,
                 exc,
             )
-            await self._release(chunk, engine_failure=True)
+            await self._release(chunk, "engine_failure")
             await self.ctx.engines.restart()
             await self._pause(ENGINE_RETRY_SECONDS)
             return
@@ -210,7 +214,7 @@ class Worker:
             ", ".join(changes),
             " (engine restarts)" if step.restarted else "",
         )
-        await self._release(chunk, engine_failure=False)
+        await self._release(chunk, "oom")
 
     async def _finish(self, chunk: ChunkRow) -> bool:
         """Mark ``chunk`` done if every line has a saved result, else hand it back."""
@@ -219,10 +223,16 @@ class Worker:
             log.error("chunk %s is missing results or no longer ours; released it", chunk.id)
         return done
 
-    async def _release(self, chunk: ChunkRow, *, engine_failure: bool) -> None:
-        await self._db(
+    async def _release(self, chunk: ChunkRow, reason: str) -> None:
+        """Hand ``chunk`` back to the queue; ``reason`` is a ``chunk_requeues`` label."""
+        released = await self._db(
             lambda: lifecycle.release_chunk(
-                self.ctx, chunk, self.ctx.worker_id, engine_failure=engine_failure
+                self.ctx,
+                chunk,
+                self.ctx.worker_id,
+                engine_failure=reason == "engine_failure",
             ),
             f"release chunk {chunk.id}",
         )
+        if released:
+            metrics.chunk_requeued(chunk.model, reason)
