@@ -59,8 +59,8 @@ serve: model
 	$(BIN)/vllm-batch serve --model SmolLM2-135M-Instruct=$(MODEL_DIR)
 
 lint: install-test
-	$(BIN)/ruff check vllm_batch result_handlers tests benchmarks examples
-	$(BIN)/ruff format --check vllm_batch result_handlers tests benchmarks examples
+	$(BIN)/ruff check vllm_batch result_handlers tests benchmarks examples deploy
+	$(BIN)/ruff format --check vllm_batch result_handlers tests benchmarks examples deploy
 	$(BIN)/mypy
 
 unit: install-test

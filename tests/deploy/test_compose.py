@@ -20,7 +20,7 @@ CORE = {"postgres", "server", "worker"}
 PROFILES: dict[str, set[str]] = {
     "default": CORE,
     "monitoring": CORE | {"prometheus", "grafana"},
-    "curation": CORE | {"label-studio"},
+    "curation": CORE | {"label-studio", "label-studio-setup"},
 }
 
 
@@ -137,6 +137,13 @@ def test_curation_wires_label_studio_to_the_handler(monkeypatch: pytest.MonkeyPa
     assert studio["environment"]["LABEL_STUDIO_USER_TOKEN"] == token
     assert studio["environment"]["LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN"] == "true"
     container_ports = {p["target"] for p in studio["ports"]}
+    # the one-shot setup runs deploy/label-studio/create_project.py with the same token
+    setup = services["label-studio-setup"]
+    (mount,) = setup["volumes"]
+    script = Path(mount["source"]) / Path(setup["entrypoint"][1]).relative_to(mount["target"])
+    assert script == COMPOSE_FILE.parent / "deploy/label-studio/create_project.py"
+    assert script.is_file() and setup["environment"]["LABEL_STUDIO_API_KEY"] == token
+    assert urlsplit(setup["environment"]["LABEL_STUDIO_URL"]).hostname == "label-studio"
     for name in ("server", "worker"):  # handlers run in whichever process finalizes
         settings = _settings_from(services[name]["environment"], monkeypatch)
         url = urlsplit(settings.label_studio_url or "")
