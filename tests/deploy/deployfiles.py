@@ -16,6 +16,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
+COMPOSE_CPU_FILE = REPO / "docker-compose.cpu.yml"  # override: the stack without a GPU
 DOCKERFILES = [REPO / "Dockerfile", REPO / "Dockerfile.cpu"]
 K8S_DIR = REPO / "deploy" / "kubernetes"
 PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
@@ -36,9 +37,15 @@ def compose_binary() -> Path:
 
 
 def run_compose(
-    *args: str, profiles: tuple[str, ...] = (), env: dict[str, str] | None = None, file: Path
+    *args: str,
+    profiles: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    file: Path,
+    overrides: tuple[Path, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
     command = [str(compose_binary()), "-f", str(file)]
+    for override in overrides:
+        command += ["-f", str(override)]
     for profile in profiles:
         command += ["--profile", profile]
     return subprocess.run(
@@ -52,10 +59,15 @@ def run_compose(
 
 
 def compose_config(
-    profiles: tuple[str, ...] = (), env: dict[str, str] | None = None, file: Path = COMPOSE_FILE
+    profiles: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    file: Path = COMPOSE_FILE,
+    overrides: tuple[Path, ...] = (),
 ) -> dict[str, Any]:
     """``docker compose config`` for ``profiles``: validated, interpolated, normalised."""
-    result = run_compose("config", "--format", "json", profiles=profiles, env=env, file=file)
+    result = run_compose(
+        "config", "--format", "json", profiles=profiles, env=env, file=file, overrides=overrides
+    )
     assert result.returncode == 0, result.stderr
     config: dict[str, Any] = json.loads(result.stdout)
     return config

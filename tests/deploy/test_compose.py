@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.deploy.deployfiles import COMPOSE_FILE, compose_config, run_compose
+from tests.deploy.deployfiles import COMPOSE_CPU_FILE, COMPOSE_FILE, compose_config, run_compose
 from vllm_batch.config import Settings
 
 CORE = {"postgres", "server", "worker"}
@@ -67,6 +67,19 @@ def test_worker_reserves_an_nvidia_gpu_and_server_runs_the_api_only() -> None:
     assert "--no-worker" in services["server"]["command"]
     assert services["worker"]["command"][:1] == ["worker"]
     assert "deploy" not in services["server"]  # the API needs no GPU
+
+
+def test_cpu_override_drops_the_gpu_and_builds_the_cpu_image() -> None:
+    gpu = compose_config()["services"]
+    services = compose_config(overrides=(COMPOSE_CPU_FILE,))["services"]
+    assert set(services) == CORE
+    for name in ("server", "worker"):
+        assert services[name]["build"]["dockerfile"] == "Dockerfile.cpu"
+        assert services[name]["image"] == "vllm-batch:cpu"
+        assert services[name]["command"] == gpu[name]["command"]
+        assert services[name]["environment"] == gpu[name]["environment"]
+    assert "deploy" not in services["worker"] and "ipc" not in services["worker"]
+    assert gpu["worker"]["build"]["dockerfile"] == "Dockerfile"
 
 
 def _mounts(service: dict[str, Any]) -> dict[str, str]:
