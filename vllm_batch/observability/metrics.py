@@ -256,6 +256,7 @@ def configure(settings: Settings) -> Path | None:
                 # prometheus-client picks its value class at import; it was imported
                 # before the directory was known (e.g. by vLLM): switch to files now.
                 values.ValueClass = values.MultiProcessValue()
+                _rebind_unlabelled()
             _directory = directory
             _metrics = _Metrics()
             _metrics.declare_deliveries()
@@ -265,6 +266,21 @@ def configure(settings: Settings) -> Path | None:
         for model in settings.served_model_names:
             _metrics.declare_model(model)
         return _directory
+
+
+def _rebind_unlabelled() -> None:
+    """Give our unlabelled metrics made before the switch (e.g. the GPU guard's) file values.
+
+    A labelled child gets its value when ``labels()`` is first called, so it already uses
+    the new class; an unlabelled metric made its value at construction. prometheus-client
+    (pinned) re-creates it in ``_metric_init``.
+    """
+    from prometheus_client import REGISTRY
+
+    for collector in list(REGISTRY._collector_to_names):
+        name = getattr(collector, "_name", "")
+        if name.startswith("vllm_batch_") and not getattr(collector, "_labelnames", ()):
+            collector._metric_init()  # type: ignore[attr-defined]
 
 
 def _choose_directory(settings: Settings) -> Path:
