@@ -224,3 +224,15 @@ def test_log_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VLLM_BATCH_LOG_FORMAT", "json")
     settings = Settings()
     assert (settings.log_level, settings.log_format) == ("debug", "json")
+
+
+def test_grafana_enabled_is_not_silently_ignored(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from vllm_batch.api.app import warn_ignored_environment
+
+    monkeypatch.setenv("GRAFANA_ENABLED", "true")
+    with caplog.at_level("WARNING", logger="vllm_batch.api.app"):
+        warn_ignored_environment()
+    assert "GRAFANA_ENABLED is set but not a server setting" in caplog.text
+    assert "--profile monitoring" in caplog.text

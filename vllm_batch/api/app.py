@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import Depends, FastAPI
@@ -44,6 +45,7 @@ def create_app(
 ) -> FastAPI:
     """Build the app. The worker (if enabled) uses ``engine_factory`` (default: vLLM) and
     reads its GPUs from ``gpu_source`` (default: NVML)."""
+    warn_ignored_environment()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -111,6 +113,19 @@ def create_app(
     install_metrics(app, settings)
     install_edge(app, settings)
     return app
+
+
+IGNORED_ENVIRONMENT = {
+    "GRAFANA_ENABLED": "Grafana is not part of the server: run it with "
+    "`docker compose --profile monitoring` (README, Operations)",
+}
+
+
+def warn_ignored_environment() -> None:
+    """Say so when a variable older setups used is set but means nothing to the server."""
+    for name, advice in IGNORED_ENVIRONMENT.items():
+        if name in os.environ:
+            log.warning("%s is set but not a server setting: %s", name, advice)
 
 
 def settings_engine_factory(settings: Settings) -> EngineFactory:
