@@ -163,6 +163,18 @@ class ConsoleFormatter(logging.Formatter):
 # ------------------------------------------------------------------ setup
 
 
+class CurrentStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to ``sys.stderr`` as it is at each line (tools and test runners swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> IO[str]:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:  # StreamHandler.__init__ assigns it
+        return None
+
+
 def resolve_format(fmt: str | None, stream: IO[str] | None = None) -> Literal["json", "console"]:
     """``auto`` (the default): console on a terminal, JSON otherwise."""
     fmt = (fmt or os.environ.get("VLLM_BATCH_LOG_FORMAT") or "auto").lower()
@@ -197,7 +209,9 @@ def configure_logging(
     """
     number = level_number(level)
     chosen = resolve_format(fmt, stream)
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler: logging.Handler = (
+        logging.StreamHandler(stream) if stream is not None else CurrentStderrHandler()
+    )
     handler.setFormatter(JsonFormatter() if chosen == "json" else ConsoleFormatter())
     handler.addFilter(ContextFilter())
     handler._vllm_batch = True  # type: ignore[attr-defined]

@@ -236,3 +236,22 @@ def test_grafana_enabled_is_not_silently_ignored(
         warn_ignored_environment()
     assert "GRAFANA_ENABLED is set but not a server setting" in caplog.text
     assert "--profile monitoring" in caplog.text
+
+
+def test_default_handler_follows_the_current_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import logging
+    import sys
+
+    from vllm_batch.logs import CurrentStderrHandler
+
+    handler = CurrentStderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    first, second = io.StringIO(), io.StringIO()
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "hello", None, None)
+    monkeypatch.setattr(sys, "stderr", first)
+    handler.emit(record)
+    first.close()  # a swapped-out stream may be closed: never written again
+    monkeypatch.setattr(sys, "stderr", second)
+    handler.emit(record)
+    assert second.getvalue() == "hello\n"
