@@ -54,6 +54,7 @@ class Banner:
             "dashboard": self.dashboard,
             "models": self.models,
             "example": self.curl,
+            "python": f"from openai import OpenAI; client = {self.sdk}",
         }
 
 

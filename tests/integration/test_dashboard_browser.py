@@ -33,7 +33,7 @@ CHROMIUM = "/usr/bin/chromium"
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
 README_IMAGE = REPO / "docs" / "img" / "dashboard.png"
-LINES, CHUNK, BAD_LINE = 48, 8, 5
+LINES, CHUNK, BAD_LINE = 240, 40, 5  # six chunks, long enough to watch (several polls)
 # What /ready's ``gpu`` section holds on a GPU host (there is none here) while the guard
 # pauses claims: the dashboard must render readings and the pause.
 HOT_GPU = {
@@ -104,7 +104,7 @@ def browser() -> Iterator[Browser]:
 
 def submit(live: LiveServer, receiver: Receiver) -> str:
     """A batch with one bad line (negative temperature) and a webhook that fails once."""
-    lines = [chat_line(i, TINY_NAME, max_tokens=24, ignore_eos=True) for i in range(LINES)]
+    lines = [chat_line(i, TINY_NAME, max_tokens=64, ignore_eos=True) for i in range(LINES)]
     lines[BAD_LINE] = chat_line(BAD_LINE, TINY_NAME, temperature=-3)
     client = OpenAI(base_url=live.base_url, api_key=KEY)
     upload = client.files.create(file=("questions.jsonl", jsonl(lines)), purpose="batch")

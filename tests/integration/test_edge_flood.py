@@ -83,7 +83,7 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     process.wait(30)
     output = log.read_text()
     assert KEY not in output, "the API key was printed"
-    assert 'api_key="<your key>"' in output
+    assert "<your key>" in output  # the banner's placeholder (JSON-escaped in JSON logs)
 
 
 class Zeros:
