@@ -128,7 +128,12 @@ def test_api_sums_worker_processes(api: tuple[LiveServer, str], tmp_path: Path) 
         assert delta("vllm_batch_chunks_done_total", model=MODEL) == LINES // 10
         duration = "vllm_batch_batch_duration_seconds_count"
         assert delta(duration, model=MODEL, status="completed") == 1
-        assert after.get("vllm_batch_engine_loaded", model=MODEL) == 2  # both workers
+        # Both workers count once each has loaded its engine (a slow start may finish later
+        # than this small batch).
+        deadline = time.monotonic() + 60
+        while scrape(url).get("vllm_batch_engine_loaded", model=MODEL) != 2:
+            assert time.monotonic() < deadline, scrape(url).get("vllm_batch_engine_loaded")
+            time.sleep(0.2)
         assert after.get("vllm_batch_batches", status="completed") == 1
         assert after.get("vllm_batch_queue_lines", model=MODEL) == 0
         assert after.get("vllm_batch_queue_batches", model=MODEL) == 0

@@ -304,8 +304,9 @@ def enabled() -> bool:
 
 
 def _tick() -> None:
+    wait = threading.Event().wait  # not time.sleep: tests patch that in their own threads
     while True:
-        time.sleep(TICK_SECONDS)
+        wait(TICK_SECONDS)
         metrics = _metrics
         if metrics is not None:
             with contextlib.suppress(Exception):
