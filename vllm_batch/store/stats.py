@@ -14,7 +14,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from vllm_batch.states import BatchStatus, ChunkStatus
-from vllm_batch.store import outbox
+from vllm_batch.store import outbox, queries
 from vllm_batch.store.models import BatchRow, ChunkRow, DeliveryRow
 
 
@@ -31,8 +31,8 @@ class ModelQueue:
 
 
 async def batches_by_status(session: AsyncSession) -> dict[str, int]:
-    rows = await session.execute(select(BatchRow.status, func.count()).group_by(BatchRow.status))
-    return {str(status): int(count) for status, count in rows.tuples()}
+    """Every key's batches by status (the same count ``/`` shows an admin)."""
+    return await queries.count_batches_by_status(session)
 
 
 async def queue_by_model(session: AsyncSession, now: float) -> dict[str, ModelQueue]:
