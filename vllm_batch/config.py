@@ -85,6 +85,16 @@ class Settings(BaseSettings):
     poll_interval: float = 0.5
     flush_interval: float = 1.0
     flush_every: int = 1000
+    # ---- Scheduling (docs: README "Scheduling")
+    # A worker holds up to this many chunks at once (of one model, any batches), so the
+    # engine's in-flight window stays full across chunk and batch boundaries.
+    max_chunks_in_flight: int = Field(default=8, ge=1)
+    # A batch whose estimated finish leaves less than this fraction of its completion
+    # window goes before every batch that is not at risk (least slack first).
+    deadline_margin: float = Field(default=0.25, ge=0, le=1)
+    # Seconds another model's batch may wait, with none of its chunks running, before a
+    # worker serving several models drains its current model and switches.
+    model_max_wait: float = Field(default=300.0, ge=0)
 
     gpu_memory_utilization: float = Field(
         default=0.9,

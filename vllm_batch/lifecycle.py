@@ -8,7 +8,7 @@ the worker, the finalizer and housekeeping all come through here.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from vllm_batch.observability import metrics
@@ -135,8 +135,22 @@ async def expire_overdue(ctx: StoreContext) -> list[str]:
         ]
 
 
-async def claim_chunk(ctx: StoreContext, owner: str, models: Sequence[str]) -> ChunkRow | None:
-    """``queued`` (or ``running`` with an expired lease) → ``running`` under our lease."""
+async def claim_chunk(
+    ctx: StoreContext,
+    owner: str,
+    models: Sequence[str],
+    *,
+    seconds_per_line: float = 0.0,
+    exclude_batches: Collection[str] = (),
+) -> ChunkRow | None:
+    """``queued`` (or ``running`` with an expired lease) → ``running`` under our lease.
+
+    Which chunk: see ``queries.claim_chunk`` (deadline risk, priority-weighted interleaving,
+    earliest deadline); ``seconds_per_line`` is the claimer's recent pace.
+    """
+    order = queries.ClaimOrder(
+        seconds_per_line=seconds_per_line, deadline_margin=ctx.settings.deadline_margin
+    )
     async with ctx.sessions() as session, session.begin():
         claim = await queries.claim_chunk(
             session,
@@ -144,11 +158,21 @@ async def claim_chunk(ctx: StoreContext, owner: str, models: Sequence[str]) -> C
             models=models,
             now=time.time(),
             lease=ctx.settings.lease_seconds,
+            order=order,
+            exclude_batches=exclude_batches,
         )
     if claim is None:
         return None
     metrics.chunk_claimed(claim.chunk.model, lease_expired=claim.lease_expired)
     return claim.chunk
+
+
+async def starved_models(ctx: StoreContext, models: Sequence[str]) -> list[str]:
+    """Models whose work has waited past ``model_max_wait`` with nothing running (a read)."""
+    async with ctx.read_sessions() as session:
+        return await queries.starved_models(
+            session, models=models, now=time.time(), max_wait=ctx.settings.model_max_wait
+        )
 
 
 async def save(

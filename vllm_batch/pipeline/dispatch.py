@@ -1,12 +1,17 @@
 """Request lines → engine, through a bounded in-flight window; shared by the server's
 worker and ``vllm-batch run``.
 
-Lines are read ahead in blocks and, within a block, submitted grouped by prompt prefix
-(system prompt / first message), so requests that share a prefix reach vLLM together and
-hit its prefix cache. Results are handed to ``on_result`` as they finish, in any order;
-callers order output by line index. A caller that writes in order passes ``horizon`` (the
-highest line index it can take now) so that one slow line cannot make it buffer everything
-behind it: lines past the horizon wait, and reading stops, until the head line completes.
+Lines are read ahead in blocks (a whole chunk on the server) and, within a block, submitted
+in prefix order: a trie over each request's prompt text (messages or prompt, in 128-character
+pieces) puts requests that share a system prompt, a document or a few-shot block next to each
+other, at every level, so vLLM's prefix cache computes the shared part once while it is
+resident. Results are handed to ``on_result`` as they finish, in any order; callers order
+output by line index. A caller that writes in order passes ``horizon`` (the highest line index
+it can take now) so that one slow line cannot make it buffer everything behind it: lines past
+the horizon wait, and reading stops, until the head line completes.
+
+The window is a ``FairWindow`` lane: a worker holding several chunks gives every chunk's
+dispatcher a lane of one shared window, so the engine stays full across chunk boundaries.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from vllm_batch.engines.base import (
 )
 from vllm_batch.pipeline.output import ErrorShape, failure_line, result_line
 from vllm_batch.pipeline.results import LineResult
+from vllm_batch.pipeline.window import FairWindow, Lane
 from vllm_batch.retry import describe, retrying
 
 log = logging.getLogger(__name__)
@@ -41,16 +47,71 @@ RETRY_MAX_WAIT_SECONDS = 8.0
 LineSource = Generator[tuple[int, bytes], None, None]
 
 
-def prefix_key(line: dict[str, Any]) -> str:
-    """What requests must share to reuse vLLM's prefix cache: the first message / prompt."""
+PREFIX_PIECE = 128
+PREFIX_CHARS = 8192
+"""Only this much of a prompt's text takes part in the ordering."""
+READ_AHEAD_BYTES = 64 * 1024 * 1024
+"""A read-ahead block stops at this many bytes, however many lines it was asked for."""
+
+
+def prompt_pieces(line: dict[str, Any]) -> list[str]:
+    """A request's prompt as ordering pieces: each message (role and content) or the prompt,
+    cut into ``PREFIX_PIECE``-character pieces, at most ``PREFIX_CHARS`` in all."""
     body = line.get("body")
     if not isinstance(body, dict):
-        return ""
+        return []
+    texts: list[str] = []
     messages = body.get("messages")
-    if isinstance(messages, list) and messages and isinstance(messages[0], dict):
-        return str(messages[0].get("content"))[:512]
-    prompt = body.get("prompt")
-    return prompt[:512] if isinstance(prompt, str) else ""
+    if isinstance(messages, list):
+        for message in messages:
+            if not isinstance(message, dict):
+                break
+            content = message.get("content")
+            if isinstance(content, list):  # content parts: their text, in order
+                content = "".join(
+                    str(part.get("text", "")) for part in content if isinstance(part, dict)
+                )
+            texts.append(f"{message.get('role')}\x00{content}")
+    else:
+        for key in ("prompt", "input"):
+            value = body.get(key)
+            if isinstance(value, str):
+                texts.append(value)
+                break
+    pieces: list[str] = []
+    budget = PREFIX_CHARS
+    for text in texts:
+        text = text[:budget]
+        budget -= len(text)
+        pieces.extend(
+            text[start : start + PREFIX_PIECE] for start in range(0, len(text), PREFIX_PIECE)
+        )
+        if budget <= 0:
+            break
+    return pieces
+
+
+def prefix_order(prompts: list[list[str]]) -> list[int]:
+    """Positions of ``prompts`` (piece lists) in prefix order: a trie walk, siblings in
+    order of appearance.
+
+    Prompts sharing a first piece come together (in the order that piece first appeared),
+    then, within them, prompts sharing a second piece, and so on: shared prefixes of any
+    length end up adjacent, and the first prompt always stays first.
+    """
+    root: dict[str, tuple[int, dict[str, Any]]] = {}
+    paths: list[list[int]] = []
+    for pieces in prompts:
+        node = root
+        path: list[int] = []
+        for piece in pieces:
+            entry = node.get(piece)
+            if entry is None:
+                entry = node[piece] = (len(node), {})
+            path.append(entry[0])
+            node = entry[1]
+        paths.append(path)
+    return sorted(range(len(prompts)), key=lambda position: (paths[position], position))
 
 
 async def execute_line(
@@ -154,11 +215,12 @@ async def _run_retrying_5xx(
 
 class Dispatcher:
     """Keeps ``max_in_flight`` requests (default: the engine's wish) submitted until the
-    source is drained.
+    source is drained, or takes its slots from a shared ``window`` through ``lane``.
 
     ``horizon``, if given, returns the highest line index the caller can take now; a line
     beyond it is held back (and no further block is read) until a result moves the horizon.
-    Do not combine it with ``skip``: a skipped line would never complete.
+    Do not combine it with ``skip``: a skipped line would never complete. ``read_ahead`` is
+    the block size (lines) within which lines are put in prefix order.
     """
 
     def __init__(
@@ -171,7 +233,12 @@ class Dispatcher:
         horizon: Callable[[], int] | None = None,
         error_shape: ErrorShape = ErrorShape.OPENAI,
         max_in_flight: int | None = None,
+        window: FairWindow | None = None,
+        lane: Lane | None = None,
+        read_ahead: int | None = None,
     ) -> None:
+        if (window is None) != (lane is None):
+            raise ValueError("pass a shared window together with this dispatcher's lane")
         self.engine = engine
         self.max_in_flight = max_in_flight
         self.on_result = on_result
@@ -179,31 +246,39 @@ class Dispatcher:
         self.group_prefixes = group_prefixes
         self.horizon = horizon
         self.error_shape = error_shape
+        self.read_ahead = read_ahead
         self.stopped = asyncio.Event()
         self.failure: EngineFailure | None = None
+        self._window = window
+        self._lane = lane
         self._tasks: set[asyncio.Task[None]] = set()
         self._progress = asyncio.Event()
 
     async def run(self, source: LineSource, skip: Collection[int] = ()) -> None:
         """Submit every line of ``source`` not in ``skip``; raise ``EngineFailure`` if it broke."""
-        in_flight = self.max_in_flight or self.engine.max_in_flight
-        window = asyncio.Semaphore(in_flight)
-        block_size = max(256, 2 * in_flight)
+        if self._window is None or self._lane is None:
+            self._window = FairWindow(self.max_in_flight or self.engine.max_in_flight)
+            self._lane = self._window.open_lane()
+        window, lane = self._window, self._lane
+        block_size = self.read_ahead or max(256, 2 * window.size)
         try:
             while not self.stopped.is_set():
                 block = await anyio.to_thread.run_sync(self._read_block, source, block_size)
                 if not block:
                     break
                 pending = self._order([(i, r) for i, r in block if i not in skip])
+                pending.reverse()  # pop() from the end is O(1)
                 while pending:
-                    await window.acquire()
+                    if not await window.acquire(lane):
+                        break
                     item = await self._take(pending)
                     if item is None:
-                        window.release()
+                        window.release(lane)
                         break
-                    task = asyncio.create_task(self._one(*item, window))
+                    task = asyncio.create_task(self._one(*item))
                     self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+                    # Released however the task ends, even if cancelled before it started.
+                    task.add_done_callback(self._done)
             if self._tasks:
                 await asyncio.wait(set(self._tasks))
         finally:
@@ -214,11 +289,16 @@ class Dispatcher:
             raise self.failure
 
     async def _take(self, pending: list[tuple[int, bytes]]) -> tuple[int, bytes] | None:
-        """The next line to submit (the first one within the horizon), or None once stopped."""
+        """The next line to submit (the first one within the horizon), or None once stopped.
+
+        ``pending`` is in reverse order: the next line is at its end.
+        """
         while not self.stopped.is_set():
-            limit = None if self.horizon is None else self.horizon()
-            for position, (index, _raw) in enumerate(pending):
-                if limit is None or index <= limit:
+            if self.horizon is None:
+                return pending.pop()
+            limit = self.horizon()
+            for position in range(len(pending) - 1, -1, -1):
+                if pending[position][0] <= limit:
                     return pending.pop(position)
             self._progress.clear()
             await self._progress.wait()
@@ -226,23 +306,34 @@ class Dispatcher:
 
     @staticmethod
     def _read_block(source: LineSource, size: int) -> list[tuple[int, bytes]]:
-        return list(islice(source, size))
+        block: list[tuple[int, bytes]] = []
+        budget = READ_AHEAD_BYTES
+        for item in islice(source, size):
+            block.append(item)
+            budget -= len(item[1])
+            if budget <= 0:
+                break
+        return block
 
     def _order(self, block: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
         if not self.group_prefixes or len(block) < 2:
             return block
-        keys: dict[str, int] = {}
-        ranked = []
-        for index, raw in block:
+        prompts = []
+        for _index, raw in block:
             try:
-                key = prefix_key(orjson.loads(raw))
+                line = orjson.loads(raw)
             except orjson.JSONDecodeError:
-                key = ""
-            ranked.append((keys.setdefault(key, len(keys)), index, raw))
-        ranked.sort(key=lambda item: (item[0], item[1]))
-        return [(index, raw) for _, index, raw in ranked]
+                line = None
+            prompts.append(prompt_pieces(line) if isinstance(line, dict) else [])
+        return [block[position] for position in prefix_order(prompts)]
 
-    async def _one(self, index: int, raw: bytes, window: asyncio.Semaphore) -> None:
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        assert self._window is not None and self._lane is not None
+        self._window.release(self._lane)
+        self._progress.set()
+
+    async def _one(self, index: int, raw: bytes) -> None:
         try:
             result = await execute_line(
                 self.engine, index, raw, self.request_id(index), shape=self.error_shape
@@ -251,14 +342,13 @@ class Dispatcher:
             self.failure = exc
             self.halt()
             return
-        finally:
-            window.release()
         self.on_result(result)
-        self._progress.set()
 
     def halt(self) -> None:
         """Stop submitting and abort what is in flight (vLLM aborts cancelled requests)."""
         self.stopped.set()
         self._progress.set()
+        if self._window is not None and self._lane is not None and not self._lane.closed:
+            self._window.close_lane(self._lane)
         for task in list(self._tasks):
             task.cancel()

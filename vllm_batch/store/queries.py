@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -265,30 +265,105 @@ class Claim:
     lease_expired: bool
 
 
+@dataclass(frozen=True)
+class ClaimOrder:
+    """What the claim order needs besides the rows (see ``claim_chunk``)."""
+
+    seconds_per_line: float = 0.0
+    """The claimer's recent time per finished line, to estimate a batch's remaining work."""
+    deadline_margin: float = 0.25
+    """A batch is at risk when its estimated finish leaves less than this fraction of its
+    completion window."""
+
+
+def _runnable(now: float) -> Any:
+    return or_(
+        ChunkRow.status == ChunkStatus.QUEUED,
+        and_(ChunkRow.status == ChunkStatus.RUNNING, ChunkRow.lease_until < now),
+    )
+
+
+def _running_chunks(now: float) -> Any:
+    """Chunks of the outer batch row leased right now (by any worker)."""
+    running = ChunkRow.__table__.alias("running")
+    return (
+        select(func.count())
+        .select_from(running)
+        .where(
+            running.c.batch_id == BatchRow.id,
+            running.c.status == ChunkStatus.RUNNING,
+            running.c.lease_until >= now,
+        )
+        .correlate(BatchRow)
+        .scalar_subquery()
+    )
+
+
+def priority_weight_sql() -> Any:
+    """``metadata.priority`` as shares, as ``pipeline.window.priority_weight`` computes it."""
+    return case(
+        (BatchRow.priority >= 0, BatchRow.priority + 1.0),
+        else_=1.0 / (1.0 - BatchRow.priority),
+    )
+
+
 async def claim_chunk(
-    session: AsyncSession, *, owner: str, models: Sequence[str], now: float, lease: float
+    session: AsyncSession,
+    *,
+    owner: str,
+    models: Sequence[str],
+    now: float,
+    lease: float,
+    order: ClaimOrder = ClaimOrder(),
+    exclude_batches: Collection[str] = (),
 ) -> Claim | None:
     """Lease the next runnable chunk (queued, or whose lease expired) for one of ``models``.
 
-    Higher ``priority`` first, then oldest batch, then chunk order. On PostgreSQL the
+    The order, across every worker:
+
+    1. batches at risk of missing their deadline (least slack first), where slack is the
+       time left after the estimated remaining work (``order``);
+    2. the fewest chunks running per priority share (``p + 1`` shares for priority ``p``,
+       ``1 / (1 - p)`` below zero), so batches interleave, weighted by priority, and a small
+       batch never waits for a large one to finish;
+    3. higher priority, then the latest possible start (deadline minus remaining work:
+       earliest deadline first among equal priorities);
+    4. oldest batch, chunk order.
+
+    ``exclude_batches`` leaves out batches the claimer already runs. On PostgreSQL the
     candidate row is locked with ``FOR UPDATE SKIP LOCKED`` so workers never collide;
     SQLite write sessions serialise from ``BEGIN IMMEDIATE``. The guarded ``UPDATE``
     re-checks that the chunk is still runnable.
     """
-    runnable = or_(
-        ChunkRow.status == ChunkStatus.QUEUED,
-        and_(ChunkRow.status == ChunkStatus.RUNNING, ChunkRow.lease_until < now),
-    )
+    runnable = _runnable(now)
+    remaining = BatchRow.total - BatchRow.completed - BatchRow.failed
+    expires = func.coalesce(BatchRow.expires_at, now + 86400 * 365)
+    latest_start = expires - remaining * order.seconds_per_line
+    window = func.coalesce(BatchRow.expires_at - BatchRow.created_at, 86400)
+    at_risk = case((latest_start - now < order.deadline_margin * window, 0), else_=1)
+    share = _running_chunks(now) / priority_weight_sql()
+    conditions = [
+        ChunkRow.model.in_(models),
+        BatchRow.status == BatchStatus.IN_PROGRESS,
+        BatchRow.stop_reason.is_(None),
+        runnable,
+    ]
+    if exclude_batches:
+        conditions.append(BatchRow.id.not_in(list(exclude_batches)))
     candidate = (
         select(ChunkRow.id, ChunkRow.status)
         .join(BatchRow, BatchRow.id == ChunkRow.batch_id)
-        .where(
-            ChunkRow.model.in_(models),
-            BatchRow.status == BatchStatus.IN_PROGRESS,
-            BatchRow.stop_reason.is_(None),
-            runnable,
+        .where(*conditions)
+        .order_by(
+            at_risk,
+            case((at_risk == 0, latest_start), else_=0),
+            share,
+            BatchRow.priority.desc(),
+            latest_start,
+            BatchRow.created_at,
+            BatchRow.id,
+            ChunkRow.idx,
         )
-        .order_by(BatchRow.priority.desc(), BatchRow.created_at, BatchRow.id, ChunkRow.idx)
         .limit(1)
         .with_for_update(of=ChunkRow, skip_locked=True)
     )
@@ -315,6 +390,32 @@ async def claim_chunk(
     if chunk is None:
         return None
     return Claim(chunk, lease_expired=found.status == ChunkStatus.RUNNING)
+
+
+async def starved_models(
+    session: AsyncSession, *, models: Sequence[str], now: float, max_wait: float
+) -> list[str]:
+    """Models of ``models`` with a batch in progress for over ``max_wait`` seconds that has
+    runnable chunks and none running: a worker on another model should switch to them.
+
+    Oldest first.
+    """
+    if not models:
+        return []
+    rows = await session.execute(
+        select(ChunkRow.model, func.min(BatchRow.in_progress_at))
+        .join(BatchRow, BatchRow.id == ChunkRow.batch_id)
+        .where(
+            ChunkRow.model.in_(models),
+            BatchRow.status == BatchStatus.IN_PROGRESS,
+            BatchRow.stop_reason.is_(None),
+            BatchRow.in_progress_at < now - max_wait,
+            _runnable(now),
+            _running_chunks(now) == 0,
+        )
+        .group_by(ChunkRow.model)
+    )
+    return [model for model, _since in sorted(rows.all(), key=lambda row: row[1] or 0)]
 
 
 def _held_by(chunk_id: str, owner: str) -> tuple[Any, ...]:

@@ -2,7 +2,9 @@
 
 Finished results are saved together with the lease renewal every ``flush_every`` results
 or ``flush_interval`` seconds; lines already saved are skipped on resume, so a chunk
-picked up after a crash sends only what is missing.
+picked up after a crash sends only what is missing. A worker may run several chunks at
+once: each has its own lease, heartbeat and saves, and a lane of the engine's shared
+``FairWindow`` weighted by its batch's priority and ordered by its deadline.
 """
 
 from __future__ import annotations
@@ -10,20 +12,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Generator
+import math
+import time
+from collections.abc import Callable, Generator
 from enum import Enum
+from typing import Any
 
 import anyio
 import orjson
 
 from vllm_batch import lifecycle
+from vllm_batch.engines.base import Engine
 from vllm_batch.logs import bound
 from vllm_batch.observability import metrics
 from vllm_batch.pipeline.dispatch import Dispatcher
 from vllm_batch.pipeline.output import failure_line
 from vllm_batch.pipeline.results import LineResult
+from vllm_batch.pipeline.window import FairWindow, Lane, priority_weight
 from vllm_batch.store import queries
-from vllm_batch.store.models import ChunkRow
+from vllm_batch.store.models import BatchRow, ChunkRow
 from vllm_batch.validation import iter_lines
 from vllm_batch.worker.context import WorkerContext
 from vllm_batch.worker.db_retry import Backoff, retry_db
@@ -51,46 +58,116 @@ def iter_chunk_requests(
             index += 1
 
 
-async def run_chunk(ctx: WorkerContext, chunk: ChunkRow, shutdown: asyncio.Event) -> ChunkOutcome:
+WindowSource = Callable[[Engine], FairWindow]
+"""The worker's shared window for an engine (a chunk run alone gets a window of its own)."""
+
+
+async def run_chunk(
+    ctx: WorkerContext,
+    chunk: ChunkRow,
+    shutdown: asyncio.Event,
+    *,
+    windows: WindowSource | None = None,
+) -> ChunkOutcome:
     """Process every not-yet-saved line of ``chunk`` while we hold its lease."""
-    with bound(worker=ctx.worker_id, batch_id=chunk.batch_id, chunk_id=chunk.id):
-        return await _run_chunk(ctx, chunk, shutdown)
+    return await ChunkRun(ctx, chunk, shutdown, windows=windows).run()
 
 
-async def _run_chunk(ctx: WorkerContext, chunk: ChunkRow, shutdown: asyncio.Event) -> ChunkOutcome:
-    async with ctx.read_sessions() as session:
-        batch = await queries.get_batch(session, chunk.batch_id)
-        input_file = await queries.get_file(session, batch.input_file_id) if batch else None
-        done = await queries.done_lines(session, chunk.batch_id, chunk.start_line, chunk.end_line)
-    if batch is None or input_file is None:
-        log.error("chunk %s has no batch or input file; releasing it", chunk.id)
-        return ChunkOutcome.RELEASED
-    runner = _ChunkRunner(ctx, chunk, shutdown)
-    if chunk.engine_failures >= ctx.settings.max_chunk_attempts:
-        await _give_up(ctx, runner, input_file.storage_key, done)
+class ChunkRun:
+    """One leased chunk being run; ``halt`` stops it early (its lines stay for later)."""
+
+    def __init__(
+        self,
+        ctx: WorkerContext,
+        chunk: ChunkRow,
+        shutdown: asyncio.Event,
+        *,
+        windows: WindowSource | None = None,
+        seconds_per_line: Callable[[], float] = lambda: 0.0,
+        on_result: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.ctx = ctx
+        self.chunk = chunk
+        self.windows = windows
+        self.seconds_per_line = seconds_per_line
+        self.runner = _ChunkRunner(ctx, chunk, shutdown, on_result)
+
+    @property
+    def remaining(self) -> int:
+        """Lines not finished yet (all of them until the run knows what was saved)."""
+        return self.runner.remaining
+
+    def halt(self) -> None:
+        self.runner.halt(ChunkOutcome.RELEASED)
+
+    async def run(self) -> ChunkOutcome:
+        chunk = self.chunk
+        with bound(worker=self.ctx.worker_id, batch_id=chunk.batch_id, chunk_id=chunk.id):
+            return await self._run()
+
+    async def _run(self) -> ChunkOutcome:
+        ctx, chunk, runner = self.ctx, self.chunk, self.runner
+        async with ctx.read_sessions() as session:
+            batch = await queries.get_batch(session, chunk.batch_id)
+            input_file = await queries.get_file(session, batch.input_file_id) if batch else None
+            done = await queries.done_lines(
+                session, chunk.batch_id, chunk.start_line, chunk.end_line
+            )
+        if batch is None or input_file is None:
+            log.error("chunk %s has no batch or input file; releasing it", chunk.id)
+            return ChunkOutcome.RELEASED
+        runner.remaining = chunk.end_line - chunk.start_line - len(done)
+        if chunk.engine_failures >= ctx.settings.max_chunk_attempts:
+            await _give_up(ctx, runner, input_file.storage_key, done)
+            return runner.outcome
+        if runner.outcome is not ChunkOutcome.DONE:  # halted while loading
+            return runner.outcome
+        engine = await ctx.engines.get(chunk.model)
+        window = (
+            self.windows(engine)
+            if self.windows is not None
+            else FairWindow(ctx.engines.in_flight_window(engine))
+        )
+        lane = window.open_lane(**self._lane_order(batch), remaining=runner.remaining)
+        runner.lane = lane
+        dispatcher = Dispatcher(
+            engine,
+            runner.add,
+            lambda i: f"{chunk.batch_id}-{i}-{chunk.attempts}",
+            group_prefixes=ctx.settings.group_prefixes,
+            window=window,
+            lane=lane,
+            read_ahead=chunk.end_line - chunk.start_line,  # the whole chunk, in prefix order
+        )
+        runner.dispatcher = dispatcher
+        if runner.outcome is not ChunkOutcome.DONE:
+            dispatcher.halt()
+        lines = iter_chunk_requests(ctx, input_file.storage_key, chunk)
+        heartbeat = asyncio.create_task(runner.heartbeat())
+        try:
+            await dispatcher.run(lines, skip=done)
+        finally:
+            # Stopped by a flag, not cancellation: on Python 3.11 ``wait_for`` can swallow a
+            # cancel that races with the event it waits on, and the loop would never end.
+            runner.finished = True
+            runner.flush_wanted.set()
+            await heartbeat
+            await anyio.to_thread.run_sync(lines.close)
+            await runner.flush()
         return runner.outcome
-    engine = await ctx.engines.get(chunk.model)
-    dispatcher = Dispatcher(
-        engine,
-        runner.add,
-        lambda i: f"{chunk.batch_id}-{i}-{chunk.attempts}",
-        group_prefixes=ctx.settings.group_prefixes,
-        max_in_flight=ctx.engines.in_flight_window(engine),
-    )
-    runner.dispatcher = dispatcher
-    lines = iter_chunk_requests(ctx, input_file.storage_key, chunk)
-    heartbeat = asyncio.create_task(runner.heartbeat())
-    try:
-        await dispatcher.run(lines, skip=done)
-    finally:
-        # Stopped by a flag, not cancellation: on Python 3.11 ``wait_for`` can swallow a
-        # cancel that races with the event it waits on, and the loop would never end.
-        runner.finished = True
-        runner.flush_wanted.set()
-        await heartbeat
-        await anyio.to_thread.run_sync(lines.close)
-        await runner.flush()
-    return runner.outcome
+
+    def _lane_order(self, batch: BatchRow) -> dict[str, Any]:
+        """The lane's weight, deadline and urgency, as ``queries.claim_chunk`` orders claims."""
+        remaining = max(0, batch.total - batch.completed - batch.failed)
+        expires = float(batch.expires_at) if batch.expires_at is not None else math.inf
+        latest_start = expires - remaining * self.seconds_per_line()
+        window = (batch.expires_at or 0) - batch.created_at
+        margin = self.ctx.settings.deadline_margin * window
+        return {
+            "weight": priority_weight(batch.priority),
+            "deadline": latest_start,
+            "urgent": window > 0 and latest_start - time.time() < margin,
+        }
 
 
 async def _give_up(ctx: WorkerContext, runner: _ChunkRunner, key: str, done: set[int]) -> None:
@@ -123,11 +200,20 @@ async def _give_up(ctx: WorkerContext, runner: _ChunkRunner, key: str, done: set
 class _ChunkRunner:
     """Buffers results and saves them with the lease renewal; halts on stop or lost lease."""
 
-    def __init__(self, ctx: WorkerContext, chunk: ChunkRow, shutdown: asyncio.Event) -> None:
+    def __init__(
+        self,
+        ctx: WorkerContext,
+        chunk: ChunkRow,
+        shutdown: asyncio.Event,
+        on_result: Callable[[], None] = lambda: None,
+    ) -> None:
         self.ctx = ctx
         self.chunk = chunk
         self.shutdown = shutdown
+        self.on_result = on_result
         self.dispatcher: Dispatcher | None = None
+        self.lane: Lane | None = None
+        self.remaining = chunk.end_line - chunk.start_line
         self.outcome = ChunkOutcome.DONE
         self.pending: list[LineResult] = []
         self.flush_lock = asyncio.Lock()
@@ -136,6 +222,10 @@ class _ChunkRunner:
 
     def add(self, result: LineResult) -> None:
         self.pending.append(result)
+        self.remaining -= 1
+        if self.lane is not None:
+            self.lane.remaining = self.remaining
+        self.on_result()
         if len(self.pending) >= self.ctx.settings.flush_every:
             self.flush_wanted.set()
 
