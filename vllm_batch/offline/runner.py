@@ -187,7 +187,14 @@ def _run(options: RunOptions, engine_factory: EngineFactory, temps: list[Path]) 
                     stats, interval=options.progress_interval, tty=options.progress_tty
                 )
                 asyncio.run(
-                    _execute(engine, input_path, writer, progress, options.settings.group_prefixes)
+                    _execute(
+                        engine,
+                        input_path,
+                        writer,
+                        progress,
+                        options.settings.group_prefixes,
+                        read_ahead=options.max_buffered,
+                    )
                 )
         except RunFailed as exc:
             failure = exc
@@ -313,8 +320,14 @@ async def _execute(
     writer: OrderedWriter,
     progress: Progress,
     group_prefixes: bool = True,
+    *,
+    read_ahead: int | None = None,
 ) -> None:
-    """Start the engine, push every remaining line through the dispatcher, stop the engine."""
+    """Start the engine, push every remaining line through the dispatcher, stop the engine.
+
+    Lines are put in prefix order ``read_ahead`` lines at a time (the reorder buffer's
+    size, so a whole block fits under the writer's horizon).
+    """
     try:
         try:
             await engine.start()
@@ -328,6 +341,7 @@ async def _execute(
             group_prefixes=group_prefixes,
             horizon=writer.horizon,
             error_shape=ErrorShape.VLLM,
+            read_ahead=read_ahead,
         )
         lines = iter_requests(input_path, writer.next_index)
         progress.start()
