@@ -143,7 +143,7 @@ def test_cancel_one_batch_while_another_runs(client: OpenAI, server: LiveServer)
 
 
 def test_expiry_of_one_batch_while_another_runs(client: OpenAI, server: LiveServer) -> None:
-    short = submit(client, "short", 400, max_tokens=32, window="1h")
+    short = submit(client, "short", 1000, max_tokens=100, window="1h")
     kept = submit(client, "kept2", 160, max_tokens=32)
     wait_progress(client, short, kept)
 
@@ -158,7 +158,7 @@ def test_expiry_of_one_batch_while_another_runs(client: OpenAI, server: LiveServ
     assert_complete(client, kept, "kept2", 160)
     assert final.status == "expired"
     done, errors = outputs(client, final)
-    assert sorted(done + errors) == sorted(f"short-request-{i}" for i in range(400))
+    assert sorted(done + errors) == sorted(f"short-request-{i}" for i in range(1000))
     assert len(errors) == final.request_counts.failed > 0
 
 
