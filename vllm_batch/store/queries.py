@@ -542,6 +542,40 @@ async def stream_results(
         last = page[-1][0]
 
 
+# PostgreSQL joins a page of output lines itself: two rows per page (output, errors)
+# instead of one per result.
+_PG_RESULT_PAGE = text(
+    "SELECT is_error, string_agg(data, E'\\n' ORDER BY line), max(line) FROM ("
+    "SELECT line, is_error, data FROM results WHERE batch_id = :batch_id AND line > :after "
+    "ORDER BY line LIMIT :limit) AS page GROUP BY is_error"
+)
+
+
+async def stream_result_text(
+    session: AsyncSession, batch_id: str, page_size: int = 5000
+) -> AsyncIterator[dict[bool, str]]:
+    """Saved results in input order as text, a page at a time: ``{is_error: lines}``.
+
+    Each value is the page's output (or error) lines joined by newlines, without a
+    trailing one. On PostgreSQL the database joins them; elsewhere ``stream_results``.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        async for rows in stream_results(session, batch_id, page_size):
+            texts: dict[bool, list[str]] = {False: [], True: []}
+            for _line, is_error, data in rows:
+                texts[bool(is_error)].append(data)
+            yield {is_error: "\n".join(lines) for is_error, lines in texts.items() if lines}
+        return
+    last = -1
+    while True:
+        params = {"batch_id": batch_id, "after": last, "limit": page_size}
+        groups = (await session.execute(_PG_RESULT_PAGE, params)).tuples().all()
+        if not groups:
+            return
+        yield {bool(is_error): joined for is_error, joined, _ in groups}
+        last = max(int(line) for _, _, line in groups)
+
+
 async def delete_results(session: AsyncSession, batch_id: str) -> None:
     await session.execute(delete(ResultRow).where(ResultRow.batch_id == batch_id))
 

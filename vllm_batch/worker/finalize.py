@@ -210,15 +210,21 @@ async def _write_results(
             input_file = await queries.get_file(session, batch.input_file_id)
             if input_file is not None:
                 missing = _MissingLines(ctx.storage, input_file.storage_key)
-        async for page in queries.stream_results(session, batch.id):
-            for line, is_error, data in page:
-                if missing is not None:
+        if missing is None:
+            async for texts in queries.stream_result_text(session, batch.id):
+                for is_error, joined in texts.items():
+                    add(is_error, f"{joined}\n".encode())
+                await drain(False)
+                await drain(True)
+        else:
+            async for page in queries.stream_results(session, batch.id):
+                for line, is_error, data in page:
                     for gap in await missing.until(line):
                         add(True, gap)
                         expired_lines += 1
-                add(is_error, f"{data}\n".encode())
-            await drain(False)
-            await drain(True)
+                    add(is_error, f"{data}\n".encode())
+                await drain(False)
+                await drain(True)
     if missing is not None:
         for gap in await missing.until(batch.total):
             add(True, gap)
