@@ -229,6 +229,7 @@ def run_size(
             "total_s": round(t3 - t0, 2),
             "lines_per_s": round(lines / (t3 - t0)),
             "server_cpu_s": round(cpu, 2),
+            "load_avg_1m": round(os.getloadavg()[0], 1),
             "baseline_rss_mb": round(baseline / 2**20),
             "peak_rss_mb": round(sampler.peak / 2**20),
             "rss_growth_mb": round((sampler.peak - baseline) / 2**20),
@@ -268,18 +269,24 @@ def main() -> None:
         return
     header = (
         "| lines | input MB | upload s | process s | download s | total s | lines/s "
-        "| server CPU s | baseline RSS MB | peak RSS MB | growth MB |\n" + "|---" * 11 + "|"
+        "| server CPU s | load avg | baseline RSS MB | peak RSS MB | growth MB |\n"
+        + "|---" * 12
+        + "|"
     )
     body = "\n".join(
         f"| {r['lines']:,} | {r['input_mb']} | {r['upload_s']} | {r['process_s']} | "
         f"{r['download_s']} | {r['total_s']} | {r['lines_per_s']:,} | {r['server_cpu_s']} | "
+        f"{r['load_avg_1m']} | "
         f"{r['baseline_rss_mb']} | "
         f"{r['peak_rss_mb']} | {r['rss_growth_mb']} |"
         for r in rows
     )
     note = (
         "Server + in-process worker as one subprocess, BENCHMARK-ONLY instant engine "
-        f"(no inference), database: {args.database}."
+        f"(no inference), database: {args.database}. Server CPU s: user + system CPU of "
+        "the server process (PostgreSQL's own CPU not included); load avg: the machine's "
+        f"1-minute load average at the end of the run ({os.cpu_count()} cores), as the "
+        "machine may be shared."
     )
     print(
         save(
