@@ -319,6 +319,35 @@ async def test_save_is_idempotent(ctx: StoreContext) -> None:
     assert (row.completed, row.failed, row.input_tokens) == (2, 1, 3)
 
 
+async def test_a_line_twice_in_one_save_counts_once(ctx: StoreContext) -> None:
+    batch_id = await new_batch(ctx)
+    owner = ctx.instance_id
+    chunk = await lifecycle.claim_chunk(ctx, owner, [batch_id])
+    assert chunk is not None
+    saved = await lifecycle.save(ctx, chunk, owner, [result(0), result(1), result(0)])
+    assert saved.saved == 2
+    row = await batch(ctx, batch_id)
+    assert (row.completed, row.failed, row.input_tokens) == (2, 0, 2)
+
+
+async def test_result_text_pages_keep_input_order(ctx: StoreContext) -> None:
+    batch_id = await new_batch(ctx)
+    owner = ctx.instance_id
+    chunk = await lifecycle.claim_chunk(ctx, owner, [batch_id])
+    assert chunk is not None
+    errors = {1, 2, 6}
+    lines = [result(i, error=i in errors) for i in range(LINES)]
+    await lifecycle.save(ctx, chunk, owner, lines[5:] + lines[:5])  # saved out of order
+    async with ctx.read_sessions() as session:
+        pages = [p async for p in queries.stream_result_text(session, batch_id, page_size=3)]
+    assert len(pages) == -(-LINES // 3)
+    joined = {
+        flag: "\n".join(page[flag] for page in pages if flag in page) for flag in (False, True)
+    }
+    for flag in (False, True):
+        assert joined[flag] == "\n".join(r.data for r in lines if r.is_error is flag)
+
+
 async def test_a_claim_tells_whether_it_took_over_an_expired_lease(ctx: StoreContext) -> None:
     batch_id = await new_batch(ctx)
 

@@ -17,6 +17,7 @@ ran (or with metrics off) every recording call is a no-op. The names are listed 
 from __future__ import annotations
 
 import atexit
+import bisect
 import contextlib
 import glob
 import logging
@@ -379,7 +380,7 @@ def lines_saved(model: str, results: Iterable[LineResult]) -> None:
     if m is None:
         return
     ok = failed = input_tokens = cached = output_tokens = reasoning = 0
-    latency = m.latency.labels(model)
+    seconds = []
     for result in results:
         if result.is_error:
             failed += 1
@@ -390,7 +391,8 @@ def lines_saved(model: str, results: Iterable[LineResult]) -> None:
         output_tokens += result.output_tokens
         reasoning += result.reasoning_tokens
         if result.seconds is not None:
-            latency.observe(result.seconds)
+            seconds.append(result.seconds)
+    observe_many(m.latency.labels(model), seconds)
     if ok:
         m.lines_completed.labels(model).inc(ok)
     if failed:
@@ -405,6 +407,30 @@ def lines_saved(model: str, results: Iterable[LineResult]) -> None:
             m.tokens.labels(model, kind).inc(count)
     if ok or failed:
         m.rates.add(model, ok + failed, input_tokens, output_tokens)
+
+
+def observe_many(histogram: Histogram, amounts: Sequence[float]) -> None:
+    """``histogram.observe`` for each amount, with one write per bucket (not per amount).
+
+    In multiprocess mode every observation is a write to a shared file; a flush of a
+    thousand lines would be thousands of them. Falls back to ``observe`` if the client's
+    histogram internals (``_upper_bounds``, ``_buckets``, ``_sum``) ever change.
+    """
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for amount in amounts:
+            histogram.observe(amount)
+        return
+    if not amounts:
+        return
+    counts: defaultdict[int, int] = defaultdict(int)
+    for amount in amounts:
+        counts[bisect.bisect_left(bounds, amount)] += 1  # the first bound >= amount
+    total.inc(sum(amounts))
+    for index, count in counts.items():
+        buckets[index].inc(count)
 
 
 def lines_expired(model: str | None, count: int) -> None:

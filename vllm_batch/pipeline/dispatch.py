@@ -188,7 +188,14 @@ class _Transient(Exception):
 async def _run_retrying_5xx(
     engine: Engine, url: str, body: dict[str, Any], request_id: str
 ) -> EngineResult:
-    """``engine.run``, retried on 5xx results; the last result if they all fail."""
+    """``engine.run``, retried on 5xx results; the last result if they all fail.
+
+    The first attempt runs without building a retrier (almost every line needs only it);
+    a 5xx result then enters the retry policy as its attempt 1.
+    """
+    first = _checked(await engine.run(url, body, request_id))
+    if first.status_code < 500:
+        return first
     policy = retrying(
         on=_Transient,
         attempts=TRANSIENT_RETRIES + 1,
@@ -201,16 +208,24 @@ async def _run_retrying_5xx(
         async for attempt in policy:
             with attempt:
                 number = attempt.retry_state.attempt_number
-                rid = request_id if number == 1 else f"{request_id}-retry{number - 1}"
-                result = await engine.run(url, body, rid)
-                if result.status_code >= 500 and is_oom_message(result.error_message):
-                    raise EngineOutOfMemory(result.error_message or "CUDA out of memory")
+                result = (
+                    first
+                    if number == 1
+                    else _checked(await engine.run(url, body, f"{request_id}-retry{number - 1}"))
+                )
                 if result.status_code >= 500:
                     raise _Transient(result)
                 return result
     except _Transient as exc:
         return exc.result
     raise AssertionError("unreachable: the retrier returns or raises")
+
+
+def _checked(result: EngineResult) -> EngineResult:
+    """``result``, unless it is a CUDA out-of-memory error (raised as ``EngineOutOfMemory``)."""
+    if result.status_code >= 500 and is_oom_message(result.error_message):
+        raise EngineOutOfMemory(result.error_message or "CUDA out of memory")
+    return result
 
 
 class Dispatcher:

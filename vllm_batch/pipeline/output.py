@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 
 from vllm_batch.engines.base import EngineResult
-from vllm_batch.protocol.ids import new_id
+from vllm_batch.protocol.ids import new_id, new_line_id
 
 
 class ErrorShape(StrEnum):
@@ -56,7 +56,7 @@ def result_line(
             info = {"code": result.error_code, "message": result.error_message}
             error = orjson.dumps(info).decode()
     return (
-        f'{{"id":"{new_id("batch_req_")}","custom_id":{orjson.dumps(custom_id).decode()},'
+        f'{{"id":"{new_line_id("batch_req_")}","custom_id":{orjson.dumps(custom_id).decode()},'
         f'"response":{{"status_code":{result.status_code},"request_id":"{request_id}",'
         f'"body":{body}}},"error":{error}}}'
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import secrets
 import time
 
@@ -14,3 +15,13 @@ def new_id(prefix: str) -> str:
 def now() -> int:
     """Unix seconds, as every ``*_at`` field on the wire."""
     return int(time.time())
+
+
+def new_line_id(prefix: str) -> str:
+    """An id like ``new_id``'s for output lines (one per request, never looked up).
+
+    Its random part comes from ``random`` (reseeded in every forked process), not the
+    OS's random source: one system call per output line was a visible share of the
+    pipeline's time. Object ids that identify something use ``new_id``.
+    """
+    return f"{prefix}{time.time_ns() // 1000:013x}{random.getrandbits(32):08x}"

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Table, and_, case, delete, func, or_, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import and_, case, delete, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from vllm_batch.pipeline.results import LineResult
@@ -541,31 +539,54 @@ async def save_chunk_results(
     return SaveOutcome(held=True, stop_reason=batch.stop_reason, new=new)
 
 
+# One statement saves a whole flush on PostgreSQL: the rows travel as three arrays (no
+# per-row statement compilation), and RETURNING names the lines that were new.
+_PG_INSERT_RESULTS = text(
+    "INSERT INTO results (batch_id, line, is_error, data) "
+    "SELECT :batch_id, * FROM unnest("
+    "CAST(:lines AS integer[]), CAST(:errors AS boolean[]), CAST(:datas AS text[])) "
+    "ON CONFLICT (batch_id, line) DO NOTHING RETURNING line"
+)
+# SQLite: a plain driver-level executemany (no RETURNING, which executemany cannot do).
+_SQLITE_INSERT_RESULTS = (
+    "INSERT INTO results (batch_id, line, is_error, data) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (batch_id, line) DO NOTHING"
+)
+
+
 async def _insert_results(
     session: AsyncSession, batch_id: str, results: Sequence[LineResult]
 ) -> list[LineResult]:
     """Insert results once each and add only the new ones to the batch's counts and usage.
 
     A line already saved (e.g. by a worker whose lease was taken over) is skipped, so
-    counts stay exact. Returns the new ones.
+    counts stay exact. Returns the new ones. The caller holds the batch row lock
+    (``lock_batch``), so no other save of this batch runs meanwhile.
     """
     if not results:
         return []
-    dialect = session.get_bind().dialect.name
-    insert_fn = pg_insert if dialect == "postgresql" else sqlite_insert
-    table = cast(Table, ResultRow.__table__)
-    # Core executemany ("insertmanyvalues"): no per-row ORM work, RETURNING the new lines.
-    statement = (
-        insert_fn(table)
-        .on_conflict_do_nothing(index_elements=["batch_id", "line"])
-        .returning(table.c.line)
-    )
-    rows = [
-        {"batch_id": batch_id, "line": r.line, "is_error": r.is_error, "data": r.data}
-        for r in results
-    ]
-    inserted = set((await session.scalars(statement, rows)).all())
-    new = [r for r in results if r.line in inserted]
+    if len({r.line for r in results}) != len(results):  # a line twice: keep its first result
+        results = list({r.line: r for r in reversed(results)}.values())
+    if session.get_bind().dialect.name == "postgresql":
+        params = {
+            "batch_id": batch_id,
+            "lines": [r.line for r in results],
+            "errors": [r.is_error for r in results],
+            "datas": [r.data for r in results],
+        }
+        inserted = set((await session.scalars(_PG_INSERT_RESULTS, params)).all())
+        new = [r for r in results if r.line in inserted]
+    else:
+        # Under the write lock: the lines saved before are exactly the ones found now.
+        lines = [r.line for r in results]
+        saved = await done_lines(session, batch_id, min(lines), max(lines) + 1)
+        new = [r for r in results if r.line not in saved] if saved else list(results)
+        if new:
+            connection = await session.connection()
+            await connection.exec_driver_sql(
+                _SQLITE_INSERT_RESULTS,
+                [(batch_id, r.line, r.is_error, r.data) for r in new],
+            )
     if new:
         failed = sum(r.is_error for r in new)
         await session.execute(
@@ -600,28 +621,60 @@ async def count_done_lines(session: AsyncSession, batch_id: str, start: int, end
 
 
 async def stream_results(
-    session: AsyncSession, batch_id: str, batch_size: int = 2000
-) -> AsyncIterator[tuple[int, bool, str]]:
-    """Saved results in input order, fetched ``batch_size`` at a time (bounded memory)."""
+    session: AsyncSession, batch_id: str, page_size: int = 5000
+) -> AsyncIterator[Sequence[tuple[int, bool, str]]]:
+    """Saved results ``(line, is_error, data)`` in input order, a page at a time.
+
+    Bounded memory: one page of ``page_size`` rows at a time, found by keyset (line
+    after the last page's). A Core select: no ORM row processing per result.
+    """
+    table = ResultRow.__table__.c
+    query = select(table.line, table.is_error, table.data).order_by(table.line).limit(page_size)
     last = -1
     while True:
-        rows = (
-            (
-                await session.execute(
-                    select(ResultRow.line, ResultRow.is_error, ResultRow.data)
-                    .where(ResultRow.batch_id == batch_id, ResultRow.line > last)
-                    .order_by(ResultRow.line)
-                    .limit(batch_size)
-                )
-            )
+        page = (
+            (await session.execute(query.where(table.batch_id == batch_id, table.line > last)))
             .tuples()
             .all()
         )
-        if not rows:
+        if not page:
             return
-        for line, is_error, data in rows:
-            yield line, is_error, data
-        last = rows[-1][0]
+        yield page
+        last = page[-1][0]
+
+
+# PostgreSQL joins a page of output lines itself: two rows per page (output, errors)
+# instead of one per result.
+_PG_RESULT_PAGE = text(
+    "SELECT is_error, string_agg(data, E'\\n' ORDER BY line), max(line) FROM ("
+    "SELECT line, is_error, data FROM results WHERE batch_id = :batch_id AND line > :after "
+    "ORDER BY line LIMIT :limit) AS page GROUP BY is_error"
+)
+
+
+async def stream_result_text(
+    session: AsyncSession, batch_id: str, page_size: int = 5000
+) -> AsyncIterator[dict[bool, str]]:
+    """Saved results in input order as text, a page at a time: ``{is_error: lines}``.
+
+    Each value is the page's output (or error) lines joined by newlines, without a
+    trailing one. On PostgreSQL the database joins them; elsewhere ``stream_results``.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        async for rows in stream_results(session, batch_id, page_size):
+            texts: dict[bool, list[str]] = {False: [], True: []}
+            for _line, is_error, data in rows:
+                texts[bool(is_error)].append(data)
+            yield {is_error: "\n".join(lines) for is_error, lines in texts.items() if lines}
+        return
+    last = -1
+    while True:
+        params = {"batch_id": batch_id, "after": last, "limit": page_size}
+        groups = (await session.execute(_PG_RESULT_PAGE, params)).tuples().all()
+        if not groups:
+            return
+        yield {bool(is_error): joined for is_error, joined, _ in groups}
+        last = max(int(line) for _, _, line in groups)
 
 
 async def delete_results(session: AsyncSession, batch_id: str) -> None:

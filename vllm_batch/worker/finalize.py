@@ -192,14 +192,16 @@ async def _write_results(
     sizes = {False: 0, True: 0}
     writers = {False: output, True: errors}
 
-    async def emit(is_error: bool, data: bytes) -> None:
-        buffers[is_error].append(data)
-        sizes[is_error] += len(data)
+    async def drain(is_error: bool) -> None:
         if sizes[is_error] >= WRITE_BUFFER:
             keeper.check()
             await writers[is_error].write(b"".join(buffers[is_error]))
             buffers[is_error].clear()
             sizes[is_error] = 0
+
+    def add(is_error: bool, data: bytes) -> None:
+        buffers[is_error].append(data)
+        sizes[is_error] += len(data)
 
     expired_lines = 0
     missing = None
@@ -208,15 +210,24 @@ async def _write_results(
             input_file = await queries.get_file(session, batch.input_file_id)
             if input_file is not None:
                 missing = _MissingLines(ctx.storage, input_file.storage_key)
-        async for line, is_error, data in queries.stream_results(session, batch.id):
-            if missing is not None:
-                for gap in await missing.until(line):
-                    await emit(True, gap)
-                    expired_lines += 1
-            await emit(is_error, data.encode() + b"\n")
+        if missing is None:
+            async for texts in queries.stream_result_text(session, batch.id):
+                for is_error, joined in texts.items():
+                    add(is_error, f"{joined}\n".encode())
+                await drain(False)
+                await drain(True)
+        else:
+            async for page in queries.stream_results(session, batch.id):
+                for line, is_error, data in page:
+                    for gap in await missing.until(line):
+                        add(True, gap)
+                        expired_lines += 1
+                    add(is_error, f"{data}\n".encode())
+                await drain(False)
+                await drain(True)
     if missing is not None:
         for gap in await missing.until(batch.total):
-            await emit(True, gap)
+            add(True, gap)
             expired_lines += 1
         await missing.close()
     for is_error, chunks in buffers.items():
