@@ -297,6 +297,7 @@ def test_unknown_repeated_or_no_part_ids(client: OpenAI) -> None:
         ([foreign], "part_not_found"),  # a part of another upload
         ([part, part], "duplicate_part"),
         ([], "invalid_value"),
+        ([f"part_{i}" for i in range(10_001)], "invalid_value"),
     ):
         error = expect_error(
             400, lambda ids=part_ids: client.uploads.complete(upload.id, part_ids=ids)
@@ -382,11 +383,12 @@ def test_md5_is_checked(client: OpenAI) -> None:
 
 
 def test_other_purposes_are_not_checked_as_jsonl(client: OpenAI) -> None:
-    upload = new_upload(client, 9, purpose="user_data")
-    part = client.uploads.parts.create(upload.id, data=b"not jsonl").id
-    done = client.uploads.complete(upload.id, part_ids=[part])
+    data = bytes(range(256)).replace(b"\n", b"") * 20  # binary, no line breaks, 2 parts
+    upload = new_upload(client, len(data), purpose="user_data")
+    ids = [client.uploads.parts.create(upload.id, data=piece).id for piece in split(data, 2)]
+    done = client.uploads.complete(upload.id, part_ids=ids)
     assert done.file is not None and done.file.purpose == "user_data"
-    assert client.files.content(done.file.id).content == b"not jsonl"
+    assert client.files.content(done.file.id).content == data
 
 
 def test_file_expiry_comes_from_expires_after(client: OpenAI) -> None:

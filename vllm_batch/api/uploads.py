@@ -151,12 +151,8 @@ async def add_part(
 def ordered_parts(
     row: UploadRow, part_ids: list[str], parts: list[UploadPartRow]
 ) -> list[UploadPartRow]:
-    """The parts in ``part_ids`` order; a 400 for an empty, repeated or unknown id or a
-    total that differs from the size the upload was created with."""
-    if not part_ids:
-        raise APIError(
-            400, "part_ids must name at least one part.", param="part_ids", code="invalid_value"
-        )
+    """The parts in ``part_ids`` order; a 400 for a repeated or unknown id or a total that
+    differs from the size the upload was created with."""
     by_id = {part.id: part for part in parts}
     seen: set[str] = set()
     for part_id in part_ids:

@@ -46,6 +46,9 @@ class UploadCreateRequest(BaseModel):
     expires_after: ExpiresAfter | None = None
 
 
+MAX_PART_IDS = 10_000  # bounds the IN list of one query (asyncpg: at most 32767 arguments)
+
+
 class UploadCompleteRequest(BaseModel):
-    part_ids: list[str]
+    part_ids: list[str] = Field(min_length=1, max_length=MAX_PART_IDS)
     md5: str | None = None

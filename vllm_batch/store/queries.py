@@ -187,8 +187,18 @@ async def finished_upload_parts(session: AsyncSession, limit: int = 500) -> Sequ
 
 
 async def delete_upload_parts(session: AsyncSession, part_ids: Sequence[str]) -> None:
-    if part_ids:
-        await session.execute(delete(UploadPartRow).where(UploadPartRow.id.in_(part_ids)))
+    """Delete these part rows. The request that ended an upload and housekeeping may both
+    delete its parts: on PostgreSQL, rows another deleter holds are skipped, and the rest
+    are locked in id order, so the two never deadlock."""
+    if not part_ids:
+        return
+    free = (
+        select(UploadPartRow.id)
+        .where(UploadPartRow.id.in_(part_ids))
+        .order_by(UploadPartRow.id)
+        .with_for_update(skip_locked=True)
+    )
+    await session.execute(delete(UploadPartRow).where(UploadPartRow.id.in_(free.scalar_subquery())))
 
 
 # ---------------------------------------------------------------- batches
