@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     engine: Literal["vllm", "instant-benchmark"] = "vllm"
 
     max_upload_bytes: int = 200 * 1024 * 1024
+    # Uploads API (POST /v1/uploads): per-part and whole-upload limits (OpenAI's: 64 MB,
+    # 8 GB) and how long an upload may stay pending (OpenAI's: an hour).
+    max_upload_part_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    max_chunked_upload_bytes: int = Field(default=8 * 1024**3, ge=1)
+    upload_expiry_seconds: int = Field(default=3600, ge=1)
     # Body cap for every request except uploads (POST /v1/files), which get max_upload_bytes.
     max_request_body_bytes: int = Field(default=1024 * 1024, ge=1)
     max_requests_per_batch: int = 50_000

@@ -16,6 +16,12 @@ Chunk (a run of input lines leased by one worker at a time)::
       ▲                 │  ▲
       └────release──────┘  └─claim (lease expired: another worker takes over)
 
+Upload (OpenAI's Uploads API: a file sent in parts, then assembled)::
+
+    pending ──complete──▶ completed     (parts joined into a File, then deleted)
+      ├─────cancel──────▶ cancelled     (parts deleted)
+      └─────expire──────▶ expired       (housekeeping, past ``expires_at``; parts deleted)
+
 Every transition is one guarded statement in ``store/queries.py`` whose ``WHERE`` admits
 only the source statuses listed here, and whose row count is checked: an illegal or
 lost-race move changes nothing and is reported to the caller.
@@ -41,6 +47,13 @@ class ChunkStatus(StrEnum):
     QUEUED = "queued"  # waiting for a worker
     RUNNING = "running"  # leased by ``lease_owner`` until ``lease_until``
     DONE = "done"  # every line has a saved result (terminal)
+
+
+class UploadStatus(StrEnum):
+    PENDING = "pending"  # accepting parts
+    COMPLETED = "completed"  # assembled into ``file_id`` (terminal)
+    CANCELLED = "cancelled"  # cancelled by its owner (terminal)
+    EXPIRED = "expired"  # not completed before ``expires_at`` (terminal)
 
 
 class StopReason(StrEnum):

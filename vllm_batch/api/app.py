@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from fastapi import Depends, FastAPI
 
 from vllm_batch import __version__
-from vllm_batch.api import batches, files, info
+from vllm_batch.api import batches, files, info, uploads
 from vllm_batch.api.deps import current_principal
 from vllm_batch.api.edge import install_edge
 from vllm_batch.api.errors import install_error_handlers
@@ -105,6 +105,7 @@ def create_app(
     install_error_handlers(app)
     v1 = [Depends(current_principal)]
     app.include_router(files.router, prefix="/v1", dependencies=v1)
+    app.include_router(uploads.router, prefix="/v1", dependencies=v1)
     app.include_router(batches.router, prefix="/v1", dependencies=v1)
     app.include_router(info.v1_router, prefix="/v1", dependencies=v1)
     app.include_router(dashboard_data.router, prefix="/v1", dependencies=v1)

@@ -9,6 +9,7 @@ Outermost first (``install_edge`` adds them in reverse):
     EdgeGuardMiddleware  API key -> Principal in scope["state"] on /v1       -> 401
                          NUL in the path or query string                     -> 400
                          byte cap counted on what is actually received       -> 413
+                         (uploads: max_upload_bytes; upload parts: max_upload_part_bytes)
 
 An unauthenticated request never has its body read; a body over the cap is cut off as
 it streams (chunked bodies too), and a Content-Length over the cap is refused at once.
@@ -40,6 +41,7 @@ UPLOAD_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries, part headers and form
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 WILDCARD_BINDS = ("0.0.0.0", "::", "")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+PART_PATH = re.compile(r"/v1/uploads/[^/]+/parts/?")
 
 
 def install_edge(app: FastAPI, settings: Settings) -> None:
@@ -222,13 +224,28 @@ class EdgeGuardMiddleware:
         self.app = app
         self.keys = keys
         self.max_upload_bytes = settings.max_upload_bytes
+        self.max_part_bytes = settings.max_upload_part_bytes
         self.body_cap = settings.max_request_body_bytes
 
     def is_upload(self, scope: Scope) -> bool:
         return bool(scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/files")
 
+    def is_part(self, scope: Scope) -> bool:
+        """``POST /v1/uploads/{id}/parts``: one part of a chunked upload."""
+        return bool(scope["method"] == "POST" and PART_PATH.fullmatch(scope["path"]))
+
     async def too_large(self, scope: Scope, send: Send, cap: int) -> None:
-        if self.is_upload(scope):
+        if self.is_part(scope):
+            await refuse(
+                scope,
+                send,
+                413,
+                f"Part is too large: the limit is {self.max_part_bytes} bytes per part.",
+                param="data",
+                code="part_too_large",
+                close=True,
+            )
+        elif self.is_upload(scope):
             await refuse(
                 scope,
                 send,
@@ -280,6 +297,8 @@ class EdgeGuardMiddleware:
         cap = self.body_cap
         if self.is_upload(scope):
             cap = self.max_upload_bytes + UPLOAD_OVERHEAD_BYTES
+        elif self.is_part(scope):
+            cap = self.max_part_bytes + UPLOAD_OVERHEAD_BYTES
         length = Headers(scope=scope).get("content-length", "")
         if length.isdigit() and int(length) > cap:
             await self.too_large(scope, send, cap)

@@ -53,16 +53,10 @@ async def create_file(
     expires_anchor: Annotated[str | None, Form(alias="expires_after[anchor]")] = None,
     expires_seconds: Annotated[int | None, Form(alias="expires_after[seconds]")] = None,
 ) -> FileObject:
-    if purpose not in UPLOAD_PURPOSES:
-        raise APIError(
-            400,
-            f"Invalid purpose {purpose!r}. Expected one of: {', '.join(sorted(UPLOAD_PURPOSES))}.",
-            param="purpose",
-            code="invalid_value",
-        )
+    check_purpose(purpose)
     filename = upload_filename(file)
     created = now()
-    expires_at = _expires_at(created, expires_anchor, expires_seconds)
+    expires_at = file_expires_at(created, expires_anchor, expires_seconds)
     file_id = new_id("file-")
     key = f"files/{file_id}"
     max_bytes = ctx.settings.max_upload_bytes
@@ -97,25 +91,42 @@ async def create_file(
 
 def upload_filename(file: UploadFile) -> str:
     """The stored name: at most ``MAX_FILENAME_CHARS`` characters and no control characters."""
-    name = file.filename or "upload.jsonl"
+    return check_filename(file.filename or "upload.jsonl", param="file")
+
+
+def check_filename(name: str, *, param: str) -> str:
+    """``name`` if it may be stored as a filename, else a 400 naming ``param``."""
     if len(name) > MAX_FILENAME_CHARS:
         raise APIError(
             400,
             f"The filename is {len(name)} characters long; the limit is {MAX_FILENAME_CHARS}.",
-            param="file",
+            param=param,
             code="invalid_value",
         )
     if any(ord(char) < 32 or ord(char) == 127 for char in name):
         raise APIError(
             400,
             "The filename may not contain control characters.",
-            param="file",
+            param=param,
             code="invalid_value",
         )
     return name
 
 
-def _expires_at(created: int, anchor: str | None, seconds: int | None) -> int | None:
+def check_purpose(purpose: str) -> str:
+    """``purpose`` if a client may upload a file for it, else a 400."""
+    if purpose not in UPLOAD_PURPOSES:
+        raise APIError(
+            400,
+            f"Invalid purpose {purpose!r}. Expected one of: {', '.join(sorted(UPLOAD_PURPOSES))}.",
+            param="purpose",
+            code="invalid_value",
+        )
+    return purpose
+
+
+def file_expires_at(created: int, anchor: str | None, seconds: int | None) -> int | None:
+    """``expires_after[anchor]``/``[seconds]`` as a timestamp (None: never), or a 400."""
     if anchor is None and seconds is None:
         return None
     if anchor != "created_at":

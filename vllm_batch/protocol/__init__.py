@@ -12,6 +12,7 @@ from vllm_batch.protocol.batch import (
 from vllm_batch.protocol.errors import ErrorDetail, ErrorResponse
 from vllm_batch.protocol.file import FileDeleted, FileObject, FilePurpose
 from vllm_batch.protocol.page import ListPage
+from vllm_batch.protocol.upload import Upload, UploadPart
 
 __all__ = [
     "Batch",
@@ -27,4 +28,6 @@ __all__ = [
     "FileObject",
     "FilePurpose",
     "ListPage",
+    "Upload",
+    "UploadPart",
 ]

@@ -4,7 +4,8 @@
 - mark batches past their completion window for expiry;
 - assemble output files for batches that are ready (completed, cancelled, expired), and
   drop saved results that a finished batch no longer needs;
-- delete files past ``expires_at`` and their stored blobs.
+- delete files past ``expires_at`` and their stored blobs;
+- expire uploads past ``expires_at`` and delete the parts of every ended upload.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from vllm_batch.identity import InstanceId
 from vllm_batch.protocol.ids import now
 from vllm_batch.retry import describe
 from vllm_batch.runtime import StoreContext
+from vllm_batch.service.uploads import sweep_uploads
 from vllm_batch.store import queries
 from vllm_batch.store.db import is_transient
 from vllm_batch.worker.finalize import delete_saved_results, finalize_ready_batches
@@ -75,6 +77,7 @@ async def housekeeping_once(ctx: StoreContext) -> None:
     await finalize_ready_batches(ctx)
     await sweep_finished_results(ctx)
     await sweep_expired_files(ctx)
+    await sweep_uploads(ctx)
 
 
 async def run_housekeeping(ctx: StoreContext, shutdown: asyncio.Event) -> None:

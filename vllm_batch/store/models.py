@@ -1,4 +1,5 @@
-"""The whole schema: files, batches, their chunks (work units), saved results, deliveries."""
+"""The whole schema: files, uploads and their parts, batches, their chunks (work units),
+saved results, deliveries."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from vllm_batch.states import ChunkStatus
+from vllm_batch.states import ChunkStatus, UploadStatus
 
 
 class Base(DeclarativeBase):
@@ -27,6 +28,40 @@ class FileRow(Base):
     line_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # The API key name that uploaded the file (``None``: created before ownership existed).
     owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+
+
+class UploadRow(Base):
+    """A file sent in parts (OpenAI's Upload); ``file_id`` is set once it is completed."""
+
+    __tablename__ = "uploads"
+    __table_args__ = (Index("ix_uploads_status_expires_at", "status", "expires_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    bytes: Mapped[int] = mapped_column(BigInteger)  # the declared total size
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[int] = mapped_column(BigInteger)
+    filename: Mapped[str] = mapped_column(String(1024))
+    purpose: Mapped[str] = mapped_column(String(32))
+    mime_type: Mapped[str] = mapped_column(String(256))
+    status: Mapped[str] = mapped_column(String(16), default=UploadStatus.PENDING)
+    # Seconds after its creation at which the assembled file expires (``expires_after``).
+    file_expires_after: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    file_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+
+
+class UploadPartRow(Base):
+    """One part of an upload, stored as its own blob until the upload ends."""
+
+    __tablename__ = "upload_parts"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    upload_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("uploads.id", ondelete="CASCADE"), index=True
+    )
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    storage_key: Mapped[str] = mapped_column(String(1024))
 
 
 class BatchRow(Base):

@@ -18,10 +18,19 @@ from vllm_batch.states import (
     ChunkStatus,
     IllegalTransition,
     StopReason,
+    UploadStatus,
     batch_sources,
     chunk_sources,
 )
-from vllm_batch.store.models import BatchRow, ChunkRow, DeliveryRow, FileRow, ResultRow
+from vllm_batch.store.models import (
+    BatchRow,
+    ChunkRow,
+    DeliveryRow,
+    FileRow,
+    ResultRow,
+    UploadPartRow,
+    UploadRow,
+)
 from vllm_batch.store.notify import notify_work
 
 # ---------------------------------------------------------------- files
@@ -86,6 +95,108 @@ async def file_used_by_active_batch(session: AsyncSession, file_id: str) -> str 
         BatchRow.input_file_id == file_id, BatchRow.status.not_in(TERMINAL)
     )
     return (await session.scalars(query.limit(1))).first()
+
+
+# ---------------------------------------------------------------- uploads and parts
+
+
+async def insert_upload(session: AsyncSession, row: UploadRow) -> None:
+    """A new upload; it always starts ``pending``."""
+    if row.status != UploadStatus.PENDING:
+        raise IllegalTransition(f"a new upload must be pending, not {row.status!r}")
+    session.add(row)
+    await session.flush()
+
+
+async def get_upload(
+    session: AsyncSession, upload_id: str, *, owner: str | None = None, lock: bool = False
+) -> UploadRow | None:
+    """The upload if ``owner`` may see it; ``lock`` holds it until commit (PostgreSQL
+    ``FOR UPDATE``; a SQLite write session holds the write lock already)."""
+    row = await session.get(UploadRow, upload_id, populate_existing=True, with_for_update=lock)
+    return row if row is not None and (owner is None or row.owner == owner) else None
+
+
+async def _move_upload(
+    session: AsyncSession, upload_id: str, target: UploadStatus, now: int, **values: Any
+) -> bool:
+    """The one writer of ``uploads.status``: only a ``pending`` upload not yet expired moves
+    (to ``expired`` only once it is past ``expires_at``)."""
+    expiry = (
+        UploadRow.expires_at <= now
+        if target == UploadStatus.EXPIRED
+        else UploadRow.expires_at > now
+    )
+    result = await session.execute(
+        update(UploadRow)
+        .where(UploadRow.id == upload_id, UploadRow.status == UploadStatus.PENDING, expiry)
+        .values(status=target, **values)
+        .execution_options(synchronize_session=False)
+    )
+    return _rowcount(result) == 1
+
+
+async def complete_upload(session: AsyncSession, upload_id: str, file_id: str, now: int) -> bool:
+    """``pending`` → ``completed`` with the assembled file; False if it moved meanwhile."""
+    return await _move_upload(session, upload_id, UploadStatus.COMPLETED, now, file_id=file_id)
+
+
+async def cancel_upload(session: AsyncSession, upload_id: str, now: int) -> bool:
+    """``pending`` → ``cancelled``; False if it moved (or expired) meanwhile."""
+    return await _move_upload(session, upload_id, UploadStatus.CANCELLED, now)
+
+
+async def expire_uploads(session: AsyncSession, now: int, limit: int = 500) -> Sequence[str]:
+    """``pending`` → ``expired`` for uploads past ``expires_at``; their ids."""
+    query = select(UploadRow.id).where(
+        UploadRow.status == UploadStatus.PENDING, UploadRow.expires_at <= now
+    )
+    expired = []
+    for upload_id in (await session.scalars(query.limit(limit))).all():
+        if await _move_upload(session, upload_id, UploadStatus.EXPIRED, now):
+            expired.append(upload_id)
+    return expired
+
+
+async def insert_upload_part(session: AsyncSession, row: UploadPartRow) -> None:
+    session.add(row)
+    await session.flush()
+
+
+async def upload_parts(
+    session: AsyncSession, upload_id: str, part_ids: Sequence[str] | None = None
+) -> Sequence[UploadPartRow]:
+    """The upload's parts (those among ``part_ids`` if given), in no particular order."""
+    query = select(UploadPartRow).where(UploadPartRow.upload_id == upload_id)
+    if part_ids is not None:
+        query = query.where(UploadPartRow.id.in_(part_ids))
+    return (await session.scalars(query)).all()
+
+
+async def finished_upload_parts(session: AsyncSession, limit: int = 500) -> Sequence[UploadPartRow]:
+    """Parts left by uploads that are no longer ``pending`` (their blobs are garbage)."""
+    query = (
+        select(UploadPartRow)
+        .join(UploadRow, UploadRow.id == UploadPartRow.upload_id)
+        .where(UploadRow.status != UploadStatus.PENDING)
+        .limit(limit)
+    )
+    return (await session.scalars(query)).all()
+
+
+async def delete_upload_parts(session: AsyncSession, part_ids: Sequence[str]) -> None:
+    """Delete these part rows. The request that ended an upload and housekeeping may both
+    delete its parts: on PostgreSQL, rows another deleter holds are skipped, and the rest
+    are locked in id order, so the two never deadlock."""
+    if not part_ids:
+        return
+    free = (
+        select(UploadPartRow.id)
+        .where(UploadPartRow.id.in_(part_ids))
+        .order_by(UploadPartRow.id)
+        .with_for_update(skip_locked=True)
+    )
+    await session.execute(delete(UploadPartRow).where(UploadPartRow.id.in_(free.scalar_subquery())))
 
 
 # ---------------------------------------------------------------- batches
