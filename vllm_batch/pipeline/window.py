@@ -111,6 +111,9 @@ class FairWindow:
             return False
         if lane.waiter is not None:
             raise RuntimeError("a lane waits for one slot at a time")
+        if self.in_flight < self._size and not self._waiting():
+            self._take(lane)  # a free slot and nobody else waiting: no choice to make
+            return True
         waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         lane.waiter = waiter
         self._grant()
@@ -130,16 +133,20 @@ class FairWindow:
         lane.in_flight -= 1
         self._grant()
 
+    def _waiting(self) -> list[Lane]:
+        return [lane for lane in self._lanes if lane.waiter is not None and not lane.waiter.done()]
+
+    def _take(self, lane: Lane) -> None:
+        lane.vtime += 1.0 / lane.weight
+        self.in_flight += 1
+        lane.in_flight += 1
+
     def _grant(self) -> None:
         while self.in_flight < self._size:
-            waiting = [
-                lane for lane in self._lanes if lane.waiter is not None and not lane.waiter.done()
-            ]
+            waiting = self._waiting()
             if not waiting:
                 return
             lane = min(waiting, key=Lane.key)
-            lane.vtime += 1.0 / lane.weight
-            self.in_flight += 1
-            lane.in_flight += 1
+            self._take(lane)
             assert lane.waiter is not None
             lane.waiter.set_result(True)
