@@ -1,4 +1,4 @@
-"""The ``vllm-batch run`` loop: pre-flight, engine, in-order output, upload.
+"""The ``vllm-batch run`` loop: pre-flight (while the engine starts), in-order output, upload.
 
 Requests take the server's path (``Dispatcher`` → ``execute_line`` → engine), so output
 bodies are the bytes the server would produce; error lines use ``vllm run-batch``'s shape.
@@ -6,6 +6,7 @@ bodies are the bytes the server would produce; error lines use ``vllm run-batch`
 A local output is written to ``<output>.partial`` and renamed to ``<output>`` only once every
 request is in it, so ``<output>`` never holds a partial result; after an interruption,
 ``--resume`` continues the ``.partial`` file. A URL output is uploaded only when complete.
+The output is published before the engine stops.
 http(s) locations are logged and reported without their query string (pre-signed URLs).
 """
 
