@@ -17,6 +17,12 @@ submission order (needs ``VLLM_BATCH_GROUP_PREFIXES``; skipped until it exists).
     python benchmarks/bench_batch.py                      # tiny random model, all variants
     python benchmarks/bench_batch.py --model smollm2 -n 2000 --max-tokens 32-256
     python benchmarks/bench_batch.py --prefix-ab --model smollm2 -n 1000
+    python benchmarks/bench_batch.py --pairs 3 --model smollm2 -n 200 --max-tokens 8-16
+
+Every variant reports its whole-process wall (process start to exit, engine shutdown and
+interpreter exit included) besides the cold wall. ``--pairs N`` runs ``vllm-batch-run`` and
+``run-batch`` N times each, alternating which goes first, and compares whole-process walls
+per pair (the machine's load drifts; a pair shares it).
 
 Results go to ``benchmarks/results/<results-name>.{json,md}``.
 """
@@ -32,12 +38,13 @@ import random
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -58,6 +65,7 @@ PY = sys.executable
 BASES = ("raw", "run-batch", "vllm-batch-run", "server")
 DEFAULT_VARIANTS = "raw,run-batch,vllm-batch-run,server"
 PREFIX_AB_VARIANTS = "server,server-no-prefix-cache,server-no-grouping"
+PAIR_VARIANTS = ("vllm-batch-run", "run-batch")
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 TEMPLATE_TOKENS = 16  # chat-template overhead allowed for when checking max_model_len
 # A log line printed once the engine is up and the batch is about to be read: start-up ends.
@@ -813,6 +821,7 @@ def report(results: list[Result], n: int) -> str:
                 r.status,
                 f"{r.ok_lines}/{n}" if measured else None,
                 _num(r.wall_s),
+                _num(r.exit_s),
                 _num(r.startup_s),
                 _num(proc, 2),
                 _num(n / proc if proc else None),
@@ -830,6 +839,7 @@ def report(results: list[Result], n: int) -> str:
         "status",
         "ok lines",
         "cold wall s",
+        "process wall s",
         "start-up s",
         "processing s",
         "req/s",
@@ -863,6 +873,123 @@ def report(results: list[Result], n: int) -> str:
     if gains:
         parts += ["", "Prefix A/B:", *gains]
     return "\n".join(parts)
+
+
+def run_variant(variant: Variant, ctx: Context) -> Result:
+    """One variant, its failure turned into a ``failed`` result."""
+    log(f"=== {variant.name}")
+    try:
+        result = RUNNERS[variant.base](variant, ctx)
+    except Exception as exc:
+        log(f"{variant.name} failed: {type(exc).__name__}: {exc}")
+        first_line = (str(exc).splitlines() or [""])[0]
+        note = f"{type(exc).__name__}: {first_line} (logs: {ctx.workdir})"
+        result = Result(variant.name, "failed", note)
+    log(f"{variant.name}: {result.status} {result.note}".rstrip())
+    return result
+
+
+def run_pairs(variants: list[Variant], ctx: Context, count: int) -> list[dict[str, Any]]:
+    """``count`` pairs of runs, the first variant going first in even pairs, second in odd."""
+    pairs = []
+    for index in range(count):
+        workdir = ctx.workdir / f"pair-{index + 1}"
+        workdir.mkdir(exist_ok=True)
+        order = variants if index % 2 == 0 else variants[::-1]
+        runs = {v.name: run_variant(v, replace(ctx, workdir=workdir)) for v in order}
+        pairs.append(
+            {"pair": index + 1, "order": [v.name for v in order], "runs": list(runs.values())}
+        )
+    return pairs
+
+
+def _ratio(ref: Result, this: Result) -> float | None:
+    """``ref``'s whole-process wall over ``this``'s (>1: ``this`` is faster)."""
+    if ref.status != "ok" or this.status != "ok" or not ref.exit_s or not this.exit_s:
+        return None
+    return ref.exit_s / this.exit_s
+
+
+def pairs_summary(pairs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-variant medians and the per-pair ratios (run-batch wall / vllm-batch-run wall)."""
+    ours, theirs = PAIR_VARIANTS
+    walls: dict[str, list[float]] = {ours: [], theirs: []}
+    ratios = []
+    for pair in pairs:
+        by_name = {r.variant: r for r in pair["runs"]}
+        for name, values in walls.items():
+            if by_name[name].status == "ok" and by_name[name].exit_s:
+                values.append(by_name[name].exit_s)
+        ratio = _ratio(by_name[theirs], by_name[ours])
+        if ratio is not None:
+            ratios.append(ratio)
+    return {
+        "median_process_wall_s": {
+            name: round(statistics.median(v), 2) if v else None for name, v in walls.items()
+        },
+        "ratios": [round(r, 3) for r in ratios],
+        "median_ratio": round(statistics.median(ratios), 3) if ratios else None,
+        "ratio_means": f"{theirs} process wall / {ours} process wall (>1: {ours} is faster)",
+    }
+
+
+def pairs_report(pairs: list[dict[str, Any]], n: int) -> str:
+    """One row per run, then the medians and the per-pair ratios."""
+    ours, theirs = PAIR_VARIANTS
+    reference = next(
+        (r for pair in pairs for r in pair["runs"] if r.variant == theirs and r.answers), None
+    )
+    rows = []
+    for pair in pairs:
+        by_name = {r.variant: r for r in pair["runs"]}
+        ratio = _ratio(by_name[theirs], by_name[ours])
+        for position, name in enumerate(pair["order"]):
+            r = by_name[name]
+            rows.append(
+                [
+                    pair["pair"],
+                    position + 1,
+                    r.variant,
+                    r.status,
+                    _num(r.exit_s, 2),
+                    _num(r.wall_s, 2),
+                    _num(r.startup_s, 2),
+                    _num(r.processing_s, 2),
+                    _num(r.load_avg_before),
+                    same_text(reference, r, n),
+                    f"{ratio:.3f}x" if ratio is not None and name == ours else None,
+                ]
+            )
+    headers = [
+        "pair",
+        "ran",
+        "variant",
+        "status",
+        "process wall s",
+        "cold wall s",
+        "start-up s",
+        "processing s",
+        "load avg before",
+        f"same text as first {theirs}",
+        f"{theirs} / {ours} (process wall)",
+    ]
+    summary = pairs_summary(pairs)
+    medians = summary["median_process_wall_s"]
+    ratios = ", ".join(f"{r:.3f}x" for r in summary["ratios"]) or "—"
+    lines = [
+        markdown_table(headers, rows),
+        "",
+        f"- median process wall: {ours} {medians[ours]} s, {theirs} {medians[theirs]} s",
+        f"- per-pair ratio {theirs} / {ours}: {ratios}; median {summary['median_ratio']}x "
+        f"(>1: {ours} exits sooner)",
+    ]
+    notes = [
+        f"- {r.variant} (pair {pair['pair']}): {r.note}"
+        for pair in pairs
+        for r in pair["runs"]
+        if r.note
+    ]
+    return "\n".join(lines + notes)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -901,11 +1028,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add("--timeout", type=float, default=3600, help="seconds per variant [%(default)s]")
     add("--workdir", type=Path, help="keep the batch file, outputs and logs here")
-    add("--results-name", help="[batch, or batch-prefix-ab with --prefix-ab]")
+    add(
+        "--pairs",
+        type=int,
+        default=0,
+        help="run vllm-batch-run and run-batch this many times each, alternating, and "
+        "compare whole-process walls pair by pair",
+    )
+    add("--results-name", help="[batch, batch-prefix-ab with --prefix-ab, batch-pairs]")
     args = parser.parse_args(argv)
-    if args.variants and args.prefix_ab:
-        parser.error("--variants and --prefix-ab are exclusive")
+    if sum(bool(x) for x in (args.variants, args.prefix_ab, args.pairs)) > 1:
+        parser.error("--variants, --prefix-ab and --pairs are exclusive")
     names = args.variants or (PREFIX_AB_VARIANTS if args.prefix_ab else DEFAULT_VARIANTS)
+    if args.pairs:
+        names = ",".join(PAIR_VARIANTS)
     try:
         args.variants = [Variant.parse(v.strip()) for v in names.split(",") if v.strip()]
     except argparse.ArgumentTypeError as exc:
@@ -955,22 +1091,17 @@ def main() -> None:
         env=env,
     )
     results: list[Result] = []
+    pairs: list[dict[str, Any]] = []
     try:
-        for variant in args.variants:
-            log(f"=== {variant.name}")
-            try:
-                result = RUNNERS[variant.base](variant, ctx)
-            except Exception as exc:
-                log(f"{variant.name} failed: {type(exc).__name__}: {exc}")
-                first_line = (str(exc).splitlines() or [""])[0]
-                note = f"{type(exc).__name__}: {first_line} (logs: {workdir})"
-                result = Result(variant.name, "failed", note)
-            log(f"{variant.name}: {result.status} {result.note}".rstrip())
-            results.append(result)
+        if args.pairs:
+            pairs = run_pairs(args.variants, ctx, args.pairs)
+            results = [run for pair in pairs for run in pair["runs"]]
+        else:
+            results = [run_variant(variant, ctx) for variant in args.variants]
     finally:
         if args.workdir is None and all(r.status != "failed" for r in results):
             shutil.rmtree(workdir, ignore_errors=True)
-    table = report(results, args.n)
+    table = pairs_report(pairs, args.n) if pairs else report(results, args.n)
     words, tokens = work.prompt_words, work.max_tokens
     description = (
         f"Model `{name}` ({model}), {args.n} chat requests (seed {args.seed}): user prompt "
@@ -982,7 +1113,8 @@ def main() -> None:
         f"{engine.max_num_batched_tokens}, prefix caching on unless -no-prefix-cache, "
         + ", ".join(f"{k}={env[k]}" for k in CPU_ENV)
         + ". Each variant is its own subprocess. Cold wall: process start until all results "
-        "are out (engine shutdown excluded; `exit_s` in the JSON has it). Peak RSS sums the "
+        "are out (engine shutdown excluded). Process wall: process start until it exited "
+        "(`exit_s`; for the server, until it stopped after the download). Peak RSS sums the "
         "process tree (API/driver, engine core, worker); PSS counts shared pages once. "
         "Speeds: ref time / this time (>1 is faster), on processing / cold wall time."
     )
@@ -992,8 +1124,12 @@ def main() -> None:
         "engine": {**asdict(engine), "model": str(engine.model)},
         "env": {k: env[k] for k in CPU_ENV},
         "results": [{k: v for k, v in asdict(r).items() if k != "answers"} for r in results],
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
-    results_name = args.results_name or ("batch-prefix-ab" if args.prefix_ab else "batch")
+    if pairs:
+        payload["pairs"] = pairs_summary(pairs)
+    default_name = "batch-pairs" if args.pairs else "batch"
+    results_name = args.results_name or ("batch-prefix-ab" if args.prefix_ab else default_name)
     print(save(results_name, payload, f"{description}\n\n{table}").read_text())
 
 

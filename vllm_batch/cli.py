@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
 import signal
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -507,7 +508,29 @@ def main() -> None:
         arg.replace("_", "-") if arg.startswith("--") and "=" not in arg else arg
         for arg in sys.argv[1:]
     ]
+    if sys.argv[1:2] == ["run"]:
+        _run_and_exit()
     app()
+
+
+def _run_and_exit() -> NoReturn:
+    """``vllm-batch run``, then exit at once: the output is durable and the engine stopped.
+
+    The atexit hooks run (logging, multiprocessing); tearing the interpreter down after them
+    (freeing vLLM's and torch's modules, waiting for an engine start abandoned mid-import)
+    takes seconds and has nothing left to save, so it is skipped.
+    """
+    try:
+        app()
+        code = 0
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,18 @@ SPEC = ModelSpec("tiny", "/models/tiny")
 class FakeEngine:
     """Answers chat requests after a random delay, echoing the prompt; can break at one line."""
 
-    def __init__(self, fail_on: str | None = None) -> None:
+    def __init__(
+        self,
+        fail_on: str | None = None,
+        start_seconds: float = 0.0,
+        start_error: str | None = None,
+    ) -> None:
         self.model_name = SPEC.name
         self.fail_on = fail_on
+        self.start_seconds = start_seconds
+        self.start_error = start_error
         self.seen: list[str] = []
-        self.started = self.stopped = False
+        self.started = self.stopped = self.start_cancelled = False
         self.rng = random.Random(0)
 
     @property
@@ -36,6 +43,13 @@ class FakeEngine:
         return 8
 
     async def start(self) -> None:
+        try:
+            await asyncio.sleep(self.start_seconds)
+        except asyncio.CancelledError:
+            self.start_cancelled = True
+            raise
+        if self.start_error is not None:
+            raise RuntimeError(self.start_error)
         self.started = True
 
     async def stop(self) -> None:
@@ -113,14 +127,34 @@ def test_output_is_in_input_order_with_error_lines(tmp_path: Path) -> None:
     assert factory.engine.started and factory.engine.stopped
 
 
-def test_structural_errors_stop_before_the_engine(tmp_path: Path) -> None:
+def test_structural_errors_stop_the_starting_engine(tmp_path: Path) -> None:
     inp = write_input(tmp_path / "in.jsonl", 5, {2: '{"custom_id": "x"}', 3: "nope"})
-    factory = Factory()
+    engine = FakeEngine(start_seconds=3600)  # still starting when the input is found bad
     with pytest.raises(RunFailed) as info:
-        run_batch(options(inp, tmp_path / "out.jsonl"), factory)
-    assert info.value.exit_code == 2 and factory.calls == 0
+        run_batch(options(inp, tmp_path / "out.jsonl"), Factory(engine))
+    assert info.value.exit_code == 2
     assert "line 3: missing required field(s) 'method', 'url', 'body'" in info.value.message
     assert "line 4: not valid JSON" in info.value.message
+    assert engine.start_cancelled and engine.stopped and not engine.started
+    assert engine.seen == [] and list(tmp_path.iterdir()) == [inp]
+
+
+def test_engine_start_failure_is_reported(tmp_path: Path) -> None:
+    inp = write_input(tmp_path / "in.jsonl", 5)
+    engine = FakeEngine(start_seconds=0.05, start_error="no such model")
+    with pytest.raises(RunFailed) as info:
+        run_batch(options(inp, tmp_path / "out.jsonl"), Factory(engine))
+    assert info.value.exit_code == 1
+    assert info.value.message.startswith("could not start the engine: no such model (0 of 5")
+    assert not (tmp_path / "out.jsonl").exists() and engine.stopped
+
+
+def test_bad_input_wins_over_a_failed_engine_start(tmp_path: Path) -> None:
+    inp = write_input(tmp_path / "in.jsonl", 3, {1: "nope"})
+    engine = FakeEngine(start_error="no such model")  # fails before the input is read
+    with pytest.raises(RunFailed) as info:
+        run_batch(options(inp, tmp_path / "out.jsonl"), Factory(engine))
+    assert info.value.exit_code == 2 and "line 2: not valid JSON" in info.value.message
 
 
 def test_missing_input_fails(tmp_path: Path) -> None:
@@ -134,18 +168,19 @@ def test_empty_input_gives_empty_output_without_an_engine(tmp_path: Path) -> Non
     inp.write_text("\n\n")
     out = tmp_path / "out.jsonl"
     out.write_text("stale\n")
-    factory = Factory()
+    factory = Factory(FakeEngine(start_seconds=3600))
     assert run_batch(options(inp, out), factory).total == 0
-    assert out.read_bytes() == b"" and factory.calls == 0
+    assert out.read_bytes() == b""
+    assert factory.engine.start_cancelled and factory.engine.stopped
 
 
 def test_strict_lists_errors_before_the_engine(tmp_path: Path) -> None:
     special = {1: request(1, model="other"), 4: request(4, url="/v1/completions")}
     inp = write_input(tmp_path / "in.jsonl", 6, special)
-    factory = Factory()
+    factory = Factory(FakeEngine(start_seconds=3600))
     with pytest.raises(RunFailed) as info:
         run_batch(options(inp, tmp_path / "out.jsonl", strict=True), factory)
-    assert info.value.exit_code == 2 and factory.calls == 0
+    assert info.value.exit_code == 2 and factory.engine.start_cancelled
     assert "line 2: The model 'other' is not served here" in info.value.message
     assert "line 5:" in info.value.message
 
@@ -180,7 +215,7 @@ def test_resume_of_a_complete_output_does_nothing(tmp_path: Path) -> None:
     data = out.read_bytes()
     factory = Factory()
     assert run_batch(options(inp, out, resume=True), factory).resumed == 5
-    assert out.read_bytes() == data and factory.calls == 0
+    assert out.read_bytes() == data and factory.engine.seen == [] and factory.engine.stopped
 
 
 def test_resume_refuses_another_input(tmp_path: Path) -> None:

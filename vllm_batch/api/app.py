@@ -19,7 +19,7 @@ from vllm_batch.api.state import AppContext
 from vllm_batch.config import ModelSpec, Settings
 from vllm_batch.engines import make_engine
 from vllm_batch.engines.base import Engine
-from vllm_batch.engines.manager import EngineFactory, EngineManager
+from vllm_batch.engines.manager import EngineFactory, EngineLoadError, EngineManager
 from vllm_batch.handlers.dispatcher import Dispatcher
 from vllm_batch.observability import metrics
 from vllm_batch.observability.endpoint import install_metrics
@@ -50,14 +50,33 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics.configure(settings)
+        engines: EngineManager | None = None
+        preload: asyncio.Task[None] | None = None
+        if settings.worker:
+            engines = EngineManager(
+                settings.model_specs, engine_factory or settings_engine_factory(settings)
+            )
+            # The worker's first model loads while the database migrates and the app starts.
+            preload = asyncio.create_task(preload_first_model(engines))
+        try:
+            async with serving(app, engines):
+                yield
+        finally:
+            if preload is not None:
+                preload.cancel()
+                await asyncio.gather(preload, return_exceptions=True)
+            if engines is not None:  # also when the store never opened
+                await engines.close()
+
+    @contextlib.asynccontextmanager
+    async def serving(app: FastAPI, engines: EngineManager | None) -> AsyncIterator[None]:
+        """The store, the worker (with ``engines``) and the services, stopped in order."""
         async with open_store(settings) as store:
             ctx = AppContext(**store.shared())
             app.state.ctx = ctx
             shutdown = asyncio.Event()
-            if settings.worker:
-                ctx.engines = EngineManager(
-                    settings.model_specs, engine_factory or settings_engine_factory(settings)
-                )
+            if engines is not None:
+                ctx.engines = engines
                 guard = GpuGuard(gpu_source or NvmlReader(), settings)
                 worker = Worker(WorkerContext(**ctx.shared(), engines=ctx.engines), gpu=guard)
                 ctx.worker = worker
@@ -127,6 +146,12 @@ def warn_ignored_environment() -> None:
     for name, advice in IGNORED_ENVIRONMENT.items():
         if name in os.environ:
             log.warning("%s is set but not a server setting: %s", name, advice)
+
+
+async def preload_first_model(engines: EngineManager) -> None:
+    """Load the worker's first model now; a failure is recorded (the worker retries it)."""
+    with contextlib.suppress(EngineLoadError):
+        await engines.get(engines.model_names[0])
 
 
 def settings_engine_factory(settings: Settings) -> EngineFactory:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -25,9 +26,18 @@ from vllm_batch.engines.base import (
     is_cuda_oom,
     is_oom_message,
 )
+from vllm_batch.engines.blocking import in_daemon_thread, launch_processes
 
 log = logging.getLogger(__name__)
 
+VLLM_MODULES = (
+    "starlette.datastructures",
+    "vllm.engine.arg_utils",
+    "vllm.entrypoints.launchers.api_server.app_state",
+    "vllm.entrypoints.launchers.run_batch",
+    "vllm.v1.engine.async_llm",
+)
+"""What ``start`` imports; ``import_vllm`` loads them off the event loop."""
 CPU_DEFAULT_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
@@ -97,9 +107,14 @@ class VllmEngine:
         return 2 * self._max_num_seqs
 
     async def start(self) -> None:
+        """Import vLLM and launch the engine; the blocking steps run off the event loop.
+
+        Cancelling a start stops the engine processes it launched (see ``launch_processes``).
+        """
         if not has_cuda_gpu():
             for key, value in CPU_DEFAULT_ENV.items():
                 os.environ.setdefault(key, value)
+        await in_daemon_thread(import_vllm, "vllm-import")
         from starlette.datastructures import State
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
         from vllm.entrypoints.launchers.run_batch import make_arg_parser
@@ -212,18 +227,31 @@ async def open_client(args: Any, *, with_stats: bool) -> AsyncIterator[Any]:
 
     engine_args = AsyncEngineArgs.from_cli_args(args)
     vllm_config = engine_args.create_engine_config(usage_context=UsageContext.LLM_CLASS)
-    client = AsyncLLM.from_vllm_config(
-        vllm_config=vllm_config,
-        usage_context=UsageContext.LLM_CLASS,
-        stat_loggers=[stat_logger_class()] if with_stats else None,
-        enable_log_requests=engine_args.enable_log_requests,
-        disable_log_stats=engine_args.disable_log_stats,
+
+    def launch() -> Any:
+        # Built outside the event loop, AsyncLLM starts its output tasks on first use.
+        return AsyncLLM.from_vllm_config(
+            vllm_config=vllm_config,
+            usage_context=UsageContext.LLM_CLASS,
+            stat_loggers=[stat_logger_class()] if with_stats else None,
+            enable_log_requests=engine_args.enable_log_requests,
+            disable_log_stats=engine_args.disable_log_stats,
+        )
+
+    client = await launch_processes(
+        launch, "vllm-engine-launch", lambda built: built.shutdown(timeout=0)
     )
     try:
         await client.reset_mm_cache()  # as vLLM does: drop the profiling run's dummy data
         yield client
     finally:
         client.shutdown(timeout=vllm_config.shutdown_timeout)
+
+
+def import_vllm() -> None:
+    """The vLLM modules ``start`` needs (seconds of imports; run off the event loop)."""
+    for name in VLLM_MODULES:
+        importlib.import_module(name)
 
 
 def _engine_is_dead(handler: Any) -> bool:

@@ -1,4 +1,6 @@
-"""Input checks before any engine starts: structure (always) and full validation (``--strict``).
+"""Input checks before any request runs: structure (always) and full validation (``--strict``).
+
+They run while the engine starts; a failed check stops that start.
 
 Both stream the file and hold one line at a time. Line numbers are 1-based physical lines;
 blank lines are skipped and are not requests.

@@ -1,4 +1,4 @@
-"""The ``vllm-batch run`` loop: pre-flight, engine, in-order output, upload.
+"""The ``vllm-batch run`` loop: pre-flight (while the engine starts), in-order output, upload.
 
 Requests take the server's path (``Dispatcher`` → ``execute_line`` → engine), so output
 bodies are the bytes the server would produce; error lines use ``vllm run-batch``'s shape.
@@ -6,6 +6,7 @@ bodies are the bytes the server would produce; error lines use ``vllm run-batch`
 A local output is written to ``<output>.partial`` and renamed to ``<output>`` only once every
 request is in it, so ``<output>`` never holds a partial result; after an interruption,
 ``--resume`` continues the ``.partial`` file. A URL output is uploaded only when complete.
+The output is published before the engine stops.
 http(s) locations are logged and reported without their query string (pre-signed URLs).
 """
 
@@ -151,25 +152,71 @@ def _run(options: RunOptions, engine_factory: EngineFactory, temps: list[Path]) 
         raise RunFailed("--resume needs a local output path, not a URL", EXIT_BAD_INPUT)
     if not remote:
         _refuse_same_file(options.input, Path(options.output))
+    if not io.is_url(options.input) and not Path(options.input).is_file():
+        raise RunFailed(f"cannot read input {options.input}: no such file")
+    return asyncio.run(_run_with_engine(options, engine_factory, temps, started))
+
+
+@dataclass(frozen=True)
+class Job:
+    """The checked input and where the output goes."""
+
+    input_path: Path
+    total: int
+    resumed: int
+    out_path: Path
+    final: Path | None
+    """The local output ``out_path`` is renamed to; None: ``out_path`` is uploaded."""
+
+
+async def _run_with_engine(
+    options: RunOptions, engine_factory: EngineFactory, temps: list[Path], started: float
+) -> RunSummary:
+    """Start the engine while the input is fetched and checked; stop it once the output is out.
+
+    An input error is reported as without the engine (which is stopped, mid-start if need be).
+    """
+    engine = ServedModelGuard(engine_factory(options.spec, options.settings))
+    starting = asyncio.create_task(_start_engine(engine), name="engine start")
+    try:
+        job = await anyio.to_thread.run_sync(_prepare, options, temps)
+        return await _process(options, job, engine, starting, temps, started)
+    finally:
+        await _stop_engine(engine, starting)
+
+
+def _prepare(options: RunOptions, temps: list[Path]) -> Job:
+    """Fetch and check the input, find where the output goes (runs while the engine starts)."""
     input_path = _fetch_input(options, temps)
     total, first_url = _check_input(input_path, io.redact(options.input))
     if total and options.strict and first_url is not None:
         errors = strict_errors(input_path, first_url, [options.spec.name])
         if errors:
             raise RunFailed(describe(errors, len(errors), io.redact(options.input)), EXIT_BAD_INPUT)
-    resumed = 0
-    if remote:
-        final = None
+    if io.is_url(options.output):
         out_path = _temp_file(options.output_tmp_dir, "vllm_batch_output_")
         temps.append(out_path)
-    else:
-        final = Path(options.output)
-        out_path = partial_path(final)
-        if options.resume:
-            resumed = _resume(final, input_path, total)
-        elif out_path.exists():
-            log.warning("discarding the earlier partial output %s (no --resume)", out_path)
+        return Job(input_path, total, 0, out_path, None)
+    final = Path(options.output)
+    out_path = partial_path(final)
+    resumed = 0
+    if options.resume:
+        resumed = _resume(final, input_path, total)
+    elif out_path.exists():
+        log.warning("discarding the earlier partial output %s (no --resume)", out_path)
+    return Job(input_path, total, resumed, out_path, final)
 
+
+async def _process(
+    options: RunOptions,
+    job: Job,
+    engine: Engine,
+    starting: asyncio.Task[None],
+    temps: list[Path],
+    started: float,
+) -> RunSummary:
+    """Run the requests not yet done into the output and publish it (engine still up)."""
+    total, resumed, out_path, final = job.total, job.resumed, job.out_path, job.final
     stats = RunStats(total=total, resumed=resumed)
     try:
         handle: BinaryIO = out_path.open("ab" if resumed else "wb")
@@ -182,19 +229,17 @@ def _run(options: RunOptions, engine_factory: EngineFactory, temps: list[Path]) 
         )
         try:
             if resumed < total:
-                engine = ServedModelGuard(engine_factory(options.spec, options.settings))
                 progress = make_progress(
                     stats, interval=options.progress_interval, tty=options.progress_tty
                 )
-                asyncio.run(
-                    _execute(
-                        engine,
-                        input_path,
-                        writer,
-                        progress,
-                        options.settings.group_prefixes,
-                        read_ahead=options.max_buffered,
-                    )
+                await starting
+                await _execute(
+                    engine,
+                    job.input_path,
+                    writer,
+                    progress,
+                    options.settings.group_prefixes,
+                    read_ahead=options.max_buffered,
                 )
         except RunFailed as exc:
             failure = exc
@@ -214,7 +259,7 @@ def _run(options: RunOptions, engine_factory: EngineFactory, temps: list[Path]) 
         _publish(out_path, final)
     else:
         try:
-            io.upload(out_path, options.output)
+            await anyio.to_thread.run_sync(io.upload, out_path, options.output)
         except io.TransferError as exc:
             temps.remove(out_path)
             raise RunFailed(f"{exc}; the output is kept at {out_path}") from exc
@@ -228,6 +273,22 @@ def _run(options: RunOptions, engine_factory: EngineFactory, temps: list[Path]) 
         seconds=time.monotonic() - started,
         peak_buffered=writer.peak_buffered,
     )
+
+
+async def _start_engine(engine: Engine) -> None:
+    try:
+        await engine.start()
+    except Exception as exc:
+        raise RunFailed(f"could not start the engine: {exc}") from exc
+
+
+async def _stop_engine(engine: Engine, starting: asyncio.Task[None]) -> None:
+    """Stop the engine, cancelling its start if it is still starting (input error, no work)."""
+    starting.cancel()
+    await asyncio.wait([starting])
+    if not starting.cancelled() and starting.exception() is not None:
+        log.debug("the engine start failed: %s", starting.exception())
+    await engine.stop()
 
 
 def _refuse_same_file(input_location: str, output: Path) -> None:
@@ -323,47 +384,40 @@ async def _execute(
     *,
     read_ahead: int | None = None,
 ) -> None:
-    """Start the engine, push every remaining line through the dispatcher, stop the engine.
+    """Push every remaining line through the dispatcher into ``writer`` (engine started).
 
     Lines are put in prefix order ``read_ahead`` lines at a time (the reorder buffer's
     size, so a whole block fits under the writer's horizon).
     """
+    token = uuid.uuid4().hex[:12]
+    dispatcher = Dispatcher(
+        engine,
+        writer.add,
+        lambda index: f"vllm-batch-{token}-{index}",
+        group_prefixes=group_prefixes,
+        horizon=writer.horizon,
+        error_shape=ErrorShape.VLLM,
+        read_ahead=read_ahead,
+    )
+    lines = iter_requests(input_path, writer.next_index)
+    progress.start()
+    ticker = asyncio.create_task(_tick(writer, progress))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, _interrupt, loop, dispatcher, sig)
     try:
-        try:
-            await engine.start()
-        except Exception as exc:
-            raise RunFailed(f"could not start the engine: {exc}") from exc
-        token = uuid.uuid4().hex[:12]
-        dispatcher = Dispatcher(
-            engine,
-            writer.add,
-            lambda index: f"vllm-batch-{token}-{index}",
-            group_prefixes=group_prefixes,
-            horizon=writer.horizon,
-            error_shape=ErrorShape.VLLM,
-            read_ahead=read_ahead,
-        )
-        lines = iter_requests(input_path, writer.next_index)
-        progress.start()
-        ticker = asyncio.create_task(_tick(writer, progress))
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, _interrupt, loop, dispatcher, sig)
-        try:
-            await dispatcher.run(lines)
-        except EngineFailure as exc:
-            raise RunFailed(f"the engine failed: {exc}") from exc
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-            ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ticker
-            await anyio.to_thread.run_sync(lines.close)
-            writer.flush()
-            progress.close()
+        await dispatcher.run(lines)
+    except EngineFailure as exc:
+        raise RunFailed(f"the engine failed: {exc}") from exc
     finally:
-        await engine.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        ticker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ticker
+        await anyio.to_thread.run_sync(lines.close)
+        writer.flush()
+        progress.close()
 
 
 def _interrupt(
