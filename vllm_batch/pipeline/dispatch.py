@@ -50,6 +50,7 @@ LineSource = Generator[tuple[int, bytes], None, None]
 PREFIX_PIECE = 128
 PREFIX_CHARS = 8192
 """Only this much of a prompt's text takes part in the ordering."""
+MAX_PIECES = PREFIX_CHARS // PREFIX_PIECE
 READ_AHEAD_BYTES = 64 * 1024 * 1024
 """A read-ahead block stops at this many bytes, however many lines it was asked for."""
 
@@ -88,7 +89,7 @@ def prompt_pieces(line: dict[str, Any]) -> list[str]:
         )
         if budget <= 0:
             break
-    return pieces
+    return pieces[:MAX_PIECES]  # bounds the ordering's recursion
 
 
 def prefix_order(prompts: list[list[str]]) -> list[int]:
@@ -97,21 +98,27 @@ def prefix_order(prompts: list[list[str]]) -> list[int]:
 
     Prompts sharing a first piece come together (in the order that piece first appeared),
     then, within them, prompts sharing a second piece, and so on: shared prefixes of any
-    length end up adjacent, and the first prompt always stays first.
+    length end up adjacent, and the first prompt always stays first. Only groups of two or
+    more are looked into further, so prompts with nothing in common cost one dict lookup.
     """
-    root: dict[str, tuple[int, dict[str, Any]]] = {}
-    paths: list[list[int]] = []
-    for pieces in prompts:
-        node = root
-        path: list[int] = []
-        for piece in pieces:
-            entry = node.get(piece)
-            if entry is None:
-                entry = node[piece] = (len(node), {})
-            path.append(entry[0])
-            node = entry[1]
-        paths.append(path)
-    return sorted(range(len(prompts)), key=lambda position: (paths[position], position))
+    order: list[int] = []
+
+    def walk(positions: list[int], depth: int) -> None:
+        groups: dict[str, list[int]] = {}
+        for position in positions:
+            pieces = prompts[position]
+            if len(pieces) <= depth:
+                order.append(position)  # a prompt that ends here comes before longer ones
+            else:
+                groups.setdefault(pieces[depth], []).append(position)
+        for group in groups.values():
+            if len(group) == 1:
+                order.append(group[0])
+            else:
+                walk(group, depth + 1)
+
+    walk(list(range(len(prompts))), 0)
+    return order
 
 
 async def execute_line(

@@ -124,6 +124,9 @@ class Worker:
         self._switching_to: str | None = None
         """A starved model this worker drains its current one for."""
         self._next_starvation_check = 0.0
+        self._queue_dry = False
+        """The last claim found nothing: finished lines stop waking the loop to claim (the
+        poll interval, new work or a chunk's end still do)."""
 
     @property
     def current_chunk(self) -> str | None:
@@ -180,6 +183,7 @@ class Worker:
             return
         if self._wants_more():
             chunk = await self._db(self.claim, "claim a chunk")
+            self._queue_dry = chunk is None
             if chunk is not None:
                 self._start(chunk)
                 return
@@ -210,7 +214,9 @@ class Worker:
     def _feed_low(self) -> bool:
         """The lines left in the held chunks no longer fill the engine's window."""
         window = self._window
-        return window is not None and window.remaining < window.size
+        if window is None:
+            return False
+        return sum(held.run.remaining for held in self.held.values()) < window.size
 
     async def claim(self) -> ChunkRow | None:
         """The next chunk for this worker, or None.
@@ -284,7 +290,7 @@ class Worker:
 
     def _on_result(self) -> None:
         self.pace.add()
-        if self._feed_low():
+        if not self._queue_dry and self._feed_low():
             self._wake.set()
 
     def _window_for(self, engine: Engine) -> FairWindow:
