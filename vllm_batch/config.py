@@ -91,8 +91,9 @@ class Settings(BaseSettings):
     flush_interval: float = 1.0
     flush_every: int = 1000
     # ---- Scheduling (docs: README "Scheduling")
-    # A worker holds up to this many chunks at once (of one model, any batches), so the
-    # engine's in-flight window stays full across chunk and batch boundaries.
+    # Chunks a worker holds at once (of one model, any batches) when it takes a chunk of a
+    # batch it holds nothing of (fairness). To keep the engine's in-flight window full
+    # across chunk boundaries it claims past this while the lines it holds don't fill it.
     max_chunks_in_flight: int = Field(default=8, ge=1)
     # A batch whose estimated finish leaves less than this fraction of its completion
     # window goes before every batch that is not at risk (least slack first).

@@ -66,6 +66,11 @@ def test_kill9_and_sigterm_resume_exactly_once(
         input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
     ).id
     progress = []
+    # Killed while several chunks are in flight on the one worker (continuous feed).
+    deadline = time.monotonic() + 120
+    while httpx.get(f"{server.url}/ready", timeout=5).json()["worker"]["chunks_held"] < 2:
+        assert time.monotonic() < deadline, server.log()[-3000:]
+        time.sleep(0.05)
     for kill in range(3):
         time.sleep(rng.uniform(0.5, 4.0))
         before = client.batches.retrieve(batch_id)

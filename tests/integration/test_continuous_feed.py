@@ -110,7 +110,6 @@ def test_batches_share_the_engine_and_each_line_comes_out_once(
             assert_complete(client, ids[name], name, n)
     assert sampler.most_chunks() >= 2, sampler.samples
     assert sampler.most_batches() >= 2, sampler.samples
-    assert sampler.most_chunks() <= server.settings.max_chunks_in_flight
 
 
 def test_a_small_batch_does_not_wait_for_a_large_one(client: OpenAI) -> None:

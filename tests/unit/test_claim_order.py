@@ -67,6 +67,8 @@ async def test_earliest_deadline_first_among_equal_priorities(ctx: StoreContext)
     standard = await queued(ctx, model, created_at=now - 600, expires_at=now - 600 + 86400)
     high_tier = await queued(ctx, model, expires_at=now + 3600)
     assert await claims(ctx, model, 2) == [high_tier, standard]
+    # ...and then gets about 24 shares to the 24h batch's one.
+    assert await claims(ctx, model, 2) == [high_tier, high_tier]
 
 
 async def test_a_batch_at_risk_goes_before_higher_priorities(ctx: StoreContext) -> None:

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from vllm_batch.pipeline.dispatch import prefix_order, prompt_pieces
-from vllm_batch.pipeline.window import FairWindow, Lane, priority_weight
+from vllm_batch.pipeline.window import FairWindow, Lane, deadline_factor, priority_weight
 from vllm_batch.worker.loop import Pace
 
 
@@ -51,6 +51,12 @@ async def grants(window: FairWindow, lanes: dict[str, Lane], count: int) -> list
 def test_priority_weights() -> None:
     assert [priority_weight(p) for p in (0, 1, 3)] == [1.0, 2.0, 4.0]
     assert priority_weight(-1) == 0.5 and priority_weight(-3) == 0.25
+
+
+def test_deadline_factor_grows_as_the_deadline_nears() -> None:
+    assert deadline_factor(2 * 86400) == 1.0 and deadline_factor(86400) == 1.0
+    assert deadline_factor(3600) == 24.0
+    assert deadline_factor(30) == deadline_factor(-100) == 1440.0
 
 
 async def test_equal_lanes_take_turns() -> None:

@@ -81,12 +81,14 @@ def check_worker(ctx: AppContext) -> Check:
         "engine": engines.state,
         "loaded_model": engines.loaded_model,
         "busy": worker.current_chunk is not None,
+        "chunks_held": len(worker.held),
         "chunks_done": worker.chunks_done,
         "database": "ok" if worker.db.ok else "retrying",
     }
     details: dict[str, Any] = {
         "id": worker.ctx.worker_id,
         "current_chunk": worker.current_chunk,
+        "current_chunks": worker.current_chunks,
         "last_error": health.last_error if health else None,
         "database_error": worker.db.last_error,
     }

@@ -22,10 +22,25 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
+DAY = 86400.0
+MAX_DEADLINE_FACTOR = 1440.0
+
 
 def priority_weight(priority: int) -> float:
     """Shares for ``metadata.priority``: ``p + 1`` for ``p >= 0``, ``1 / (1 - p)`` below."""
     return float(priority + 1) if priority >= 0 else 1.0 / (1 - priority)
+
+
+def deadline_factor(slack: float) -> float:
+    """Extra shares as a deadline nears: ``1 day / slack``, between 1 and 1440.
+
+    ``slack`` is the seconds left before the batch must start its remaining work to finish
+    in its window: a fresh ``24h`` batch gets about 1 share, a fresh ``1h`` batch about 24,
+    so the ``1h`` batch overtakes without the ``24h`` one ever stopping.
+    """
+    if slack <= DAY / MAX_DEADLINE_FACTOR:
+        return MAX_DEADLINE_FACTOR
+    return max(1.0, DAY / slack)
 
 
 @dataclass(eq=False)

@@ -10,6 +10,7 @@ from sqlalchemy import and_, case, delete, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from vllm_batch.pipeline.results import LineResult
+from vllm_batch.pipeline.window import DAY, MAX_DEADLINE_FACTOR
 from vllm_batch.states import (
     ACTIVE,
     STOPPABLE,
@@ -432,9 +433,10 @@ async def claim_chunk(
 
     1. batches at risk of missing their deadline (least slack first), where slack is the
        time left after the estimated remaining work (``order``);
-    2. the fewest chunks running per priority share (``p + 1`` shares for priority ``p``,
-       ``1 / (1 - p)`` below zero), so batches interleave, weighted by priority, and a small
-       batch never waits for a large one to finish;
+    2. the fewest chunks running per share, so batches interleave and a small batch never
+       waits for a large one to finish. Shares: ``p + 1`` for priority ``p`` (``1 / (1 - p)``
+       below zero), times ``1 day / slack`` (1 to 1440, ``pipeline.window.deadline_factor``):
+       a ``1h`` batch gets about 24 times the share of a ``24h`` one;
     3. higher priority, then the latest possible start (deadline minus remaining work:
        earliest deadline first among equal priorities);
     4. oldest batch, chunk order.
@@ -450,7 +452,13 @@ async def claim_chunk(
     latest_start = expires - remaining * order.seconds_per_line
     window = func.coalesce(BatchRow.expires_at - BatchRow.created_at, 86400)
     at_risk = case((latest_start - now < order.deadline_margin * window, 0), else_=1)
-    share = _running_chunks(now) / priority_weight_sql()
+    slack = latest_start - now
+    deadline_factor = case(
+        (slack <= DAY / MAX_DEADLINE_FACTOR, MAX_DEADLINE_FACTOR),
+        (slack >= DAY, 1.0),
+        else_=DAY / slack,
+    )
+    share = _running_chunks(now) / (priority_weight_sql() * deadline_factor)
     conditions = [
         ChunkRow.model.in_(models),
         BatchRow.status == BatchStatus.IN_PROGRESS,

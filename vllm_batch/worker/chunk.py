@@ -28,7 +28,7 @@ from vllm_batch.observability import metrics
 from vllm_batch.pipeline.dispatch import Dispatcher
 from vllm_batch.pipeline.output import failure_line
 from vllm_batch.pipeline.results import LineResult
-from vllm_batch.pipeline.window import FairWindow, Lane, priority_weight
+from vllm_batch.pipeline.window import FairWindow, Lane, deadline_factor, priority_weight
 from vllm_batch.store import queries
 from vllm_batch.store.models import BatchRow, ChunkRow
 from vllm_batch.validation import iter_lines
@@ -157,16 +157,18 @@ class ChunkRun:
         return runner.outcome
 
     def _lane_order(self, batch: BatchRow) -> dict[str, Any]:
-        """The lane's weight, deadline and urgency, as ``queries.claim_chunk`` orders claims."""
+        """The lane's weight (priority times deadline shares), deadline and urgency, as
+        ``queries.claim_chunk`` orders claims."""
         remaining = max(0, batch.total - batch.completed - batch.failed)
         expires = float(batch.expires_at) if batch.expires_at is not None else math.inf
         latest_start = expires - remaining * self.seconds_per_line()
         window = (batch.expires_at or 0) - batch.created_at
         margin = self.ctx.settings.deadline_margin * window
+        slack = latest_start - time.time()
         return {
-            "weight": priority_weight(batch.priority),
+            "weight": priority_weight(batch.priority) * deadline_factor(slack),
             "deadline": latest_start,
-            "urgent": window > 0 and latest_start - time.time() < margin,
+            "urgent": window > 0 and slack < margin,
         }
 
 

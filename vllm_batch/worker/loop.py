@@ -199,9 +199,12 @@ class Worker:
             return True
         if self._one_at_a_time or self._switching_to is not None:
             return False
+        if self.ctx.engines.due_retries():
+            return False  # drain first: loading that model swaps the engine out
         if self._window is None or not self._engine_ready():
             return False  # the first chunk is still loading its engine
-        return len(self.held) < self.ctx.settings.max_chunks_in_flight
+        # Past the cap, only to keep the engine fed: lines, not chunks, bound that claim.
+        return len(self.held) < self.ctx.settings.max_chunks_in_flight or self._feed_low()
 
     def _engine_ready(self) -> bool:
         """The engine of the held chunks is loaded and is the one the window belongs to."""
