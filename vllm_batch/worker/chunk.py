@@ -85,12 +85,13 @@ class ChunkRun:
         windows: WindowSource | None = None,
         seconds_per_line: Callable[[], float] = lambda: 0.0,
         on_result: Callable[[], None] = lambda: None,
+        flush_scale: Callable[[], float] = lambda: 1.0,
     ) -> None:
         self.ctx = ctx
         self.chunk = chunk
         self.windows = windows
         self.seconds_per_line = seconds_per_line
-        self.runner = _ChunkRunner(ctx, chunk, shutdown, on_result)
+        self.runner = _ChunkRunner(ctx, chunk, shutdown, on_result, flush_scale)
 
     @property
     def remaining(self) -> int:
@@ -208,11 +209,13 @@ class _ChunkRunner:
         chunk: ChunkRow,
         shutdown: asyncio.Event,
         on_result: Callable[[], None] = lambda: None,
+        flush_scale: Callable[[], float] = lambda: 1.0,
     ) -> None:
         self.ctx = ctx
         self.chunk = chunk
         self.shutdown = shutdown
         self.on_result = on_result
+        self.flush_scale = flush_scale
         self.dispatcher: Dispatcher | None = None
         self.lane: Lane | None = None
         self.remaining = chunk.end_line - chunk.start_line
@@ -238,9 +241,10 @@ class _ChunkRunner:
             self.dispatcher.halt()
 
     async def heartbeat(self) -> None:
-        """Flush every ``flush_interval`` (or when asked) until ``finished`` is set."""
-        interval = self.ctx.settings.flush_interval
+        """Flush every ``flush_interval * flush_scale()`` seconds (or when asked) until
+        ``finished`` is set."""
         while not self.finished:
+            interval = self.ctx.settings.flush_interval * self.flush_scale()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.flush_wanted.wait(), interval)
             self.flush_wanted.clear()
