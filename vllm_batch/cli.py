@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import dataclasses
 import logging
 import os
 import signal
@@ -28,7 +29,9 @@ app.add_typer(models_app, name="models")
 ModelOpt = Annotated[
     list[str] | None,
     typer.Option(
-        "--model", help="Model to serve, NAME=PATH or PATH (repeatable). Env: VLLM_BATCH_MODELS."
+        "--model",
+        help="Model to serve, NAME=PATH or PATH, optionally with :KIND (generate, embed, "
+        "score; detected if not given). Repeatable. Env: VLLM_BATCH_MODELS.",
     ),
 ]
 DataDirOpt = Annotated[Path | None, typer.Option(help="Data directory (SQLite DB and files).")]
@@ -381,7 +384,12 @@ def run(
         ),
     ],
     model: Annotated[
-        str, typer.Option("--model", help="NAME=PATH or PATH (served under PATH, like vLLM).")
+        str,
+        typer.Option(
+            "--model",
+            help="NAME=PATH or PATH (served under PATH, like vLLM), optionally with :KIND "
+            "(generate, embed, score; detected from the model's files if not given).",
+        ),
     ],
     served_model_name: Annotated[
         str | None, typer.Option(help="Name requests use in body.model (overrides NAME=).")
@@ -452,7 +460,7 @@ def run(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--model") from None
     if served_model_name:
-        spec = ModelSpec(served_model_name, spec.path)
+        spec = dataclasses.replace(spec, name=served_model_name)
     settings = build_settings(
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
