@@ -33,6 +33,7 @@ from tests.conftest import (
 from tests.helpers import jsonl, parse_jsonl, wait_for_batch
 from vllm_batch.config import ModelSpec
 
+THIS = "tests/integration/test_pooling_batches.py"
 TEXTS = [
     "The cat sits on the mat.",
     "A kitten is resting on a rug.",
@@ -289,3 +290,21 @@ def test_parasail_openai_batch_embedding_score_and_rerank(
     # openai-batch sends rerank requests (query + documents) to /v1/score.
     reranked = run("rerank", [{"query": "Where is the cat?", "documents": TEXTS[:3]}])
     assert len(reranked[0]["response"]["body"]["results"]) == 3
+
+
+def readme_lines() -> list[dict[str, Any]]:
+    """The README's example line per pooling endpoint (its model name is ours here)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    marker = f"<!-- tested: {THIS} (each line run as a batch) -->\n```json\n"
+    block = readme.split(marker, 1)[1].split("```", 1)[0]
+    return parse_jsonl(block.replace('"all-MiniLM-L6-v2"', f'"{MINILM_NAME}"'))
+
+
+def test_readme_example_lines(client: OpenAI) -> None:
+    lines = readme_lines()
+    assert [line["url"] for line in lines] == ["/v1/embeddings", "/v1/score", "/v1/rerank"]
+    for example in lines:
+        batch = wait_for_batch(client, submit(client, [example], example["url"]).id)
+        assert batch.status == "completed" and batch.request_counts.completed == 1, batch
+    (reranked,) = results(client, batch.output_file_id).values()
+    assert reranked["response"]["body"]["results"][0]["index"] == 1  # the cat, not markets
