@@ -17,7 +17,6 @@ kind: its batches are not checked against a kind, and vLLM picks the runner.
 
 from __future__ import annotations
 
-import functools
 import json
 from enum import StrEnum
 from pathlib import Path
@@ -67,10 +66,25 @@ def is_pooling(kind: ModelKind | None) -> bool:
     return kind in KIND_ENDPOINTS
 
 
-@functools.lru_cache(maxsize=64)
 def detect_kind(path: str) -> ModelKind | None:
-    """The kind of the model at ``path``, from its files; None when they cannot be read."""
-    folder = Path(path)
+    """The kind of the model at ``path``, from its files; None when they cannot be read.
+
+    A kind found is remembered; an unreadable path is looked at again next time (its files
+    may not be there yet).
+    """
+    known = _detected.get(path)
+    if known is None:
+        known = _read_kind(Path(path))
+        if known is not None:
+            _detected[path] = known
+    return known
+
+
+_detected: dict[str, ModelKind] = {}
+"""Kinds found, by path: a cache, so batch checks do not reread ``config.json``."""
+
+
+def _read_kind(folder: Path) -> ModelKind | None:
     try:
         config: Any = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -39,7 +39,6 @@ def test_spec_parses_an_optional_kind_suffix() -> None:
 
 
 def test_kinds_are_detected_from_model_files(tmp_path: Path) -> None:
-    detect_kind.cache_clear()
     assert detect_kind(model_dir(tmp_path, "llama", ["LlamaForCausalLM"])) is ModelKind.GENERATE
     assert detect_kind(model_dir(tmp_path, "bert", ["BertModel"])) is ModelKind.EMBED
     st = model_dir(tmp_path, "st", ["XLMRobertaModel"], "modules.json")
@@ -61,7 +60,9 @@ def test_settings_list_each_model_with_its_kind(tmp_path: Path) -> None:
     }
     # Pooling kinds get vLLM's pooling runner; generation keeps vLLM's default.
     specs = {spec.name: spec for spec in settings.model_specs}
-    assert engine_argv(specs["minilm"], settings)[-2:] == ["--runner", "pooling"]
+    pooling_argv = engine_argv(specs["minilm"], settings)
+    assert pooling_argv[-2:] == ["--runner", "pooling"]
+    assert "--enable-prefix-caching" not in pooling_argv  # vLLM decides for encoders
     assert "--runner" not in engine_argv(specs["chat"], settings)
 
 

@@ -66,7 +66,8 @@ def engine_argv(
         if settings.enable_prefix_caching
         else "--no-enable-prefix-caching"
     )
-    argv.append(prefix)
+    if not is_pooling(spec.resolved_kind):  # pooling models: vLLM decides (encoders cannot)
+        argv.append(prefix)
     if eager:
         argv.append("--enforce-eager")
     for flag, value in (
