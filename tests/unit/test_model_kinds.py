@@ -174,3 +174,16 @@ def test_validation_error_locations_become_parameter_names() -> None:
     assert _param(loc) == "input"
     assert _param(("function-wrap[x()]", "messages", 0, "content", "str")) == "messages.0.content"
     assert _param(()) is None
+
+
+def test_run_runner_flag_sets_the_kind(tmp_path: Path) -> None:
+    from vllm_batch.cli import Runner, runner_kind
+
+    bert = ModelSpec("e", model_dir(tmp_path, "bert", ["BertModel"]))
+    cross = ModelSpec("c", model_dir(tmp_path, "cross", ["BertForSequenceClassification"]))
+    unknown = ModelSpec("u", str(tmp_path / "nowhere"))
+    assert runner_kind(Runner.pooling, unknown) is ModelKind.EMBED
+    assert runner_kind(Runner.pooling, cross) is ModelKind.SCORE
+    assert runner_kind(Runner.generate, bert) is ModelKind.GENERATE
+    assert runner_kind(Runner.auto, bert) is ModelKind.EMBED
+    assert runner_kind(Runner.auto, unknown) is None
