@@ -226,7 +226,7 @@ def test_wrong_kind_and_wrong_body_fail_naming_the_line(client: OpenAI) -> None:
 
     wrong_body = [
         line("ok", "/v1/embeddings", input="fine"),
-        line("bad", "/v1/embeddings", **chat),  # a chat body: no 'input'
+        line("bad", "/v1/embeddings", prompt="hi", max_tokens=4),  # a completions body
         line("bytes", "/v1/embeddings", input="x", encoding_format="bytes"),
     ]
     batch = wait_for_batch(client, submit(client, wrong_body, "/v1/embeddings").id)
