@@ -273,6 +273,11 @@ def test_parasail_openai_batch_embedding_score_and_rerank(
         )
         for request in requests:
             batch.add_to_batch(model=MINILM_NAME, **request)
+        # openai-batch 0.3.4 closes the file it wrote and then reads it on submit: close it
+        # ourselves and hand it the path instead (the workaround in the README).
+        batch.submission_input_file.close()
+        batch.submission_input_file = tmp_path / f"{kind}.jsonl"
+        batch._should_close = False
         batch.submit()
         deadline = time.monotonic() + 120
         while (status := batch.status()).status not in ("completed", "failed"):
