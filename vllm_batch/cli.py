@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import dataclasses
 import logging
 import os
 import signal
 import sys
-from enum import Enum
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
 
-from vllm_batch.config import Settings
+from vllm_batch.config import ModelSpec, Settings
 from vllm_batch.logs import LEVELS, add_secrets, configure_logging
+from vllm_batch.model_kinds import ModelKind
 
 app = typer.Typer(
     help="vLLM Batch Server: an OpenAI-compatible Batch API on your own GPUs.",
@@ -28,7 +30,9 @@ app.add_typer(models_app, name="models")
 ModelOpt = Annotated[
     list[str] | None,
     typer.Option(
-        "--model", help="Model to serve, NAME=PATH or PATH (repeatable). Env: VLLM_BATCH_MODELS."
+        "--model",
+        help="Model to serve, NAME=PATH or PATH, optionally with :KIND (generate, embed, "
+        "score; detected if not given). Repeatable. Env: VLLM_BATCH_MODELS.",
     ),
 ]
 DataDirOpt = Annotated[Path | None, typer.Option(help="Data directory (SQLite DB and files).")]
@@ -368,6 +372,24 @@ def models_make_test_model(
     typer.echo(f"test model ready at {make_test_model(out, seed=seed)}")
 
 
+class Runner(StrEnum):
+    """``vllm run-batch``'s ``--runner`` values that ``vllm-batch run`` takes."""
+
+    auto = "auto"
+    generate = "generate"
+    pooling = "pooling"
+
+
+def runner_kind(runner: Runner, spec: ModelSpec) -> ModelKind | None:
+    """The model kind a ``--runner`` asks for (pooling: score for a cross-encoder, else embed)."""
+    detected = spec.resolved_kind
+    if runner is Runner.generate:
+        return ModelKind.GENERATE
+    if runner is Runner.pooling:
+        return ModelKind.SCORE if detected is ModelKind.SCORE else ModelKind.EMBED
+    return detected
+
+
 @app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def run(
     ctx: typer.Context,
@@ -381,7 +403,12 @@ def run(
         ),
     ],
     model: Annotated[
-        str, typer.Option("--model", help="NAME=PATH or PATH (served under PATH, like vLLM).")
+        str,
+        typer.Option(
+            "--model",
+            help="NAME=PATH or PATH (served under PATH, like vLLM), optionally with :KIND "
+            "(generate, embed, score; detected from the model's files if not given).",
+        ),
     ],
     served_model_name: Annotated[
         str | None, typer.Option(help="Name requests use in body.model (overrides NAME=).")
@@ -422,6 +449,13 @@ def run(
             "--enable-prefix-caching/--no-enable-prefix-caching", help="vLLM prefix caching."
         ),
     ] = None,
+    runner: Annotated[
+        Runner | None,
+        typer.Option(
+            help="vLLM's runner: pooling serves embeddings/score/rerank (same as --model "
+            "...:embed or :score); default: the model's kind, detected from its files."
+        ),
+    ] = None,
     log_level: LogLevelOpt = None,
 ) -> None:
     """Run one batch file offline, like `vllm run-batch` (output in input order).
@@ -434,7 +468,6 @@ def run(
 
     The output may not be the input file. URL query strings are never logged.
     """
-    from vllm_batch.config import ModelSpec
     from vllm_batch.offline import RunFailed, RunOptions, run_batch
     from vllm_batch.offline.io import redact
 
@@ -443,7 +476,7 @@ def run(
             f"error: unsupported option(s) for `vllm-batch run`: {' '.join(ctx.args)}\n"
             "supported engine flags: --model, --served-model-name, --max-num-seqs, "
             "--max-num-batched-tokens, --gpu-memory-utilization, --tensor-parallel-size, "
-            "--max-model-len, --dtype, --enforce-eager, --[no-]enable-prefix-caching",
+            "--max-model-len, --dtype, --enforce-eager, --[no-]enable-prefix-caching, --runner",
             err=True,
         )
         raise typer.Exit(2)
@@ -452,7 +485,9 @@ def run(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--model") from None
     if served_model_name:
-        spec = ModelSpec(served_model_name, spec.path)
+        spec = dataclasses.replace(spec, name=served_model_name)
+    if runner is not None and spec.kind is None:
+        spec = dataclasses.replace(spec, kind=runner_kind(runner, spec))
     settings = build_settings(
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,

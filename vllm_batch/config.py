@@ -10,7 +10,10 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, computed_field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from vllm_batch.model_kinds import ModelKind, detect_kind
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+KIND_VALUES = frozenset(kind.value for kind in ModelKind)
 
 
 def _env(*names: str) -> AliasChoices:
@@ -20,20 +23,36 @@ def _env(*names: str) -> AliasChoices:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A served model: the name clients put in ``body.model`` and where its weights are."""
+    """A served model: the name clients put in ``body.model``, where its weights are, and
+    (optionally) its kind: ``generate``, ``embed`` or ``score`` (see ``model_kinds``)."""
 
     name: str
     path: str
+    kind: ModelKind | None = None
+    """As given (``NAME=PATH:KIND``); None: detected from the model's files."""
 
     @classmethod
     def parse(cls, spec: str) -> ModelSpec:
-        """Parse ``NAME=PATH`` or ``PATH`` (served under the path as given, like vLLM)."""
+        """Parse ``NAME=PATH`` or ``PATH`` (served under the path as given, like vLLM), each
+        optionally followed by ``:KIND`` (``generate``, ``embed`` or ``score``)."""
+        kind: ModelKind | None = None
+        head, colon, tail = spec.rpartition(":")
+        if colon and tail in KIND_VALUES:
+            spec, kind = head, ModelKind(tail)
         name, sep, path = spec.partition("=")
         if not sep:
-            return cls(name=spec, path=spec)
+            return cls(name=spec, path=spec, kind=kind)
         if not name or not path:
-            raise ValueError(f"invalid model spec {spec!r}: expected NAME=PATH or PATH")
-        return cls(name=name, path=path)
+            raise ValueError(
+                f"invalid model spec {spec!r}: expected NAME=PATH or PATH, "
+                "optionally followed by :generate, :embed or :score"
+            )
+        return cls(name=name, path=path, kind=kind)
+
+    @property
+    def resolved_kind(self) -> ModelKind | None:
+        """The kind given, else detected from the files (None: they cannot be read here)."""
+        return self.kind if self.kind is not None else detect_kind(self.path)
 
 
 class Settings(BaseSettings):
@@ -241,6 +260,11 @@ class Settings(BaseSettings):
     @property
     def served_model_names(self) -> list[str]:
         return [spec.name for spec in self.model_specs]
+
+    @property
+    def model_kinds(self) -> dict[str, ModelKind | None]:
+        """Each served model's kind (None: unknown here, so its batches are not checked)."""
+        return {spec.name: spec.resolved_kind for spec in self.model_specs}
 
     @property
     def files_dir(self) -> Path:

@@ -7,13 +7,19 @@ requests. ``request index`` is the 0-based position among non-blank lines.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import orjson
 
-SUPPORTED_ENDPOINTS: tuple[str, ...] = ("/v1/chat/completions", "/v1/completions")
+from vllm_batch.model_kinds import POOLING_ENDPOINTS, ModelKind, kind_problem, pooling_body_problems
+
+SUPPORTED_ENDPOINTS: tuple[str, ...] = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    *POOLING_ENDPOINTS,
+)
 MAX_REPORTED_ERRORS = 100
 MAX_JSON_DEPTH = 64  # nesting levels per line; orjson itself gives up at 1024
 
@@ -123,8 +129,13 @@ def plan_batch(
     served_models: Sequence[str],
     max_requests: int,
     chunk_size: int,
+    model_kinds: Mapping[str, ModelKind | None] | None = None,
 ) -> BatchPlan:
-    """Check every line of a batch input file and cut it into chunks of ``chunk_size``."""
+    """Check every line of a batch input file and cut it into chunks of ``chunk_size``.
+
+    ``model_kinds`` (model name -> kind): a line whose model cannot serve the endpoint
+    fails (see ``model_kinds``), and pooling bodies get their structural checks.
+    """
     plan = BatchPlan()
     seen_ids: set[int] = set()
     for number, offset, raw in iter_lines(handle):
@@ -134,7 +145,7 @@ def plan_batch(
             plan.chunks.append((index, index, offset))
         if plan.total > max_requests:
             continue
-        _check_line(plan, raw, number, endpoint, served_models, seen_ids)
+        _check_line(plan, raw, number, endpoint, served_models, seen_ids, model_kinds)
     if plan.chunks:
         start, _, offset = plan.chunks[-1]
         plan.chunks[-1] = (start, plan.total, offset)
@@ -158,6 +169,7 @@ def _check_line(
     endpoint: str,
     served_models: Sequence[str],
     seen_ids: set[int],
+    model_kinds: Mapping[str, ModelKind | None] | None = None,
 ) -> None:
     """Check one line; whatever goes wrong becomes this line's error, never a crash."""
     try:
@@ -170,6 +182,8 @@ def _check_line(
         return
     try:
         _check_fields(plan, line, number, endpoint, served_models, seen_ids)
+        if model_kinds is not None:
+            _check_kind(plan, line, number, endpoint, model_kinds)
     except Exception as exc:
         plan.error(
             "invalid_line",
@@ -258,3 +272,25 @@ def _check_fields(
             number,
             "body.model",
         )
+
+
+def _check_kind(
+    plan: BatchPlan,
+    line: dict[str, Any],
+    number: int,
+    endpoint: str,
+    model_kinds: Mapping[str, ModelKind | None],
+) -> None:
+    """The line's model must be of a kind that serves ``endpoint``; pooling bodies need the
+    fields their endpoint reads."""
+    body = line.get("body")
+    if not isinstance(body, dict):
+        return
+    model = body.get("model")
+    if isinstance(model, str) and model in model_kinds:
+        problem = kind_problem(model, model_kinds[model], endpoint)
+        if problem is not None:
+            plan.error("wrong_model_kind", problem, number, "body.model")
+    if line.get("url") == endpoint:
+        for code, message, param in pooling_body_problems(endpoint, body):
+            plan.error(code, message, number, param)

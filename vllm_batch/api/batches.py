@@ -16,6 +16,7 @@ from vllm_batch.api.errors import APIError, not_found
 from vllm_batch.api.files import page, stream_file
 from vllm_batch.config import Settings
 from vllm_batch.handlers.webhook import display_target
+from vllm_batch.model_kinds import kind_serves
 from vllm_batch.netguard import AllowList, RefusedURL, check_url
 from vllm_batch.protocol.batch import (
     Batch,
@@ -156,6 +157,20 @@ async def check_webhook_url(settings: Settings, metadata: dict[str, str] | None)
         ) from None
 
 
+def check_endpoint_served(settings: Settings, endpoint: str) -> None:
+    """400 when no served model is of a kind that serves ``endpoint`` (see ``model_kinds``)."""
+    kinds = settings.model_kinds
+    if any(kind_serves(kind, endpoint) for kind in kinds.values()):
+        return
+    served = ", ".join(f"{name} ({kind})" for name, kind in kinds.items())
+    raise APIError(
+        400,
+        f"No served model supports {endpoint}. Served models: {served}.",
+        param="endpoint",
+        code="invalid_value",
+    )
+
+
 @router.post("/batches", response_model=Batch)
 async def create_batch(
     ctx: CtxDep, session: ReadSessionDep, principal: PrincipalDep, request: BatchCreateRequest
@@ -168,6 +183,7 @@ async def create_batch(
             param="endpoint",
             code="invalid_value",
         )
+    check_endpoint_served(ctx.settings, request.endpoint)
     window = window_seconds(request.completion_window)
     check_metadata(request.metadata)
     priority = _priority(request.metadata)

@@ -142,7 +142,13 @@ async def list_models(ctx: CtxDep) -> dict[str, Any]:
     return {
         "object": "list",
         "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "vllm-batch"}
-            for name in ctx.settings.served_model_names
+            {
+                "id": name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "vllm-batch",
+                "kind": kind.value if kind is not None else None,
+            }
+            for name, kind in ctx.settings.model_kinds.items()
         ],
     }

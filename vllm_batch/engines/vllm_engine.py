@@ -27,6 +27,8 @@ from vllm_batch.engines.base import (
     is_oom_message,
 )
 from vllm_batch.engines.blocking import in_daemon_thread, launch_processes
+from vllm_batch.engines.pooling import PoolingServers, is_pooling_url, run_pooling
+from vllm_batch.model_kinds import is_pooling
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,8 @@ def engine_argv(
         if settings.enable_prefix_caching
         else "--no-enable-prefix-caching"
     )
-    argv.append(prefix)
+    if not is_pooling(spec.resolved_kind):  # pooling models: vLLM decides (encoders cannot)
+        argv.append(prefix)
     if eager:
         argv.append("--enforce-eager")
     for flag, value in (
@@ -76,7 +79,12 @@ def engine_argv(
             argv += [flag, str(value)]
     if settings.kv_cache_gib is not None:
         argv += ["--kv-cache-memory-bytes", str(int(settings.kv_cache_gib * 1024**3))]
-    return argv
+    return argv + runner_argv(spec)
+
+
+def runner_argv(spec: ModelSpec) -> list[str]:
+    """``--runner pooling`` for embedding and score models; vLLM's default otherwise."""
+    return ["--runner", "pooling"] if is_pooling(spec.resolved_kind) else []
 
 
 class VllmEngine:
@@ -89,6 +97,7 @@ class VllmEngine:
         self._stack = contextlib.AsyncExitStack()
         self._chat: Any = None
         self._completion: Any = None
+        self._pooling = PoolingServers()
         self._max_num_seqs = settings.max_num_seqs or 256
         self._max_num_seqs_cap: int | None = None
 
@@ -131,11 +140,13 @@ class VllmEngine:
         await init_app_state(client, state, args, await client.get_supported_tasks())
         self._chat = getattr(state, "openai_serving_chat", None)
         self._completion = getattr(state, "openai_serving_completion", None)
+        self._pooling = PoolingServers.from_state(state)
         self._max_num_seqs = client.vllm_config.scheduler_config.max_num_seqs
         log.info("vLLM engine ready for %s (max_num_seqs=%d)", self.model_name, self._max_num_seqs)
 
     async def stop(self) -> None:
         self._chat = self._completion = None
+        self._pooling = PoolingServers()
         await self._stack.aclose()
 
     async def run(self, url: str, body: dict[str, Any], request_id: str) -> EngineResult:
@@ -145,6 +156,8 @@ class VllmEngine:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
         from vllm.v1.engine.exceptions import EngineDeadError
 
+        if is_pooling_url(url):  # embeddings, score, rerank: engines/pooling.py
+            return await run_pooling(self._pooling, url, body, request_id, self.model_name)
         if url == "/v1/chat/completions" and self._chat is not None:
             request_type: Any = ChatCompletionRequest
             handler = self._chat.create_chat_completion

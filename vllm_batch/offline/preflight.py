@@ -9,12 +9,14 @@ blank lines are skipped and are not requests.
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import orjson
 
+from vllm_batch.model_kinds import ModelKind
 from vllm_batch.validation import iter_lines, plan_batch
 
 REQUIRED_FIELDS = ("custom_id", "method", "url", "body")
@@ -73,13 +75,20 @@ def preflight(handle: BinaryIO) -> Preflight:
     return result
 
 
-def strict_errors(path: Path, endpoint: str, served_models: list[str]) -> list[str]:
-    """The server's full batch validation (one endpoint, served models, unique custom_ids)."""
+def strict_errors(
+    path: Path,
+    endpoint: str,
+    served_models: list[str],
+    model_kinds: Mapping[str, ModelKind | None] | None = None,
+) -> list[str]:
+    """The server's full batch validation (one endpoint, served models and their kinds,
+    unique custom_ids)."""
     with path.open("rb") as handle:
         plan = plan_batch(
             handle,
             endpoint=endpoint,
             served_models=served_models,
+            model_kinds=model_kinds,
             max_requests=sys.maxsize,
             chunk_size=sys.maxsize,
         )

@@ -190,7 +190,8 @@ def _prepare(options: RunOptions, temps: list[Path]) -> Job:
     input_path = _fetch_input(options, temps)
     total, first_url = _check_input(input_path, io.redact(options.input))
     if total and options.strict and first_url is not None:
-        errors = strict_errors(input_path, first_url, [options.spec.name])
+        spec = options.spec
+        errors = strict_errors(input_path, first_url, [spec.name], {spec.name: spec.resolved_kind})
         if errors:
             raise RunFailed(describe(errors, len(errors), io.redact(options.input)), EXIT_BAD_INPUT)
     if io.is_url(options.output):

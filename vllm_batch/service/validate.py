@@ -66,6 +66,7 @@ async def _validate(ctx: StoreContext, batch_id: str) -> None:
                     handle,
                     endpoint=batch.endpoint,
                     served_models=settings.served_model_names,
+                    model_kinds=settings.model_kinds,
                     max_requests=settings.max_requests_per_batch,
                     chunk_size=settings.chunk_size,
                 )
