@@ -325,7 +325,9 @@ class Worker:
             self.errors += 1
             log.exception("chunk %s: unexpected error after it ran", chunk.id)
         finally:
-            self.held.pop(chunk.id, None)
+            held = self.held.get(chunk.id)
+            if held is not None and held.run is run:  # not a newer claim of the same chunk
+                del self.held[chunk.id]
             self._wake.set()
 
     async def _drain(self) -> None:
