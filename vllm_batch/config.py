@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, computed_field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from vllm_batch.adapters import LoraSpec, resolve_adapters
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
@@ -56,6 +58,12 @@ class Settings(BaseSettings):
     postgres_password: str | None = Field(default=None, validation_alias=_env("POSTGRES_PASSWORD"))
     storage_url: str | None = None
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # LoRA adapters, "NAME=PATH" (of the only model) or "NAME=PATH@MODEL"; requests name
+    # them in body.model. Engine limits: None means from the adapters (rank from their
+    # adapter_config.json, slots = the model's adapter count).
+    loras: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_lora_rank: int | None = Field(default=None, ge=1)
+    max_loras: int | None = Field(default=None, ge=1)
     api_key: str | None = Field(default=None, repr=False)  # never in logs or reprs
     # Per-key ownership: "NAME:KEY" or "NAME:KEY:admin" entries, comma separated, and/or a
     # file of such lines. Each key sees only its own files and batches; admin keys see all.
@@ -184,6 +192,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "models",
+        "loras",
         "cors_origins",
         "allowed_hosts",
         "api_keys",
@@ -240,6 +249,16 @@ class Settings(BaseSettings):
     @property
     def served_model_names(self) -> list[str]:
         return [spec.name for spec in self.model_specs]
+
+    @property
+    def lora_specs(self) -> list[LoraSpec]:
+        """Configured LoRA adapters, each with its base model (``AdapterConfigError`` if bad)."""
+        return resolve_adapters(self.loras, self.served_model_names)
+
+    def adapters_of(self, model: str) -> list[LoraSpec]:
+        """The adapters served on ``model`` (specs were checked against the served models)."""
+        specs = [LoraSpec.parse(text) for text in self.loras]
+        return [LoraSpec(s.name, s.path, model) for s in specs if s.base in (None, model)]
 
     @property
     def files_dir(self) -> Path:

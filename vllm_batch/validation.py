@@ -7,13 +7,13 @@ requests. ``request index`` is the 0-based position among non-blank lines.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import orjson
 
-SUPPORTED_ENDPOINTS: tuple[str, ...] = ("/v1/chat/completions", "/v1/completions")
+SUPPORTED_ENDPOINTS: tuple[str, ...] = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 MAX_REPORTED_ERRORS = 100
 MAX_JSON_DEPTH = 64  # nesting levels per line; orjson itself gives up at 1024
 
@@ -123,9 +123,15 @@ def plan_batch(
     served_models: Sequence[str],
     max_requests: int,
     chunk_size: int,
+    adapters: Mapping[str, str] | None = None,
 ) -> BatchPlan:
-    """Check every line of a batch input file and cut it into chunks of ``chunk_size``."""
+    """Check every line of a batch input file and cut it into chunks of ``chunk_size``.
+
+    ``adapters`` maps LoRA adapter names to their base models: a line naming an adapter is
+    its base model's work (``plan.model`` is always a served model, never an adapter).
+    """
     plan = BatchPlan()
+    bases = dict(adapters or {})
     seen_ids: set[int] = set()
     for number, offset, raw in iter_lines(handle):
         index = plan.total
@@ -134,7 +140,7 @@ def plan_batch(
             plan.chunks.append((index, index, offset))
         if plan.total > max_requests:
             continue
-        _check_line(plan, raw, number, endpoint, served_models, seen_ids)
+        _check_line(plan, raw, number, endpoint, served_models, seen_ids, bases)
     if plan.chunks:
         start, _, offset = plan.chunks[-1]
         plan.chunks[-1] = (start, plan.total, offset)
@@ -158,6 +164,7 @@ def _check_line(
     endpoint: str,
     served_models: Sequence[str],
     seen_ids: set[int],
+    bases: Mapping[str, str],
 ) -> None:
     """Check one line; whatever goes wrong becomes this line's error, never a crash."""
     try:
@@ -169,7 +176,7 @@ def _check_line(
         plan.error("invalid_json_line", f"Line {number} could not be parsed ({exc}).", number)
         return
     try:
-        _check_fields(plan, line, number, endpoint, served_models, seen_ids)
+        _check_fields(plan, line, number, endpoint, served_models, seen_ids, bases)
     except Exception as exc:
         plan.error(
             "invalid_line",
@@ -185,6 +192,7 @@ def _check_fields(
     endpoint: str,
     served_models: Sequence[str],
     seen_ids: set[int],
+    bases: Mapping[str, str],
 ) -> None:
     custom_id = line.get("custom_id")
     if custom_id is None:
@@ -240,21 +248,22 @@ def _check_fields(
             number,
             "body.model",
         )
-    elif model not in served_models:
+    elif model not in served_models and model not in bases:
+        adapters = f" LoRA adapters: {', '.join(bases)}." if bases else ""
         plan.error(
             "model_not_found",
             f"The model {model!r} is not served here. Served models: "
-            f"{', '.join(served_models) or 'none'}.",
+            f"{', '.join(served_models) or 'none'}.{adapters}",
             number,
             "body.model",
         )
     elif plan.model is None:
-        plan.model = model
-    elif model != plan.model:
+        plan.model = bases.get(model, model)
+    elif bases.get(model, model) != plan.model:
         plan.error(
             "mismatched_model",
             f"Line uses model {model!r} but the batch uses {plan.model!r}; "
-            "a batch file may contain only one model.",
+            "a batch file may contain only one model (and LoRA adapters of it).",
             number,
             "body.model",
         )

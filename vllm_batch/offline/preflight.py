@@ -9,6 +9,7 @@ blank lines are skipped and are not requests.
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -73,8 +74,14 @@ def preflight(handle: BinaryIO) -> Preflight:
     return result
 
 
-def strict_errors(path: Path, endpoint: str, served_models: list[str]) -> list[str]:
-    """The server's full batch validation (one endpoint, served models, unique custom_ids)."""
+def strict_errors(
+    path: Path,
+    endpoint: str,
+    served_models: list[str],
+    adapters: Mapping[str, str] | None = None,
+) -> list[str]:
+    """The server's full batch validation (one endpoint, served models and their LoRA
+    ``adapters`` (name: base model), unique custom_ids)."""
     with path.open("rb") as handle:
         plan = plan_batch(
             handle,
@@ -82,6 +89,7 @@ def strict_errors(path: Path, endpoint: str, served_models: list[str]) -> list[s
             served_models=served_models,
             max_requests=sys.maxsize,
             chunk_size=sys.maxsize,
+            adapters=adapters,
         )
     return [
         f"line {error['line']}: {error['message']}" if error["line"] else str(error["message"])

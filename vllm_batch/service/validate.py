@@ -15,6 +15,7 @@ import time
 import anyio
 
 from vllm_batch import lifecycle
+from vllm_batch.adapters import adapter_bases
 from vllm_batch.runtime import StoreContext
 from vllm_batch.states import BatchStatus
 from vllm_batch.store import queries
@@ -68,6 +69,7 @@ async def _validate(ctx: StoreContext, batch_id: str) -> None:
                     served_models=settings.served_model_names,
                     max_requests=settings.max_requests_per_batch,
                     chunk_size=settings.chunk_size,
+                    adapters=adapter_bases(settings.lora_specs),
                 )
 
         plan = await anyio.to_thread.run_sync(scan)
