@@ -4,10 +4,13 @@ PostgreSQL. Runs on the session's LoRA-enabled engine (``lora_engine``)."""
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from openai import OpenAI
 
@@ -20,9 +23,12 @@ from tests.conftest import (
     start_server,
 )
 from tests.helpers import chat_line, completion_line, jsonl, parse_jsonl, wait_for_batch
+from vllm_batch.config import DEFAULT_MODEL_NAME
 
 ADAPTER_A, ADAPTER_B = LORA_NAMES
 PROMPT = "Tell me a story about the old farmer."
+README = Path(__file__).resolve().parents[2] / "README.md"
+THIS = "tests/integration/test_lora.py"
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +115,41 @@ def test_unknown_adapter_fails_the_batch_naming_the_line(client: OpenAI) -> None
     assert (error.code, error.line, error.param) == ("model_not_found", 2, "body.model")
     assert error.message is not None
     assert "'tiny-lora-missing'" in error.message and ADAPTER_A in error.message
+
+
+def readme_lines() -> list[dict[str, Any]]:
+    """The README's feature lines, for the tiny model (and adapter A as ``sql-lora``)."""
+    blocks = re.findall(r"<!-- tested: ([^\n]*?) -->\n```json\n(.*?)```", README.read_text(), re.S)
+    [text] = [code for note, code in blocks if note.split(" ")[0] == THIS]
+    names = {DEFAULT_MODEL_NAME: TINY_NAME, "sql-lora": ADAPTER_A}
+    lines = [json.loads(raw) for raw in text.splitlines()]
+    for line in lines:
+        line["body"]["model"] = names[line["body"]["model"]]
+    return lines
+
+
+def test_readme_lines(client: OpenAI) -> None:
+    """Each README example line runs; structured outputs parse and follow their schema."""
+    lines = readme_lines()
+    bodies: dict[str, dict[str, Any]] = {}
+    for url in dict.fromkeys(line["url"] for line in lines):
+        batch = run_batch(client, [x for x in lines if x["url"] == url], url)
+        bodies.update(outputs(client, batch))
+    assert sorted(bodies) == sorted(line["custom_id"] for line in lines)
+    requests = {line["custom_id"]: line["body"] for line in lines}
+
+    def chat_json(cid: str) -> Any:
+        return json.loads(bodies[cid]["choices"][0]["message"]["content"])
+
+    def response_text(cid: str) -> str:
+        [message] = [item for item in bodies[cid]["output"] if item["type"] == "message"]
+        return str(message["content"][0]["text"])
+
+    assert bodies["resp-1"]["object"] == "response" and response_text("resp-1")
+    schema = requests["resp-json-1"]["text"]["format"]["schema"]
+    jsonschema.validate(json.loads(response_text("resp-json-1")), schema)
+    schema = requests["json-1"]["response_format"]["json_schema"]["schema"]
+    jsonschema.validate(chat_json("json-1"), schema)
+    assert isinstance(chat_json("obj-1"), dict)
+    assert bodies["choice-1"]["choices"][0]["text"] in {"yes", "no"}
+    assert bodies["lora-1"]["model"] == ADAPTER_A
