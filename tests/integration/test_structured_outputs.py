@@ -99,7 +99,8 @@ def test_chat_json_schema_and_json_object(client: OpenAI) -> None:
 
 
 def test_completions_structured_outputs(client: OpenAI) -> None:
-    """vLLM's own ``structured_outputs`` options: a JSON schema, a choice and a regex."""
+    """vLLM's own ``structured_outputs`` options (a JSON schema, a choice, a regex), and a
+    legacy ``guided_choice`` (translated: vLLM itself now ignores it)."""
     options: list[dict[str, Any]] = [
         {"json": SCHEMA, "disable_any_whitespace": True},
         {"choice": ["yes", "no", "maybe"]},
@@ -108,12 +109,15 @@ def test_completions_structured_outputs(client: OpenAI) -> None:
     lines = [completion_line(i, TINY_NAME, max_tokens=MAX_TOKENS) for i in range(len(options))]
     for line, option in zip(lines, options, strict=True):
         line["body"]["structured_outputs"] = option
-    bodies, errors = run_batch(client, lines, "/v1/completions")
+    legacy = completion_line(3, TINY_NAME, max_tokens=MAX_TOKENS)  # older vLLM's name
+    legacy["body"]["guided_choice"] = ["alpha", "beta"]
+    bodies, errors = run_batch(client, [*lines, legacy], "/v1/completions")
     assert not errors, errors
-    texts = [bodies[f"request-{i}"]["choices"][0]["text"] for i in range(3)]
+    texts = [bodies[f"request-{i}"]["choices"][0]["text"] for i in range(4)]
     jsonschema.validate(json.loads(texts[0]), SCHEMA)
     assert texts[1] in {"yes", "no", "maybe"}
     assert len(texts[2]) in range(7, 10) and texts[2][0].isupper() and texts[2][-3:].isdigit()
+    assert texts[3] in {"alpha", "beta"}
 
 
 def test_responses_text_format_json_schema(client: OpenAI) -> None:

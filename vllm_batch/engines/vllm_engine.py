@@ -29,6 +29,7 @@ from vllm_batch.engines.base import (
     is_oom_message,
 )
 from vllm_batch.engines.blocking import in_daemon_thread, launch_processes
+from vllm_batch.engines.structured import ConflictingStructuredOutputs, translate_guided_fields
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +188,10 @@ class VllmEngine:
                 "Streaming is not supported in batch requests.",
                 "stream",
             )
+        try:
+            body = translate_guided_fields(body)
+        except ConflictingStructuredOutputs as exc:
+            return error_result(400, "invalid_request_error", str(exc), exc.param)
         try:
             request = request_type.model_validate({**body, "request_id": request_id})
         except ValidationError as exc:
