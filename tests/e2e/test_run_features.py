@@ -80,7 +80,9 @@ def input_file(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     """``LINES``; the JSON line bans whitespace, which the tiny model would pad JSON with."""
     bias = whitespace_bias(tiny_model)
     lines = [
-        {**x, "body": {**x["body"], "logit_bias": bias}} if x["custom_id"] == "json" else x
+        {**x, "body": {**x["body"], "logit_bias": bias, "max_tokens": 200}}
+        if x["custom_id"] == "json"
+        else x
         for x in LINES
     ]
     path = tmp_path_factory.mktemp("run-features") / "input.jsonl"
