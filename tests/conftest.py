@@ -197,6 +197,40 @@ def pooling_engine(loop_thread: LoopThread, minilm_model: Path) -> Iterator[Any]
     loop_thread.run(engine.stop())
 
 
+LORA_NAMES = ("tiny-lora-a", "tiny-lora-b")
+
+
+@pytest.fixture(scope="session")
+def tiny_loras(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two LoRA adapters of the tiny model (random non-zero weights, seeds 1 and 2)."""
+    from tests.lora_adapters import make_test_lora
+
+    root = tmp_path_factory.mktemp("loras")
+    return {
+        name: make_test_lora(tiny_model, root / name, seed)
+        for seed, name in enumerate(LORA_NAMES, start=1)
+    }
+
+
+def lora_settings(model: Path, loras: dict[str, Path], **overrides: Any) -> Settings:
+    """``engine_settings`` serving ``loras`` (name: path) on the tiny model."""
+    return engine_settings(model, loras=[f"{n}={p}" for n, p in loras.items()], **overrides)
+
+
+@pytest.fixture(scope="session")
+def lora_engine(
+    loop_thread: LoopThread, tiny_model: Path, tiny_loras: dict[str, Path]
+) -> Iterator[Any]:
+    """The session's one extra engine: the tiny model with LoRA on and both adapters."""
+    from vllm_batch.engines.vllm_engine import VllmEngine
+
+    settings = lora_settings(tiny_model, tiny_loras, max_num_seqs=16)
+    engine = VllmEngine(settings.model_specs[0], settings)
+    loop_thread.run(engine.start())
+    yield engine
+    loop_thread.run(engine.stop())
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -101,3 +101,20 @@ async def create_validating_batch(ctx: Any, body: bytes, lines: int) -> str:
         owner=None,
     )
     return (await lifecycle.create(ctx, spec)).id
+
+
+def whitespace_bias(model_dir: Any) -> dict[str, float]:
+    """A ``logit_bias`` that bans every whitespace-only token of the model's tokenizer.
+
+    JSON grammars allow any amount of whitespace between tokens, and a random-weight model
+    (the tiny test model) fills its output with it until ``max_tokens``; without whitespace
+    the same grammar ends in a few tokens, so every output can be checked whole.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return {
+        str(i): -100.0
+        for i in range(len(tokenizer))
+        if (text := tokenizer.decode([i])) and not text.strip()
+    }

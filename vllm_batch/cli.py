@@ -35,6 +35,14 @@ ModelOpt = Annotated[
         "score; detected if not given). Repeatable. Env: VLLM_BATCH_MODELS.",
     ),
 ]
+LoraOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--lora",
+        help="LoRA adapter NAME=PATH (of the only model) or NAME=PATH@MODEL (repeatable); "
+        "requests name it in body.model. Env: VLLM_BATCH_LORAS; VLLM_BATCH_MAX_LORA_RANK.",
+    ),
+]
 DataDirOpt = Annotated[Path | None, typer.Option(help="Data directory (SQLite DB and files).")]
 DbOpt = Annotated[str | None, typer.Option(help="Database URL (sqlite or postgresql).")]
 StorageOpt = Annotated[
@@ -94,6 +102,16 @@ def build_settings(**overrides: Any) -> Settings:
     return Settings(**values)
 
 
+def check_adapters(settings: Settings, models: list[str] | None = None) -> None:
+    """Exit with a usage error unless every LoRA adapter has one served base model."""
+    from vllm_batch.adapters import AdapterConfigError, resolve_adapters
+
+    try:
+        resolve_adapters(settings.loras, settings.served_model_names if models is None else models)
+    except AdapterConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--lora") from None
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
@@ -102,6 +120,7 @@ def serve(
     database_url: DbOpt = None,
     storage_url: StorageOpt = None,
     model: ModelOpt = None,
+    lora: LoraOpt = None,
     api_key: Annotated[
         str | None,
         typer.Option(help="Require this bearer token on /v1 (shows in `ps`; see --api-key-file)."),
@@ -144,6 +163,7 @@ def serve(
         database_url=database_url,
         storage_url=storage_url,
         models=model or None,
+        loras=lora or None,
         api_key=api_key,
         api_keys_file=api_keys_file,
         worker=worker,
@@ -158,6 +178,7 @@ def serve(
         engine=engine,
         log_level=log_level.value if log_level else None,
     )
+    check_adapters(settings)
     from vllm_batch.api.auth import KeyConfigError, KeyRing
 
     try:
@@ -221,6 +242,7 @@ def worker_command(
     database_url: DbOpt = None,
     storage_url: StorageOpt = None,
     model: ModelOpt = None,
+    lora: LoraOpt = None,
     enforce_eager: EagerOpt = None,
     max_model_len: MaxLenOpt = None,
     max_num_seqs: MaxSeqsOpt = None,
@@ -248,6 +270,7 @@ def worker_command(
         database_url=database_url,
         storage_url=storage_url,
         models=model or None,
+        loras=lora or None,
         enforce_eager=enforce_eager,
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,
@@ -260,6 +283,7 @@ def worker_command(
         metrics_port=metrics_port,
         metrics_host=metrics_host,
     )
+    check_adapters(settings)
     _setup_logging(settings)
     asyncio.run(_run_worker(settings))
 
@@ -413,6 +437,7 @@ def run(
     served_model_name: Annotated[
         str | None, typer.Option(help="Name requests use in body.model (overrides NAME=).")
     ] = None,
+    lora: LoraOpt = None,
     output_tmp_dir: Annotated[
         str | None, typer.Option(help="Where to write a URL output before uploading it.")
     ] = None,
@@ -474,7 +499,7 @@ def run(
     if ctx.args:
         typer.echo(
             f"error: unsupported option(s) for `vllm-batch run`: {' '.join(ctx.args)}\n"
-            "supported engine flags: --model, --served-model-name, --max-num-seqs, "
+            "supported engine flags: --model, --served-model-name, --lora, --max-num-seqs, "
             "--max-num-batched-tokens, --gpu-memory-utilization, --tensor-parallel-size, "
             "--max-model-len, --dtype, --enforce-eager, --[no-]enable-prefix-caching, --runner",
             err=True,
@@ -497,8 +522,10 @@ def run(
         dtype=dtype,
         enforce_eager=enforce_eager,
         enable_prefix_caching=enable_prefix_caching,
+        loras=lora or None,
         log_level=log_level.value if log_level else None,
     )
+    check_adapters(settings, [spec.name])
     _setup_logging(settings)
     options = RunOptions(
         input=input_file,

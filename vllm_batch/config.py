@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, computed_field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from vllm_batch.adapters import LoraSpec, resolve_adapters
 from vllm_batch.model_kinds import ModelKind, detect_kind
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -75,6 +76,12 @@ class Settings(BaseSettings):
     postgres_password: str | None = Field(default=None, validation_alias=_env("POSTGRES_PASSWORD"))
     storage_url: str | None = None
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # LoRA adapters, "NAME=PATH" (of the only model) or "NAME=PATH@MODEL"; requests name
+    # them in body.model. Engine limits: None means from the adapters (rank from their
+    # adapter_config.json, slots = the model's adapter count).
+    loras: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_lora_rank: int | None = Field(default=None, ge=1)
+    max_loras: int | None = Field(default=None, ge=1)
     api_key: str | None = Field(default=None, repr=False)  # never in logs or reprs
     # Per-key ownership: "NAME:KEY" or "NAME:KEY:admin" entries, comma separated, and/or a
     # file of such lines. Each key sees only its own files and batches; admin keys see all.
@@ -204,6 +211,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "models",
+        "loras",
         "cors_origins",
         "allowed_hosts",
         "api_keys",
@@ -265,6 +273,16 @@ class Settings(BaseSettings):
     def model_kinds(self) -> dict[str, ModelKind | None]:
         """Each served model's kind (None: unknown here, so its batches are not checked)."""
         return {spec.name: spec.resolved_kind for spec in self.model_specs}
+
+    @property
+    def lora_specs(self) -> list[LoraSpec]:
+        """Configured LoRA adapters, each with its base model (``AdapterConfigError`` if bad)."""
+        return resolve_adapters(self.loras, self.served_model_names)
+
+    def adapters_of(self, model: str) -> list[LoraSpec]:
+        """The adapters served on ``model`` (specs were checked against the served models)."""
+        specs = [LoraSpec.parse(text) for text in self.loras]
+        return [LoraSpec(s.name, s.path, model) for s in specs if s.base in (None, model)]
 
     @property
     def files_dir(self) -> Path:

@@ -18,6 +18,7 @@ from vllm_batch.model_kinds import POOLING_ENDPOINTS, ModelKind, kind_problem, p
 SUPPORTED_ENDPOINTS: tuple[str, ...] = (
     "/v1/chat/completions",
     "/v1/completions",
+    "/v1/responses",
     *POOLING_ENDPOINTS,
 )
 MAX_REPORTED_ERRORS = 100
@@ -130,13 +131,17 @@ def plan_batch(
     max_requests: int,
     chunk_size: int,
     model_kinds: Mapping[str, ModelKind | None] | None = None,
+    adapters: Mapping[str, str] | None = None,
 ) -> BatchPlan:
     """Check every line of a batch input file and cut it into chunks of ``chunk_size``.
 
     ``model_kinds`` (model name -> kind): a line whose model cannot serve the endpoint
     fails (see ``model_kinds``), and pooling bodies get their structural checks.
+    ``adapters`` maps LoRA adapter names to their base models: a line naming an adapter is
+    its base model's work (``plan.model`` is always a served model, never an adapter).
     """
     plan = BatchPlan()
+    bases = dict(adapters or {})
     seen_ids: set[int] = set()
     for number, offset, raw in iter_lines(handle):
         index = plan.total
@@ -145,7 +150,7 @@ def plan_batch(
             plan.chunks.append((index, index, offset))
         if plan.total > max_requests:
             continue
-        _check_line(plan, raw, number, endpoint, served_models, seen_ids, model_kinds)
+        _check_line(plan, raw, number, endpoint, served_models, seen_ids, bases, model_kinds)
     if plan.chunks:
         start, _, offset = plan.chunks[-1]
         plan.chunks[-1] = (start, plan.total, offset)
@@ -169,6 +174,7 @@ def _check_line(
     endpoint: str,
     served_models: Sequence[str],
     seen_ids: set[int],
+    bases: Mapping[str, str],
     model_kinds: Mapping[str, ModelKind | None] | None = None,
 ) -> None:
     """Check one line; whatever goes wrong becomes this line's error, never a crash."""
@@ -181,9 +187,9 @@ def _check_line(
         plan.error("invalid_json_line", f"Line {number} could not be parsed ({exc}).", number)
         return
     try:
-        _check_fields(plan, line, number, endpoint, served_models, seen_ids)
+        _check_fields(plan, line, number, endpoint, served_models, seen_ids, bases)
         if model_kinds is not None:
-            _check_kind(plan, line, number, endpoint, model_kinds)
+            _check_kind(plan, line, number, endpoint, model_kinds, bases)
     except Exception as exc:
         plan.error(
             "invalid_line",
@@ -199,6 +205,7 @@ def _check_fields(
     endpoint: str,
     served_models: Sequence[str],
     seen_ids: set[int],
+    bases: Mapping[str, str],
 ) -> None:
     custom_id = line.get("custom_id")
     if custom_id is None:
@@ -254,21 +261,22 @@ def _check_fields(
             number,
             "body.model",
         )
-    elif model not in served_models:
+    elif model not in served_models and model not in bases:
+        adapters = f" LoRA adapters: {', '.join(bases)}." if bases else ""
         plan.error(
             "model_not_found",
             f"The model {model!r} is not served here. Served models: "
-            f"{', '.join(served_models) or 'none'}.",
+            f"{', '.join(served_models) or 'none'}.{adapters}",
             number,
             "body.model",
         )
     elif plan.model is None:
-        plan.model = model
-    elif model != plan.model:
+        plan.model = bases.get(model, model)
+    elif bases.get(model, model) != plan.model:
         plan.error(
             "mismatched_model",
             f"Line uses model {model!r} but the batch uses {plan.model!r}; "
-            "a batch file may contain only one model.",
+            "a batch file may contain only one model (and LoRA adapters of it).",
             number,
             "body.model",
         )
@@ -280,13 +288,16 @@ def _check_kind(
     number: int,
     endpoint: str,
     model_kinds: Mapping[str, ModelKind | None],
+    bases: Mapping[str, str],
 ) -> None:
-    """The line's model must be of a kind that serves ``endpoint``; pooling bodies need the
-    fields their endpoint reads."""
+    """The line's model (an adapter: its base model) must be of a kind that serves
+    ``endpoint``; pooling bodies need the fields their endpoint reads."""
     body = line.get("body")
     if not isinstance(body, dict):
         return
     model = body.get("model")
+    if isinstance(model, str):
+        model = bases.get(model, model)
     if isinstance(model, str) and model in model_kinds:
         problem = kind_problem(model, model_kinds[model], endpoint)
         if problem is not None:

@@ -46,6 +46,7 @@ def create_app(
     """Build the app. The worker (if enabled) uses ``engine_factory`` (default: vLLM) and
     reads its GPUs from ``gpu_source`` (default: NVML)."""
     warn_ignored_environment()
+    _ = settings.lora_specs  # a bad LoRA spec fails here, not when the first batch arrives
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

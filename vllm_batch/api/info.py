@@ -139,16 +139,20 @@ async def ready(ctx: CtxDep, request: Request) -> JSONResponse:
 
 @v1_router.get("/models")
 async def list_models(ctx: CtxDep) -> dict[str, Any]:
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": name,
-                "object": "model",
-                "created": 0,
-                "owned_by": "vllm-batch",
-                "kind": kind.value if kind is not None else None,
-            }
-            for name, kind in ctx.settings.model_kinds.items()
-        ],
-    }
+    """Served models with their kind, then LoRA adapters with their base model in
+    ``parent`` (as vLLM)."""
+    models = [
+        {
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "vllm-batch",
+            "kind": kind.value if kind is not None else None,
+        }
+        for name, kind in ctx.settings.model_kinds.items()
+    ]
+    adapters = [
+        {"id": a.name, "object": "model", "created": 0, "owned_by": "vllm-batch", "parent": a.base}
+        for a in ctx.settings.lora_specs
+    ]
+    return {"object": "list", "data": models + adapters}

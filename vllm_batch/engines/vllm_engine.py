@@ -1,8 +1,9 @@
 """vLLM adapter: an ``AsyncLLM`` engine behind vLLM's own OpenAI serving layer.
 
-Chat and completion requests go through ``OpenAIServingChat``/``OpenAIServingCompletion``
-exactly as ``vllm serve`` handles them (chat template, sampling parameters, structured
-outputs, logprobs, errors), so response bodies are the same bytes a vLLM server returns.
+Chat, completion and Responses API requests go through ``OpenAIServingChat``,
+``OpenAIServingCompletion`` and ``OpenAIServingResponses`` exactly as ``vllm serve`` handles
+them (chat template, sampling parameters, structured outputs, LoRA adapters named in
+``model``, logprobs, errors), so response bodies are the same bytes a vLLM server returns.
 vLLM is imported lazily, inside ``start``.
 """
 
@@ -18,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from vllm_batch.adapters import LoraSpec, max_lora_rank
 from vllm_batch.config import ModelSpec, Settings
 from vllm_batch.engines.base import (
     EngineFailure,
@@ -28,6 +30,7 @@ from vllm_batch.engines.base import (
 )
 from vllm_batch.engines.blocking import in_daemon_thread, launch_processes
 from vllm_batch.engines.pooling import PoolingServers, is_pooling_url, run_pooling
+from vllm_batch.engines.structured import ConflictingStructuredOutputs, translate_guided_fields
 from vllm_batch.model_kinds import is_pooling
 
 log = logging.getLogger(__name__)
@@ -79,12 +82,26 @@ def engine_argv(
             argv += [flag, str(value)]
     if settings.kv_cache_gib is not None:
         argv += ["--kv-cache-memory-bytes", str(int(settings.kv_cache_gib * 1024**3))]
-    return argv + runner_argv(spec)
+    return argv + runner_argv(spec) + lora_argv(settings.adapters_of(spec.name), settings)
 
 
 def runner_argv(spec: ModelSpec) -> list[str]:
     """``--runner pooling`` for embedding and score models; vLLM's default otherwise."""
     return ["--runner", "pooling"] if is_pooling(spec.resolved_kind) else []
+
+
+def lora_argv(adapters: list[LoraSpec], settings: Settings) -> list[str]:
+    """vLLM's LoRA flags for ``adapters`` (none: LoRA stays off).
+
+    Every adapter of the model gets a slot (``--max-loras``) unless ``max_loras`` says
+    otherwise, so one engine step can mix all of them.
+    """
+    if not adapters:
+        return []
+    rank = settings.max_lora_rank or max_lora_rank(adapters)
+    slots = settings.max_loras or len(adapters)
+    argv = ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(slots)]
+    return [*argv, "--lora-modules", *(f"{a.name}={a.path}" for a in adapters)]
 
 
 class VllmEngine:
@@ -98,6 +115,7 @@ class VllmEngine:
         self._chat: Any = None
         self._completion: Any = None
         self._pooling = PoolingServers()
+        self._responses: Any = None
         self._max_num_seqs = settings.max_num_seqs or 256
         self._max_num_seqs_cap: int | None = None
 
@@ -141,11 +159,12 @@ class VllmEngine:
         self._chat = getattr(state, "openai_serving_chat", None)
         self._completion = getattr(state, "openai_serving_completion", None)
         self._pooling = PoolingServers.from_state(state)
+        self._responses = getattr(state, "openai_serving_responses", None)
         self._max_num_seqs = client.vllm_config.scheduler_config.max_num_seqs
         log.info("vLLM engine ready for %s (max_num_seqs=%d)", self.model_name, self._max_num_seqs)
 
     async def stop(self) -> None:
-        self._chat = self._completion = None
+        self._chat = self._completion = self._responses = None
         self._pooling = PoolingServers()
         await self._stack.aclose()
 
@@ -164,6 +183,11 @@ class VllmEngine:
         elif url == "/v1/completions" and self._completion is not None:
             request_type = CompletionRequest
             handler = self._completion.create_completion
+        elif url == "/v1/responses" and self._responses is not None:
+            from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+
+            request_type = ResponsesRequest
+            handler = self._responses.create_responses
         else:
             return error_result(
                 400,
@@ -177,6 +201,10 @@ class VllmEngine:
                 "Streaming is not supported in batch requests.",
                 "stream",
             )
+        try:
+            body = translate_guided_fields(body)
+        except ConflictingStructuredOutputs as exc:
+            return error_result(400, "invalid_request_error", str(exc), exc.param)
         try:
             request = request_type.model_validate({**body, "request_id": request_id})
         except ValidationError as exc:
@@ -212,17 +240,36 @@ class VllmEngine:
                 failure = EngineOutOfMemory if is_oom_message(info.message) else EngineFailure
                 raise failure(info.message)
             return error_result(info.code, info.type, info.message, info.param)
-        usage = response.usage
-        prompt_details = usage.prompt_tokens_details if usage else None
-        completion_details = usage.completion_tokens_details if usage else None
+        # Responses bodies carry aliased fields (text.format "schema"): dump them as vLLM does.
+        body_json = response.model_dump_json(by_alias=url == "/v1/responses")
+        return ok_result(body_json, response.usage)
+
+
+def ok_result(body_json: str, usage: Any) -> EngineResult:
+    """A 200 result with the token counts of a chat/completion ``UsageInfo`` or a
+    Responses ``ResponseUsage`` (``None``: no counts)."""
+    if usage is None:
+        return EngineResult(status_code=200, body_json=body_json)
+    if hasattr(usage, "input_tokens"):  # the Responses API's names
+        details = usage.input_tokens_details
         return EngineResult(
             status_code=200,
-            body_json=response.model_dump_json(),
-            input_tokens=usage.prompt_tokens if usage else 0,
-            cached_tokens=(prompt_details.cached_tokens or 0) if prompt_details else 0,
-            output_tokens=(usage.completion_tokens or 0) if usage else 0,
-            reasoning_tokens=completion_details.reasoning_tokens if completion_details else 0,
+            body_json=body_json,
+            input_tokens=usage.input_tokens,
+            cached_tokens=(details.cached_tokens or 0) if details else 0,
+            output_tokens=usage.output_tokens or 0,
+            reasoning_tokens=usage.output_tokens_details.reasoning_tokens or 0,
         )
+    prompt_details = usage.prompt_tokens_details
+    completion_details = usage.completion_tokens_details
+    return EngineResult(
+        status_code=200,
+        body_json=body_json,
+        input_tokens=usage.prompt_tokens,
+        cached_tokens=(prompt_details.cached_tokens or 0) if prompt_details else 0,
+        output_tokens=usage.completion_tokens or 0,
+        reasoning_tokens=completion_details.reasoning_tokens if completion_details else 0,
+    )
 
 
 @contextlib.asynccontextmanager

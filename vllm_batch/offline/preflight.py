@@ -80,9 +80,10 @@ def strict_errors(
     endpoint: str,
     served_models: list[str],
     model_kinds: Mapping[str, ModelKind | None] | None = None,
+    adapters: Mapping[str, str] | None = None,
 ) -> list[str]:
     """The server's full batch validation (one endpoint, served models and their kinds,
-    unique custom_ids)."""
+    LoRA ``adapters`` (name: base model), unique custom_ids)."""
     with path.open("rb") as handle:
         plan = plan_batch(
             handle,
@@ -91,6 +92,7 @@ def strict_errors(
             model_kinds=model_kinds,
             max_requests=sys.maxsize,
             chunk_size=sys.maxsize,
+            adapters=adapters,
         )
     return [
         f"line {error['line']}: {error['message']}" if error["line"] else str(error["message"])

@@ -19,13 +19,14 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import anyio
 
+from vllm_batch.adapters import adapter_bases
 from vllm_batch.config import ModelSpec, Settings
 from vllm_batch.engines import make_engine
 from vllm_batch.engines.base import Engine, EngineFailure, EngineResult
@@ -85,11 +86,15 @@ class RunSummary:
 
 
 class ServedModelGuard:
-    """Answers lines for another model with vLLM's 404 without sending them to the engine."""
+    """Answers lines for another model with vLLM's 404 without sending them to the engine.
 
-    def __init__(self, engine: Engine) -> None:
+    The served model's LoRA ``adapters`` (names) are served too.
+    """
+
+    def __init__(self, engine: Engine, adapters: Sequence[str] = ()) -> None:
         self.engine = engine
         self.model_name = engine.model_name
+        self.names = {engine.model_name, *adapters}
 
     @property
     def max_in_flight(self) -> int:
@@ -103,13 +108,15 @@ class ServedModelGuard:
 
     async def run(self, url: str, body: dict[str, Any], request_id: str) -> EngineResult:
         model = body.get("model")
-        if model is not None and model != self.model_name:
+        if model is not None and model not in self.names:
             from vllm_batch.engines.vllm_engine import error_result
 
+            served = ", ".join(sorted(self.names - {self.model_name}))
             return error_result(
                 404,
                 "NotFoundError",
-                f"The model `{model}` does not exist. Served model: {self.model_name}.",
+                f"The model `{model}` does not exist. Served model: {self.model_name}"
+                + (f" (LoRA adapters: {served})." if served else "."),
                 "model",
             )
         return await self.engine.run(url, body, request_id)
@@ -176,7 +183,8 @@ async def _run_with_engine(
 
     An input error is reported as without the engine (which is stopped, mid-start if need be).
     """
-    engine = ServedModelGuard(engine_factory(options.spec, options.settings))
+    adapters = [a.name for a in options.settings.adapters_of(options.spec.name)]
+    engine = ServedModelGuard(engine_factory(options.spec, options.settings), adapters)
     starting = asyncio.create_task(_start_engine(engine), name="engine start")
     try:
         job = await anyio.to_thread.run_sync(_prepare, options, temps)
@@ -191,7 +199,10 @@ def _prepare(options: RunOptions, temps: list[Path]) -> Job:
     total, first_url = _check_input(input_path, io.redact(options.input))
     if total and options.strict and first_url is not None:
         spec = options.spec
-        errors = strict_errors(input_path, first_url, [spec.name], {spec.name: spec.resolved_kind})
+        adapters = adapter_bases(options.settings.adapters_of(spec.name))
+        errors = strict_errors(
+            input_path, first_url, [spec.name], {spec.name: spec.resolved_kind}, adapters
+        )
         if errors:
             raise RunFailed(describe(errors, len(errors), io.redact(options.input)), EXIT_BAD_INPUT)
     if io.is_url(options.output):

@@ -15,6 +15,7 @@ import time
 import anyio
 
 from vllm_batch import lifecycle
+from vllm_batch.adapters import adapter_bases
 from vllm_batch.runtime import StoreContext
 from vllm_batch.states import BatchStatus
 from vllm_batch.store import queries
@@ -69,6 +70,7 @@ async def _validate(ctx: StoreContext, batch_id: str) -> None:
                     model_kinds=settings.model_kinds,
                     max_requests=settings.max_requests_per_batch,
                     chunk_size=settings.chunk_size,
+                    adapters=adapter_bases(settings.lora_specs),
                 )
 
         plan = await anyio.to_thread.run_sync(scan)
