@@ -99,6 +99,17 @@ async def test_a_new_lane_neither_waits_for_history_nor_bursts() -> None:
     lanes = {"old": old, "new": window.open_lane()}
     order = await grants(window, lanes, 10)
     assert order.count("new") == 5
+    # A lane that stopped asking (its lines all sent) does not set the pace.
+    window = FairWindow(1)
+    stale, busy = window.open_lane(), window.open_lane()
+    for _ in range(30):
+        assert await window.acquire(busy)
+        window.release(busy)
+    assert await window.acquire(busy)  # holds the one slot...
+    waiting = asyncio.create_task(window.acquire(busy))  # ...and keeps asking; stale does not
+    await asyncio.sleep(0)
+    assert stale.vtime == 0 and window.open_lane().vtime == busy.vtime == 31.0
+    waiting.cancel()
 
 
 async def test_window_bounds_in_flight_and_closing_frees_a_waiter() -> None:

@@ -98,7 +98,12 @@ class FairWindow:
         urgent: bool = False,
         remaining: int = 0,
     ) -> Lane:
-        start = min((lane.vtime for lane in self._lanes), default=0.0)
+        # Level with the lanes competing now (not with one that stopped asking early, which
+        # would give the new lane a long burst).
+        start = min(
+            (lane.vtime for lane in self._waiting()),
+            default=max((lane.vtime for lane in self._lanes), default=0.0),
+        )
         lane = Lane(
             weight=max(weight, 1e-9),
             deadline=deadline,
