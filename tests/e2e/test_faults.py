@@ -152,7 +152,7 @@ def run_outage_test(
     end_outage: Any,
     poke: Any = None,
 ) -> None:
-    lines = 160
+    lines = 480  # enough that a chunk is caught half done with the engine kept fed
     server = spawn_server(model_args(tiny_model, db_url), tmp_path / "data", env=FAULT_ENV)
     try:
         client = OpenAI(base_url=server.base_url, api_key="x", max_retries=5)
