@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 import vllm_batch.offline as offline
 from vllm_batch.cli import app
-from vllm_batch.config import ModelSpec
+from vllm_batch.config import ModelSpec, Settings
+from vllm_batch.engines.vllm_engine import engine_argv
 from vllm_batch.offline import RunFailed, RunOptions, RunSummary
 
 runner = CliRunner()
@@ -48,6 +49,8 @@ def test_served_model_name_and_engine_flags(calls: list[RunOptions]) -> None:
         "8",
         "--max-num-batched-tokens",
         "1024",
+        "--block-size",
+        "32",
         "--gpu-memory-utilization",
         "0.5",
         "-tp",
@@ -71,6 +74,10 @@ def test_served_model_name_and_engine_flags(calls: list[RunOptions]) -> None:
     assert (s.max_num_seqs, s.max_num_batched_tokens, s.max_model_len) == (8, 1024, 512)
     assert (s.gpu_memory_utilization, s.tensor_parallel_size, s.dtype) == (0.5, 2, "float32")
     assert s.enforce_eager is True and s.enable_prefix_caching is False
+    assert s.block_size == 32
+    argv = engine_argv(options.spec, s)
+    assert argv[argv.index("--block-size") + 1] == "32"
+    assert "--block-size" not in engine_argv(options.spec, Settings())  # vLLM's default
 
 
 def test_unknown_vllm_flags_are_rejected(calls: list[RunOptions]) -> None:

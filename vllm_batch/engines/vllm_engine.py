@@ -77,6 +77,7 @@ def engine_argv(
         ("--max-model-len", settings.max_model_len),
         ("--max-num-seqs", max_num_seqs or settings.max_num_seqs),
         ("--max-num-batched-tokens", settings.max_num_batched_tokens),
+        ("--block-size", settings.block_size),
     ):
         if value is not None:
             argv += [flag, str(value)]
