@@ -61,7 +61,8 @@ BlockSizeOpt = Annotated[
     typer.Option(
         min=1,
         help="Tokens per KV-cache block (vLLM's --block-size): prefix caching reuses whole "
-        "blocks only. Default: vLLM's (16 on GPU, 128 on CPU).",
+        "blocks only. Default: 32 on CPU for generative models with prefix caching, else "
+        "vLLM's (16 on GPU).",
     ),
 ]
 GpuMemOpt = Annotated[float | None, typer.Option(help="Fraction of GPU memory for the engine.")]
