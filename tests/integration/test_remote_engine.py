@@ -221,11 +221,15 @@ def test_upstream_killed_mid_batch_and_restarted(
             upstream.kill()
             time.sleep(2)  # no upstream: requests wait for one, none fails
             assert client.batches.retrieve(batch_id).status == "in_progress"
+            worker = httpx.get(f"{live.url}/ready").json()["worker"]
+            assert worker["upstreams"] == {"healthy": 0, "total": 1}
             upstream.start()
             batch = wait_for_batch(client, batch_id, timeout=180)
             assert batch.status == "completed", batch
             assert done < FAULT_LINES
             assert contents(client, batch) == undisturbed
+            worker = httpx.get(f"{live.url}/ready").json()["worker"]
+            assert worker["upstreams"] == {"healthy": 1, "total": 1}
     finally:
         if not upstream.running():
             upstream.start()

@@ -122,6 +122,10 @@ class RemoteEngine:
         names = ", ".join(u.url for u in pool.serving())
         log.info("remote engine for %s ready: %s", self.model_name, names)
 
+    def upstream_states(self) -> list[dict[str, Any]]:
+        """Each upstream's health, models, requests in flight and window (for ``/ready``)."""
+        return [u.describe() for u in self._pool.upstreams] if self._pool is not None else []
+
     async def stop(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
