@@ -223,8 +223,11 @@ def test_upstream_killed_mid_batch_and_restarted(
             assert client.batches.retrieve(batch_id).status == "in_progress"
             worker = httpx.get(f"{live.url}/ready").json()["worker"]
             assert worker["upstreams"] == {"healthy": 0, "total": 1}
+            killed = time.monotonic()
             upstream.start()
+            restarted = time.monotonic()
             batch = wait_for_batch(client, batch_id, timeout=180)
+            print(f"restart {restarted - killed:.1f} s, rest {time.monotonic() - restarted:.1f} s")
             assert batch.status == "completed", batch
             assert done < FAULT_LINES
             assert contents(client, batch) == undisturbed
@@ -254,12 +257,8 @@ def test_upstream_answering_429_and_503(
             batch = wait_for_batch(client, submit_file(client, fault_input()), timeout=180)
             assert batch.status == "completed", batch
             assert contents(client, batch) == undisturbed
+    # (Retry-After itself is timed in tests/unit/test_remote_engine.py: here requests already
+    # on their way when a 429 is answered reach the proxy after it.)
     answered = [seen.answered for seen in proxy.posts()]
     assert answered.count(429) >= 1 and answered.count(503) >= 1
     assert answered.count(200) >= 1  # the proxied upstream served lines too
-    for seen in proxy.posts():  # Retry-After: 1 is honoured
-        if seen.answered == 429:
-            early = [
-                p for p in proxy.posts() if seen.answered_at + 0.25 < p.at < seen.answered_at + 0.95
-            ]
-            assert not early, f"{len(early)} requests within Retry-After"
