@@ -33,6 +33,7 @@ Results go to ``benchmarks/results/<results-name>.{json,md}``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -708,6 +709,23 @@ def start_upstream(variant: Variant, ctx: Context) -> tuple[Child, str]:
     raise child.failure("upstream not ready")
 
 
+async def replay(batch_file: Path, url: str, concurrency: int) -> float:
+    """Seconds to send every line's body straight to ``url`` (``concurrency`` at once)."""
+    lines = [json.loads(raw) for raw in batch_file.read_text().splitlines() if raw.strip()]
+    slots = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+
+        async def one(line: dict[str, Any]) -> None:
+            async with slots:
+                response = await client.post(f"{url}{line['url'][3:]}", json=line["body"])
+                response.raise_for_status()
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(line) for line in lines))
+        return time.perf_counter() - t0
+
+
 def run_server(variant: Variant, ctx: Context) -> Result:
     """``vllm-batch serve`` + in-process worker (``server-remote``: + one vLLM upstream);
     upload -> completed -> download, warm."""
@@ -778,6 +796,12 @@ def run_server(variant: Variant, ctx: Context) -> Result:
             "request_counts": info.get("request_counts"),
             "error_file_id": info.get("error_file_id"),
         }
+        if upstream is not None:  # the same lines straight to the upstream, same concurrency
+            child.stop()
+            direct = asyncio.run(replay(ctx.input, upstream_url, 2 * engine.max_num_seqs))
+            result.extra["direct_to_upstream_s"] = round(direct, 2)
+            sent = f"the same requests sent straight to the upstream: {direct:.1f} s"
+            result.note = "; ".join(filter(None, [result.note, sent]))
     finally:
         child.stop()
         if upstream is not None:

@@ -382,7 +382,9 @@ def yield_scenario(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, A
                     time.sleep(args.yield_warmup)
                 log(f"yield: {name}")
                 before = httpx.get(f"{urls[0].removesuffix('/v1')}/stats").json()
+                t0 = time.perf_counter()
                 latencies, errors = asyncio.run(online_load(urls[0], rate, args.yield_seconds))
+                elapsed = time.perf_counter() - t0  # arrivals, then the last answers
                 after = httpx.get(f"{urls[0].removesuffix('/v1')}/stats").json()
                 if settings is not None:
                     with httpx.Client(base_url=f"{url}/v1", timeout=60) as client:
@@ -399,8 +401,9 @@ def yield_scenario(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, A
             "online_p95_s": round(percentile(latencies, 0.95), 3),
             "online_p99_s": round(percentile(latencies, 0.99), 3),
             "online_mean_s": round(statistics.mean(latencies), 3),
-            "batch_lines_per_s": round((served - online) / args.yield_seconds, 1),
-            "upstream_busy": round(served / args.yield_seconds / capacity, 3),
+            "batch_lines_per_s": round((served - online) / elapsed, 1),
+            "upstream_busy": round(served / elapsed / capacity, 3),
+            "window_s": round(elapsed, 1),
             "throttled": after["throttled"] - before["throttled"],
             **batch_stats,
         }
@@ -439,8 +442,9 @@ def yield_scenario(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, A
         "(half the capacity), latency measured by the client (429s retried after "
         "Retry-After). The batch: one `vllm-batch worker --engine openai` on PostgreSQL, "
         "`--engine-max-concurrency 64`, started "
-        f"{args.yield_warmup:.0f} s before the online load. Batch lines/s = upstream answers "
-        "during the window minus online ones."
+        f"{args.yield_warmup:.0f} s before the online load. Over the window (first online "
+        "arrival to last online answer): batch lines/s = upstream answers minus online ones; "
+        "upstream busy = answers / capacity."
     )
     return {"runs": runs}, f"{note}\n\n{table}"
 
