@@ -1207,7 +1207,8 @@ def main() -> None:
         payload["pairs"] = pairs_summary(pairs)
     default_name = "batch-pairs" if args.pairs else "batch"
     results_name = args.results_name or ("batch-prefix-ab" if args.prefix_ab else default_name)
-    print(save(results_name, payload, f"{description}\n\n{table}").read_text())
+    command = f"Command: `{payload['command']}`"
+    print(save(results_name, payload, f"{description}\n\n{table}\n\n{command}").read_text())
 
 
 if __name__ == "__main__":
