@@ -37,7 +37,7 @@ from vllm_batch.engines.upstreams import (
     describe_http_error,
     retry_after_seconds,
 )
-from vllm_batch.engines.vllm_engine import error_result
+from vllm_batch.engines.vllm_engine import error_result, streaming_refused
 from vllm_batch.retry import retrying
 
 log = logging.getLogger(__name__)
@@ -137,12 +137,7 @@ class RemoteEngine:
         if pool is None:
             raise EngineFailure("the remote engine is not started")
         if body.get("stream"):
-            return error_result(
-                400,
-                "invalid_request_error",
-                "Streaming is not supported in batch requests.",
-                "stream",
-            )
+            return streaming_refused()
         payload = orjson.dumps({**body, "model": self.upstream_model})
         path = url.removeprefix("/v1")
         limit = self._settings.engine_retry_seconds
