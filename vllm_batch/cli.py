@@ -74,7 +74,33 @@ PrefixCacheOpt = Annotated[
 EngineOpt = Annotated[
     str | None,
     typer.Option(
-        "--engine", help="'vllm' (default) or 'instant-benchmark' (no inference; benchmarks only)."
+        "--engine",
+        help="'vllm' (default: in-process), 'openai' (send lines to --engine-url upstreams) "
+        "or 'instant-benchmark' (no inference; benchmarks only). Env: VLLM_BATCH_ENGINE.",
+    ),
+]
+EngineUrlOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--engine-url",
+        help="With --engine openai: an OpenAI-compatible upstream, http://HOST:PORT/v1 "
+        "(repeatable). Env: VLLM_BATCH_ENGINE_URLS (comma-separated).",
+    ),
+]
+EngineKeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--engine-api-key",
+        help="Bearer token for the upstreams (shows in `ps`: prefer VLLM_BATCH_ENGINE_API_KEY).",
+    ),
+]
+EngineConcurrencyOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--engine-max-concurrency",
+        min=1,
+        help="Most requests in flight per upstream (adaptive back-off lowers it while the "
+        "upstream is slow or answers 429). Env: VLLM_BATCH_ENGINE_MAX_CONCURRENCY.",
     ),
 ]
 
@@ -99,6 +125,7 @@ def _setup_logging(settings: Settings, secrets: list[str] | None = None) -> str:
             settings.webhook_secret,
             settings.label_studio_api_key,
             settings.postgres_password,
+            settings.engine_api_key,
             *(secrets or []),
         ]
     )
@@ -106,9 +133,39 @@ def _setup_logging(settings: Settings, secrets: list[str] | None = None) -> str:
 
 
 def build_settings(**overrides: Any) -> Settings:
-    """Environment first, then explicit CLI flags (those not left at None)."""
+    """Environment first, then explicit CLI flags (those not left at None).
+
+    A bad combination (``--engine openai`` without ``--engine-url``, ...) is a usage error.
+    """
+    from pydantic import ValidationError
+
     values = {key: value for key, value in overrides.items() if value is not None}
-    return Settings(**values)
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        messages = "; ".join(
+            str(error["msg"]).removeprefix("Value error, ") for error in exc.errors()
+        )
+        raise typer.BadParameter(messages) from None
+
+
+def with_upstream_models(settings: Settings) -> Settings:
+    """With ``--engine openai`` and no ``--model``: serve every model the upstreams list."""
+    if settings.engine != "openai" or settings.models:
+        return settings
+    from vllm_batch.engines.upstreams import UpstreamsUnreachable, discover_models
+
+    try:
+        names = discover_models(settings.engine_urls, settings.engine_api_key)
+    except UpstreamsUnreachable as exc:
+        raise typer.BadParameter(
+            f"no upstream answered /models ({exc}); name the models with --model NAME "
+            "(or NAME=UPSTREAM_MODEL) to start before the upstreams do",
+            param_hint="--engine-url",
+        ) from None
+    if not names:
+        raise typer.BadParameter("the upstreams serve no model", param_hint="--engine-url")
+    return settings.model_copy(update={"models": names})
 
 
 def check_adapters(settings: Settings, models: list[str] | None = None) -> None:
@@ -159,6 +216,9 @@ def serve(
     enable_prefix_caching: PrefixCacheOpt = None,
     chunk_size: ChunkOpt = None,
     engine: EngineOpt = None,
+    engine_url: EngineUrlOpt = None,
+    engine_api_key: EngineKeyOpt = None,
+    engine_max_concurrency: EngineConcurrencyOpt = None,
     log_level: LogLevelOpt = None,
 ) -> None:
     """Run the API server (and, by default, an in-process worker)."""
@@ -187,8 +247,12 @@ def serve(
         enable_prefix_caching=enable_prefix_caching,
         chunk_size=chunk_size,
         engine=engine,
+        engine_urls=engine_url or None,
+        engine_api_key=engine_api_key,
+        engine_max_concurrency=engine_max_concurrency,
         log_level=log_level.value if log_level else None,
     )
+    settings = with_upstream_models(settings)
     check_adapters(settings)
     from vllm_batch.api.auth import KeyConfigError, KeyRing
 
@@ -263,6 +327,9 @@ def worker_command(
     dtype: DtypeOpt = None,
     enable_prefix_caching: PrefixCacheOpt = None,
     engine: EngineOpt = None,
+    engine_url: EngineUrlOpt = None,
+    engine_api_key: EngineKeyOpt = None,
+    engine_max_concurrency: EngineConcurrencyOpt = None,
     log_level: LogLevelOpt = None,
     metrics_port: Annotated[
         int | None,
@@ -292,10 +359,14 @@ def worker_command(
         dtype=dtype,
         enable_prefix_caching=enable_prefix_caching,
         engine=engine,
+        engine_urls=engine_url or None,
+        engine_api_key=engine_api_key,
+        engine_max_concurrency=engine_max_concurrency,
         log_level=log_level.value if log_level else None,
         metrics_port=metrics_port,
         metrics_host=metrics_host,
     )
+    settings = with_upstream_models(settings)
     check_adapters(settings)
     _setup_logging(settings)
     asyncio.run(_run_worker(settings))
@@ -488,6 +559,17 @@ def run(
             "--enable-prefix-caching/--no-enable-prefix-caching", help="vLLM prefix caching."
         ),
     ] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            "--engine",
+            help="'vllm' (default: in-process) or 'openai': send the lines to --engine-url "
+            "upstreams (--model NAME or NAME=UPSTREAM_MODEL then names the upstream's model).",
+        ),
+    ] = None,
+    engine_url: EngineUrlOpt = None,
+    engine_api_key: EngineKeyOpt = None,
+    engine_max_concurrency: EngineConcurrencyOpt = None,
     runner: Annotated[
         Runner | None,
         typer.Option(
@@ -516,7 +598,8 @@ def run(
             "supported engine flags: --model, --served-model-name, --lora, --max-num-seqs, "
             "--max-num-batched-tokens, --block-size, --gpu-memory-utilization, "
             "--tensor-parallel-size, --max-model-len, --dtype, --enforce-eager, "
-            "--[no-]enable-prefix-caching, --runner",
+            "--[no-]enable-prefix-caching, --runner, "
+            "--engine, --engine-url, --engine-api-key, --engine-max-concurrency",
             err=True,
         )
         raise typer.Exit(2)
@@ -539,8 +622,14 @@ def run(
         enforce_eager=enforce_eager,
         enable_prefix_caching=enable_prefix_caching,
         loras=lora or None,
+        engine=engine,
+        engine_urls=engine_url or None,
+        engine_api_key=engine_api_key,
+        engine_max_concurrency=engine_max_concurrency,
         log_level=log_level.value if log_level else None,
     )
+    if settings.engine == "instant-benchmark":
+        raise typer.BadParameter("use 'vllm' or 'openai' with `run`", param_hint="--engine")
     check_adapters(settings, [spec.name])
     _setup_logging(settings)
     options = RunOptions(

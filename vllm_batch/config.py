@@ -96,8 +96,26 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"  # auto: console on a TTY
     worker: bool = True
-    # "instant-benchmark" is a no-inference engine for pipeline benchmarks only.
-    engine: Literal["vllm", "instant-benchmark"] = "vllm"
+    # "vllm": an in-process engine per worker; "openai": OpenAI-compatible upstream servers
+    # (engine_urls, README "Scaling out"); "instant-benchmark": no inference, benchmarks only.
+    engine: Literal["vllm", "openai", "instant-benchmark"] = "vllm"
+
+    # ---- remote engine (engine="openai"; docs: README "Remote upstreams")
+    # Base URLs of OpenAI-compatible servers (vLLM, SGLang, TGI, llama.cpp, a router), each
+    # ending in /v1; lines go to any of them that lists the line's model in /v1/models.
+    engine_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    engine_api_key: str | None = Field(default=None, repr=False)  # Bearer token upstream
+    # Per upstream: most requests in flight, and the floor adaptive back-off shrinks it to.
+    engine_max_concurrency: int = Field(default=64, ge=1)
+    engine_min_concurrency: int = Field(default=1, ge=1)
+    # AIMD: halve an upstream's window when its latency (per output token, averaged) exceeds
+    # this many times its lowest recent value, or on a 429; 0 turns the latency signal off.
+    engine_latency_factor: float = Field(default=3.0, ge=0)
+    engine_request_timeout: float = Field(default=600.0, gt=0)  # seconds per attempt
+    # How long one request may keep failing over / waiting for a healthy upstream before
+    # the engine counts as failed (the chunk is handed back, as when a local engine dies).
+    engine_retry_seconds: float = Field(default=300.0, gt=0)
+    engine_health_interval: float = Field(default=2.0, gt=0)  # probe dead upstreams this often
 
     max_upload_bytes: int = 200 * 1024 * 1024
     # Uploads API (POST /v1/uploads): per-part and whole-upload limits (OpenAI's: 64 MB,
@@ -222,6 +240,7 @@ class Settings(BaseSettings):
         "handlers",
         "handler_modules",
         "gpu_pause_throttle_reasons",
+        "engine_urls",
         mode="before",
     )
     @classmethod
@@ -236,6 +255,23 @@ class Settings(BaseSettings):
             raise ValueError(
                 "gpu_resume_temperature must not exceed gpu_max_temperature "
                 f"({self.gpu_resume_temperature} > {self.gpu_max_temperature})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_remote_engine(self) -> Settings:
+        from vllm_batch.engines.upstreams import check_base_url
+
+        if self.engine == "openai" and not self.engine_urls:
+            raise ValueError(
+                "engine 'openai' needs at least one upstream: --engine-url "
+                "http://HOST:PORT/v1 (or VLLM_BATCH_ENGINE_URLS)"
+            )
+        self.engine_urls = [check_base_url(url) for url in self.engine_urls]
+        if self.engine_min_concurrency > self.engine_max_concurrency:
+            raise ValueError(
+                "engine_min_concurrency must not exceed engine_max_concurrency "
+                f"({self.engine_min_concurrency} > {self.engine_max_concurrency})"
             )
         return self
 

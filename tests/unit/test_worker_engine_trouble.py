@@ -96,7 +96,7 @@ async def run_until_final(
 
     sampler = asyncio.create_task(sample())
     try:
-        await wait_status(store, batch, "completed", timeout=60)
+        await wait_status(store, batch, "completed", timeout=180)  # generous: loaded CI hosts
     finally:
         sampler.cancel()
         shutdown.set()

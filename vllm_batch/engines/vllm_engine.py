@@ -213,12 +213,7 @@ class VllmEngine:
                 f"The model {self.model_name!r} does not support {url}.",
             )
         if body.get("stream"):
-            return error_result(
-                400,
-                "invalid_request_error",
-                "Streaming is not supported in batch requests.",
-                "stream",
-            )
+            return streaming_refused()
         try:
             body = translate_guided_fields(body)
         except ConflictingStructuredOutputs as exc:
@@ -335,6 +330,13 @@ def import_vllm() -> None:
 def _engine_is_dead(handler: Any) -> bool:
     client = getattr(getattr(handler, "__self__", None), "engine_client", None)
     return bool(getattr(client, "errored", False))
+
+
+def streaming_refused() -> EngineResult:
+    """The error of a line that asks for ``stream``: a batch answer is one body."""
+    return error_result(
+        400, "invalid_request_error", "Streaming is not supported in batch requests.", "stream"
+    )
 
 
 def error_result(
