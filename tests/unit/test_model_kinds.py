@@ -13,7 +13,7 @@ import pytest
 from vllm_batch.api.batches import check_endpoint_served
 from vllm_batch.api.errors import APIError
 from vllm_batch.config import ModelSpec, Settings
-from vllm_batch.engines.pooling import _param
+from vllm_batch.engines.serving import body_param
 from vllm_batch.engines.vllm_engine import engine_argv
 from vllm_batch.model_kinds import ModelKind, detect_kind, kind_serves
 from vllm_batch.validation import SUPPORTED_ENDPOINTS, BatchPlan, plan_batch
@@ -171,9 +171,10 @@ def test_creating_a_batch_for_an_endpoint_no_model_serves_is_a_400(tmp_path: Pat
 
 def test_validation_error_locations_become_parameter_names() -> None:
     loc = ("function-wrap[__log_extra_fields__()]", "input", "list[int]")
-    assert _param(loc) == "input"
-    assert _param(("function-wrap[x()]", "messages", 0, "content", "str")) == "messages.0.content"
-    assert _param(()) is None
+    assert body_param(loc) == "input"
+    tagged = ("function-wrap[x()]", "messages", 0, "content", "str")
+    assert body_param(tagged) == "messages.0.content"
+    assert body_param(()) is None
 
 
 def test_run_runner_flag_sets_the_kind(tmp_path: Path) -> None:
