@@ -67,6 +67,21 @@ def parse_jsonl(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def submit(client: Any, lines: list[dict[str, Any]], endpoint: str) -> Any:
+    """Upload ``lines`` and create a 24h batch for ``endpoint`` with the ``openai`` SDK."""
+    upload = client.files.create(file=("input.jsonl", jsonl(lines)), purpose="batch")
+    return client.batches.create(
+        input_file_id=upload.id, endpoint=endpoint, completion_window="24h"
+    )
+
+
+def results(client: Any, file_id: str | None) -> dict[str, dict[str, Any]]:
+    """An output or error file's lines by ``custom_id`` (empty without a file)."""
+    if file_id is None:
+        return {}
+    return {r["custom_id"]: r for r in parse_jsonl(client.files.content(file_id).text)}
+
+
 async def create_validating_batch(ctx: Any, body: bytes, lines: int) -> str:
     """Store ``body`` as a batch input file and create a ``validating`` batch reading it,
     as the API would (through ``lifecycle.create``); returns the batch id."""

@@ -26,7 +26,7 @@ from vllm_batch.engines.pooling import PoolingServers, is_pooling_url, run_pooli
 from vllm_batch.engines.serving import call_serving, error_response_result, error_result
 from vllm_batch.engines.structured import ConflictingStructuredOutputs, translate_guided_fields
 from vllm_batch.file_url import file_fetcher
-from vllm_batch.model_kinds import is_pooling
+from vllm_batch.model_kinds import ModelKind, is_pooling
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,9 @@ def engine_argv(
         if settings.enable_prefix_caching
         else "--no-enable-prefix-caching"
     )
-    if not is_pooling(spec.resolved_kind):  # pooling models: vLLM decides (encoders cannot)
+    if spec.resolved_kind in (ModelKind.GENERATE, None):
+        # Pooling and speech-to-text models: vLLM decides (encoders and Whisper's cross
+        # attention cannot cache prefixes; forcing it on crashes a Whisper engine).
         argv.append(prefix)
     if eager:
         argv.append("--enforce-eager")

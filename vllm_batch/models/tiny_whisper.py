@@ -8,9 +8,12 @@ on the same generated corpus, followed by Whisper's special tokens in Whisper's 
 100 positions, not 1500) and a 2-layer ``WhisperForConditionalGeneration`` with seeded
 weights. The same ``seed`` always gives a byte-identical ``model.safetensors``.
 
-The embedding rows of the special tokens are zero (the output projection is tied to them),
-so their logit is exactly 0 while the other logits are random: greedy decoding then writes
-plain text until ``max_completion_tokens`` or the model's length (``MAX_TARGET_POSITIONS``).
+The embedding rows of the control tokens (``<|endoftext|>``, ``<|startoftranscript|>``,
+``<|notimestamps|>``, ...) and of the timestamps are zero (vLLM ties the output projection
+to them), so their logit is exactly 0 while the others are random: greedy decoding then
+writes text until ``max_completion_tokens`` or the model's length
+(``MAX_TARGET_POSITIONS``). Language and task tokens keep random rows, so the decoder sees
+which language and task a request asks for.
 """
 
 from __future__ import annotations
@@ -35,15 +38,33 @@ MAX_TARGET_POSITIONS = 64
 BPE_VOCAB_SIZE = 800
 
 
-def special_tokens() -> list[str]:
-    """Whisper's special tokens, in the order (and so the relative ids) Whisper uses."""
+TASKS = ["<|translate|>", "<|transcribe|>"]
+
+
+def language_tokens() -> list[str]:
     from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
-    languages = [f"<|{code}|>" for code in LANGUAGES]
-    tasks = ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>"]
-    # vLLM writes "<|prev|>" before a request's ``prompt``; Whisper's own name follows it.
-    rest = ["<|nocaptions|>", NO_TIMESTAMPS, "<|prev|>"]
-    return [EOT, SOT, *languages, *tasks, *rest]
+    return [f"<|{code}|>" for code in LANGUAGES]
+
+
+def control_tokens() -> list[str]:
+    """The special tokens that are neither a language nor a task."""
+    # vLLM writes "<|prev|>" before a request's ``prompt``; Whisper's own name is kept too.
+    return [
+        EOT,
+        SOT,
+        "<|startoflm|>",
+        "<|startofprev|>",
+        "<|nocaptions|>",
+        NO_TIMESTAMPS,
+        "<|prev|>",
+    ]
+
+
+def special_tokens() -> list[str]:
+    """Whisper's special tokens, in the order (and so the relative ids) Whisper uses."""
+    eot, sot, *rest = control_tokens()
+    return [eot, sot, *language_tokens(), *TASKS, *rest]
 
 
 def timestamp_tokens() -> list[str]:
@@ -129,8 +150,9 @@ def _build(tmp: Path, seed: int) -> None:
                 param.fill_(1.0 if name.endswith("weight") else 0.0)
             else:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
-        first_special = tokenizer.convert_tokens_to_ids(EOT)
-        model.model.decoder.embed_tokens.weight[first_special:] = 0.0  # tied to proj_out
+        embeddings = model.model.decoder.embed_tokens.weight  # tied to proj_out
+        for token in control_tokens() + timestamp_tokens():
+            embeddings[tokenizer.convert_tokens_to_ids(token)] = 0.0
     model.eval()
     model.generation_config = GenerationConfig(
         decoder_start_token_id=config.decoder_start_token_id,
