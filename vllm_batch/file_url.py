@@ -66,8 +66,9 @@ def file_url_problem(value: Any) -> str | None:
         except RefusedURL as exc:
             return f"'file_url' {exc}."
         return None
-    shown = f"the scheme {scheme!r}" if scheme else "no scheme"
-    return f"'file_url' must be an http, https or data URL, not {shown}."
+    if not scheme:
+        return "'file_url' must be an absolute http, https or data URL (it has no scheme)."
+    return f"'file_url' must be an http, https or data URL, not the scheme {scheme!r}."
 
 
 def too_large(limit: int, size: int | None = None) -> str:
