@@ -149,30 +149,6 @@ class UnusedEngine:
         raise RuntimeError(f"no engine for {self.model_name} in these tests")
 
 
-class OtherLoopEngine:
-    """A session engine (living in the fixtures' loop), called from another event loop, e.g.
-    by ``vllm-batch run``'s ``run_batch`` in-process; ``start``/``stop`` leave it running."""
-
-    def __init__(self, engine: Any, loop_thread: LoopThread) -> None:
-        self._engine = engine
-        self._loop = loop_thread.loop
-        self.model_name = engine.model_name
-
-    @property
-    def max_in_flight(self) -> int:
-        return int(self._engine.max_in_flight)
-
-    async def start(self) -> None:
-        return None
-
-    async def stop(self) -> None:
-        return None
-
-    async def run(self, url: str, body: dict[str, Any], request_id: str) -> Any:
-        coro = self._engine.run(url, body, request_id)
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
-
-
 class SharedEngine:
     """Lends the session's engine to an app; ``stop`` leaves it running for the next one."""
 
@@ -192,6 +168,35 @@ class SharedEngine:
 
     async def run(self, url: str, body: dict[str, Any], request_id: str) -> Any:
         return await self._engine.run(url, body, request_id)
+
+
+class OtherLoopEngine(SharedEngine):
+    """A session engine (living in the fixtures' loop), called from another event loop, e.g.
+    by ``vllm-batch run``'s ``run_batch`` in-process; ``start``/``stop`` leave it running."""
+
+    def __init__(self, engine: Any, loop_thread: LoopThread) -> None:
+        super().__init__(engine)
+        self._loop = loop_thread.loop
+
+    async def run(self, url: str, body: dict[str, Any], request_id: str) -> Any:
+        coro = self._engine.run(url, body, request_id)
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+
+
+def run_lent(
+    options: Any, engine: Any, loop_thread: LoopThread
+) -> tuple[Any, list[str], list[Any]]:
+    """``vllm-batch run``'s body in-process on a session ``engine`` lent across loops: the
+    summary, the raw output lines, and the lines parsed as vLLM's ``BatchRequestOutput``."""
+    from vllm.entrypoints.launchers.run_batch import BatchRequestOutput
+
+    from vllm_batch.offline import run_batch
+
+    summary = run_batch(
+        options, engine_factory=lambda spec, s: OtherLoopEngine(engine, loop_thread)
+    )
+    raw_lines = Path(options.output).read_text().splitlines()
+    return summary, raw_lines, [BatchRequestOutput.model_validate_json(raw) for raw in raw_lines]
 
 
 @pytest.fixture(scope="session")
@@ -402,3 +407,12 @@ def server(
         chunk_size=16,
     )
     yield from start_server(loop_thread, settings, tiny_engine)
+
+
+@pytest.fixture(scope="module")
+def client(server: LiveServer) -> Iterator[Any]:
+    """The official ``openai`` SDK on the module's ``server`` (no retries)."""
+    from openai import OpenAI
+
+    with OpenAI(base_url=server.base_url, api_key="unused", max_retries=0) as sdk:
+        yield sdk

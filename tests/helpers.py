@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 TERMINAL = {"completed", "failed", "cancelled", "expired"}
@@ -65,6 +66,19 @@ def wait_for_batch(
 
 def parse_jsonl(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def run_options(tmp_path: Path, settings: Any, body: bytes, **kwargs: Any) -> tuple[Any, Path]:
+    """``vllm-batch run`` options for the only model of ``settings``: the input ``body``
+    (JSONL) is written to ``tmp_path/in.jsonl``, the output goes to ``tmp_path/out.jsonl``."""
+    from vllm_batch.offline import RunOptions
+
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(body)
+    out = tmp_path / "out.jsonl"
+    spec = settings.model_specs[0]
+    options = RunOptions(input=str(source), output=str(out), spec=spec, settings=settings, **kwargs)
+    return options, out
 
 
 def submit(client: Any, lines: list[dict[str, Any]], endpoint: str) -> Any:

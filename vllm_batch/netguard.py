@@ -1,7 +1,7 @@
 """Outbound URL guard (SSRF): http(s) only, and no private targets unless allowed by name.
 
 Used for webhook URLs at batch creation and again at delivery time (DNS may have changed),
-and for the audio endpoints' ``file_url`` before each fetch (``media.py``).
+and for the audio endpoints' ``file_url`` before each fetch (``file_url.py``).
 A URL passes when its scheme is http(s) and every address its host resolves to is public,
 or when the host, or an address it resolves to, is in the allow list (hosts, IPs, CIDRs).
 Callers then connect to a checked address (``pinned``), not to a fresh DNS answer.

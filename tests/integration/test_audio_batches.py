@@ -42,14 +42,14 @@ from tests.conftest import (
     WHISPER_NAME,
     LiveServer,
     LoopThread,
-    OtherLoopEngine,
     SharedEngine,
     UnusedEngine,
     database,
+    run_lent,
     start_server,
     whisper_settings,
 )
-from tests.helpers import parse_jsonl, results, submit, wait_for_batch
+from tests.helpers import jsonl, parse_jsonl, results, run_options, submit, wait_for_batch
 from tests.webhook_receiver import Receiver, webhook_receiver
 from vllm_batch.config import ModelSpec
 from vllm_batch.offline import RunFailed, RunOptions, run_batch
@@ -81,12 +81,6 @@ def server(
             return UnusedEngine(TINY_NAME)
 
         yield from start_server(loop_thread, settings, None, engine_factory=factory)
-
-
-@pytest.fixture(scope="module")
-def client(server: LiveServer) -> Iterator[OpenAI]:
-    with OpenAI(base_url=server.base_url, api_key="unused", max_retries=0) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
@@ -278,14 +272,7 @@ def test_readme_example_lines(client: OpenAI, files: Receiver) -> None:
 def options(
     tmp_path: Path, model: Path, lines: list[dict[str, Any]], **kwargs: Any
 ) -> tuple[RunOptions, Path]:
-    source = tmp_path / "in.jsonl"
-    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    out = tmp_path / "out.jsonl"
-    spec = ModelSpec.parse(f"{WHISPER_NAME}={model}")
-    settings = whisper_settings(model)
-    return RunOptions(
-        input=str(source), output=str(out), spec=spec, settings=settings, **kwargs
-    ), out
+    return run_options(tmp_path, whisper_settings(model), jsonl(lines), **kwargs)
 
 
 def test_run_writes_vllm_batch_output_for_audio_endpoints(
@@ -295,7 +282,6 @@ def test_run_writes_vllm_batch_output_for_audio_endpoints(
     loop_thread: LoopThread,
     files: Receiver,
 ) -> None:
-    from vllm.entrypoints.launchers.run_batch import BatchRequestOutput
     from vllm.entrypoints.speech_to_text.transcription.protocol import TranscriptionResponse
     from vllm.entrypoints.speech_to_text.translation.protocol import TranslationResponse
 
@@ -310,13 +296,9 @@ def test_run_writes_vllm_batch_output_for_audio_endpoints(
     ]
     lines[3]["body"]["model"] = WHISPER_NAME
     del lines[5]["body"]["file_url"]
-    run_options, out = options(tmp_path, tiny_whisper, lines)
-    summary = run_batch(
-        run_options, engine_factory=lambda spec, s: OtherLoopEngine(whisper_engine, loop_thread)
-    )
+    run_options, _ = options(tmp_path, tiny_whisper, lines)
+    summary, raw_lines, parsed = run_lent(run_options, whisper_engine, loop_thread)
     assert summary.total == len(lines) and summary.errors == 4
-    raw_lines = out.read_text().splitlines()
-    parsed = [BatchRequestOutput.model_validate_json(raw) for raw in raw_lines]
     assert [p.custom_id for p in parsed] == [line["custom_id"] for line in lines]
 
     transcribed, translated = parsed[0].response, parsed[1].response

@@ -67,12 +67,6 @@ def server(
 
 
 @pytest.fixture(scope="module")
-def client(server: LiveServer) -> Iterator[OpenAI]:
-    with OpenAI(base_url=server.base_url, api_key="unused", max_retries=0) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def reference(minilm_model: Path) -> Callable[[str], list[float]]:
     """Sentence embeddings computed independently: transformers + mean pooling."""
     import torch

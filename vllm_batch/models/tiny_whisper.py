@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vllm_batch.models._atomic import build_atomically
+from vllm_batch.models.tiny import corpus, seeded_model
 
 if TYPE_CHECKING:
     from transformers import WhisperTokenizer
@@ -79,8 +80,6 @@ def build_tokenizer() -> WhisperTokenizer:
 
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import AddedToken, WhisperTokenizer
-
-    from vllm_batch.models.tiny import corpus
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -140,16 +139,8 @@ def _build(tmp: Path, seed: int) -> None:
     tokenizer = build_tokenizer()
     config = WhisperConfig(**_config_kwargs(tokenizer))
     config.architectures = ["WhisperForConditionalGeneration"]
-    with torch.random.fork_rng(devices=[]):  # seed without disturbing the caller's RNG
-        torch.manual_seed(seed)
-        model = WhisperForConditionalGeneration(config)
-    gen = torch.Generator().manual_seed(seed)
+    model = seeded_model(WhisperForConditionalGeneration, config, seed, scale=0.05)
     with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if "layer_norm" in name:
-                param.fill_(1.0 if name.endswith("weight") else 0.0)
-            else:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
         embeddings = model.model.decoder.embed_tokens.weight  # tied to proj_out
         for token in control_tokens() + timestamp_tokens():
             embeddings[tokenizer.convert_tokens_to_ids(token)] = 0.0
