@@ -174,6 +174,9 @@ def test_creating_a_batch_for_an_endpoint_no_model_serves_is_a_400(tmp_path: Pat
     assert exc.value.status == 400
     assert "No served model supports /v1/embeddings" in exc.value.message
     assert "chat (generate)" in exc.value.message
+    with pytest.raises(APIError) as exc:
+        check_endpoint_served(settings, "/v1/audio/transcriptions")
+    assert "No served model supports /v1/audio/transcriptions" in exc.value.message
 
 
 def test_validation_error_locations_become_parameter_names() -> None:

@@ -49,6 +49,12 @@ class AudioServers:
     def serving(self, url: str) -> Any:
         return self.transcription if url == TRANSCRIPTIONS else self.translation
 
+    def close(self) -> None:
+        """Stop the serving objects' audio-decoding thread pools."""
+        for serving in (self.transcription, self.translation):
+            if serving is not None:
+                serving.shutdown()
+
 
 def is_audio_url(url: str) -> bool:
     return url in AUDIO_ENDPOINTS

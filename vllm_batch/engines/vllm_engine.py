@@ -168,6 +168,7 @@ class VllmEngine:
     async def stop(self) -> None:
         self._chat = self._completion = self._responses = None
         self._pooling = PoolingServers()
+        self._audio.close()
         self._audio = AudioServers()
         await self._stack.aclose()
 
