@@ -293,12 +293,13 @@ def test_run_writes_vllm_batch_output_for_audio_endpoints(
         {"custom_id": "chat", "method": "POST", "url": "/v1/chat/completions", "body": chat},
         audio_line("private", TRANSCRIPTIONS, "http://127.0.0.1:9/a.wav"),
         audio_line("no-file-url", TRANSCRIPTIONS, data_url(LOW)),
+        audio_line("upload", TRANSCRIPTIONS, data_url(LOW), file="a.wav"),
     ]
     lines[3]["body"]["model"] = WHISPER_NAME
     del lines[5]["body"]["file_url"]
     run_options, _ = options(tmp_path, tiny_whisper, lines)
     summary, raw_lines, parsed = run_lent(run_options, whisper_engine, loop_thread)
-    assert summary.total == len(lines) and summary.errors == 4
+    assert summary.total == len(lines) and summary.errors == 5
     assert [p.custom_id for p in parsed] == [line["custom_id"] for line in lines]
 
     transcribed, translated = parsed[0].response, parsed[1].response
@@ -321,6 +322,9 @@ def test_run_writes_vllm_batch_output_for_audio_endpoints(
     assert private["param"] == "file_url" and "targets a loopback address" in private["message"]
     missing = errors["no-file-url"]["error"]["error"]
     assert missing["code"] == 400 and missing["param"] == "file_url"
+    upload = errors["upload"]["error"]["error"]
+    assert upload["code"] == 400 and upload["param"] == "file"
+    assert "Use 'file_url' instead" in upload["message"]
 
 
 def test_strict_run_rejects_wrong_kind_and_unfetchable_file_urls(

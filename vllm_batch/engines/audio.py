@@ -84,6 +84,7 @@ async def run_audio(
     from fastapi import UploadFile
     from pydantic import ValidationError
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+    from vllm.exceptions import VLLMValidationError
 
     serving = servers.serving(url)
     if serving is None or servers.fetcher is None:
@@ -99,6 +100,8 @@ async def run_audio(
         line_body = line_type.model_validate(body)
     except ValidationError as exc:
         return validation_error_result(exc)
+    except VLLMValidationError as exc:  # its own check: no "file" in a batch body
+        return error_result(400, "invalid_request_error", exc.args[0], exc.parameter)
     try:
         audio = await servers.fetcher.fetch(line_body.file_url)
     except FileURLError as exc:
