@@ -208,6 +208,8 @@ class EngineConfig:
     max_model_len: int
     max_num_batched_tokens: int
     dtype: str = "float32"
+    block_size: int | None = None
+    """KV-cache block tokens for every variant (None: vLLM's default, 128 on CPU)."""
 
 
 @dataclass(frozen=True)
@@ -312,7 +314,10 @@ def our_engine_args(help_text: str, engine: EngineConfig, variant: Variant) -> O
         ("--max-model-len", "MAX_MODEL_LEN", str(engine.max_model_len)),
         ("--max-num-batched-tokens", "MAX_NUM_BATCHED_TOKENS", str(engine.max_num_batched_tokens)),
         ("--dtype", "DTYPE", engine.dtype),
+        ("--block-size", "BLOCK_SIZE", str(engine.block_size) if engine.block_size else None),
     ):
+        if value is None:
+            continue
         if has(flag):
             args.flags += [flag, value]
         else:
@@ -556,6 +561,7 @@ def run_raw(variant: Variant, ctx: Context) -> Result:
                 "max_model_len": engine.max_model_len,
                 "max_num_batched_tokens": engine.max_num_batched_tokens,
                 "enable_prefix_caching": variant.prefix_caching,
+                "block_size": engine.block_size,
             }
         )
     )
@@ -603,6 +609,7 @@ def raw_child(config_path: Path) -> None:
         max_model_len=config["max_model_len"],
         max_num_batched_tokens=config["max_num_batched_tokens"],
         enable_prefix_caching=config["enable_prefix_caching"],
+        block_size=config["block_size"],
     )
     ready_at = time.time()
     outputs = llm.chat(conversations, params, use_tqdm=False)
@@ -634,6 +641,8 @@ def run_run_batch(variant: Variant, ctx: Context) -> Result:
     cmd += ["--max-num-seqs", str(engine.max_num_seqs)]
     cmd += ["--max-model-len", str(engine.max_model_len)]
     cmd += ["--max-num-batched-tokens", str(engine.max_num_batched_tokens)]
+    if engine.block_size:
+        cmd += ["--block-size", str(engine.block_size)]
     cmd += ["--enable-prompt-tokens-details", "--disable-log-stats"]
     cmd.append(
         "--enable-prefix-caching" if variant.prefix_caching else "--no-enable-prefix-caching"
@@ -1026,6 +1035,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=4096,
         help="engine, every variant [%(default)s: vLLM's CPU default for LLM()]",
     )
+    add("--block-size", type=int, help="engine, every variant [vLLM's: 128 on CPU]")
     add("--timeout", type=float, default=3600, help="seconds per variant [%(default)s]")
     add("--workdir", type=Path, help="keep the batch file, outputs and logs here")
     add(
@@ -1073,6 +1083,7 @@ def main() -> None:
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
     )
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-batch-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -1110,7 +1121,8 @@ def main() -> None:
         f"share a {stats['prefix_tokens']}-token system prompt. Engine for every variant: "
         f"dtype {engine.dtype}, enforce-eager, max-num-seqs {engine.max_num_seqs}, "
         f"max-model-len {engine.max_model_len}, max-num-batched-tokens "
-        f"{engine.max_num_batched_tokens}, prefix caching on unless -no-prefix-cache, "
+        f"{engine.max_num_batched_tokens}, block size {engine.block_size or 'vLLM default'}, "
+        "prefix caching on unless -no-prefix-cache, "
         + ", ".join(f"{k}={env[k]}" for k in CPU_ENV)
         + ". Each variant is its own subprocess. Cold wall: process start until all results "
         "are out (engine shutdown excluded). Process wall: process start until it exited "

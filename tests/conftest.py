@@ -150,10 +150,15 @@ class UnusedEngine:
 
 
 class SharedEngine:
-    """Lends the session's engine to an app; ``stop`` leaves it running for the next one."""
+    """Lends the session's engine to an app; ``stop`` leaves it running for the next one.
 
-    def __init__(self, engine: Any) -> None:
+    With ``loop_thread``, requests run in that thread's loop (where the engine lives), for a
+    caller on another event loop (``vllm-batch run``'s own loop).
+    """
+
+    def __init__(self, engine: Any, loop_thread: LoopThread | None = None) -> None:
         self._engine = engine
+        self._loop = loop_thread.loop if loop_thread is not None else None
         self.model_name = engine.model_name
 
     @property
@@ -167,19 +172,9 @@ class SharedEngine:
         return None
 
     async def run(self, url: str, body: dict[str, Any], request_id: str) -> Any:
-        return await self._engine.run(url, body, request_id)
-
-
-class OtherLoopEngine(SharedEngine):
-    """A session engine (living in the fixtures' loop), called from another event loop, e.g.
-    by ``vllm-batch run``'s ``run_batch`` in-process; ``start``/``stop`` leave it running."""
-
-    def __init__(self, engine: Any, loop_thread: LoopThread) -> None:
-        super().__init__(engine)
-        self._loop = loop_thread.loop
-
-    async def run(self, url: str, body: dict[str, Any], request_id: str) -> Any:
         coro = self._engine.run(url, body, request_id)
+        if self._loop is None:
+            return await coro
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
 
 
@@ -192,9 +187,7 @@ def run_lent(
 
     from vllm_batch.offline import run_batch
 
-    summary = run_batch(
-        options, engine_factory=lambda spec, s: OtherLoopEngine(engine, loop_thread)
-    )
+    summary = run_batch(options, engine_factory=lambda spec, s: SharedEngine(engine, loop_thread))
     raw_lines = Path(options.output).read_text().splitlines()
     return summary, raw_lines, [BatchRequestOutput.model_validate_json(raw) for raw in raw_lines]
 
@@ -389,6 +382,24 @@ def start_server(
     finally:
         server.should_exit = True
         future.result(60)
+
+
+def api_only_server(
+    loop_thread: LoopThread,
+    tiny_model: Path,
+    database_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    **overrides: Any,
+) -> Iterator[LiveServer]:
+    """A live server without a worker (no engine): for the API's own behaviour."""
+    settings = engine_settings(
+        tiny_model,
+        database_url=database_url,
+        data_dir=tmp_path_factory.mktemp("data"),
+        worker=False,
+        **overrides,
+    )
+    yield from start_server(loop_thread, settings, None)
 
 
 @pytest.fixture(scope="module")

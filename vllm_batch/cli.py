@@ -56,6 +56,15 @@ MaxLenOpt = Annotated[int | None, typer.Option(help="Engine max model length.")]
 ChunkOpt = Annotated[int | None, typer.Option(help="Lines per work unit.")]
 MaxSeqsOpt = Annotated[int | None, typer.Option(help="Engine max concurrent sequences.")]
 BatchedTokensOpt = Annotated[int | None, typer.Option(help="Engine max tokens per scheduler step.")]
+BlockSizeOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Tokens per KV-cache block (vLLM's --block-size): prefix caching reuses whole "
+        "blocks only. Default: 32 on CPU for generative models with prefix caching, else "
+        "vLLM's (16 on GPU).",
+    ),
+]
 GpuMemOpt = Annotated[float | None, typer.Option(help="Fraction of GPU memory for the engine.")]
 DtypeOpt = Annotated[str | None, typer.Option(help="Model dtype (auto: float32 on CPU).")]
 PrefixCacheOpt = Annotated[
@@ -144,6 +153,7 @@ def serve(
     max_model_len: MaxLenOpt = None,
     max_num_seqs: MaxSeqsOpt = None,
     max_num_batched_tokens: BatchedTokensOpt = None,
+    block_size: BlockSizeOpt = None,
     gpu_memory_utilization: GpuMemOpt = None,
     dtype: DtypeOpt = None,
     enable_prefix_caching: PrefixCacheOpt = None,
@@ -171,6 +181,7 @@ def serve(
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
+        block_size=block_size,
         gpu_memory_utilization=gpu_memory_utilization,
         dtype=dtype,
         enable_prefix_caching=enable_prefix_caching,
@@ -247,6 +258,7 @@ def worker_command(
     max_model_len: MaxLenOpt = None,
     max_num_seqs: MaxSeqsOpt = None,
     max_num_batched_tokens: BatchedTokensOpt = None,
+    block_size: BlockSizeOpt = None,
     gpu_memory_utilization: GpuMemOpt = None,
     dtype: DtypeOpt = None,
     enable_prefix_caching: PrefixCacheOpt = None,
@@ -275,6 +287,7 @@ def worker_command(
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
+        block_size=block_size,
         gpu_memory_utilization=gpu_memory_utilization,
         dtype=dtype,
         enable_prefix_caching=enable_prefix_caching,
@@ -463,6 +476,7 @@ def run(
     ] = 4096,
     max_num_seqs: MaxSeqsOpt = None,
     max_num_batched_tokens: BatchedTokensOpt = None,
+    block_size: BlockSizeOpt = None,
     gpu_memory_utilization: GpuMemOpt = None,
     tensor_parallel_size: Annotated[
         int | None, typer.Option("--tensor-parallel-size", "-tp", help="GPUs per model.")
@@ -502,8 +516,9 @@ def run(
         typer.echo(
             f"error: unsupported option(s) for `vllm-batch run`: {' '.join(ctx.args)}\n"
             "supported engine flags: --model, --served-model-name, --lora, --max-num-seqs, "
-            "--max-num-batched-tokens, --gpu-memory-utilization, --tensor-parallel-size, "
-            "--max-model-len, --dtype, --enforce-eager, --[no-]enable-prefix-caching, --runner",
+            "--max-num-batched-tokens, --block-size, --gpu-memory-utilization, "
+            "--tensor-parallel-size, --max-model-len, --dtype, --enforce-eager, "
+            "--[no-]enable-prefix-caching, --runner",
             err=True,
         )
         raise typer.Exit(2)
@@ -518,6 +533,7 @@ def run(
     settings = build_settings(
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
+        block_size=block_size,
         gpu_memory_utilization=gpu_memory_utilization,
         tensor_parallel_size=tensor_parallel_size,
         max_model_len=max_model_len,

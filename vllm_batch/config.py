@@ -136,6 +136,8 @@ class Settings(BaseSettings):
     max_model_len: int | None = None
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
+    # Tokens per KV-cache block; prefix caching reuses whole blocks (None: vLLM's choice).
+    block_size: int | None = Field(default=None, ge=1)
     dtype: str = "auto"  # "auto" means float32 on CPU (bf16 is slow and inaccurate there)
     enforce_eager: bool | None = None  # None: eager on CPU (fast start), graphs on GPU
     tensor_parallel_size: int = 1

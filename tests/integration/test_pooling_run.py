@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import MINILM_NAME, LoopThread, OtherLoopEngine, pooling_settings, run_lent
+from tests.conftest import MINILM_NAME, LoopThread, UnusedEngine, pooling_settings, run_lent
 from tests.helpers import run_options
 from vllm_batch.offline import RunFailed, RunOptions, run_batch
 
@@ -86,16 +86,8 @@ def test_strict_run_rejects_a_line_of_the_wrong_kind(tmp_path: Path, minilm_mode
     chat = request("c", "/v1/chat/completions", messages=[{"role": "user", "content": "hi"}])
     run_options, out = options(tmp_path, minilm_model, [chat], strict=True)
 
-    class Idle(OtherLoopEngine):
-        def __init__(self) -> None:
-            self.model_name = MINILM_NAME
-
-        @property
-        def max_in_flight(self) -> int:
-            return 1
-
     with pytest.raises(RunFailed) as exc:
-        run_batch(run_options, engine_factory=lambda spec, s: Idle())
+        run_batch(run_options, engine_factory=lambda spec, s: UnusedEngine(MINILM_NAME))
     assert exc.value.exit_code == 2
     assert "line 1: The model 'minilm' is an embedding model" in exc.value.message
     assert not out.exists()
