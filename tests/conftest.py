@@ -1,7 +1,7 @@
-"""Shared fixtures: the tiny model, PostgreSQL databases, one vLLM engine, live servers.
+"""Shared fixtures: the tiny models, PostgreSQL databases, vLLM engines, live servers.
 
-One background event loop hosts the (single, session-wide) tiny-model engine and every
-in-process server, so engines start once per test session.
+One background event loop hosts the session-wide engines (each started once per test
+session, on first use) and every in-process server.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ T = TypeVar("T")
 PG_ADMIN_DSN = os.environ.get("VLLM_BATCH_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 TINY_NAME = "tiny-llama"
 MINILM_NAME = "minilm"
+WHISPER_NAME = "tiny-whisper"
+AUDIO_HOST = "127.0.0.2"
+"""Where the audio tests serve their files: loopback, so the engine allows it by name."""
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
@@ -127,6 +130,25 @@ def loop_thread() -> Iterator[LoopThread]:
     lt.close()
 
 
+class UnusedEngine:
+    """A served model's engine that a test module never runs a request on (its model only
+    answers validation and ``/v1/models``)."""
+
+    max_in_flight = 1
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+
+    async def start(self) -> None:
+        raise RuntimeError(f"no engine for {self.model_name} in these tests")
+
+    async def stop(self) -> None:
+        return None
+
+    async def run(self, url: str, body: dict[str, Any], request_id: str) -> Any:
+        raise RuntimeError(f"no engine for {self.model_name} in these tests")
+
+
 class SharedEngine:
     """Lends the session's engine to an app; ``stop`` leaves it running for the next one.
 
@@ -154,6 +176,20 @@ class SharedEngine:
         if self._loop is None:
             return await coro
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+
+
+def run_lent(
+    options: Any, engine: Any, loop_thread: LoopThread
+) -> tuple[Any, list[str], list[Any]]:
+    """``vllm-batch run``'s body in-process on a session ``engine`` lent across loops: the
+    summary, the raw output lines, and the lines parsed as vLLM's ``BatchRequestOutput``."""
+    from vllm.entrypoints.launchers.run_batch import BatchRequestOutput
+
+    from vllm_batch.offline import run_batch
+
+    summary = run_batch(options, engine_factory=lambda spec, s: SharedEngine(engine, loop_thread))
+    raw_lines = Path(options.output).read_text().splitlines()
+    return summary, raw_lines, [BatchRequestOutput.model_validate_json(raw) for raw in raw_lines]
 
 
 @pytest.fixture(scope="session")
@@ -199,6 +235,49 @@ def pooling_engine(loop_thread: LoopThread, minilm_model: Path) -> Iterator[Any]
     from vllm_batch.engines.vllm_engine import VllmEngine
 
     settings = pooling_settings(minilm_model)
+    engine = VllmEngine(settings.model_specs[0], settings)
+    loop_thread.run(engine.start())
+    yield engine
+    loop_thread.run(engine.stop())
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random-weight Whisper (``models/tiny_whisper.py``): 2-second windows."""
+    from vllm_batch.models.tiny_whisper import make_test_whisper
+
+    return make_test_whisper(tmp_path_factory.mktemp("models") / "tiny-whisper")
+
+
+AUDIO_MAX_BYTES = 150_000
+AUDIO_FETCH_TIMEOUT = 1.5
+
+
+def whisper_settings(model: Path, **overrides: Any) -> Settings:
+    """Settings for the tiny Whisper on CPU (kind ``transcribe``, detected from its files):
+    ``file_url`` may target ``AUDIO_HOST``, with small size and time limits to test."""
+    values: dict[str, Any] = {
+        "models": [f"{WHISPER_NAME}={model}"],
+        "dtype": "float32",
+        "enforce_eager": True,
+        "max_num_seqs": 8,
+        "flush_interval": 0.3,
+        "poll_interval": 0.2,
+        "audio_allowed_hosts": [AUDIO_HOST],
+        "audio_max_bytes": AUDIO_MAX_BYTES,
+        "audio_fetch_timeout": AUDIO_FETCH_TIMEOUT,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture(scope="session")
+def whisper_engine(loop_thread: LoopThread, tiny_whisper: Path) -> Iterator[Any]:
+    """The real vLLM engine on the tiny Whisper (speech-to-text serving), started once per
+    session; its ``file_url`` limits are ``whisper_settings``'."""
+    from vllm_batch.engines.vllm_engine import VllmEngine
+
+    settings = whisper_settings(tiny_whisper)
     engine = VllmEngine(settings.model_specs[0], settings)
     loop_thread.run(engine.start())
     yield engine
@@ -339,3 +418,12 @@ def server(
         chunk_size=16,
     )
     yield from start_server(loop_thread, settings, tiny_engine)
+
+
+@pytest.fixture(scope="module")
+def client(server: LiveServer) -> Iterator[Any]:
+    """The official ``openai`` SDK on the module's ``server`` (no retries)."""
+    from openai import OpenAI
+
+    with OpenAI(base_url=server.base_url, api_key="unused", max_retries=0) as sdk:
+        yield sdk

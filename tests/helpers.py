@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 TERMINAL = {"completed", "failed", "cancelled", "expired"}
@@ -65,6 +66,34 @@ def wait_for_batch(
 
 def parse_jsonl(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def run_options(tmp_path: Path, settings: Any, body: bytes, **kwargs: Any) -> tuple[Any, Path]:
+    """``vllm-batch run`` options for the only model of ``settings``: the input ``body``
+    (JSONL) is written to ``tmp_path/in.jsonl``, the output goes to ``tmp_path/out.jsonl``."""
+    from vllm_batch.offline import RunOptions
+
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(body)
+    out = tmp_path / "out.jsonl"
+    spec = settings.model_specs[0]
+    options = RunOptions(input=str(source), output=str(out), spec=spec, settings=settings, **kwargs)
+    return options, out
+
+
+def submit(client: Any, lines: list[dict[str, Any]], endpoint: str) -> Any:
+    """Upload ``lines`` and create a 24h batch for ``endpoint`` with the ``openai`` SDK."""
+    upload = client.files.create(file=("input.jsonl", jsonl(lines)), purpose="batch")
+    return client.batches.create(
+        input_file_id=upload.id, endpoint=endpoint, completion_window="24h"
+    )
+
+
+def results(client: Any, file_id: str | None) -> dict[str, dict[str, Any]]:
+    """An output or error file's lines by ``custom_id`` (empty without a file)."""
+    if file_id is None:
+        return {}
+    return {r["custom_id"]: r for r in parse_jsonl(client.files.content(file_id).text)}
 
 
 async def create_validating_batch(ctx: Any, body: bytes, lines: int) -> str:

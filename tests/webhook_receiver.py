@@ -1,6 +1,9 @@
-"""A real HTTP webhook receiver on loopback (a thread of this process) for tests.
+"""A real HTTP server on loopback (a thread of this process) for tests: a webhook receiver
+that also serves files.
 
-Each path gets a script of status codes (the last one repeats); every request is kept.
+POST: each path gets a script of status codes (the last one repeats); every request is kept.
+GET: ``serve`` a path's bytes (optionally dripped slowly, or without ``Content-Length``),
+or ``redirect`` it elsewhere; anything else is a 404.
 """
 
 from __future__ import annotations
@@ -29,11 +32,29 @@ class Receiver:
     extra_headers: dict[str, dict[str, str]] = field(default_factory=dict)
     response_bytes: dict[str, int] = field(default_factory=dict)
     delay: dict[str, float] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)
+    drips: dict[str, float] = field(default_factory=dict)
+    unsized: set[str] = field(default_factory=set)
+    redirects: dict[str, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def script(self, path: str, *codes: int) -> str:
         """Answer ``path`` with ``codes`` in turn (the last repeats); returns its full URL."""
         self.scripts[path] = list(codes)
+        return self.url + path
+
+    def serve(self, path: str, data: bytes, *, drip: float = 0, sized: bool = True) -> str:
+        """Answer GET ``path`` with ``data``, in ten pieces over ``drip`` seconds (``sized``:
+        with a ``Content-Length``, else until the connection closes); returns its URL."""
+        self.files[path] = data
+        self.drips[path] = drip
+        if not sized:
+            self.unsized.add(path)
+        return self.url + path
+
+    def redirect(self, path: str, location: str) -> str:
+        """Answer GET ``path`` with a 302 to ``location``; returns its full URL."""
+        self.redirects[path] = location
         return self.url + path
 
     def at(self, path: str) -> list[Received]:
@@ -75,6 +96,31 @@ def webhook_receiver(host: str = "127.0.0.1") -> Iterator[Receiver]:
             self.end_headers()
             with contextlib.suppress(OSError):
                 self.wfile.write(b"x" * size)
+
+        def do_GET(self) -> None:
+            path = self.path
+            with receiver.lock:
+                receiver.requests.append(Received(path, dict(self.headers), b"", time.time()))
+            if path in receiver.redirects:
+                self.send_response(302)
+                self.send_header("location", receiver.redirects[path])
+                self.send_header("content-length", "0")
+                self.end_headers()
+                return
+            data = receiver.files.get(path, b"")
+            self.send_response(200 if path in receiver.files else 404)
+            if path in receiver.unsized:
+                self.send_header("connection", "close")
+                self.close_connection = True
+            else:
+                self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            step = -(-len(data) // 10) or 1
+            with contextlib.suppress(OSError):
+                for start in range(0, len(data), step):
+                    time.sleep(receiver.drips.get(path, 0) / 10)
+                    self.wfile.write(data[start : start + step])
+                    self.wfile.flush()
 
         def log_message(self, *args: object) -> None:
             return None

@@ -32,7 +32,7 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         help="Model to serve, NAME=PATH or PATH, optionally with :KIND (generate, embed, "
-        "score; detected if not given). Repeatable. Env: VLLM_BATCH_MODELS.",
+        "score, transcribe; detected if not given). Repeatable. Env: VLLM_BATCH_MODELS.",
     ),
 ]
 LoraOpt = Annotated[
@@ -489,10 +489,11 @@ class Runner(StrEnum):
 
 
 def runner_kind(runner: Runner, spec: ModelSpec) -> ModelKind | None:
-    """The model kind a ``--runner`` asks for (pooling: score for a cross-encoder, else embed)."""
+    """The model kind a ``--runner`` asks for (pooling: score for a cross-encoder, else embed;
+    generate: transcribe for a speech-to-text model, which runs on vLLM's generate runner)."""
     detected = spec.resolved_kind
     if runner is Runner.generate:
-        return ModelKind.GENERATE
+        return ModelKind.TRANSCRIBE if detected is ModelKind.TRANSCRIBE else ModelKind.GENERATE
     if runner is Runner.pooling:
         return ModelKind.SCORE if detected is ModelKind.SCORE else ModelKind.EMBED
     return detected
@@ -515,7 +516,8 @@ def run(
         typer.Option(
             "--model",
             help="NAME=PATH or PATH (served under PATH, like vLLM), optionally with :KIND "
-            "(generate, embed, score; detected from the model's files if not given).",
+            "(generate, embed, score, transcribe; detected from the model's files if not "
+            "given).",
         ),
     ],
     served_model_name: Annotated[

@@ -25,7 +25,8 @@ def _env(*names: str) -> AliasChoices:
 @dataclass(frozen=True)
 class ModelSpec:
     """A served model: the name clients put in ``body.model``, where its weights are, and
-    (optionally) its kind: ``generate``, ``embed`` or ``score`` (see ``model_kinds``)."""
+    (optionally) its kind: ``generate``, ``embed``, ``score`` or ``transcribe`` (see
+    ``model_kinds``)."""
 
     name: str
     path: str
@@ -35,7 +36,7 @@ class ModelSpec:
     @classmethod
     def parse(cls, spec: str) -> ModelSpec:
         """Parse ``NAME=PATH`` or ``PATH`` (served under the path as given, like vLLM), each
-        optionally followed by ``:KIND`` (``generate``, ``embed`` or ``score``)."""
+        optionally followed by ``:KIND`` (``generate``, ``embed``, ``score``, ``transcribe``)."""
         kind: ModelKind | None = None
         head, colon, tail = spec.rpartition(":")
         if colon and tail in KIND_VALUES:
@@ -46,7 +47,7 @@ class ModelSpec:
         if not name or not path:
             raise ValueError(
                 f"invalid model spec {spec!r}: expected NAME=PATH or PATH, "
-                "optionally followed by :generate, :embed or :score"
+                "optionally followed by :generate, :embed, :score or :transcribe"
             )
         return cls(name=name, path=path, kind=kind)
 
@@ -211,6 +212,13 @@ class Settings(BaseSettings):
     template_handler_template: Path | None = None  # a Jinja2 template file
     template_handler_output: str | None = None  # path; "{batch_id}" is replaced
 
+    # ---- audio endpoints' file_url (docs: README "Audio: transcriptions and translations")
+    audio_max_bytes: int = Field(default=25 * 1024 * 1024, ge=1)  # OpenAI's limit: 25 MB
+    # Seconds for a whole fetch: resolving, connecting, redirects and every byte.
+    audio_fetch_timeout: float = Field(default=30.0, gt=0)
+    # Hosts, IPs or CIDRs a file_url may target although private/loopback/link-local.
+    audio_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
     # ---- metrics (docs: README "Operations")
     metrics_enabled: bool = Field(
         default=True,
@@ -237,6 +245,7 @@ class Settings(BaseSettings):
         "api_keys",
         "webhook_urls",
         "webhook_allowed_hosts",
+        "audio_allowed_hosts",
         "handlers",
         "handler_modules",
         "gpu_pause_throttle_reasons",

@@ -1,4 +1,5 @@
-"""What a served model does, which batch endpoints that allows, and pooling body checks.
+"""What a served model does, which batch endpoints that allows, and body checks for the
+pooling and audio endpoints.
 
 Kinds:
 
@@ -8,6 +9,9 @@ Kinds:
   of the embeddings, as vLLM does); vLLM's ``runner="pooling"``.
 - ``score``: a cross-encoder (``*ForSequenceClassification`` with one label):
   ``/v1/score`` and ``/v1/rerank``; vLLM's ``runner="pooling"``.
+- ``transcribe``: a speech-to-text model (Whisper and vLLM's other transcription-only
+  models): ``/v1/audio/transcriptions`` and ``/v1/audio/translations``; vLLM's
+  ``runner="generate"``.
 
 A kind is given with ``--model NAME=PATH:KIND`` or detected from the model's
 ``config.json`` (its ``architectures``) and sentence-transformers files. A model whose
@@ -22,7 +26,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from vllm_batch.file_url import file_url_problem
+
 POOLING_ENDPOINTS: tuple[str, ...] = ("/v1/embeddings", "/v1/score", "/v1/rerank")
+AUDIO_ENDPOINTS: tuple[str, ...] = ("/v1/audio/transcriptions", "/v1/audio/translations")
 SCORE_PAIRS: tuple[tuple[str, str], ...] = (
     ("queries", "documents"),
     ("queries", "items"),
@@ -32,24 +39,41 @@ SCORE_PAIRS: tuple[tuple[str, str], ...] = (
 """The two sides of a ``/v1/score`` body, as vLLM's ``ScoreRequest`` variants name them."""
 JSON_ENCODINGS = ("float", "base64")
 SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json")
+TRANSCRIPTION_ARCHITECTURES = frozenset(
+    {
+        "WhisperForConditionalGeneration",
+        "CohereAsrForConditionalGeneration",
+        "FireRedASR2ForConditionalGeneration",
+        "FunASRForConditionalGeneration",
+        "MossTranscribeDiarizeForConditionalGeneration",
+    }
+)
+"""vLLM's transcription-only models (``supports_transcription_only``): detected as
+``transcribe``. Models that also chat (Voxtral, Gemma 3n, ...) are ``generate`` unless
+given ``:transcribe``."""
+AUDIO_FORMATS = ("json", "text", "verbose_json", "diarized_json")
 
 
 class ModelKind(StrEnum):
     GENERATE = "generate"
     EMBED = "embed"
     SCORE = "score"
+    TRANSCRIBE = "transcribe"
 
 
 KIND_ENDPOINTS: dict[ModelKind, tuple[str, ...]] = {
     ModelKind.EMBED: POOLING_ENDPOINTS,
     ModelKind.SCORE: ("/v1/score", "/v1/rerank"),
+    ModelKind.TRANSCRIBE: AUDIO_ENDPOINTS,
 }
-"""Endpoints of the pooling kinds; ``generate`` serves every endpoint not in this table's
-union (chat, completions, and whatever text-generation endpoints are added later)."""
+"""Endpoints of the pooling and audio kinds; ``generate`` serves every endpoint not in this
+table's union (chat, completions, responses, and text-generation endpoints added later)."""
+POOLING_KINDS = frozenset({ModelKind.EMBED, ModelKind.SCORE})
 KIND_LABELS = {
     ModelKind.GENERATE: "a text-generation model",
     ModelKind.EMBED: "an embedding model",
     ModelKind.SCORE: "a cross-encoder (score) model",
+    ModelKind.TRANSCRIBE: "a speech-to-text model",
 }
 
 
@@ -58,12 +82,12 @@ def kind_serves(kind: ModelKind | None, endpoint: str) -> bool:
     if kind is None:
         return True
     if kind is ModelKind.GENERATE:
-        return endpoint not in POOLING_ENDPOINTS
+        return endpoint not in POOLING_ENDPOINTS and endpoint not in AUDIO_ENDPOINTS
     return endpoint in KIND_ENDPOINTS[kind]
 
 
 def is_pooling(kind: ModelKind | None) -> bool:
-    return kind in KIND_ENDPOINTS
+    return kind in POOLING_KINDS
 
 
 def detect_kind(path: str) -> ModelKind | None:
@@ -91,6 +115,8 @@ def _read_kind(folder: Path) -> ModelKind | None:
         return None
     architectures = config.get("architectures") if isinstance(config, dict) else None
     names = [str(a) for a in architectures] if isinstance(architectures, list) else []
+    if any(a in TRANSCRIPTION_ARCHITECTURES for a in names):
+        return ModelKind.TRANSCRIBE
     if any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in names):
         return ModelKind.GENERATE
     if any(a.endswith("ForSequenceClassification") for a in names):
@@ -118,12 +144,15 @@ def kind_problem(model: str, kind: ModelKind | None, endpoint: str) -> str | Non
     )
 
 
-def pooling_body_problems(endpoint: str, body: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """``(code, message, param)`` for a pooling request body that cannot be valid.
+def body_problems(endpoint: str, body: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """``(code, message, param)`` for a pooling or audio request body that cannot be valid.
 
-    Only what is certain without the model: the fields each endpoint needs, and JSON-only
-    ``encoding_format`` (a batch output line holds JSON, not raw bytes).
+    Only what is certain without the model: the fields each endpoint needs, JSON-only
+    ``encoding_format`` (a batch output line holds JSON, not raw bytes), and a ``file_url``
+    that could never be fetched (whether it answers is found out when the line runs).
     """
+    if endpoint in AUDIO_ENDPOINTS:
+        return audio_body_problems(body)
     problems: list[tuple[str, str, str]] = []
     if endpoint == "/v1/embeddings":
         if "input" not in body and "messages" not in body:
@@ -177,6 +206,47 @@ def pooling_body_problems(endpoint: str, body: dict[str, Any]) -> list[tuple[str
                         f"body.{name}",
                     )
                 )
+    return problems
+
+
+def audio_body_problems(body: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """A transcription or translation body, as ``vllm run-batch`` takes it: the audio in
+    ``file_url`` (not ``file``), a JSON ``response_format``, no streaming."""
+    problems: list[tuple[str, str, str]] = []
+    if "file" in body:
+        problems.append(
+            (
+                "invalid_value",
+                "'file' is not supported in batch requests: give the audio's URL (or a "
+                "data: URL) in 'file_url'.",
+                "body.file",
+            )
+        )
+    if "file_url" not in body:
+        problems.append(
+            (
+                "missing_required_parameter",
+                "Missing required parameter: 'body.file_url' (an http(s) or data: URL of "
+                "the audio).",
+                "body.file_url",
+            )
+        )
+    elif (problem := file_url_problem(body["file_url"])) is not None:
+        problems.append(("invalid_value", problem, "body.file_url"))
+    response_format = body.get("response_format", "json")
+    if response_format not in AUDIO_FORMATS:
+        problems.append(
+            (
+                "invalid_value",
+                f"Invalid 'response_format' {response_format!r}: batch output is JSON, so "
+                f"one of {', '.join(AUDIO_FORMATS)}.",
+                "body.response_format",
+            )
+        )
+    if body.get("stream"):
+        problems.append(
+            ("invalid_value", "Streaming is not supported in batch requests.", "body.stream")
+        )
     return problems
 
 

@@ -1,8 +1,10 @@
 """Outbound URL guard (SSRF): http(s) only, and no private targets unless allowed by name.
 
-Used for webhook URLs at batch creation and again at delivery time (DNS may have changed).
+Used for webhook URLs at batch creation and again at delivery time (DNS may have changed),
+and for the audio endpoints' ``file_url`` before each fetch (``file_url.py``).
 A URL passes when its scheme is http(s) and every address its host resolves to is public,
 or when the host, or an address it resolves to, is in the allow list (hosts, IPs, CIDRs).
+Callers then connect to a checked address (``pinned``), not to a fresh DNS answer.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[list[str]]]
@@ -115,8 +117,18 @@ def parse_url(url: str) -> tuple[str, str, int]:
     return scheme, parts.hostname, port or (443 if scheme == "https" else 80)
 
 
-async def check_url(url: str, allow: AllowList, resolver: Resolver = system_resolver) -> Target:
-    """Resolve and check ``url``; raises ``RefusedURL`` naming the reason."""
+WEBHOOK_ALLOW_SETTING = "VLLM_BATCH_WEBHOOK_ALLOWED_HOSTS"
+
+
+async def check_url(
+    url: str,
+    allow: AllowList,
+    resolver: Resolver = system_resolver,
+    *,
+    allow_setting: str = WEBHOOK_ALLOW_SETTING,
+) -> Target:
+    """Resolve and check ``url``; raises ``RefusedURL`` naming the reason (and the setting,
+    ``allow_setting``, that would allow a private target)."""
     _, host, port = parse_url(url)
     try:
         literal: IPAddress | None = ipaddress.ip_address(host.strip("[]"))
@@ -137,8 +149,21 @@ async def check_url(url: str, allow: AllowList, resolver: Resolver = system_reso
             why = _why_private(address)
             if why and not allow.allows_address(address):
                 shown = host if literal is not None else f"{host} ({address})"
-                raise RefusedURL(
-                    f"targets a {why} address: {shown}; "
-                    "allow it with VLLM_BATCH_WEBHOOK_ALLOWED_HOSTS"
-                )
+                raise RefusedURL(f"targets a {why} address: {shown}; allow it with {allow_setting}")
     return Target(url=url, host=host, port=port, addresses=tuple(addresses))
+
+
+def pinned(target: Target) -> tuple[str, dict[str, str], dict[str, str]]:
+    """The URL rewritten to the checked address, plus Host header and TLS server name
+    (httpx request ``extensions``).
+
+    Connecting to the address we checked (not re-resolving) closes the DNS-rebinding gap.
+    """
+    parts = urlsplit(target.url)
+    address = target.addresses[0]
+    shown = f"[{address}]" if ipaddress.ip_address(address.split("%")[0]).version == 6 else address
+    netloc = f"{shown}:{parts.port}" if parts.port else shown
+    url = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+    host = parts.netloc.rsplit("@", 1)[-1]
+    extensions = {"sni_hostname": target.host} if parts.scheme.lower() == "https" else {}
+    return url, {"host": host}, extensions

@@ -13,13 +13,20 @@ from typing import Any, BinaryIO
 
 import orjson
 
-from vllm_batch.model_kinds import POOLING_ENDPOINTS, ModelKind, kind_problem, pooling_body_problems
+from vllm_batch.model_kinds import (
+    AUDIO_ENDPOINTS,
+    POOLING_ENDPOINTS,
+    ModelKind,
+    body_problems,
+    kind_problem,
+)
 
 SUPPORTED_ENDPOINTS: tuple[str, ...] = (
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/responses",
     *POOLING_ENDPOINTS,
+    *AUDIO_ENDPOINTS,
 )
 MAX_REPORTED_ERRORS = 100
 MAX_JSON_DEPTH = 64  # nesting levels per line; orjson itself gives up at 1024
@@ -298,7 +305,7 @@ def _check_kind(
     bases: Mapping[str, str],
 ) -> None:
     """The line's model (an adapter: its base model) must be of a kind that serves
-    ``endpoint``; pooling bodies need the fields their endpoint reads."""
+    ``endpoint``; pooling and audio bodies need the fields their endpoint reads."""
     body = line.get("body")
     if not isinstance(body, dict):
         return
@@ -310,5 +317,5 @@ def _check_kind(
         if problem is not None:
             plan.error("wrong_model_kind", problem, number, "body.model")
     if line.get("url") == endpoint:
-        for code, message, param in pooling_body_problems(endpoint, body):
+        for code, message, param in body_problems(endpoint, body):
             plan.error(code, message, number, param)

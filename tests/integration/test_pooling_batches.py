@@ -27,10 +27,11 @@ from tests.conftest import (
     LiveServer,
     LoopThread,
     SharedEngine,
+    UnusedEngine,
     pooling_settings,
     start_server,
 )
-from tests.helpers import jsonl, parse_jsonl, wait_for_batch
+from tests.helpers import parse_jsonl, results, submit, wait_for_batch
 from vllm_batch.config import ModelSpec
 
 THIS = "tests/integration/test_pooling_batches.py"
@@ -40,22 +41,6 @@ TEXTS = [
     "Stock markets fell sharply on Monday.",
     "Quantum computers use qubits.",
 ]
-
-
-class NotForThisTest:
-    """The generative model's engine: these tests never run a request on it."""
-
-    model_name = TINY_NAME
-    max_in_flight = 1
-
-    async def start(self) -> None:
-        raise RuntimeError("no generative engine in the pooling tests")
-
-    async def stop(self) -> None:
-        return None
-
-    async def run(self, url: str, body: dict[str, Any], request_id: str) -> Any:
-        raise RuntimeError("no generative engine in the pooling tests")
 
 
 @pytest.fixture(scope="module")
@@ -76,15 +61,9 @@ def server(
     )
 
     def factory(spec: ModelSpec) -> Any:
-        return SharedEngine(pooling_engine) if spec.name == MINILM_NAME else NotForThisTest()
+        return SharedEngine(pooling_engine) if spec.name == MINILM_NAME else UnusedEngine(TINY_NAME)
 
     yield from start_server(loop_thread, settings, None, engine_factory=factory)
-
-
-@pytest.fixture(scope="module")
-def client(server: LiveServer) -> Iterator[OpenAI]:
-    with OpenAI(base_url=server.base_url, api_key="unused", max_retries=0) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
@@ -119,21 +98,6 @@ def line(custom_id: str, url: str, **body: Any) -> dict[str, Any]:
         "url": url,
         "body": {"model": MINILM_NAME, **body},
     }
-
-
-def submit(client: OpenAI, lines: list[dict[str, Any]], endpoint: str) -> Any:
-    upload = client.files.create(file=("input.jsonl", jsonl(lines)), purpose="batch")
-    return client.batches.create(
-        input_file_id=upload.id,
-        endpoint=endpoint,  # type: ignore[arg-type]
-        completion_window="24h",
-    )
-
-
-def results(client: OpenAI, file_id: str | None) -> dict[str, dict[str, Any]]:
-    if file_id is None:
-        return {}
-    return {r["custom_id"]: r for r in parse_jsonl(client.files.content(file_id).text)}
 
 
 def test_models_lists_every_model_with_its_kind(server: LiveServer) -> None:

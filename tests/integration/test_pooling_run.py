@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import MINILM_NAME, LoopThread, SharedEngine, pooling_settings
-from vllm_batch.config import ModelSpec, Settings
+from tests.conftest import MINILM_NAME, LoopThread, UnusedEngine, pooling_settings, run_lent
+from tests.helpers import run_options
 from vllm_batch.offline import RunFailed, RunOptions, run_batch
 
 
@@ -39,31 +39,19 @@ LINES = [
 def options(
     tmp_path: Path, minilm_model: Path, lines: list[str], **kwargs: Any
 ) -> tuple[RunOptions, Path]:
-    source = tmp_path / "in.jsonl"
-    source.write_text("\n".join(lines) + "\n")
-    out = tmp_path / "out.jsonl"
-    spec = ModelSpec.parse(f"{MINILM_NAME}={minilm_model}")
-    settings: Settings = pooling_settings(minilm_model)
-    run_options = RunOptions(
-        input=str(source), output=str(out), spec=spec, settings=settings, **kwargs
-    )
-    return run_options, out
+    body = ("\n".join(lines) + "\n").encode()
+    return run_options(tmp_path, pooling_settings(minilm_model), body, **kwargs)
 
 
 def test_run_writes_vllm_batch_output_for_pooling_endpoints(
     tmp_path: Path, minilm_model: Path, pooling_engine: Any, loop_thread: LoopThread
 ) -> None:
-    from vllm.entrypoints.launchers.run_batch import BatchRequestOutput
     from vllm.entrypoints.pooling.embed.protocol import EmbeddingResponse
     from vllm.entrypoints.pooling.scoring.protocol import RerankResponse, ScoreResponse
 
-    run_options, out = options(tmp_path, minilm_model, LINES)
-    summary = run_batch(
-        run_options, engine_factory=lambda spec, s: SharedEngine(pooling_engine, loop_thread)
-    )
+    run_options, _ = options(tmp_path, minilm_model, LINES)
+    summary, raw_lines, parsed = run_lent(run_options, pooling_engine, loop_thread)
     assert summary.total == len(LINES) and summary.errors == 3
-    raw_lines = out.read_text().splitlines()
-    parsed = [BatchRequestOutput.model_validate_json(raw) for raw in raw_lines]
     assert [p.custom_id for p in parsed] == [json.loads(x)["custom_id"] for x in LINES]
     by_id = {p.custom_id: p for p in parsed}
 
@@ -98,16 +86,8 @@ def test_strict_run_rejects_a_line_of_the_wrong_kind(tmp_path: Path, minilm_mode
     chat = request("c", "/v1/chat/completions", messages=[{"role": "user", "content": "hi"}])
     run_options, out = options(tmp_path, minilm_model, [chat], strict=True)
 
-    class Idle(SharedEngine):
-        def __init__(self) -> None:
-            self.model_name = MINILM_NAME
-
-        @property
-        def max_in_flight(self) -> int:
-            return 1
-
     with pytest.raises(RunFailed) as exc:
-        run_batch(run_options, engine_factory=lambda spec, s: Idle())
+        run_batch(run_options, engine_factory=lambda spec, s: UnusedEngine(MINILM_NAME))
     assert exc.value.exit_code == 2
     assert "line 1: The model 'minilm' is an embedding model" in exc.value.message
     assert not out.exists()

@@ -1,5 +1,5 @@
 """Model kinds: ``NAME=PATH:KIND`` specs, detection from model files, per-line kind and
-pooling-body checks, and the endpoint check at batch creation."""
+pooling/audio body checks, and the endpoint check at batch creation."""
 
 from __future__ import annotations
 
@@ -13,9 +13,16 @@ import pytest
 from vllm_batch.api.batches import check_endpoint_served
 from vllm_batch.api.errors import APIError
 from vllm_batch.config import ModelSpec, Settings
-from vllm_batch.engines.pooling import _param
+from vllm_batch.engines.serving import body_param
 from vllm_batch.engines.vllm_engine import engine_argv
-from vllm_batch.model_kinds import ModelKind, detect_kind, kind_serves
+from vllm_batch.model_kinds import (
+    AUDIO_ENDPOINTS,
+    ModelKind,
+    body_problems,
+    detect_kind,
+    kind_problem,
+    kind_serves,
+)
 from vllm_batch.validation import SUPPORTED_ENDPOINTS, BatchPlan, plan_batch
 
 
@@ -167,13 +174,17 @@ def test_creating_a_batch_for_an_endpoint_no_model_serves_is_a_400(tmp_path: Pat
     assert exc.value.status == 400
     assert "No served model supports /v1/embeddings" in exc.value.message
     assert "chat (generate)" in exc.value.message
+    with pytest.raises(APIError) as exc:
+        check_endpoint_served(settings, "/v1/audio/transcriptions")
+    assert "No served model supports /v1/audio/transcriptions" in exc.value.message
 
 
 def test_validation_error_locations_become_parameter_names() -> None:
     loc = ("function-wrap[__log_extra_fields__()]", "input", "list[int]")
-    assert _param(loc) == "input"
-    assert _param(("function-wrap[x()]", "messages", 0, "content", "str")) == "messages.0.content"
-    assert _param(()) is None
+    assert body_param(loc) == "input"
+    tagged = ("function-wrap[x()]", "messages", 0, "content", "str")
+    assert body_param(tagged) == "messages.0.content"
+    assert body_param(()) is None
 
 
 def test_run_runner_flag_sets_the_kind(tmp_path: Path) -> None:
@@ -187,3 +198,65 @@ def test_run_runner_flag_sets_the_kind(tmp_path: Path) -> None:
     assert runner_kind(Runner.generate, bert) is ModelKind.GENERATE
     assert runner_kind(Runner.auto, bert) is ModelKind.EMBED
     assert runner_kind(Runner.auto, unknown) is None
+
+
+def test_transcription_models_are_their_own_kind(tmp_path: Path) -> None:
+    whisper = model_dir(tmp_path, "whisper", ["WhisperForConditionalGeneration"])
+    assert detect_kind(whisper) is ModelKind.TRANSCRIBE
+    voxtral = model_dir(tmp_path, "voxtral", ["VoxtralForConditionalGeneration"])
+    assert detect_kind(voxtral) is ModelKind.GENERATE  # it chats too: `:transcribe` if wanted
+    assert ModelSpec.parse("w=/m/w:transcribe") == ModelSpec("w", "/m/w", ModelKind.TRANSCRIBE)
+    for endpoint in AUDIO_ENDPOINTS:
+        assert endpoint in SUPPORTED_ENDPOINTS
+        assert kind_serves(ModelKind.TRANSCRIBE, endpoint)
+        assert not kind_serves(ModelKind.GENERATE, endpoint)
+        assert not kind_serves(ModelKind.EMBED, endpoint)
+    assert not kind_serves(ModelKind.TRANSCRIBE, "/v1/chat/completions")
+    assert not kind_serves(ModelKind.TRANSCRIBE, "/v1/embeddings")
+    # Whisper runs on vLLM's generate runner, which decides about prefix caching itself.
+    settings = Settings(models=[f"w={whisper}"])
+    argv = engine_argv(settings.model_specs[0], settings)
+    assert "--runner" not in argv
+    assert not any("prefix-caching" in arg for arg in argv)
+
+
+def test_run_generate_runner_keeps_a_transcription_model(tmp_path: Path) -> None:
+    from vllm_batch.cli import Runner, runner_kind
+
+    whisper = ModelSpec("w", model_dir(tmp_path, "whisper", ["WhisperForConditionalGeneration"]))
+    assert runner_kind(Runner.generate, whisper) is ModelKind.TRANSCRIBE
+    assert runner_kind(Runner.auto, whisper) is ModelKind.TRANSCRIBE
+
+
+def audio(**body: Any) -> dict[str, Any]:
+    return {"model": "w", "file_url": "https://example.com/a.wav", **body}
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (audio(), []),
+        (audio(file_url="data:audio/wav;base64,UklGRg=="), []),
+        (audio(response_format="verbose_json"), []),
+        ({"model": "w", "prompt": "hi"}, [("missing_required_parameter", "body.file_url")]),
+        (audio(file="a.wav"), [("invalid_value", "body.file")]),
+        (audio(file_url="s3://bucket/a.wav"), [("invalid_value", "body.file_url")]),
+        (audio(file_url="/local/a.wav"), [("invalid_value", "body.file_url")]),
+        (audio(file_url=42), [("invalid_value", "body.file_url")]),
+        (audio(file_url="data:audio/wav,RIFF"), [("invalid_value", "body.file_url")]),
+        (audio(file_url="https://user:pw@example.com/a"), [("invalid_value", "body.file_url")]),
+        (audio(response_format="vtt"), [("invalid_value", "body.response_format")]),
+        (audio(stream=True), [("invalid_value", "body.stream")]),
+    ],
+)
+def test_audio_body_problems(body: dict[str, Any], expected: list[tuple[str, str]]) -> None:
+    for endpoint in AUDIO_ENDPOINTS:
+        problems = body_problems(endpoint, body)
+        assert [(code, param) for code, _, param in problems] == expected
+
+
+def test_audio_line_on_a_chat_model_names_the_kinds() -> None:
+    message = kind_problem("chat", ModelKind.GENERATE, "/v1/audio/transcriptions")
+    assert message is not None and "'chat' is a text-generation model" in message
+    message = kind_problem("w", ModelKind.TRANSCRIBE, "/v1/chat/completions")
+    assert message is not None and "'w' is a speech-to-text model (kind 'transcribe')" in message

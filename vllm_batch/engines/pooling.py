@@ -8,23 +8,20 @@ JSON response whose bytes become the result body. vLLM is imported lazily.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from vllm_batch.engines.base import (
-    EngineFailure,
-    EngineOutOfMemory,
-    EngineResult,
-    is_cuda_oom,
-    is_oom_message,
+from vllm_batch.engines.base import EngineResult
+from vllm_batch.engines.serving import (
+    call_serving,
+    error_response_result,
+    error_result,
+    validation_error_result,
 )
 from vllm_batch.model_kinds import JSON_ENCODINGS, POOLING_ENDPOINTS, is_rerank_body
-
-TYPE_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict"})
 
 
 @dataclass(frozen=True)
@@ -87,10 +84,6 @@ async def run_pooling(
     """Run one pooling request; bad requests are results, engine breakage raises."""
     from pydantic import ValidationError
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
-    from vllm.v1.engine.exceptions import EngineDeadError
-
-    from vllm_batch.engines.vllm_engine import error_result
 
     handler = servers.handler(url)
     if handler is None:
@@ -109,32 +102,11 @@ async def run_pooling(
     try:
         request = parse_request(url, {**body, "request_id": request_id})
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = _param(first.get("loc", ()))
-        return error_result(
-            400, "invalid_request_error", f"Invalid request body: {first.get('msg')}", param
-        )
-    try:
-        response: Any = await handler(request, None)
-    except EngineDeadError as exc:
-        failure = EngineOutOfMemory if is_cuda_oom(exc) else EngineFailure
-        raise failure(str(exc)) from exc
-    except Exception as exc:  # vLLM raises for bad requests (e.g. unsupported dimensions)
-        if is_cuda_oom(exc):
-            raise EngineOutOfMemory(str(exc)) from exc
-        response = create_error_response(exc)
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError  # an aborted request is not done (see VllmEngine.run)
+        return validation_error_result(exc)
+    response = await call_serving(handler(request, None), handler)
     if isinstance(response, ErrorResponse):
-        info = response.error
-        if info.code >= 500 and getattr(getattr(handler, "engine_client", None), "errored", False):
-            failure = EngineOutOfMemory if is_oom_message(info.message) else EngineFailure
-            raise failure(info.message)
-        param = info.param
-        if param is None and "dimensions" in body and "dimensions" in info.message:
-            param = "dimensions"
-        return error_result(info.code, info.type, info.message, param)
+        dimensions = "dimensions" in body and "dimensions" in response.error.message
+        return error_response_result(response, "dimensions" if dimensions else None)
     raw = getattr(response, "body", None)
     if not isinstance(raw, bytes | memoryview):
         return error_result(
@@ -162,13 +134,3 @@ async def run_pooling(
         body_json=data.decode(),
         input_tokens=int(usage.get("prompt_tokens") or 0),
     )
-
-
-def _param(loc: tuple[Any, ...]) -> str | None:
-    """A dotted parameter name from a pydantic location, without union/validator tags."""
-    parts = [
-        str(p)
-        for p in loc
-        if isinstance(p, int) or (str(p).isidentifier() and str(p) not in TYPE_NAMES)
-    ]
-    return ".".join(parts) or None

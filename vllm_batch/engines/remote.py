@@ -28,6 +28,7 @@ import orjson
 
 from vllm_batch.config import ModelSpec, Settings
 from vllm_batch.engines.base import EngineFailure, EngineResult
+from vllm_batch.engines.serving import error_result, streaming_refused
 from vllm_batch.engines.upstreams import (
     NoUpstream,
     PoolLimits,
@@ -37,7 +38,6 @@ from vllm_batch.engines.upstreams import (
     describe_http_error,
     retry_after_seconds,
 )
-from vllm_batch.engines.vllm_engine import error_result, streaming_refused
 from vllm_batch.retry import retrying
 
 log = logging.getLogger(__name__)

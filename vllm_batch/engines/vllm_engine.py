@@ -4,12 +4,12 @@ Chat, completion and Responses API requests go through ``OpenAIServingChat``,
 ``OpenAIServingCompletion`` and ``OpenAIServingResponses`` exactly as ``vllm serve`` handles
 them (chat template, sampling parameters, structured outputs, LoRA adapters named in
 ``model``, logprobs, errors), so response bodies are the same bytes a vLLM server returns.
+Pooling requests go to ``engines/pooling.py``, audio requests to ``engines/audio.py``.
 vLLM is imported lazily, inside ``start``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib
 import logging
@@ -17,20 +17,20 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
-import orjson
-
 from vllm_batch.adapters import LoraSpec, max_lora_rank
 from vllm_batch.config import ModelSpec, Settings
-from vllm_batch.engines.base import (
-    EngineFailure,
-    EngineOutOfMemory,
-    EngineResult,
-    is_cuda_oom,
-    is_oom_message,
-)
+from vllm_batch.engines.audio import AudioServers, is_audio_url, run_audio
+from vllm_batch.engines.base import EngineResult
 from vllm_batch.engines.blocking import in_daemon_thread, launch_processes
 from vllm_batch.engines.pooling import PoolingServers, is_pooling_url, run_pooling
+from vllm_batch.engines.serving import (
+    call_serving,
+    error_response_result,
+    error_result,
+    streaming_refused,
+)
 from vllm_batch.engines.structured import ConflictingStructuredOutputs, translate_guided_fields
+from vllm_batch.file_url import file_fetcher
 from vllm_batch.model_kinds import ModelKind, is_pooling
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,9 @@ def engine_argv(
         if settings.enable_prefix_caching
         else "--no-enable-prefix-caching"
     )
-    if not is_pooling(spec.resolved_kind):  # pooling models: vLLM decides (encoders cannot)
+    if spec.resolved_kind in (ModelKind.GENERATE, None):
+        # Pooling and speech-to-text models: vLLM decides (encoders and Whisper's cross
+        # attention cannot cache prefixes; forcing it on crashes a Whisper engine).
         argv.append(prefix)
     if eager:
         argv.append("--enforce-eager")
@@ -133,6 +135,7 @@ class VllmEngine:
         self._chat: Any = None
         self._completion: Any = None
         self._pooling = PoolingServers()
+        self._audio = AudioServers()
         self._responses: Any = None
         self._max_num_seqs = settings.max_num_seqs or 256
         self._max_num_seqs_cap: int | None = None
@@ -177,6 +180,10 @@ class VllmEngine:
         self._chat = getattr(state, "openai_serving_chat", None)
         self._completion = getattr(state, "openai_serving_completion", None)
         self._pooling = PoolingServers.from_state(state)
+        fetcher = None
+        if getattr(state, "openai_serving_transcription", None) is not None:
+            fetcher = await self._stack.enter_async_context(file_fetcher(self._settings))
+        self._audio = AudioServers.from_state(state, fetcher)
         self._responses = getattr(state, "openai_serving_responses", None)
         self._max_num_seqs = client.vllm_config.scheduler_config.max_num_seqs
         log.info("vLLM engine ready for %s (max_num_seqs=%d)", self.model_name, self._max_num_seqs)
@@ -184,6 +191,8 @@ class VllmEngine:
     async def stop(self) -> None:
         self._chat = self._completion = self._responses = None
         self._pooling = PoolingServers()
+        self._audio.close()
+        self._audio = AudioServers()
         await self._stack.aclose()
 
     async def run(self, url: str, body: dict[str, Any], request_id: str) -> EngineResult:
@@ -191,10 +200,11 @@ class VllmEngine:
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-        from vllm.v1.engine.exceptions import EngineDeadError
 
         if is_pooling_url(url):  # embeddings, score, rerank: engines/pooling.py
             return await run_pooling(self._pooling, url, body, request_id, self.model_name)
+        if is_audio_url(url):  # transcriptions, translations: engines/audio.py
+            return await run_audio(self._audio, url, body, self.model_name)
         if url == "/v1/chat/completions" and self._chat is not None:
             request_type: Any = ChatCompletionRequest
             handler = self._chat.create_chat_completion
@@ -229,30 +239,9 @@ class VllmEngine:
                 f"Invalid request body: {first.get('msg')}",
                 param or None,
             )
-        try:
-            response = await handler(request, None)
-        except EngineDeadError as exc:
-            failure = EngineOutOfMemory if is_cuda_oom(exc) else EngineFailure
-            raise failure(str(exc)) from exc
-        except Exception as exc:  # vLLM raises for some bad requests instead of returning
-            if is_cuda_oom(exc):
-                raise EngineOutOfMemory(str(exc)) from exc
-            from vllm.entrypoints.serve.exception_handling.error_response import (
-                create_error_response,
-            )
-
-            response = create_error_response(exc)
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            # vLLM turns a cancelled request into a "Client disconnected" error; for us an
-            # aborted request is simply not done, so let the cancellation through.
-            raise asyncio.CancelledError
+        response = await call_serving(handler(request, None), handler.__self__)
         if isinstance(response, ErrorResponse):
-            info = response.error
-            if info.code >= 500 and _engine_is_dead(handler):
-                failure = EngineOutOfMemory if is_oom_message(info.message) else EngineFailure
-                raise failure(info.message)
-            return error_result(info.code, info.type, info.message, info.param)
+            return error_response_result(response)
         # Responses bodies carry aliased fields (text.format "schema"): dump them as vLLM does.
         body_json = response.model_dump_json(by_alias=url == "/v1/responses")
         return ok_result(body_json, response.usage)
@@ -325,41 +314,3 @@ def import_vllm() -> None:
     """The vLLM modules ``start`` needs (seconds of imports; run off the event loop)."""
     for name in VLLM_MODULES:
         importlib.import_module(name)
-
-
-def _engine_is_dead(handler: Any) -> bool:
-    client = getattr(getattr(handler, "__self__", None), "engine_client", None)
-    return bool(getattr(client, "errored", False))
-
-
-def streaming_refused() -> EngineResult:
-    """The error of a line that asks for ``stream``: a batch answer is one body."""
-    return error_result(
-        400, "invalid_request_error", "Streaming is not supported in batch requests.", "stream"
-    )
-
-
-def error_result(
-    status: int, err_type: str, message: str, param: str | None = None
-) -> EngineResult:
-    """An error outcome with an OpenAI error body."""
-    code = _error_code(err_type)
-    body = {"error": {"message": message, "type": err_type, "param": param, "code": code}}
-    return EngineResult(
-        status_code=status,
-        body_json=orjson.dumps(body).decode(),
-        error_code=code,
-        error_message=message,
-    )
-
-
-def _error_code(err_type: str) -> str:
-    """vLLM's error types (``BadRequestError``) as OpenAI snake-case codes."""
-    mapping = {
-        "BadRequestError": "invalid_request_error",
-        "NotFoundError": "not_found_error",
-        "UnprocessableEntityError": "invalid_request_error",
-        "InternalServerError": "server_error",
-        "ServiceUnavailableError": "server_error",
-    }
-    return mapping.get(err_type, err_type)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import ipaddress
 import json
 import secrets
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import httpx
 from standardwebhooks import Webhook
 
 from vllm_batch import __version__
-from vllm_batch.netguard import AllowList, Resolver, Target, check_url, system_resolver
+from vllm_batch.netguard import AllowList, Resolver, check_url, pinned, system_resolver
 from vllm_batch.states import BatchStatus
 
 EVENT_TYPES: dict[str, str] = {
@@ -87,21 +86,6 @@ class Outcome:
     permanent: bool = False  # no point retrying (the URL is refused by policy)
 
 
-def _pinned(target: Target) -> tuple[str, dict[str, str], dict[str, str]]:
-    """The URL rewritten to the checked address, plus Host header and TLS server name.
-
-    Connecting to the address we checked (not re-resolving) closes the DNS-rebinding gap.
-    """
-    parts = urlsplit(target.url)
-    address = target.addresses[0]
-    shown = f"[{address}]" if ipaddress.ip_address(address.split("%")[0]).version == 6 else address
-    netloc = f"{shown}:{parts.port}" if parts.port else shown
-    url = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
-    host = parts.netloc.rsplit("@", 1)[-1]
-    extensions = {"sni_hostname": target.host} if parts.scheme.lower() == "https" else {}
-    return url, {"host": host}, extensions
-
-
 async def deliver(
     client: httpx.AsyncClient,
     url: str,
@@ -119,7 +103,7 @@ async def deliver(
         target = await check_url(url, allow, resolver)
     except RefusedURL as exc:
         return Outcome(False, error=f"refused: {exc}", permanent=True)
-    pinned_url, host_header, extensions = _pinned(target)
+    pinned_url, host_header, extensions = pinned(target)
     headers = {**signed_headers(secret, event_id, body, dt.datetime.now(tz=dt.UTC)), **host_header}
     try:
         request = client.build_request(

@@ -254,6 +254,26 @@ def _config_kwargs(tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
     }
 
 
+def seeded_model(model_class: Any, config: Any, seed: int, *, scale: float) -> Any:
+    """``model_class(config)`` with every parameter set explicitly, in name order, from a
+    generator seeded with ``seed``, so the bytes do not depend on transformers' init order
+    or defaults: norm weights 1, norm biases 0, the rest normal with std ``scale``."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):  # seed without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        model = model_class(config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            module, _, kind = name.rpartition(".")
+            if "norm" in module.rpartition(".")[2]:
+                param.fill_(1.0 if kind == "weight" else 0.0)
+            else:
+                param.copy_(torch.randn(param.shape, generator=gen) * scale)
+    return model
+
+
 def _build(tmp: Path, seed: int) -> None:
     """Write tokenizer, config, generation config and float32 weights into ``tmp``."""
     import torch
@@ -262,19 +282,8 @@ def _build(tmp: Path, seed: int) -> None:
     tokenizer = build_tokenizer()
     config = LlamaConfig(**_config_kwargs(tokenizer))
     config.architectures = ["LlamaForCausalLM"]
-    with torch.random.fork_rng(devices=[]):  # seed without disturbing the caller's RNG
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-
-    # Initialise every parameter explicitly, in name order, from a seeded generator so the
-    # bytes do not depend on transformers' init order/defaults.
-    gen = torch.Generator().manual_seed(seed)
+    model = seeded_model(LlamaForCausalLM, config, seed, scale=0.02)
     with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
         special_ids = [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
         model.lm_head.weight[special_ids] = 0.0
     model.eval()
