@@ -437,7 +437,14 @@ def run(
     served_model_name: Annotated[
         str | None, typer.Option(help="Name requests use in body.model (overrides NAME=).")
     ] = None,
-    lora: LoraOpt = None,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--lora",
+            "--lora-modules",
+            help="LoRA adapter NAME=PATH (repeatable); requests name it in body.model.",
+        ),
+    ] = None,
     output_tmp_dir: Annotated[
         str | None, typer.Option(help="Where to write a URL output before uploading it.")
     ] = None,
@@ -482,6 +489,27 @@ def run(
         ),
     ] = None,
     log_level: LogLevelOpt = None,
+    enable_metrics: Annotated[
+        bool,
+        typer.Option(
+            "--enable-metrics",
+            help="Serve Prometheus metrics on http://HOST:PORT/metrics while the run lasts.",
+        ),
+    ] = False,
+    host: Annotated[
+        str | None,
+        typer.Option(help="Bind address for --enable-metrics (default: VLLM_BATCH_HOST)."),
+    ] = None,
+    port: Annotated[int, typer.Option(help="Port for --enable-metrics.")] = 8000,
+    url: Annotated[
+        str | None, typer.Option(help="Deprecated (as in vLLM): use --host.", hidden=True)
+    ] = None,
+    enable_prompt_tokens_details: Annotated[
+        bool,
+        typer.Option(
+            "--enable-prompt-tokens-details", help="Always on; accepted as vLLM's.", hidden=True
+        ),
+    ] = False,
 ) -> None:
     """Run one batch file offline, like `vllm run-batch` (output in input order).
 
@@ -495,16 +523,15 @@ def run(
     """
     from vllm_batch.offline import RunFailed, RunOptions, run_batch
     from vllm_batch.offline.io import redact
+    from vllm_batch.offline.run_metrics import MetricsAddress
+    from vllm_batch.offline.vllm_flags import unsupported_message
 
     if ctx.args:
-        typer.echo(
-            f"error: unsupported option(s) for `vllm-batch run`: {' '.join(ctx.args)}\n"
-            "supported engine flags: --model, --served-model-name, --lora, --max-num-seqs, "
-            "--max-num-batched-tokens, --gpu-memory-utilization, --tensor-parallel-size, "
-            "--max-model-len, --dtype, --enforce-eager, --[no-]enable-prefix-caching, --runner",
-            err=True,
-        )
+        typer.echo(unsupported_message(ctx.args), err=True)
         raise typer.Exit(2)
+    if url is not None:
+        typer.echo("warning: --url is deprecated (as in vLLM); use --host", err=True)
+        host = url
     try:
         spec = ModelSpec.parse(model)
     except ValueError as exc:
@@ -524,6 +551,7 @@ def run(
         enable_prefix_caching=enable_prefix_caching,
         loras=lora or None,
         log_level=log_level.value if log_level else None,
+        metrics_enabled=enable_metrics,
     )
     check_adapters(settings, [spec.name])
     _setup_logging(settings)
@@ -537,6 +565,7 @@ def run(
         resume=resume,
         progress_interval=progress_interval,
         max_buffered=max_buffered_results,
+        metrics=MetricsAddress(host or settings.host, port) if enable_metrics else None,
     )
     try:
         summary = run_batch(options)
