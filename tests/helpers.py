@@ -67,6 +67,21 @@ def parse_jsonl(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def submit_batch(client: Any, lines: list[dict[str, Any]], endpoint: str) -> Any:
+    """Upload ``lines`` and create a batch for ``endpoint`` with ``client`` (openai SDK)."""
+    upload = client.files.create(file=("input.jsonl", jsonl(lines)), purpose="batch")
+    return client.batches.create(
+        input_file_id=upload.id, endpoint=endpoint, completion_window="24h"
+    )
+
+
+def results_by_id(client: Any, file_id: str | None) -> dict[str, dict[str, Any]]:
+    """An output or error file's lines by ``custom_id`` (none for no file)."""
+    if file_id is None:
+        return {}
+    return {r["custom_id"]: r for r in parse_jsonl(client.files.content(file_id).text)}
+
+
 async def create_validating_batch(ctx: Any, body: bytes, lines: int) -> str:
     """Store ``body`` as a batch input file and create a ``validating`` batch reading it,
     as the API would (through ``lifecycle.create``); returns the batch id."""
@@ -118,3 +133,17 @@ def whitespace_bias(model_dir: Any) -> dict[str, float]:
         for i in range(len(tokenizer))
         if (text := tokenizer.decode([i])) and not text.strip()
     }
+
+
+def cross_encoder_scores(model_dir: Any, query: str, documents: list[str]) -> list[float]:
+    """What a one-label cross-encoder gives each (query, document) pair, computed with
+    transformers alone: the sigmoid of its logit (what vLLM and sentence-transformers return)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    encoded = tokenizer([query] * len(documents), documents, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(**encoded).logits
+    return [float(x) for x in torch.sigmoid(logits[:, 0])]

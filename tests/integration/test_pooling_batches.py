@@ -30,7 +30,7 @@ from tests.conftest import (
     pooling_settings,
     start_server,
 )
-from tests.helpers import jsonl, parse_jsonl, wait_for_batch
+from tests.helpers import parse_jsonl, results_by_id, submit_batch, wait_for_batch
 from vllm_batch.config import ModelSpec
 
 THIS = "tests/integration/test_pooling_batches.py"
@@ -121,21 +121,6 @@ def line(custom_id: str, url: str, **body: Any) -> dict[str, Any]:
     }
 
 
-def submit(client: OpenAI, lines: list[dict[str, Any]], endpoint: str) -> Any:
-    upload = client.files.create(file=("input.jsonl", jsonl(lines)), purpose="batch")
-    return client.batches.create(
-        input_file_id=upload.id,
-        endpoint=endpoint,  # type: ignore[arg-type]
-        completion_window="24h",
-    )
-
-
-def results(client: OpenAI, file_id: str | None) -> dict[str, dict[str, Any]]:
-    if file_id is None:
-        return {}
-    return {r["custom_id"]: r for r in parse_jsonl(client.files.content(file_id).text)}
-
-
 def test_models_lists_every_model_with_its_kind(server: LiveServer) -> None:
     data = httpx.get(f"{server.base_url}/models").json()["data"]
     assert {(m["id"], m["kind"]) for m in data} == {(MINILM_NAME, "embed"), (TINY_NAME, "generate")}
@@ -147,13 +132,13 @@ def test_embeddings_batch_matches_mean_pooling(
     lines = [line(f"single-{i}", "/v1/embeddings", input=text) for i, text in enumerate(TEXTS)]
     lines.append(line("list", "/v1/embeddings", input=TEXTS[:2]))
     lines.append(line("b64", "/v1/embeddings", input=TEXTS[3], encoding_format="base64"))
-    batch = wait_for_batch(client, submit(client, lines, "/v1/embeddings").id)
+    batch = wait_for_batch(client, submit_batch(client, lines, "/v1/embeddings").id)
     assert batch.status == "completed", batch.errors
     assert batch.request_counts.model_dump() == {"total": 6, "completed": 6, "failed": 0}
     assert batch.model == MINILM_NAME and batch.error_file_id is None
     assert batch.usage is not None and batch.usage.input_tokens > 0
     assert batch.usage.output_tokens == 0
-    out = results(client, batch.output_file_id)
+    out = results_by_id(client, batch.output_file_id)
 
     for i, text in enumerate(TEXTS):
         response = out[f"single-{i}"]["response"]
@@ -185,9 +170,9 @@ def test_score_and_rerank_batches(client: OpenAI, reference: Callable[[str], lis
         line("text", "/v1/score", text_1=TEXTS[0], text_2=TEXTS[1:]),
         line("queries", "/v1/score", queries=TEXTS[0], documents=[TEXTS[2]]),
     ]
-    batch = wait_for_batch(client, submit(client, score_lines, "/v1/score").id)
+    batch = wait_for_batch(client, submit_batch(client, score_lines, "/v1/score").id)
     assert batch.status == "completed" and batch.request_counts.completed == 2, batch
-    out = results(client, batch.output_file_id)
+    out = results_by_id(client, batch.output_file_id)
     scored = ScoreResponse.model_validate(out["text"]["response"]["body"])
     assert [d.index for d in scored.data] == [0, 1, 2]
     query = reference(TEXTS[0])
@@ -198,9 +183,9 @@ def test_score_and_rerank_batches(client: OpenAI, reference: Callable[[str], lis
     assert abs(other.data[0].score - scored.data[1].score) < 1e-4
 
     rerank_lines = [line("r", "/v1/rerank", query="Where is the cat?", documents=TEXTS, top_n=2)]
-    batch = wait_for_batch(client, submit(client, rerank_lines, "/v1/rerank").id)
+    batch = wait_for_batch(client, submit_batch(client, rerank_lines, "/v1/rerank").id)
     assert batch.status == "completed" and batch.request_counts.completed == 1, batch
-    body = results(client, batch.output_file_id)["r"]["response"]["body"]
+    body = results_by_id(client, batch.output_file_id)["r"]["response"]["body"]
     reranked = RerankResponse.model_validate(body)
     assert len(reranked.results) == 2 and reranked.usage.prompt_tokens > 0
     assert reranked.results[0].relevance_score >= reranked.results[1].relevance_score
@@ -211,14 +196,16 @@ def test_score_and_rerank_batches(client: OpenAI, reference: Callable[[str], lis
 def test_wrong_kind_and_wrong_body_fail_naming_the_line(client: OpenAI) -> None:
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     on_chat_model = [{**line("e", "/v1/embeddings"), "body": {"model": TINY_NAME, "input": "x"}}]
-    batch = wait_for_batch(client, submit(client, on_chat_model, "/v1/embeddings").id)
+    batch = wait_for_batch(client, submit_batch(client, on_chat_model, "/v1/embeddings").id)
     assert batch.status == "failed"
     (error,) = batch.errors.data
     assert (error.code, error.line, error.param) == ("wrong_model_kind", 1, "body.model")
     assert f"'{TINY_NAME}' is a text-generation model" in error.message
 
     chat_on_embedder = [line("c0", "/v1/chat/completions", **chat)]
-    batch = wait_for_batch(client, submit(client, chat_on_embedder, "/v1/chat/completions").id)
+    batch = wait_for_batch(
+        client, submit_batch(client, chat_on_embedder, "/v1/chat/completions").id
+    )
     assert batch.status == "failed"
     (error,) = batch.errors.data
     assert (error.code, error.line) == ("wrong_model_kind", 1)
@@ -229,7 +216,7 @@ def test_wrong_kind_and_wrong_body_fail_naming_the_line(client: OpenAI) -> None:
         line("bad", "/v1/embeddings", prompt="hi", max_tokens=4),  # a completions body
         line("bytes", "/v1/embeddings", input="x", encoding_format="bytes"),
     ]
-    batch = wait_for_batch(client, submit(client, wrong_body, "/v1/embeddings").id)
+    batch = wait_for_batch(client, submit_batch(client, wrong_body, "/v1/embeddings").id)
     assert batch.status == "failed"
     assert [(e.code, e.line, e.param) for e in batch.errors.data] == [
         ("missing_required_parameter", 2, "body.input"),
@@ -243,17 +230,17 @@ def test_per_request_errors_go_to_the_error_file(client: OpenAI) -> None:
         line("dims", "/v1/embeddings", input=TEXTS[0], dimensions=128),  # not Matryoshka
         line("type", "/v1/embeddings", input={"not": "text"}),
     ]
-    batch = wait_for_batch(client, submit(client, lines, "/v1/embeddings").id)
+    batch = wait_for_batch(client, submit_batch(client, lines, "/v1/embeddings").id)
     assert batch.status == "completed"
     assert batch.request_counts.model_dump() == {"total": 3, "completed": 1, "failed": 2}
-    errors = results(client, batch.error_file_id)
+    errors = results_by_id(client, batch.error_file_id)
     dims = errors["dims"]
     assert dims["response"]["status_code"] == 400
     assert "does not support Matryoshka" in dims["error"]["message"]
     assert dims["response"]["body"]["error"]["param"] == "dimensions"
     assert errors["type"]["response"]["status_code"] == 400
     assert "Invalid request body" in errors["type"]["error"]["message"]
-    assert results(client, batch.output_file_id)["ok"]["response"]["status_code"] == 200
+    assert results_by_id(client, batch.output_file_id)["ok"]["response"]["status_code"] == 200
 
 
 def test_parasail_openai_batch_embedding_score_and_rerank(
@@ -265,26 +252,23 @@ def test_parasail_openai_batch_embedding_score_and_rerank(
     provider = Provider(name="local", base_url=server.base_url, api_key="unused")
 
     def run(kind: str, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        # openai-batch 0.3.4 closes the file add_to_batch wrote before reading it back; the
+        # README's workaround: write it in a `with` block, then submit it by path.
+        path = tmp_path / f"{kind}.jsonl"
+        with ParasailBatch(submission_input_file=path, provider=provider) as writer:
+            for request in requests:
+                writer.add_to_batch(model=MINILM_NAME, **request)
         batch = ParasailBatch(
+            submission_input_file=path,
             output_file=tmp_path / f"{kind}-out.jsonl",
             error_file=tmp_path / f"{kind}-err.jsonl",
-            submission_input_file=tmp_path / f"{kind}.jsonl",
             provider=provider,
         )
-        for request in requests:
-            batch.add_to_batch(model=MINILM_NAME, **request)
-        # openai-batch 0.3.4 closes the file it wrote and then reads it on submit: close it
-        # ourselves and hand it the path instead (the workaround in the README).
-        batch.submission_input_file.close()
-        batch.submission_input_file = tmp_path / f"{kind}.jsonl"
-        batch._should_close = False
-        batch.submit()
-        deadline = time.monotonic() + 120
-        while (status := batch.status()).status not in ("completed", "failed"):
-            assert time.monotonic() < deadline, status
-            time.sleep(0.3)
+        batch.batch_type = writer.batch_type  # the endpoint, as add_to_batch chose it
+        status, output_path, error_path = batch.submit_wait_download(
+            interval=0.3, status_callback=give_up_after(120)
+        )
         assert status.status == "completed", status.errors
-        output_path, error_path = batch.download()
         assert error_path is None
         return parse_jsonl(Path(output_path).read_text())
 
@@ -295,6 +279,17 @@ def test_parasail_openai_batch_embedding_score_and_rerank(
     # openai-batch sends rerank requests (query + documents) to /v1/score.
     reranked = run("rerank", [{"query": "Where is the cat?", "documents": TEXTS[:3]}])
     assert len(reranked[0]["response"]["body"]["results"]) == 3
+
+
+def give_up_after(seconds: float) -> Callable[[Any], None]:
+    """A ``status_callback`` for ``submit_wait_download`` that stops a batch stuck for good."""
+    deadline = time.monotonic() + seconds
+
+    def check(batch: Any) -> None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"batch {batch.id} still {batch.status} after {seconds}s")
+
+    return check
 
 
 def readme_lines() -> list[dict[str, Any]]:
@@ -309,7 +304,7 @@ def test_readme_example_lines(client: OpenAI) -> None:
     lines = readme_lines()
     assert [line["url"] for line in lines] == ["/v1/embeddings", "/v1/score", "/v1/rerank"]
     for example in lines:
-        batch = wait_for_batch(client, submit(client, [example], example["url"]).id)
+        batch = wait_for_batch(client, submit_batch(client, [example], example["url"]).id)
         assert batch.status == "completed" and batch.request_counts.completed == 1, batch
-    (reranked,) = results(client, batch.output_file_id).values()
+    (reranked,) = results_by_id(client, batch.output_file_id).values()
     assert reranked["response"]["body"]["results"][0]["index"] == 1  # the cat, not markets
