@@ -148,6 +148,24 @@ class SharedEngine:
         return await self._engine.run(url, body, request_id)
 
 
+class NotForThisTest:
+    """The engine of a model a module serves only for batch validation: it never runs."""
+
+    max_in_flight = 1
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+
+    async def start(self) -> None:
+        raise RuntimeError(f"{self.model_name}: no engine in this test module")
+
+    async def stop(self) -> None:
+        return None
+
+    async def run(self, url: str, body: dict[str, Any], request_id: str) -> Any:
+        raise RuntimeError(f"{self.model_name}: no engine in this test module")
+
+
 @pytest.fixture(scope="session")
 def tiny_engine(loop_thread: LoopThread, tiny_model: Path) -> Iterator[Any]:
     """The real vLLM engine on the tiny model, started once per session."""
@@ -304,6 +322,19 @@ def start_server(
     finally:
         server.should_exit = True
         future.result(60)
+
+
+def start_server_lending(
+    loop_thread: LoopThread, settings: Settings, engines: dict[str, Any]
+) -> Iterator[LiveServer]:
+    """``start_server`` lending ``engines[name]`` to each model named there; the other
+    served models get a ``NotForThisTest`` (they are served for batch validation only)."""
+
+    def factory(spec: ModelSpec) -> Any:
+        engine = engines.get(spec.name)
+        return SharedEngine(engine) if engine is not None else NotForThisTest(spec.name)
+
+    yield from start_server(loop_thread, settings, None, engine_factory=factory)
 
 
 @pytest.fixture(scope="module")

@@ -168,19 +168,35 @@ def validated(run: Run) -> list[tuple[Any, dict[str, Any]]]:
     ]
 
 
+def vllm_file_results(
+    run: Run, count: int, ok: int, body_type: type, model: str
+) -> tuple[list[Any], dict[str, dict[str, Any]]]:
+    """A run of one of vLLM's files (lines ``request-1`` to ``request-{count}``): the
+    bodies of the first ``ok`` lines (successes of ``body_type`` for ``model``), and the
+    other lines (errors) as JSON by ``custom_id``."""
+    lines = validated(run)
+    assert [parsed.custom_id for parsed, _ in lines] == [
+        f"request-{i}" for i in range(1, count + 1)
+    ]
+    bodies = []
+    for parsed, _ in lines[:ok]:
+        body = parsed.response.body
+        assert isinstance(body, body_type) and parsed.error is None
+        assert body.model == model
+        bodies.append(body)
+    return bodies, {raw["custom_id"]: raw for _, raw in lines[ok:]}
+
+
 def test_chat_file(runs: Runs) -> None:
     """vLLM's ``test_completions``: exit 0, every line a ``BatchRequestOutput``."""
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionResponse
 
-    lines = validated(runs.chat)
-    assert [parsed.custom_id for parsed, _ in lines] == [f"request-{i}" for i in range(1, 6)]
-    for parsed, _ in lines[:2]:
-        body = parsed.response.body
-        assert isinstance(body, ChatCompletionResponse) and parsed.error is None
-        assert body.model == vllm.CHAT_MODEL_NAME
+    bodies, errors = vllm_file_results(
+        runs.chat, 5, 2, ChatCompletionResponse, vllm.CHAT_MODEL_NAME
+    )
+    for body in bodies:
         assert 0 < body.usage.completion_tokens <= 1000  # sampled: EOS may come early
         assert body.choices[0].finish_reason in ("length", "stop")
-    errors = {raw["custom_id"]: raw for _, raw in lines[2:]}
     assert [errors[f"request-{i}"]["response"]["status_code"] for i in (3, 4, 5)] == [404, 400, 400]
     assert "NonExistModel" in errors["request-3"]["error"]["error"]["message"]
     assert "/bad_url" in errors["request-4"]["error"]["error"]["message"]
@@ -219,14 +235,11 @@ def test_embeddings_file(runs: Runs) -> None:
     """vLLM's ``test_embeddings``: exit 0, every line a ``BatchRequestOutput``."""
     from vllm.entrypoints.pooling.embed.protocol import EmbeddingResponse
 
-    lines = validated(runs.embeddings)
-    assert [parsed.custom_id for parsed, _ in lines] == [f"request-{i}" for i in range(1, 5)]
-    for parsed, _ in lines[:3]:
-        body = parsed.response.body
-        assert isinstance(body, EmbeddingResponse) and parsed.error is None
-        assert body.model == vllm.EMBEDDING_MODEL_NAME
-        assert [len(d.embedding) for d in body.data] == [384]
-    _, missing = lines[3]
+    bodies, errors = vllm_file_results(
+        runs.embeddings, 4, 3, EmbeddingResponse, vllm.EMBEDDING_MODEL_NAME
+    )
+    assert [[len(d.embedding) for d in body.data] for body in bodies] == [[384]] * 3
+    missing = errors["request-4"]
     assert missing["response"]["status_code"] == 404
     assert "NonExistModel" in missing["error"]["error"]["message"]
 

@@ -1,7 +1,9 @@
 """``/v1/score`` and ``/v1/rerank`` batches on a cross-encoder (kind ``score``) through the
 server, on the tiny random-weight cross-encoder the project builds
 (``vllm_batch.models.cross_encoder``), served as ``NAME=PATH:score``. Scores are checked
-against transformers; bodies against vLLM's own response models.
+against transformers; bodies against vLLM's own response models. The tiny Llama is served
+too, for validation only (its engine never starts): a chat batch is then accepted, and its
+line naming the cross-encoder fails with ``wrong_model_kind``.
 
 ``vllm-batch run`` on the same model: tests/e2e/test_vllm_run_batch_parity.py.
 """
@@ -14,9 +16,15 @@ from typing import Any
 
 import httpx
 import pytest
-from openai import OpenAI
+from openai import BadRequestError, OpenAI
 
-from tests.conftest import LiveServer, LoopThread, pooling_settings, start_server
+from tests.conftest import (
+    TINY_NAME,
+    LiveServer,
+    LoopThread,
+    pooling_settings,
+    start_server_lending,
+)
 from tests.helpers import cross_encoder_scores, results_by_id, submit_batch, wait_for_batch
 
 NAME = "tiny-reranker"
@@ -44,14 +52,15 @@ def server(
     loop_thread: LoopThread,
     engine: Any,
     cross_encoder_model: Path,
+    tiny_model: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[LiveServer]:
     settings = pooling_settings(
         cross_encoder_model,
-        models=[f"{NAME}={cross_encoder_model}:score"],
+        models=[f"{NAME}={cross_encoder_model}:score", f"{TINY_NAME}={tiny_model}"],
         data_dir=tmp_path_factory.mktemp("data"),
     )
-    yield from start_server(loop_thread, settings, engine)
+    yield from start_server_lending(loop_thread, settings, {NAME: engine})
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +83,8 @@ def run(client: OpenAI, lines: list[dict[str, Any]], endpoint: str) -> Any:
 
 
 def test_models_lists_the_score_kind(server: LiveServer) -> None:
-    (model,) = httpx.get(f"{server.base_url}/models").json()["data"]
-    assert (model["id"], model["kind"]) == (NAME, "score")
+    data = httpx.get(f"{server.base_url}/models").json()["data"]
+    assert {(m["id"], m["kind"]) for m in data} == {(NAME, "score"), (TINY_NAME, "generate")}
 
 
 def test_score_batch_matches_transformers(
@@ -133,16 +142,23 @@ def test_rerank_batch_orders_by_score(
 
 
 def test_endpoints_a_cross_encoder_does_not_serve(client: OpenAI) -> None:
-    for endpoint, body in (
-        ("/v1/embeddings", {"input": "x"}),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
-    ):
-        batch = run(client, [line("x", endpoint, **body)], endpoint)
-        assert batch.status == "failed", batch
-        (error,) = batch.errors.data
-        assert (error.code, error.line, error.param) == ("wrong_model_kind", 1, "body.model")
-        assert f"'{NAME}' is a cross-encoder (score) model" in error.message
-        assert f"serves /v1/score, /v1/rerank, not {endpoint}" in error.message
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    batch = run(client, [line("x", "/v1/chat/completions", **chat)], "/v1/chat/completions")
+    assert batch.status == "failed", batch
+    (error,) = batch.errors.data
+    assert (error.code, error.line, error.param) == ("wrong_model_kind", 1, "body.model")
+    assert f"'{NAME}' is a cross-encoder (score) model" in error.message
+    assert "serves /v1/score, /v1/rerank, not /v1/chat/completions" in error.message
+
+    with pytest.raises(BadRequestError) as refused:  # no served model embeds
+        submit_batch(client, [line("x", "/v1/embeddings", input="x")], "/v1/embeddings")
+    assert refused.value.body == {
+        "message": f"No served model supports /v1/embeddings. Served models: {NAME} (score), "
+        f"{TINY_NAME} (generate).",
+        "type": "invalid_request_error",
+        "param": "endpoint",
+        "code": "invalid_value",
+    }
 
 
 def test_wrong_bodies(client: OpenAI) -> None:

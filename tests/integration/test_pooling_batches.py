@@ -26,12 +26,10 @@ from tests.conftest import (
     TINY_NAME,
     LiveServer,
     LoopThread,
-    SharedEngine,
     pooling_settings,
-    start_server,
+    start_server_lending,
 )
 from tests.helpers import parse_jsonl, results_by_id, submit_batch, wait_for_batch
-from vllm_batch.config import ModelSpec
 
 THIS = "tests/integration/test_pooling_batches.py"
 TEXTS = [
@@ -40,22 +38,6 @@ TEXTS = [
     "Stock markets fell sharply on Monday.",
     "Quantum computers use qubits.",
 ]
-
-
-class NotForThisTest:
-    """The generative model's engine: these tests never run a request on it."""
-
-    model_name = TINY_NAME
-    max_in_flight = 1
-
-    async def start(self) -> None:
-        raise RuntimeError("no generative engine in the pooling tests")
-
-    async def stop(self) -> None:
-        return None
-
-    async def run(self, url: str, body: dict[str, Any], request_id: str) -> Any:
-        raise RuntimeError("no generative engine in the pooling tests")
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +56,7 @@ def server(
         data_dir=tmp_path_factory.mktemp("data"),
         chunk_size=8,
     )
-
-    def factory(spec: ModelSpec) -> Any:
-        return SharedEngine(pooling_engine) if spec.name == MINILM_NAME else NotForThisTest()
-
-    yield from start_server(loop_thread, settings, None, engine_factory=factory)
+    yield from start_server_lending(loop_thread, settings, {MINILM_NAME: pooling_engine})
 
 
 @pytest.fixture(scope="module")

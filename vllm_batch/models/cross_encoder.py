@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vllm_batch.models._atomic import build_atomically
+from vllm_batch.models._weights import seeded_model
 
 HIDDEN_SIZE = 64
 NUM_LAYERS = 2
@@ -23,7 +24,6 @@ WEIGHT_STD = 0.2
 
 def _build(tmp: Path, tokenizer_dir: Path, seed: int) -> None:
     """Write the tokenizer, config and float32 weights into ``tmp``."""
-    import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -39,20 +39,7 @@ def _build(tmp: Path, tokenizer_dir: Path, seed: int) -> None:
     )
     config.num_labels = 1
     config.architectures = ["BertForSequenceClassification"]
-    with torch.random.fork_rng(devices=[]):  # seed without disturbing the caller's RNG
-        torch.manual_seed(seed)
-        model = BertForSequenceClassification(config)
-
-    # Every parameter set explicitly, in name order, from one seeded generator: the bytes do
-    # not depend on transformers' initialisation order or defaults.
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if "LayerNorm" in name:
-                param.fill_(1.0 if name.endswith("weight") else 0.0)
-            else:
-                param.copy_(torch.randn(param.shape, generator=gen) * WEIGHT_STD)
-    model.eval()
+    model = seeded_model(BertForSequenceClassification, config, seed, std=WEIGHT_STD)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
 

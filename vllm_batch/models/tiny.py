@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vllm_batch.models._atomic import build_atomically
+from vllm_batch.models._weights import seeded_model
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -262,22 +263,10 @@ def _build(tmp: Path, seed: int) -> None:
     tokenizer = build_tokenizer()
     config = LlamaConfig(**_config_kwargs(tokenizer))
     config.architectures = ["LlamaForCausalLM"]
-    with torch.random.fork_rng(devices=[]):  # seed without disturbing the caller's RNG
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-
-    # Initialise every parameter explicitly, in name order, from a seeded generator so the
-    # bytes do not depend on transformers' init order/defaults.
-    gen = torch.Generator().manual_seed(seed)
+    model = seeded_model(LlamaForCausalLM, config, seed, std=0.02)
     with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
         special_ids = [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
         model.lm_head.weight[special_ids] = 0.0
-    model.eval()
     if model.dtype != torch.float32:
         raise RuntimeError(f"expected float32 weights, got {model.dtype}")
     model.generation_config = GenerationConfig(
