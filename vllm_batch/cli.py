@@ -293,7 +293,7 @@ async def _run_worker(settings: Settings) -> None:
     from vllm_batch.engines.manager import EngineManager
     from vllm_batch.handlers.dispatcher import Dispatcher
     from vllm_batch.observability import metrics
-    from vllm_batch.observability.endpoint import bind_worker_metrics, serve_worker_metrics
+    from vllm_batch.observability.exposition import bind_worker_metrics, serve_worker_metrics
     from vllm_batch.runtime import open_store
     from vllm_batch.service.housekeeping import run_housekeeping
     from vllm_batch.service.supervise import TaskHealth, supervise

@@ -3,7 +3,7 @@
 As with ``vllm run-batch --enable-metrics --host H --port P``, the endpoint is up from
 before the engine starts until the output is published. It serves the process metrics a
 worker records (``observability.metrics``: lines, tokens, latency, engine loaded, vLLM's
-scheduler gauges) with the worker's metrics app (``observability.endpoint``). The
+scheduler gauges) with the worker's metrics app (``observability.exposition``). The
 multiprocess files go to a temporary directory, removed at the end, unless
 ``VLLM_BATCH_METRICS_DIR`` (or ``PROMETHEUS_MULTIPROC_DIR``) names one.
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from vllm_batch.config import Settings
 from vllm_batch.observability import metrics
-from vllm_batch.observability.endpoint import bind_worker_metrics, serve_worker_metrics
+from vllm_batch.observability.exposition import bind_worker_metrics, serve_worker_metrics
 from vllm_batch.pipeline.results import LineResult
 
 
