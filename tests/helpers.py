@@ -147,3 +147,17 @@ def whitespace_bias(model_dir: Any) -> dict[str, float]:
         for i in range(len(tokenizer))
         if (text := tokenizer.decode([i])) and not text.strip()
     }
+
+
+def cross_encoder_scores(model_dir: Any, query: str, documents: list[str]) -> list[float]:
+    """What a one-label cross-encoder gives each (query, document) pair, computed with
+    transformers alone: the sigmoid of its logit (what vLLM and sentence-transformers return)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    encoded = tokenizer([query] * len(documents), documents, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(**encoded).logits
+    return [float(x) for x in torch.sigmoid(logits[:, 0])]

@@ -377,7 +377,7 @@ async def _run_worker(settings: Settings) -> None:
     from vllm_batch.engines.manager import EngineManager
     from vllm_batch.handlers.dispatcher import Dispatcher
     from vllm_batch.observability import metrics
-    from vllm_batch.observability.endpoint import bind_worker_metrics, serve_worker_metrics
+    from vllm_batch.observability.exposition import bind_worker_metrics, serve_worker_metrics
     from vllm_batch.runtime import open_store
     from vllm_batch.service.housekeeping import run_housekeeping
     from vllm_batch.service.supervise import TaskHealth, supervise
@@ -523,7 +523,14 @@ def run(
     served_model_name: Annotated[
         str | None, typer.Option(help="Name requests use in body.model (overrides NAME=).")
     ] = None,
-    lora: LoraOpt = None,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--lora",
+            "--lora-modules",
+            help="LoRA adapter NAME=PATH (repeatable); requests name it in body.model.",
+        ),
+    ] = None,
     output_tmp_dir: Annotated[
         str | None, typer.Option(help="Where to write a URL output before uploading it.")
     ] = None,
@@ -580,6 +587,27 @@ def run(
         ),
     ] = None,
     log_level: LogLevelOpt = None,
+    enable_metrics: Annotated[
+        bool,
+        typer.Option(
+            "--enable-metrics",
+            help="Serve Prometheus metrics on http://HOST:PORT/metrics while the run lasts.",
+        ),
+    ] = False,
+    host: Annotated[
+        str | None,
+        typer.Option(help="Bind address for --enable-metrics (default: VLLM_BATCH_HOST)."),
+    ] = None,
+    port: Annotated[int, typer.Option(help="Port for --enable-metrics.")] = 8000,
+    url: Annotated[
+        str | None, typer.Option(help="Deprecated (as in vLLM): use --host.", hidden=True)
+    ] = None,
+    enable_prompt_tokens_details: Annotated[
+        bool,
+        typer.Option(
+            "--enable-prompt-tokens-details", help="Always on; accepted as vLLM's.", hidden=True
+        ),
+    ] = False,
 ) -> None:
     """Run one batch file offline, like `vllm run-batch` (output in input order).
 
@@ -593,18 +621,15 @@ def run(
     """
     from vllm_batch.offline import RunFailed, RunOptions, run_batch
     from vllm_batch.offline.io import redact
+    from vllm_batch.offline.run_metrics import MetricsAddress
+    from vllm_batch.offline.vllm_flags import unsupported_message
 
     if ctx.args:
-        typer.echo(
-            f"error: unsupported option(s) for `vllm-batch run`: {' '.join(ctx.args)}\n"
-            "supported engine flags: --model, --served-model-name, --lora, --max-num-seqs, "
-            "--max-num-batched-tokens, --block-size, --gpu-memory-utilization, "
-            "--tensor-parallel-size, --max-model-len, --dtype, --enforce-eager, "
-            "--[no-]enable-prefix-caching, --runner, "
-            "--engine, --engine-url, --engine-api-key, --engine-max-concurrency",
-            err=True,
-        )
+        typer.echo(unsupported_message(ctx.args), err=True)
         raise typer.Exit(2)
+    if url is not None:
+        typer.echo("warning: --url is deprecated (as in vLLM); use --host", err=True)
+        host = url
     try:
         spec = ModelSpec.parse(model)
     except ValueError as exc:
@@ -629,6 +654,7 @@ def run(
         engine_api_key=engine_api_key,
         engine_max_concurrency=engine_max_concurrency,
         log_level=log_level.value if log_level else None,
+        metrics_enabled=enable_metrics,
     )
     if settings.engine == "instant-benchmark":
         raise typer.BadParameter("use 'vllm' or 'openai' with `run`", param_hint="--engine")
@@ -644,6 +670,7 @@ def run(
         resume=resume,
         progress_interval=progress_interval,
         max_buffered=max_buffered_results,
+        metrics=MetricsAddress(host or settings.host, port) if enable_metrics else None,
     )
     try:
         summary = run_batch(options)

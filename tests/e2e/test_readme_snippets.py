@@ -54,6 +54,14 @@ def run_by_this_test(language: str) -> list[str]:
     ]
 
 
+def noted(fragment: str) -> str:
+    """The one snippet this test runs whose note mentions ``fragment``."""
+    [code] = [
+        s.code for s in snippets() if s.marker == "tested" and f"{THIS} ({fragment}" in s.note
+    ]
+    return code
+
+
 def localize(code: str, port: int) -> str:
     """The README's port, 4080, becomes the test server's; nothing else changes."""
     return re.sub(r"\b(127\.0\.0\.1|localhost):4080\b", rf"\1:{port}", code)
@@ -67,7 +75,7 @@ def test_every_code_block_is_marked() -> None:
             path = snippet.note.split(" ")[0]
             assert (ROOT / path).is_file(), path
     assert (
-        len(run_by_this_test("python")) == 1
+        len(run_by_this_test("python")) == 3
         and len(run_by_this_test("bash")) == 3
         and len(run_by_this_test("json")) == 1
     )
@@ -128,7 +136,7 @@ def test_quick_start_python_and_curl(readme_server: ServerProcess) -> None:
     home = readme_server.log_path.parent.parent
     [requests] = run_by_this_test("json")
     (home / "requests.jsonl").write_text(requests)
-    [python] = run_by_this_test("python")
+    python = run_by_this_test("python")[0]
     out = run([sys.executable, "-c", localize(python, port(readme_server))], readme_server)
     status, *results = out.splitlines()
     assert status.startswith("completed ") and "completed=1" in status, out
@@ -191,3 +199,62 @@ def test_banner_and_quiet_structured_logs(readme_server: ServerProcess) -> None:
     assert access and all(r["request_id"] for r in access)
     worker = [r for r in records if "chunk_id" in r]
     assert worker and all(r["batch_id"] and r["worker"] for r in worker)
+
+
+OPENAI_BATCH_0_3_3 = ROOT / ".venv-openai-batch-0.3.3"
+"""openai-batch 0.3.3's files alone (``make openai-batch-old``, part of ``make test``)."""
+
+
+def openai_batch_env(old: bool) -> dict[str, str]:
+    """The environment that imports openai-batch 0.3.3 (``old``) or the pinned 0.3.4."""
+    if not old:
+        return {}
+    assert (OPENAI_BATCH_0_3_3 / "openai_batch").is_dir(), "run `make openai-batch-old` first"
+    paths = [str(OPENAI_BATCH_0_3_3), os.environ.get("PYTHONPATH", "")]
+    return {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+
+
+def openai_batch_version(server: ServerProcess, old: bool) -> str:
+    check = "import openai_batch; print(openai_batch.__version__, openai_batch.__file__)"
+    return run([sys.executable, "-c", check], server, **openai_batch_env(old)).strip()
+
+
+def check_parasail_output(server: ServerProcess, out: str) -> None:
+    """The snippet's last line (status, output file, error file) and its output file."""
+    *polls, last = out.splitlines()
+    status, output_path, error_path = last.split()
+    assert status == "completed" and error_path == "None" and "completed" in polls, out
+    home = server.log_path.parent.parent
+    lines = [json.loads(x) for x in (home / output_path).read_text().splitlines()]
+    assert [x["custom_id"] for x in lines] == ["line-1", "line-2"]
+    assert {x["response"]["body"]["model"] for x in lines} == {DEFAULT_MODEL_NAME}
+    assert all(x["response"]["status_code"] == 200 for x in lines)
+
+
+def test_parasail_snippet_on_openai_batch_0_3_3(readme_server: ServerProcess) -> None:
+    version = openai_batch_version(readme_server, old=True)
+    assert version.startswith(f"0.3.3 {OPENAI_BATCH_0_3_3}/"), version
+    code = localize(noted("on openai-batch 0.3.3"), port(readme_server))
+    out = run([sys.executable, "-c", code], readme_server, **openai_batch_env(old=True))
+    check_parasail_output(readme_server, out)
+
+
+def test_parasail_snippet_fails_on_openai_batch_0_3_4(readme_server: ServerProcess) -> None:
+    """Why the README needs a workaround: the same snippet on the pinned 0.3.4 (when a later
+    version passes this, the README's advice is out of date)."""
+    assert openai_batch_version(readme_server, old=False).startswith("0.3.4 ")
+    code = localize(noted("on openai-batch 0.3.3"), port(readme_server))
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=readme_server.log_path.parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "ValueError: I/O operation on closed file" in result.stderr, result.stderr
+
+
+def test_parasail_workaround_on_openai_batch_0_3_4(readme_server: ServerProcess) -> None:
+    code = localize(noted("on openai-batch 0.3.4"), port(readme_server))
+    check_parasail_output(readme_server, run([sys.executable, "-c", code], readme_server))

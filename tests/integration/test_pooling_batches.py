@@ -26,13 +26,10 @@ from tests.conftest import (
     TINY_NAME,
     LiveServer,
     LoopThread,
-    SharedEngine,
-    UnusedEngine,
     pooling_settings,
-    start_server,
+    start_server_lending,
 )
 from tests.helpers import parse_jsonl, results, submit, wait_for_batch
-from vllm_batch.config import ModelSpec
 
 THIS = "tests/integration/test_pooling_batches.py"
 TEXTS = [
@@ -59,11 +56,7 @@ def server(
         data_dir=tmp_path_factory.mktemp("data"),
         chunk_size=8,
     )
-
-    def factory(spec: ModelSpec) -> Any:
-        return SharedEngine(pooling_engine) if spec.name == MINILM_NAME else UnusedEngine(TINY_NAME)
-
-    yield from start_server(loop_thread, settings, None, engine_factory=factory)
+    yield from start_server_lending(loop_thread, settings, {MINILM_NAME: pooling_engine})
 
 
 @pytest.fixture(scope="module")
@@ -229,26 +222,23 @@ def test_parasail_openai_batch_embedding_score_and_rerank(
     provider = Provider(name="local", base_url=server.base_url, api_key="unused")
 
     def run(kind: str, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        # openai-batch 0.3.4 closes the file add_to_batch wrote before reading it back; the
+        # README's workaround: write it in a `with` block, then submit it by path.
+        path = tmp_path / f"{kind}.jsonl"
+        with ParasailBatch(submission_input_file=path, provider=provider) as writer:
+            for request in requests:
+                writer.add_to_batch(model=MINILM_NAME, **request)
         batch = ParasailBatch(
+            submission_input_file=path,
             output_file=tmp_path / f"{kind}-out.jsonl",
             error_file=tmp_path / f"{kind}-err.jsonl",
-            submission_input_file=tmp_path / f"{kind}.jsonl",
             provider=provider,
         )
-        for request in requests:
-            batch.add_to_batch(model=MINILM_NAME, **request)
-        # openai-batch 0.3.4 closes the file it wrote and then reads it on submit: close it
-        # ourselves and hand it the path instead (the workaround in the README).
-        batch.submission_input_file.close()
-        batch.submission_input_file = tmp_path / f"{kind}.jsonl"
-        batch._should_close = False
-        batch.submit()
-        deadline = time.monotonic() + 120
-        while (status := batch.status()).status not in ("completed", "failed"):
-            assert time.monotonic() < deadline, status
-            time.sleep(0.3)
+        batch.batch_type = writer.batch_type  # the endpoint, as add_to_batch chose it
+        status, output_path, error_path = batch.submit_wait_download(
+            interval=0.3, status_callback=give_up_after(120)
+        )
         assert status.status == "completed", status.errors
-        output_path, error_path = batch.download()
         assert error_path is None
         return parse_jsonl(Path(output_path).read_text())
 
@@ -259,6 +249,17 @@ def test_parasail_openai_batch_embedding_score_and_rerank(
     # openai-batch sends rerank requests (query + documents) to /v1/score.
     reranked = run("rerank", [{"query": "Where is the cat?", "documents": TEXTS[:3]}])
     assert len(reranked[0]["response"]["body"]["results"]) == 3
+
+
+def give_up_after(seconds: float) -> Callable[[Any], None]:
+    """A ``status_callback`` for ``submit_wait_download`` that stops a batch stuck for good."""
+    deadline = time.monotonic() + seconds
+
+    def check(batch: Any) -> None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"batch {batch.id} still {batch.status} after {seconds}s")
+
+    return check
 
 
 def readme_lines() -> list[dict[str, Any]]:

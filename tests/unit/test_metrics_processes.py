@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.metrics_helpers import Scrape, parse
-from vllm_batch.observability.endpoint import render
+from vllm_batch.observability.exposition import render
 
 RECORDER = """
 import sys

@@ -14,6 +14,7 @@ from vllm_batch.engines import vllm_engine
 from vllm_batch.engines.vllm_engine import CPU_PREFIX_BLOCK_SIZE, engine_argv
 from vllm_batch.model_kinds import ModelKind
 from vllm_batch.offline import RunFailed, RunOptions, RunSummary
+from vllm_batch.offline.run_metrics import MetricsAddress
 
 runner = CliRunner()
 
@@ -111,3 +112,53 @@ def test_run_failures_set_the_exit_code(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(offline, "run_batch", failing)
     result = invoke("--model", "tiny=/m")
     assert result.exit_code == 2 and "line 3: not valid JSON" in result.output
+
+
+def test_enable_metrics_host_and_port(calls: list[RunOptions]) -> None:
+    result = invoke("--model", "tiny=/m", "--enable-metrics", "--host", "0.0.0.0", "--port", "9109")
+    assert result.exit_code == 0, result.output
+    assert calls[0].metrics == MetricsAddress("0.0.0.0", 9109)
+    assert calls[0].settings.metrics_enabled  # vLLM's scheduler stats feed the gauges
+
+
+def test_metrics_are_off_unless_enabled(calls: list[RunOptions]) -> None:
+    """As in vLLM, ``--port`` alone starts nothing; the engine keeps its stats to itself."""
+    result = invoke("--model", "tiny=/m", "--port", "9109")
+    assert result.exit_code == 0, result.output
+    assert calls[0].metrics is None and not calls[0].settings.metrics_enabled
+
+
+def test_deprecated_url_sets_the_metrics_host(calls: list[RunOptions]) -> None:
+    result = invoke("--model", "tiny=/m", "--enable-metrics", "--url", "10.1.2.3")
+    assert result.exit_code == 0, result.output
+    assert calls[0].metrics == MetricsAddress("10.1.2.3", 8000)  # vLLM's default port
+    assert "--url is deprecated (as in vLLM); use --host" in result.output
+
+
+def test_lora_modules_and_always_on_flags(calls: list[RunOptions]) -> None:
+    result = invoke(
+        "--model", "tiny=/m", "--lora-modules", "sql=/a/sql", "--enable-prompt-tokens-details"
+    )
+    assert result.exit_code == 0, result.output
+    assert calls[0].settings.loras == ["sql=/a/sql"]
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        (["--response-role", "bot"], "--response-role (a `vllm run-batch` option): chat respon"),
+        (["--enable-auto-tool-choice"], "tool-call parsers are not loaded"),
+        (["--tool-call-parser=hermes"], "--tool-call-parser (a `vllm run-batch` option): tool-"),
+        (["--no-enable-log-outputs"], "--enable-log-outputs (a `vllm run-batch` option): it co"),
+        (["--reasoning-parser", "qwen3"], "reasoning parsers are not loaded"),
+        (["--chat-template", "t.jinja"], "the model's own chat template is used"),
+    ],
+)
+def test_run_batch_frontend_flags_are_refused_with_a_reason(
+    calls: list[RunOptions], args: list[str], reason: str
+) -> None:
+    result = invoke("--model", "tiny=/m", *args)
+    assert result.exit_code == 2 and calls == []
+    assert f"unsupported option(s) for `vllm-batch run`: {' '.join(args)}" in result.output
+    assert reason in result.output
+    assert "supported vLLM flags: --model, --served-model-name" in result.output

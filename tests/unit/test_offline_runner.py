@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import random
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from vllm_batch.config import ModelSpec, Settings
 from vllm_batch.engines.base import EngineFailure, EngineResult
 from vllm_batch.engines.vllm_engine import error_result
 from vllm_batch.offline import RunFailed, RunOptions, run_batch
+from vllm_batch.offline.run_metrics import MetricsAddress
 
 SPEC = ModelSpec("tiny", "/models/tiny")
 
@@ -275,3 +277,43 @@ def test_unusable_tmp_dir_fails_cleanly(tmp_path: Path) -> None:
     with pytest.raises(RunFailed, match="cannot create a temporary file") as info:
         run_batch(options(inp, "http://127.0.0.1:9/out", output_tmp_dir=missing), Factory())
     assert info.value.exit_code == 1
+
+
+def test_vllm_spellings_of_the_pooling_urls(tmp_path: Path) -> None:
+    """``vllm run-batch`` takes ``/score``, ``/rerank`` and ``/v2/rerank``; they reach the
+    engine as the endpoints they name (other URLs as they are)."""
+
+    class Recorder(FakeEngine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.urls: list[str] = []
+
+        async def run(self, url: str, body: dict[str, Any], request_id: str) -> EngineResult:
+            self.urls.append(url)
+            return await super().run(url, body, request_id)
+
+    urls = ["/score", "/rerank", "/v2/rerank", "/v1/score", "/v3/score"]
+    inp = write_input(tmp_path / "in.jsonl", 5, {i: request(i, url=u) for i, u in enumerate(urls)})
+    engine = Recorder()
+    run_batch(options(inp, tmp_path / "out.jsonl"), Factory(engine))
+    assert sorted(engine.urls) == sorted(
+        ["/v1/score", "/v1/rerank", "/v1/rerank", "/v1/score", "/v3/score"]
+    )
+
+
+def test_metrics_port_in_use_fails_before_the_engine(tmp_path: Path) -> None:
+    inp = write_input(tmp_path / "in.jsonl", 2)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        factory = Factory()
+        with pytest.raises(RunFailed) as info:
+            run_batch(
+                options(inp, tmp_path / "out.jsonl", metrics=MetricsAddress("127.0.0.1", port)),
+                factory,
+            )
+    assert info.value.exit_code == 1
+    assert info.value.message.startswith(f"cannot serve metrics on 127.0.0.1:{port}: ")
+    assert "Address already in use" in info.value.message
+    assert factory.calls == 0 and list(tmp_path.iterdir()) == [inp]

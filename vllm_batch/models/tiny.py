@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vllm_batch.models._atomic import build_atomically
+from vllm_batch.models._weights import seeded_model
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -254,26 +255,6 @@ def _config_kwargs(tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
     }
 
 
-def seeded_model(model_class: Any, config: Any, seed: int, *, scale: float) -> Any:
-    """``model_class(config)`` with every parameter set explicitly, in name order, from a
-    generator seeded with ``seed``, so the bytes do not depend on transformers' init order
-    or defaults: norm weights 1, norm biases 0, the rest normal with std ``scale``."""
-    import torch
-
-    with torch.random.fork_rng(devices=[]):  # seed without disturbing the caller's RNG
-        torch.manual_seed(seed)
-        model = model_class(config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            module, _, kind = name.rpartition(".")
-            if "norm" in module.rpartition(".")[2]:
-                param.fill_(1.0 if kind == "weight" else 0.0)
-            else:
-                param.copy_(torch.randn(param.shape, generator=gen) * scale)
-    return model
-
-
 def _build(tmp: Path, seed: int) -> None:
     """Write tokenizer, config, generation config and float32 weights into ``tmp``."""
     import torch
@@ -282,11 +263,10 @@ def _build(tmp: Path, seed: int) -> None:
     tokenizer = build_tokenizer()
     config = LlamaConfig(**_config_kwargs(tokenizer))
     config.architectures = ["LlamaForCausalLM"]
-    model = seeded_model(LlamaForCausalLM, config, seed, scale=0.02)
+    model = seeded_model(LlamaForCausalLM, config, seed, std=0.02)
     with torch.no_grad():
         special_ids = [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
         model.lm_head.weight[special_ids] = 0.0
-    model.eval()
     if model.dtype != torch.float32:
         raise RuntimeError(f"expected float32 weights, got {model.dtype}")
     model.generation_config = GenerationConfig(

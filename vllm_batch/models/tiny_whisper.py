@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vllm_batch.models._atomic import build_atomically
-from vllm_batch.models.tiny import corpus, seeded_model
+from vllm_batch.models._weights import seeded_model
+from vllm_batch.models.tiny import corpus
 
 if TYPE_CHECKING:
     from transformers import WhisperTokenizer
@@ -139,7 +140,7 @@ def _build(tmp: Path, seed: int) -> None:
     tokenizer = build_tokenizer()
     config = WhisperConfig(**_config_kwargs(tokenizer))
     config.architectures = ["WhisperForConditionalGeneration"]
-    model = seeded_model(WhisperForConditionalGeneration, config, seed, scale=0.05)
+    model = seeded_model(WhisperForConditionalGeneration, config, seed, std=0.05)
     with torch.no_grad():
         embeddings = model.model.decoder.embed_tokens.weight  # tied to proj_out
         for token in control_tokens() + timestamp_tokens():

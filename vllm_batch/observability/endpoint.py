@@ -6,32 +6,26 @@ numbers cover every key's batches; ``metrics_public`` serves it without a key. W
 ``metrics_enabled`` off the route does not exist (404).
 
 The API server adds the database gauges (batches by status, queue, deliveries); a
-``vllm-batch worker --metrics-port`` endpoint serves only its host's process metrics,
-so scraping the API once and every other worker host once counts everything once.
+``vllm-batch worker --metrics-port`` endpoint serves only its host's process metrics
+(``exposition.py``), so scraping the API once and every other worker host once counts
+everything once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
 import time
-from collections.abc import Iterable, Iterator
-from pathlib import Path
+from collections.abc import Iterable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import choose_encoder
-from prometheus_client.registry import Collector
 
 from vllm_batch import __version__
-from vllm_batch.api.auth import KeyRing
-from vllm_batch.api.errors import error_response
 from vllm_batch.config import Settings
 from vllm_batch.observability import metrics
+from vllm_batch.observability.exposition import refusal, render
 from vllm_batch.runtime import StoreContext
 from vllm_batch.states import BatchStatus
 from vllm_batch.store import stats
@@ -40,28 +34,6 @@ log = logging.getLogger(__name__)
 DB_TIMEOUT_SECONDS = 5.0
 DELIVERY_KINDS = ("webhook", "handler")
 OPEN_DELIVERY_STATUSES = ("pending", "failed")
-
-
-class _Families(Collector):
-    """Metric families computed before the scrape (prometheus collectors are sync)."""
-
-    def __init__(self, families: Iterable[Metric]) -> None:
-        self.families = list(families)
-
-    def collect(self) -> Iterator[Metric]:
-        return iter(self.families)
-
-
-def render(
-    directory: Path | None, families: Iterable[Metric], accept: str | None
-) -> tuple[bytes, str]:
-    """The exposition (text format, or OpenMetrics if ``accept`` asks) and its content type."""
-    registry = CollectorRegistry(auto_describe=False)
-    if directory is not None:
-        registry.register(metrics.ProcessCollector(directory))
-    registry.register(_Families(families))
-    encoder, content_type = choose_encoder(accept or "")
-    return encoder(registry), content_type
 
 
 async def database_families(ctx: StoreContext, models: Iterable[str]) -> list[Metric]:
@@ -122,25 +94,6 @@ def _queue_families(queue: dict[str, stats.ModelQueue], models: Iterable[str]) -
     return [lines, batches, chunks, oldest, expired]
 
 
-def refusal(request: Request, settings: Settings, keys: KeyRing) -> Response | None:
-    """Why this caller may not scrape (401/403), or None if it may."""
-    if settings.metrics_public or not keys.enabled:
-        return None
-    header = request.headers.get("authorization")
-    principal = keys.resolve(header.encode("latin-1", "replace") if header else None)
-    if principal is None:
-        return error_response(
-            401,
-            "Incorrect API key provided. Pass an admin key as 'Authorization: Bearer <key>'.",
-            code="invalid_api_key",
-        )
-    if not principal.admin:
-        return error_response(
-            403, "/metrics needs an admin API key.", code="insufficient_permissions"
-        )
-    return None
-
-
 def install_metrics(app: FastAPI, settings: Settings) -> None:
     """Add ``GET /metrics`` to the API app (nothing if metrics are off)."""
     if not settings.metrics_enabled:
@@ -154,57 +107,3 @@ def install_metrics(app: FastAPI, settings: Settings) -> None:
         families = await database_families(request.app.state.ctx, settings.served_model_names)
         body, content_type = render(metrics.directory(), families, request.headers.get("accept"))
         return Response(body, media_type=content_type)
-
-
-def worker_metrics_app(settings: Settings) -> FastAPI:
-    """The app a ``vllm-batch worker --metrics-port`` serves: ``/metrics`` (process side)."""
-    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-    keys = KeyRing.from_settings(settings)
-
-    @app.get("/metrics")
-    async def metrics_route(request: Request) -> Response:
-        refused = refusal(request, settings, keys)
-        if refused is not None:
-            return refused
-        body, content_type = render(metrics.directory(), [], request.headers.get("accept"))
-        return Response(body, media_type=content_type)
-
-    return app
-
-
-def bind_worker_metrics(settings: Settings) -> socket.socket:
-    """The listening socket for ``metrics_host:metrics_port`` (raises ``OSError`` at once)."""
-    assert settings.metrics_port is not None
-    host = settings.metrics_host or settings.host
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, settings.metrics_port))
-        sock.listen(64)
-    except OSError:
-        sock.close()
-        raise
-    sock.setblocking(False)
-    return sock
-
-
-async def serve_worker_metrics(
-    settings: Settings, sock: socket.socket, shutdown: asyncio.Event
-) -> None:
-    """Serve ``worker_metrics_app`` on ``sock`` until ``shutdown``."""
-    import uvicorn
-
-    server = uvicorn.Server(
-        uvicorn.Config(worker_metrics_app(settings), log_level="warning", lifespan="off")
-    )
-    # The worker handles SIGTERM/SIGINT itself; uvicorn must not take them over.
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    host, port = sock.getsockname()[:2]
-    log.info("worker metrics on http://%s:%d/metrics", host, port)
-    try:
-        await shutdown.wait()
-    finally:
-        server.should_exit = True
-        await task

@@ -33,9 +33,16 @@ from vllm_batch.engines.base import Engine, EngineFailure, EngineResult
 from vllm_batch.offline import io
 from vllm_batch.offline.preflight import describe, preflight, strict_errors
 from vllm_batch.offline.progress import Progress, RunStats, make_progress
+from vllm_batch.offline.run_metrics import (
+    MetricsAddress,
+    MetricsUnavailable,
+    RunMetrics,
+    run_metrics,
+)
 from vllm_batch.offline.writer import DEFAULT_MAX_BUFFERED, OrderedWriter
 from vllm_batch.pipeline.dispatch import Dispatcher
 from vllm_batch.pipeline.output import ErrorShape
+from vllm_batch.pipeline.results import LineResult
 from vllm_batch.validation import iter_lines
 
 log = logging.getLogger(__name__)
@@ -48,6 +55,8 @@ TICK_SECONDS = 0.5
 PARTIAL_SUFFIX = ".partial"
 
 EngineFactory = Callable[[ModelSpec, Settings], Engine]
+VLLM_URL_ALIASES = {"/score": "/v1/score", "/rerank": "/v1/rerank", "/v2/rerank": "/v1/rerank"}
+"""Other spellings of the pooling endpoints that ``vllm run-batch`` (and ``vllm serve``) take."""
 
 
 class RunFailed(Exception):
@@ -72,6 +81,8 @@ class RunOptions:
     progress_tty: bool | None = None
     max_buffered: int = DEFAULT_MAX_BUFFERED
     """Most finished results held in memory waiting for an earlier line (then reading pauses)."""
+    metrics: MetricsAddress | None = None
+    """Serve Prometheus ``/metrics`` here while the run lasts (``--enable-metrics``)."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +97,8 @@ class RunSummary:
 
 
 class ServedModelGuard:
-    """Answers lines for another model with vLLM's 404 without sending them to the engine.
+    """Answers lines for another model with vLLM's 404 without sending them to the engine,
+    and sends ``VLLM_URL_ALIASES`` to the endpoints they name.
 
     The served model's LoRA ``adapters`` (names) are served too.
     """
@@ -119,7 +131,7 @@ class ServedModelGuard:
                 + (f" (LoRA adapters: {served})." if served else "."),
                 "model",
             )
-        return await self.engine.run(url, body, request_id)
+        return await self.engine.run(VLLM_URL_ALIASES.get(url, url), body, request_id)
 
 
 def default_engine_factory(spec: ModelSpec, settings: Settings) -> Engine:
@@ -184,13 +196,21 @@ async def _run_with_engine(
     An input error is reported as without the engine (which is stopped, mid-start if need be).
     """
     adapters = [a.name for a in options.settings.adapters_of(options.spec.name)]
-    engine = ServedModelGuard(engine_factory(options.spec, options.settings), adapters)
-    starting = asyncio.create_task(_start_engine(engine), name="engine start")
-    try:
-        job = await anyio.to_thread.run_sync(_prepare, options, temps)
-        return await _process(options, job, engine, starting, temps, started)
-    finally:
-        await _stop_engine(engine, starting)
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            recorder = await stack.enter_async_context(
+                run_metrics(options.metrics, options.settings, options.spec.name)
+            )
+        except MetricsUnavailable as exc:
+            raise RunFailed(str(exc)) from exc
+        engine = ServedModelGuard(engine_factory(options.spec, options.settings), adapters)
+        starting = asyncio.create_task(_start_engine(engine, recorder), name="engine start")
+        try:
+            job = await anyio.to_thread.run_sync(_prepare, options, temps)
+            return await _process(options, job, engine, starting, temps, started, recorder)
+        finally:
+            await _stop_engine(engine, starting)
+            recorder.engine_stopped()
 
 
 def _prepare(options: RunOptions, temps: list[Path]) -> Job:
@@ -226,10 +246,16 @@ async def _process(
     starting: asyncio.Task[None],
     temps: list[Path],
     started: float,
+    recorder: RunMetrics,
 ) -> RunSummary:
     """Run the requests not yet done into the output and publish it (engine still up)."""
     total, resumed, out_path, final = job.total, job.resumed, job.out_path, job.final
     stats = RunStats(total=total, resumed=resumed)
+
+    def on_result(result: LineResult) -> None:
+        stats.add(result)
+        recorder.line(result)
+
     try:
         handle: BinaryIO = out_path.open("ab" if resumed else "wb")
     except OSError as exc:
@@ -237,7 +263,7 @@ async def _process(
     failure: RunFailed | None = None
     with handle:
         writer = OrderedWriter(
-            handle, start=resumed, on_result=stats.add, max_buffered=options.max_buffered
+            handle, start=resumed, on_result=on_result, max_buffered=options.max_buffered
         )
         try:
             if resumed < total:
@@ -287,11 +313,12 @@ async def _process(
     )
 
 
-async def _start_engine(engine: Engine) -> None:
+async def _start_engine(engine: Engine, recorder: RunMetrics) -> None:
     try:
         await engine.start()
     except Exception as exc:
         raise RunFailed(f"could not start the engine: {exc}") from exc
+    recorder.engine_started()
 
 
 async def _stop_engine(engine: Engine, starting: asyncio.Task[None]) -> None:
