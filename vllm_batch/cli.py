@@ -27,6 +27,14 @@ app = typer.Typer(
 models_app = typer.Typer(help="Prepare models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
+
+class Executor(StrEnum):
+    """Where the engine runs (``Settings.executor``)."""
+
+    local = "local"
+    ray = "ray"
+
+
 ModelOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -69,6 +77,34 @@ EngineOpt = Annotated[
     ),
 ]
 
+ExecutorOpt = Annotated[
+    Executor | None,
+    typer.Option(
+        "--executor",
+        case_sensitive=False,
+        help="Where the engine runs: 'local' (this process, the default) or 'ray' (Ray actors, "
+        "one engine each; see --ray-address). Env: VLLM_BATCH_EXECUTOR.",
+    ),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        help="With --executor ray: the cluster's head HOST:PORT, or 'auto' (the cluster `ray "
+        "start` runs on this machine); unset: a private Ray instance here. "
+        "Env: VLLM_BATCH_RAY_ADDRESS.",
+    ),
+]
+RayReplicasOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--ray-replicas",
+        min=1,
+        help="With --executor ray: engine replicas (actors); default: as many as the cluster's "
+        "GPUs hold, 1 without GPUs. Env: VLLM_BATCH_RAY_REPLICAS.",
+    ),
+]
+
 
 LogLevel = Enum("LogLevel", {name: name for name in LEVELS}, type=str)  # type: ignore[misc]
 LogLevelOpt = Annotated[
@@ -100,6 +136,21 @@ def build_settings(**overrides: Any) -> Settings:
     """Environment first, then explicit CLI flags (those not left at None)."""
     values = {key: value for key, value in overrides.items() if value is not None}
     return Settings(**values)
+
+
+def ray_overrides(
+    executor: Executor | None, ray_address: str | None, ray_replicas: int | None
+) -> dict[str, Any]:
+    """The Ray executor's flags as settings; ``--ray-*`` without ``--executor ray`` (flag or
+    environment) is a usage error."""
+    values: dict[str, Any] = {"ray_address": ray_address, "ray_replicas": ray_replicas}
+    if executor is not None:
+        values["executor"] = executor.value
+    chosen = executor.value if executor is not None else os.environ.get("VLLM_BATCH_EXECUTOR")
+    given = [f"--{k.replace('_', '-')}" for k, v in values.items() if k != "executor" and v]
+    if given and chosen != Executor.ray:
+        raise typer.BadParameter(f"{' and '.join(given)} need --executor ray")
+    return values
 
 
 def check_adapters(settings: Settings, models: list[str] | None = None) -> None:
@@ -149,6 +200,9 @@ def serve(
     enable_prefix_caching: PrefixCacheOpt = None,
     chunk_size: ChunkOpt = None,
     engine: EngineOpt = None,
+    executor: ExecutorOpt = None,
+    ray_address: RayAddressOpt = None,
+    ray_replicas: RayReplicasOpt = None,
     log_level: LogLevelOpt = None,
 ) -> None:
     """Run the API server (and, by default, an in-process worker)."""
@@ -176,6 +230,7 @@ def serve(
         enable_prefix_caching=enable_prefix_caching,
         chunk_size=chunk_size,
         engine=engine,
+        **ray_overrides(executor, ray_address, ray_replicas),
         log_level=log_level.value if log_level else None,
     )
     check_adapters(settings)
@@ -251,6 +306,9 @@ def worker_command(
     dtype: DtypeOpt = None,
     enable_prefix_caching: PrefixCacheOpt = None,
     engine: EngineOpt = None,
+    executor: ExecutorOpt = None,
+    ray_address: RayAddressOpt = None,
+    ray_replicas: RayReplicasOpt = None,
     log_level: LogLevelOpt = None,
     metrics_port: Annotated[
         int | None,
@@ -279,6 +337,7 @@ def worker_command(
         dtype=dtype,
         enable_prefix_caching=enable_prefix_caching,
         engine=engine,
+        **ray_overrides(executor, ray_address, ray_replicas),
         log_level=log_level.value if log_level else None,
         metrics_port=metrics_port,
         metrics_host=metrics_host,
@@ -481,6 +540,9 @@ def run(
             "...:embed or :score); default: the model's kind, detected from its files."
         ),
     ] = None,
+    executor: ExecutorOpt = None,
+    ray_address: RayAddressOpt = None,
+    ray_replicas: RayReplicasOpt = None,
     log_level: LogLevelOpt = None,
 ) -> None:
     """Run one batch file offline, like `vllm run-batch` (output in input order).
@@ -523,6 +585,7 @@ def run(
         enforce_eager=enforce_eager,
         enable_prefix_caching=enable_prefix_caching,
         loras=lora or None,
+        **ray_overrides(executor, ray_address, ray_replicas),
         log_level=log_level.value if log_level else None,
     )
     check_adapters(settings, [spec.name])

@@ -98,6 +98,18 @@ class Settings(BaseSettings):
     worker: bool = True
     # "instant-benchmark" is a no-inference engine for pipeline benchmarks only.
     engine: Literal["vllm", "instant-benchmark"] = "vllm"
+    # ---- Ray executor (docs: README "Ray cluster"): "ray" runs the engine as Ray actors.
+    executor: Literal["local", "ray"] = "local"
+    # Unset: a private Ray instance on this machine (or RAY_ADDRESS); "auto": the cluster
+    # `ray start` runs here; HOST:PORT: that cluster's head.
+    ray_address: str | None = None
+    # Engine replicas (actors); unset: as many as the cluster's GPUs hold (1 without GPUs).
+    ray_replicas: int | None = Field(default=None, ge=1)
+    ray_cpus_per_replica: float = Field(default=1.0, ge=0)
+    # Unset: tensor_parallel_size on a cluster with GPUs, else 0.
+    ray_gpus_per_replica: float | None = Field(default=None, ge=0)
+    # How often Ray restarts a replica whose process died before the engine gives up on it.
+    ray_max_restarts: int = Field(default=3, ge=0)
 
     max_upload_bytes: int = 200 * 1024 * 1024
     # Uploads API (POST /v1/uploads): per-part and whole-upload limits (OpenAI's: 64 MB,
