@@ -1,17 +1,22 @@
-"""Servers as real subprocesses (``python -m vllm_batch.cli serve``)."""
+"""Servers as real subprocesses (``python -m vllm_batch.cli serve``), and a real Ray cluster."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 
 from tests.conftest import free_port
 
@@ -97,3 +102,93 @@ def served(args: list[str], data_dir: Path, **kwargs: object) -> Iterator[Server
         yield server
     finally:
         stop_server(server)
+
+
+# ------------------------------------------------------------------ a real Ray cluster
+
+RAY_LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+"""Ray on loopback (its switch for one-machine clusters), no usage reports. Processes that
+join the test cluster need it too (a driver finds its node by IP)."""
+RAY_PORT_FLAGS = (
+    "--port",
+    "--ray-client-server-port",
+    "--node-manager-port",
+    "--object-manager-port",
+    "--runtime-env-agent-port",
+    "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port",
+    "--metrics-export-port",
+)
+"""Every fixed port a head node opens, each given a free one: two test sessions' clusters
+(pytest-xdist workers) never meet."""
+
+
+@dataclass
+class RayCluster:
+    process: subprocess.Popen[bytes]
+    address: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def processes(self) -> list[Any]:
+        """The cluster's processes (head services and workers: actors among them)."""
+        import psutil
+
+        return psutil.Process(self.process.pid).children(recursive=True)
+
+
+def start_ray_cluster(num_cpus: int = 2, timeout: float = 90) -> RayCluster:
+    """``ray start --head --block`` on loopback in its own temp dir (a short path: Ray's
+    socket paths must fit in 107 bytes); returns once a driver can join it."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="vbray", dir="/tmp"))
+    ports = {flag: str(free_port()) for flag in RAY_PORT_FLAGS}
+    ray = Path(sys.executable).with_name("ray")
+    command = [str(ray), "start", "--head", "--block", f"--num-cpus={num_cpus}", "--num-gpus=0"]
+    command += ["--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+    command += [f"{flag}={port}" for flag, port in ports.items()]
+    log_path = temp_dir / "ray-start.log"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **RAY_LOCAL_ENV},
+            start_new_session=True,
+        )
+    cluster = RayCluster(process, f"127.0.0.1:{ports['--port']}", log_path)
+    deadline = time.monotonic() + timeout
+    while "Ray runtime started" not in cluster.log():
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_ray_cluster(cluster)
+            raise RuntimeError(f"ray start failed:\n{cluster.log()[-4000:]}")
+        time.sleep(0.3)
+    return cluster
+
+
+def stop_ray_cluster(cluster: RayCluster) -> None:
+    """SIGTERM to ``ray start --block`` (it stops the cluster), then SIGKILL to what is left."""
+    if cluster.process.poll() is None:
+        cluster.process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            cluster.process.wait(30)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(cluster.process.pid, signal.SIGKILL)
+    cluster.process.wait(10)
+    shutil.rmtree(cluster.log_path.parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[RayCluster]:
+    """A real local Ray cluster (2 CPUs, no GPU), started once per test session."""
+    cluster = start_ray_cluster()
+    try:
+        yield cluster
+    finally:
+        stop_ray_cluster(cluster)
+
+
+def ray_args(cluster: RayCluster) -> list[str]:
+    """The flags that run a command's engine on ``cluster``: one replica of one CPU."""
+    return ["--executor", "ray", "--ray-address", cluster.address, "--ray-replicas", "1"]

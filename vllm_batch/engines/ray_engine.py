@@ -201,8 +201,8 @@ class RayEngine:
                 ray.cancel(ref)  # aborts the request in the replica's engine
                 raise
             except RayActorError as exc:
-                log.warning("Ray replica %d lost request %s: %s", replica.index, request_id, exc)
-                self._lost(replica)
+                log.debug("Ray replica %d lost request %s: %s", replica.index, request_id, exc)
+                self._lost(replica, exc)
             except RayTaskError as exc:
                 raise exc.cause from None  # EngineFailure, or what the engine raised
             finally:
@@ -219,10 +219,15 @@ class RayEngine:
             self._changed.clear()
             await self._changed.wait()
 
-    def _lost(self, replica: Replica) -> None:
+    def _lost(self, replica: Replica, exc: Exception) -> None:
         """``replica``'s process died: wait (in the background) until Ray restarts it."""
         if replica.state != "up":
             return
+        log.warning(
+            "Ray replica %d died (%s); its requests are sent again once a replica is up",
+            replica.index,
+            str(exc).splitlines()[0][:200],
+        )
         replica.state = "restarting"
         replica.revive = asyncio.create_task(self._revive(replica))
 
