@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -106,9 +107,15 @@ def served(args: list[str], data_dir: Path, **kwargs: object) -> Iterator[Server
 
 # ------------------------------------------------------------------ a real Ray cluster
 
-RAY_LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-"""Ray on loopback (its switch for one-machine clusters), no usage reports. Processes that
-join the test cluster need it too (a driver finds its node by IP)."""
+RAY_LOCAL_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "token",
+    "RAY_AUTH_TOKEN": secrets.token_hex(32),
+}
+"""Ray on loopback (its switch for one-machine clusters), no usage reports, and token
+authentication as the README sets it up for a cluster. Processes that join the test
+cluster need all of it (a driver finds its node by IP, and must present the token)."""
 RAY_PORT_FLAGS = (
     "--port",
     "--ray-client-server-port",

@@ -1,17 +1,21 @@
 """The Ray executor on a real local Ray cluster, with the real vLLM engine on the tiny model.
 
-- ``vllm-batch run --executor ray`` writes what ``vllm-batch run`` writes (temperature 0);
 - a ``vllm-batch worker --executor ray`` serves the API's batches (openai SDK: upload,
   create, poll, download);
 - its replica's process is killed (SIGKILL) mid-batch: Ray restarts it, the requests it
   held are sent again, and every line comes out exactly once, with the answers of the
-  undisturbed local run.
+  engine run in-process (the session's ``tiny_engine``, the engine ``vllm-batch run`` uses;
+  tests/e2e/test_run_command.py runs that command);
+- ``vllm-batch run --executor ray`` writes those same answers.
 
-Engine starts dominate (25-60 s each here), so both runs and the worker start together.
+Engine starts dominate (25-60 s each here): the run and the worker start together, and the
+run finishes while the worker's tests go on.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import re
 import signal
@@ -26,7 +30,7 @@ from typing import Any
 import pytest
 from openai import OpenAI
 
-from tests.conftest import TINY_NAME, create_pg_database, drop_pg_database
+from tests.conftest import TINY_NAME, LoopThread, create_pg_database, drop_pg_database
 from tests.e2e.conftest import (
     RAY_LOCAL_ENV,
     RayCluster,
@@ -36,7 +40,7 @@ from tests.e2e.conftest import (
     stop_server,
 )
 from tests.e2e.test_faults import assert_exactly_once, attempts_used
-from tests.e2e.test_run_command import ENGINE_FLAGS, comparable, parse
+from tests.e2e.test_run_command import ENGINE_FLAGS, parse
 from tests.helpers import chat_line, jsonl, parse_jsonl, wait_for_batch
 
 COUNT = 400
@@ -94,9 +98,7 @@ def launch(args: list[str], log_path: Path, env: dict[str, str] | None = None) -
 @dataclass
 class Setup:
     input_file: Path
-    local_out: Path
     ray_out: Path
-    local_run: Launched
     ray_run: Launched
     api: ServerProcess
     worker: Launched
@@ -106,16 +108,15 @@ class Setup:
 def setup(
     tiny_model: Path, ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Setup]:
-    """Starts at once: ``run`` on this process's engine, ``run --executor ray``, and an API
-    (no worker) with one ``worker --executor ray`` on PostgreSQL."""
+    """Starts at once: ``run --executor ray``, and an API (no worker) with one
+    ``worker --executor ray`` on PostgreSQL."""
     root = tmp_path_factory.mktemp("ray")
     input_file = root / "input.jsonl"
     input_file.write_bytes(jsonl(requests()))
     model = ["--model", f"{TINY_NAME}={tiny_model}", *ENGINE_FLAGS]
-    local_out, ray_out = root / "local.jsonl", root / "ray.jsonl"
-    run = ["run", "-i", str(input_file), *model]
-    local_run = launch([*run, "-o", str(local_out)], root / "local.log")
-    ray_run = launch([*run, "-o", str(ray_out), *ray_args(ray_cluster)], root / "ray-run.log")
+    ray_out = root / "ray.jsonl"
+    run = ["run", "-i", str(input_file), "-o", str(ray_out), *model, *ray_args(ray_cluster)]
+    ray_run = launch(run, root / "ray-run.log")
     db_url = create_pg_database()
     served = ["--model", f"{TINY_NAME}={tiny_model}", "--database-url", db_url]
     api = spawn_server(["--no-worker", *served], root / "api", env=WORKER_ENV, wait_engine=False)
@@ -123,19 +124,26 @@ def setup(
     worker_args += ["--data-dir", str(root / "api"), *ray_args(ray_cluster)]
     worker = launch(worker_args, root / "worker.log", WORKER_ENV)
     try:
-        yield Setup(input_file, local_out, ray_out, local_run, ray_run, api, worker)
+        yield Setup(input_file, ray_out, ray_run, api, worker)
     finally:
-        for launched in (local_run, ray_run, worker):
+        for launched in (ray_run, worker):
             launched.stop()
         stop_server(api)
         drop_pg_database(db_url)
 
 
 @pytest.fixture(scope="module")
-def reference(setup: Setup) -> list[dict[str, Any]]:
-    """The local run's output: what every Ray path must answer."""
-    assert setup.local_run.wait() == 0, setup.local_run.log()[-3000:]
-    return parse(setup.local_out.read_text())
+def reference(loop_thread: LoopThread, tiny_engine: Any) -> list[Any]:
+    """Each request's ``choices`` from the engine in this process: what Ray must answer."""
+
+    async def run_all() -> list[Any]:
+        return await asyncio.gather(
+            *(tiny_engine.run(r["url"], r["body"], f"ref-{i}") for i, r in enumerate(requests()))
+        )
+
+    results = loop_thread.run(run_all())
+    assert all(r.ok for r in results)
+    return [json.loads(r.body_json)["choices"] for r in results]
 
 
 def replica_pid(worker: Launched, timeout: float = 240) -> int:
@@ -148,18 +156,7 @@ def replica_pid(worker: Launched, timeout: float = 240) -> int:
     return int(found.group(1))
 
 
-def test_ray_run_writes_what_the_local_run_writes(
-    setup: Setup, reference: list[dict[str, Any]]
-) -> None:
-    assert setup.ray_run.wait() == 0, setup.ray_run.log()[-3000:]
-    log = setup.ray_run.log()
-    assert "Ray: joined 127.0.0.1:" in log and "Ray replicas ready" in log
-    output = parse(setup.ray_out.read_text())
-    assert [line["custom_id"] for line in output] == [f"request-{i}" for i in range(COUNT)]
-    assert all(line["response"]["status_code"] == 200 for line in output)
-    assert [comparable(line) for line in output] == [comparable(line) for line in reference]
-
-
+@pytest.mark.usefixtures("reference")  # computed while the replicas start
 def test_openai_sdk_round_trip_on_a_ray_worker(setup: Setup) -> None:
     replica_pid(setup.worker)
     client = OpenAI(base_url=setup.api.base_url, api_key="x", max_retries=3)
@@ -178,7 +175,7 @@ def test_openai_sdk_round_trip_on_a_ray_worker(setup: Setup) -> None:
 
 
 def test_killed_replica_lines_come_out_once_and_unchanged(
-    setup: Setup, reference: list[dict[str, Any]]
+    setup: Setup, reference: list[Any]
 ) -> None:
     first = replica_pid(setup.worker)
     client = OpenAI(base_url=setup.api.base_url, api_key="x", max_retries=3)
@@ -197,8 +194,7 @@ def test_killed_replica_lines_come_out_once_and_unchanged(
     wait_for_batch(client, batch.id, timeout=300)
     assert killed_at < COUNT, "the batch finished before the replica was killed"
     results = assert_exactly_once(client, batch.id, COUNT)
-    answers = [r["response"]["body"]["choices"] for r in results]
-    assert answers == [line["response"]["body"]["choices"] for line in reference]
+    assert [r["response"]["body"]["choices"] for r in results] == reference
     log = setup.worker.log()
     assert "Ray replica 0 died" in log, log[-3000:]
     # The engine took the loss: no chunk was handed back and run again (all first attempts).
@@ -211,3 +207,13 @@ def replica_pid_now(worker: Launched) -> int:
     back = re.findall(r"Ray replica 0 is back \(pid (\d+)\)", worker.log())
     assert back, worker.log()[-3000:]
     return int(back[-1])
+
+
+def test_ray_run_writes_what_the_engine_answers(setup: Setup, reference: list[Any]) -> None:
+    assert setup.ray_run.wait() == 0, setup.ray_run.log()[-3000:]
+    log = setup.ray_run.log()
+    assert "Ray: joined 127.0.0.1:" in log and "Ray replicas ready" in log
+    output = parse(setup.ray_out.read_text())
+    assert [line["custom_id"] for line in output] == [f"request-{i}" for i in range(COUNT)]
+    assert all(line["response"]["status_code"] == 200 and not line["error"] for line in output)
+    assert [line["response"]["body"]["choices"] for line in output] == reference

@@ -64,12 +64,22 @@ async def test_requests_spread_over_replicas_and_stop_ends_them(engine: RayEngin
     wait_gone(pids)
 
 
-async def test_no_replica_left_is_an_engine_failure(engine: RayEngine) -> None:
-    first = await engine.run("/v1/completions", {"model": "m", "prompt": "x"}, "before")
-    assert first.ok
-    for replica in engine.replicas:
-        assert replica.info is not None
-        os.kill(replica.info.pid, signal.SIGKILL)
+async def test_a_dead_replicas_requests_go_to_the_other_then_none_is_left(
+    engine: RayEngine,
+) -> None:
+    first, second = (r.info.pid for r in engine.replicas if r.info is not None)
+    os.kill(first, signal.SIGKILL)
+    wait_gone([first])
+    # Half of these go to the dead replica first (it is not known dead yet) and are re-sent.
+    results = await asyncio.gather(
+        *(engine.run("/v1/chat/completions", BODY, f"r{i}") for i in range(20))
+    )
+    assert all(r.ok for r in results)
+    revive = engine.replicas[0].revive
+    assert revive is not None  # it was found dead while a request was on it
+    await asyncio.wait_for(revive, 30)
+    assert [r.state for r in engine.replicas] == ["dead", "up"]
+    os.kill(second, signal.SIGKILL)
     with pytest.raises(EngineFailure, match="no Ray replica of m is left"):
         await asyncio.wait_for(engine.run("/v1/completions", BODY, "after"), 60)
     assert {r.state for r in engine.replicas} == {"dead"}

@@ -52,13 +52,13 @@ class RayConnection:
         self._release = threading.Event()
 
     async def open(self) -> None:
+        options, env = init_options(self.address)
+        for key, value in env.items():  # before Ray is imported: it reads some at import
+            os.environ.setdefault(key, value)
         import ray
 
         if ray.is_initialized():
             return
-        options, env = init_options(self.address)
-        for key, value in env.items():
-            os.environ.setdefault(key, value)
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = loop.create_future()
 

@@ -198,7 +198,8 @@ class RayEngine:
             except asyncio.CancelledError:
                 import ray
 
-                ray.cancel(ref)  # aborts the request in the replica's engine
+                with contextlib.suppress(Exception):  # the replica may be gone already
+                    ray.cancel(ref)  # aborts the request in the replica's engine
                 raise
             except RayActorError as exc:
                 log.debug("Ray replica %d lost request %s: %s", replica.index, request_id, exc)
@@ -226,7 +227,7 @@ class RayEngine:
         log.warning(
             "Ray replica %d died (%s); its requests are sent again once a replica is up",
             replica.index,
-            str(exc).splitlines()[0][:200],
+            first_line(exc),
         )
         replica.state = "restarting"
         replica.revive = asyncio.create_task(self._revive(replica))
@@ -247,10 +248,12 @@ class RayEngine:
                 return
             replica.state = "dead"
         except ActorDiedError as exc:
-            log.error("Ray replica %d is gone: %s", replica.index, exc)
+            log.error("Ray replica %d is gone: %s", replica.index, first_line(exc))
             replica.state = "dead"
         except Exception as exc:  # its engine no longer starts
-            log.error("Ray replica %d cannot start its engine again: %s", replica.index, exc)
+            log.error(
+                "Ray replica %d cannot start its engine again: %s", replica.index, first_line(exc)
+            )
             replica.state = "dead"
             self._kill([replica])
         finally:
@@ -260,3 +263,8 @@ class RayEngine:
 async def _quietly(ref: Any) -> None:
     with contextlib.suppress(Exception):
         await ref
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of Ray's (long, multi-line) error texts."""
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:300]
