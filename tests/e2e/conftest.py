@@ -14,7 +14,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -113,11 +112,12 @@ RAY_LOCAL_ENV = {
     "RAY_AUTH_MODE": "token",
     "RAY_AUTH_TOKEN": secrets.token_hex(32),
 }
-"""Ray on loopback (its switch for one-machine clusters), no usage reports, and token
-authentication as the README sets it up for a cluster. Processes that join the test
-cluster need all of it (a driver finds its node by IP, and must present the token)."""
+"""Ray on 127.0.0.1 (its switch for one-machine clusters: it would pick, and rewrite
+127.0.0.1 to, the machine's address), no usage reports, and token authentication as the
+README sets it up. Processes that join the test cluster need all of it (a driver finds its
+node by IP, and must present the token). The switch also refuses a second node, so the
+test cluster is one head node: joining nodes is left to the README's commands."""
 RAY_PORT_FLAGS = (
-    "--port",
     "--ray-client-server-port",
     "--node-manager-port",
     "--object-manager-port",
@@ -126,36 +126,39 @@ RAY_PORT_FLAGS = (
     "--dashboard-agent-grpc-port",
     "--metrics-export-port",
 )
-"""Every fixed port a head node opens, each given a free one: two test sessions' clusters
-(pytest-xdist workers) never meet."""
+"""Every fixed port a head node opens besides ``--port``, each given a free one: two test
+sessions' clusters (pytest-xdist workers) never meet."""
 
 
 @dataclass
-class RayCluster:
+class RayNode:
+    """One ``ray start --block`` process (it runs the node's services and workers)."""
+
     process: subprocess.Popen[bytes]
-    address: str
     log_path: Path
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def processes(self) -> list[Any]:
-        """The cluster's processes (head services and workers: actors among them)."""
+    def pids(self) -> set[int]:
+        """This node's processes: its services and its Ray workers (actors among them)."""
         import psutil
 
-        return psutil.Process(self.process.pid).children(recursive=True)
+        return {p.pid for p in psutil.Process(self.process.pid).children(recursive=True)}
 
 
-def start_ray_cluster(num_cpus: int = 2, timeout: float = 90) -> RayCluster:
-    """``ray start --head --block`` on loopback in its own temp dir (a short path: Ray's
-    socket paths must fit in 107 bytes); returns once a driver can join it."""
-    temp_dir = Path(tempfile.mkdtemp(prefix="vbray", dir="/tmp"))
-    ports = {flag: str(free_port()) for flag in RAY_PORT_FLAGS}
-    ray = Path(sys.executable).with_name("ray")
-    command = [str(ray), "start", "--head", "--block", f"--num-cpus={num_cpus}", "--num-gpus=0"]
-    command += ["--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
-    command += [f"{flag}={port}" for flag, port in ports.items()]
-    log_path = temp_dir / "ray-start.log"
+@dataclass
+class RayCluster:
+    address: str
+    head: RayNode
+
+
+def start_ray_node(args: list[str], temp_dir: Path, name: str, timeout: float = 90) -> RayNode:
+    """``ray start ARGS --block`` on loopback; returns once the node is up."""
+    command = [str(Path(sys.executable).with_name("ray")), "start", *args, "--block"]
+    command += ["--num-gpus=0", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+    command += [f"{flag}={free_port()}" for flag in RAY_PORT_FLAGS]
+    log_path = temp_dir / f"{name}.log"
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             command,
@@ -164,36 +167,41 @@ def start_ray_cluster(num_cpus: int = 2, timeout: float = 90) -> RayCluster:
             env={**os.environ, **RAY_LOCAL_ENV},
             start_new_session=True,
         )
-    cluster = RayCluster(process, f"127.0.0.1:{ports['--port']}", log_path)
+    node = RayNode(process, log_path)
     deadline = time.monotonic() + timeout
-    while "Ray runtime started" not in cluster.log():
+    while "Ray runtime started" not in node.log():
         if process.poll() is not None or time.monotonic() > deadline:
-            stop_ray_cluster(cluster)
-            raise RuntimeError(f"ray start failed:\n{cluster.log()[-4000:]}")
+            stop_ray_node(node)
+            raise RuntimeError(f"ray start failed:\n{node.log()[-4000:]}")
         time.sleep(0.3)
-    return cluster
+    return node
 
 
-def stop_ray_cluster(cluster: RayCluster) -> None:
-    """SIGTERM to ``ray start --block`` (it stops the cluster), then SIGKILL to what is left."""
-    if cluster.process.poll() is None:
-        cluster.process.terminate()
+def stop_ray_node(node: RayNode) -> None:
+    """SIGTERM to ``ray start --block`` (it stops the node), then SIGKILL to what is left."""
+    if node.process.poll() is None:
+        node.process.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
-            cluster.process.wait(30)
+            node.process.wait(30)
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(cluster.process.pid, signal.SIGKILL)
-    cluster.process.wait(10)
-    shutil.rmtree(cluster.log_path.parent, ignore_errors=True)
+        os.killpg(node.process.pid, signal.SIGKILL)
+    node.process.wait(10)
 
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[RayCluster]:
-    """A real local Ray cluster (2 CPUs, no GPU), started once per test session."""
-    cluster = start_ray_cluster()
+    """A real Ray cluster, ``ray start --head`` with 2 CPUs on 127.0.0.1, once per session.
+    Its temp dir has a short path: Ray's socket paths must fit in 107 bytes."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="vbray", dir="/tmp"))
+    port = free_port()
     try:
-        yield cluster
+        head = start_ray_node(["--head", f"--port={port}", "--num-cpus=2"], temp_dir, "head")
+        try:
+            yield RayCluster(f"127.0.0.1:{port}", head)
+        finally:
+            stop_ray_node(head)
     finally:
-        stop_ray_cluster(cluster)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def ray_args(cluster: RayCluster) -> list[str]:

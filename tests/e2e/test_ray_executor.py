@@ -157,8 +157,8 @@ def replica_pid(worker: Launched, timeout: float = 240) -> int:
 
 
 @pytest.mark.usefixtures("reference")  # computed while the replicas start
-def test_openai_sdk_round_trip_on_a_ray_worker(setup: Setup) -> None:
-    replica_pid(setup.worker)
+def test_openai_sdk_round_trip_on_a_ray_worker(setup: Setup, ray_cluster: RayCluster) -> None:
+    assert replica_pid(setup.worker) in ray_cluster.head.pids()  # an actor of the cluster
     client = OpenAI(base_url=setup.api.base_url, api_key="x", max_retries=3)
     body = [chat_line(i, TINY_NAME, f"Short question {i}?") for i in range(30)]
     upload = client.files.create(file=("in.jsonl", jsonl(body)), purpose="batch")
