@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--seqs", type=int, default=64, help="--max-num-seqs of the engine")
     parser.add_argument("--ray-cpus", type=float, default=2.0, help="CPUs the replica reserves")
-    parser.add_argument("--name", default="ray_executor")
+    parser.add_argument("--name", default="ray_executor_tiny")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
