@@ -131,14 +131,30 @@ sessions' clusters (pytest-xdist workers) never meet."""
 
 
 @dataclass
-class RayNode:
-    """One ``ray start --block`` process (it runs the node's services and workers)."""
+class Launched:
+    """A command started in the background, its output going to ``log_path``."""
 
     process: subprocess.Popen[bytes]
     log_path: Path
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def wait(self, timeout: float = 300) -> int:
+        return self.process.wait(timeout)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+
+
+class RayNode(Launched):
+    """One ``ray start --block`` process (it runs the node's services and workers)."""
 
     def pids(self) -> set[int]:
         """This node's processes: its services and its Ray workers (actors among them)."""
@@ -179,13 +195,9 @@ def start_ray_node(args: list[str], temp_dir: Path, name: str, timeout: float = 
 
 def stop_ray_node(node: RayNode) -> None:
     """SIGTERM to ``ray start --block`` (it stops the node), then SIGKILL to what is left."""
-    if node.process.poll() is None:
-        node.process.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            node.process.wait(30)
+    node.stop()
     with contextlib.suppress(ProcessLookupError):
         os.killpg(node.process.pid, signal.SIGKILL)
-    node.process.wait(10)
 
 
 @pytest.fixture(scope="session")

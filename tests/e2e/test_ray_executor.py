@@ -33,6 +33,7 @@ from openai import OpenAI
 from tests.conftest import TINY_NAME, LoopThread, create_pg_database, drop_pg_database
 from tests.e2e.conftest import (
     RAY_LOCAL_ENV,
+    Launched,
     RayCluster,
     ServerProcess,
     ray_args,
@@ -58,29 +59,6 @@ REPLICA_READY = re.compile(r"Ray replicas ready for \S+: pid (\d+)")
 def requests() -> list[dict[str, Any]]:
     """Greedy chat requests that run to ``MAX_TOKENS`` (the tiny model never stops early)."""
     return [chat_line(i, TINY_NAME, max_tokens=MAX_TOKENS) for i in range(COUNT)]
-
-
-@dataclass
-class Launched:
-    """A command started in the background, its output going to ``log_path``."""
-
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait(self, timeout: float = 300) -> int:
-        return self.process.wait(timeout)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
 
 
 def launch(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> Launched:

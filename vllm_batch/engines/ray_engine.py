@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from vllm_batch.config import ModelSpec, Settings
-from vllm_batch.engines.base import EngineFailure, EngineResult
+from vllm_batch.engines.base import EngineFailure, EngineResult, MaxNumSeqs
 from vllm_batch.engines.ray_cluster import NAMESPACE, RayConnection
 from vllm_batch.engines.ray_replica import EngineReplica, ReplicaInfo
 
@@ -75,27 +75,20 @@ class Replica:
     revive: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
-class RayEngine:
-    """One model on ``ray_replicas`` Ray actors; ``run`` never raises for a bad request."""
+class RayEngine(MaxNumSeqs):
+    """One model on ``ray_replicas`` Ray actors; ``run`` never raises for a bad request.
+
+    Resizable: a lower ``max_num_seqs`` reaches every replica on the next ``start``.
+    """
 
     def __init__(self, spec: ModelSpec, settings: Settings) -> None:
+        super().__init__(settings.max_num_seqs)
         self.model_name = spec.name
         self._spec = spec
         self._settings = settings
         self._replicas: list[Replica] = []
         self._changed = asyncio.Event()
         self._connection = RayConnection(settings.ray_address)
-        self._max_num_seqs = settings.max_num_seqs or 256
-        self._max_num_seqs_cap: int | None = None
-
-    # ---- ResizableEngine: a lower max_num_seqs reaches every replica on the next start
-    @property
-    def max_num_seqs(self) -> int:
-        return self._max_num_seqs
-
-    def set_max_num_seqs(self, value: int) -> None:
-        self._max_num_seqs_cap = value
-        self._max_num_seqs = min(self._max_num_seqs, value)
 
     @property
     def max_in_flight(self) -> int:

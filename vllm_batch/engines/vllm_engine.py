@@ -25,6 +25,7 @@ from vllm_batch.engines.base import (
     EngineFailure,
     EngineOutOfMemory,
     EngineResult,
+    MaxNumSeqs,
     is_cuda_oom,
     is_oom_message,
 )
@@ -104,10 +105,11 @@ def lora_argv(adapters: list[LoraSpec], settings: Settings) -> list[str]:
     return [*argv, "--lora-modules", *(f"{a.name}={a.path}" for a in adapters)]
 
 
-class VllmEngine:
+class VllmEngine(MaxNumSeqs):
     """One model on one ``AsyncLLM``; ``run`` never raises for a bad request."""
 
     def __init__(self, spec: ModelSpec, settings: Settings) -> None:
+        super().__init__(settings.max_num_seqs)
         self.model_name = spec.name
         self._spec = spec
         self._settings = settings
@@ -116,17 +118,6 @@ class VllmEngine:
         self._completion: Any = None
         self._pooling = PoolingServers()
         self._responses: Any = None
-        self._max_num_seqs = settings.max_num_seqs or 256
-        self._max_num_seqs_cap: int | None = None
-
-    @property
-    def max_num_seqs(self) -> int:
-        return self._max_num_seqs
-
-    def set_max_num_seqs(self, value: int) -> None:
-        """Start (next ``start``) with at most ``value`` sequences per scheduler step."""
-        self._max_num_seqs_cap = value
-        self._max_num_seqs = min(self._max_num_seqs, value)
 
     @property
     def max_in_flight(self) -> int:
