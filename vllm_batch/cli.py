@@ -563,7 +563,8 @@ def run(
             f"error: unsupported option(s) for `vllm-batch run`: {' '.join(ctx.args)}\n"
             "supported engine flags: --model, --served-model-name, --lora, --max-num-seqs, "
             "--max-num-batched-tokens, --gpu-memory-utilization, --tensor-parallel-size, "
-            "--max-model-len, --dtype, --enforce-eager, --[no-]enable-prefix-caching, --runner",
+            "--max-model-len, --dtype, --enforce-eager, --[no-]enable-prefix-caching, --runner, "
+            "--executor, --ray-address, --ray-replicas",
             err=True,
         )
         raise typer.Exit(2)
