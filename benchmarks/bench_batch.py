@@ -7,7 +7,10 @@ and identical engine settings, by each variant in its own subprocess:
 * ``run-batch``: vLLM's own offline tool (``python -m vllm.entrypoints.openai.run_batch``);
 * ``vllm-batch-run``: our offline drop-in (``python -m vllm_batch.cli run``);
 * ``server``: ``vllm-batch serve`` with the in-process worker; the engine is loaded first,
-  then upload -> create -> poll -> download is timed (the cold wall time is reported too).
+  then upload -> create -> poll -> download is timed (the cold wall time is reported too);
+* ``server-remote``: the same, with the remote engine (``--engine openai``) sending every
+  line to one real vLLM OpenAI server on loopback (``python -m
+  vllm.entrypoints.openai.api_server``, same engine settings; not in the default set).
 
 Any variant can get a ``-no-prefix-cache`` suffix (vLLM prefix caching off), and
 ``server-no-grouping`` / ``vllm-batch-run-no-grouping`` turn off our prefix-aware
@@ -30,6 +33,7 @@ Results go to ``benchmarks/results/<results-name>.{json,md}``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -62,7 +66,7 @@ from common import (
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
-BASES = ("raw", "run-batch", "vllm-batch-run", "server")
+BASES = ("raw", "run-batch", "vllm-batch-run", "server", "server-remote")
 DEFAULT_VARIANTS = "raw,run-batch,vllm-batch-run,server"
 PREFIX_AB_VARIANTS = "server,server-no-prefix-cache,server-no-grouping"
 PAIR_VARIANTS = ("vllm-batch-run", "run-batch")
@@ -208,6 +212,8 @@ class EngineConfig:
     max_model_len: int
     max_num_batched_tokens: int
     dtype: str = "float32"
+    block_size: int | None = None
+    """KV-cache block tokens for every variant (None: vLLM's default, 128 on CPU)."""
 
 
 @dataclass(frozen=True)
@@ -312,7 +318,10 @@ def our_engine_args(help_text: str, engine: EngineConfig, variant: Variant) -> O
         ("--max-model-len", "MAX_MODEL_LEN", str(engine.max_model_len)),
         ("--max-num-batched-tokens", "MAX_NUM_BATCHED_TOKENS", str(engine.max_num_batched_tokens)),
         ("--dtype", "DTYPE", engine.dtype),
+        ("--block-size", "BLOCK_SIZE", str(engine.block_size) if engine.block_size else None),
     ):
+        if value is None:
+            continue
         if has(flag):
             args.flags += [flag, value]
         else:
@@ -556,6 +565,7 @@ def run_raw(variant: Variant, ctx: Context) -> Result:
                 "max_model_len": engine.max_model_len,
                 "max_num_batched_tokens": engine.max_num_batched_tokens,
                 "enable_prefix_caching": variant.prefix_caching,
+                "block_size": engine.block_size,
             }
         )
     )
@@ -603,6 +613,7 @@ def raw_child(config_path: Path) -> None:
         max_model_len=config["max_model_len"],
         max_num_batched_tokens=config["max_num_batched_tokens"],
         enable_prefix_caching=config["enable_prefix_caching"],
+        block_size=config["block_size"],
     )
     ready_at = time.time()
     outputs = llm.chat(conversations, params, use_tqdm=False)
@@ -634,6 +645,8 @@ def run_run_batch(variant: Variant, ctx: Context) -> Result:
     cmd += ["--max-num-seqs", str(engine.max_num_seqs)]
     cmd += ["--max-model-len", str(engine.max_model_len)]
     cmd += ["--max-num-batched-tokens", str(engine.max_num_batched_tokens)]
+    if engine.block_size:
+        cmd += ["--block-size", str(engine.block_size)]
     cmd += ["--enable-prompt-tokens-details", "--disable-log-stats"]
     cmd.append(
         "--enable-prefix-caching" if variant.prefix_caching else "--no-enable-prefix-caching"
@@ -674,8 +687,57 @@ def wait_ready(child: Child, url: str, model: str, timeout: float) -> float:
     raise child.failure(f"server not ready after {timeout:.0f} s")
 
 
+def upstream_command(engine: EngineConfig, variant: Variant, port: int) -> list[str]:
+    """A vLLM OpenAI server with the engine settings every variant gets."""
+    cmd = [PY, "-m", "vllm.entrypoints.openai.api_server", "--model", str(engine.model)]
+    cmd += ["--served-model-name", engine.name, "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--dtype", engine.dtype, "--enforce-eager", "--max-num-seqs", str(engine.max_num_seqs)]
+    cmd += ["--max-model-len", str(engine.max_model_len)]
+    cmd += ["--max-num-batched-tokens", str(engine.max_num_batched_tokens)]
+    caching = "--enable-prefix-caching" if variant.prefix_caching else "--no-enable-prefix-caching"
+    return [*cmd, caching, "--enable-prompt-tokens-details", "--disable-uvicorn-access-log"]
+
+
+def start_upstream(variant: Variant, ctx: Context) -> tuple[Child, str]:
+    """The ``server-remote`` variant's vLLM server, once it lists the model."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    cmd = upstream_command(ctx.engine, variant, port)
+    log(f"{variant.name} upstream: {' '.join(cmd)}")
+    child = Child(cmd, ctx.env, ctx.workdir / f"{variant.name}.upstream.log")
+    deadline = time.time() + ctx.timeout
+    while time.time() < deadline:
+        if child.proc.poll() is not None:
+            raise child.failure(f"upstream exited ({child.proc.returncode})")
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            models = httpx.get(f"{url}/models", timeout=2).json()["data"]
+            if any(m["id"] == ctx.engine.name for m in models):
+                return child, url
+        time.sleep(0.25)
+    child.stop()
+    raise child.failure("upstream not ready")
+
+
+async def replay(batch_file: Path, url: str, concurrency: int) -> float:
+    """Seconds to send every line's body straight to ``url`` (``concurrency`` at once)."""
+    lines = [json.loads(raw) for raw in batch_file.read_text().splitlines() if raw.strip()]
+    slots = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+
+        async def one(line: dict[str, Any]) -> None:
+            async with slots:
+                response = await client.post(f"{url}{line['url'][3:]}", json=line["body"])
+                response.raise_for_status()
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(line) for line in lines))
+        return time.perf_counter() - t0
+
+
 def run_server(variant: Variant, ctx: Context) -> Result:
-    """``vllm-batch serve`` + in-process worker; upload -> completed -> download, warm."""
+    """``vllm-batch serve`` + in-process worker (``server-remote``: + one vLLM upstream);
+    upload -> completed -> download, warm."""
     if not variant.grouping and not grouping_switch_exists():
         return Result(variant.name, "skipped", "no VLLM_BATCH_GROUP_PREFIXES setting yet")
     engine = ctx.engine
@@ -690,15 +752,25 @@ def run_server(variant: Variant, ctx: Context) -> Result:
         "VLLM_BATCH_MAX_REQUESTS_PER_BATCH": str(max(50_000, ctx.n)),
         "VLLM_BATCH_MAX_UPLOAD_BYTES": str(max(200 * 2**20, 2 * ctx.input.stat().st_size)),
     }
-    cmd = [PY, "-m", "vllm_batch.cli", "serve", "--model", f"{engine.name}={engine.model}"]
-    cmd += ["--port", str(port), "--data-dir", str(data_dir), *ours.flags]
+    cmd = [PY, "-m", "vllm_batch.cli", "serve", "--port", str(port), "--data-dir", str(data_dir)]
+    upstream: Child | None = None
+    started = time.time()
+    if variant.base == "server-remote":
+        upstream, upstream_url = start_upstream(variant, ctx)
+        # The in-process window (2 x max-num-seqs) in flight; a dedicated upstream: no
+        # latency back-off (the upstream's own queue keeps it full).
+        cmd += ["--engine", "openai", "--engine-url", upstream_url, "--model", engine.name]
+        cmd += ["--engine-max-concurrency", str(2 * engine.max_num_seqs)]
+        env["VLLM_BATCH_ENGINE_LATENCY_FACTOR"] = "0"
+    else:
+        cmd += ["--model", f"{engine.name}={engine.model}", *ours.flags]
     result = Result(variant.name, note=ours.note, load_avg_before=os.getloadavg()[0])
     log(f"{variant.name}: {' '.join(cmd)}")
     url = f"http://127.0.0.1:{port}"
     child = Child(cmd, env, ctx.workdir / f"{variant.name}.log")
     try:
         ready = wait_ready(child, url, engine.name, ctx.timeout)
-        result.startup_s = ready - child.started
+        result.startup_s = ready - started
         log(f"{variant.name}: engine loaded after {result.startup_s:.1f} s; running the batch")
         with httpx.Client(base_url=f"{url}/v1", timeout=600) as client:
             t0 = time.time()
@@ -723,7 +795,7 @@ def run_server(variant: Variant, ctx: Context) -> Result:
                 for chunk in stream.iter_bytes():
                     out.write(chunk)
             t3 = time.time()
-        result.wall_s = t3 - child.started
+        result.wall_s = t3 - started
         result.processing_s = t3 - t0
         result.processing_from = "upload start to download end, engine loaded"
         result.extra = {
@@ -733,9 +805,22 @@ def run_server(variant: Variant, ctx: Context) -> Result:
             "request_counts": info.get("request_counts"),
             "error_file_id": info.get("error_file_id"),
         }
+        if upstream is not None:  # the same lines straight to the upstream, same concurrency
+            child.stop()
+            direct = asyncio.run(replay(ctx.input, upstream_url, 2 * engine.max_num_seqs))
+            result.extra["direct_to_upstream_s"] = round(direct, 2)
+            sent = f"the same requests sent straight to the upstream: {direct:.1f} s"
+            result.note = "; ".join(filter(None, [result.note, sent]))
     finally:
         child.stop()
+        if upstream is not None:
+            upstream.stop()
     child.measure(result)
+    if upstream is not None:  # one deployment: the server and its upstream
+        result.exit_s = (child.ended or time.time()) - started
+        result.peak_rss_mb = (result.peak_rss_mb or 0) + round(upstream.sampler.peak / 2**20)
+        result.peak_pss_mb = (result.peak_pss_mb or 0) + round(upstream.sampler.peak_pss / 2**20)
+        result.note = "; ".join(filter(None, [result.note, "start-up, walls, RSS: + upstream"]))
     return from_output_file(result, ctx, output)
 
 
@@ -744,6 +829,7 @@ RUNNERS = {
     "run-batch": run_run_batch,
     "vllm-batch-run": run_vllm_batch_run,
     "server": run_server,
+    "server-remote": run_server,
 }
 
 
@@ -1026,6 +1112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=4096,
         help="engine, every variant [%(default)s: vLLM's CPU default for LLM()]",
     )
+    add("--block-size", type=int, help="engine, every variant [vLLM's: 128 on CPU]")
     add("--timeout", type=float, default=3600, help="seconds per variant [%(default)s]")
     add("--workdir", type=Path, help="keep the batch file, outputs and logs here")
     add(
@@ -1073,6 +1160,7 @@ def main() -> None:
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
     )
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-batch-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -1110,7 +1198,8 @@ def main() -> None:
         f"share a {stats['prefix_tokens']}-token system prompt. Engine for every variant: "
         f"dtype {engine.dtype}, enforce-eager, max-num-seqs {engine.max_num_seqs}, "
         f"max-model-len {engine.max_model_len}, max-num-batched-tokens "
-        f"{engine.max_num_batched_tokens}, prefix caching on unless -no-prefix-cache, "
+        f"{engine.max_num_batched_tokens}, block size {engine.block_size or 'vLLM default'}, "
+        "prefix caching on unless -no-prefix-cache, "
         + ", ".join(f"{k}={env[k]}" for k in CPU_ENV)
         + ". Each variant is its own subprocess. Cold wall: process start until all results "
         "are out (engine shutdown excluded). Process wall: process start until it exited "
@@ -1130,7 +1219,8 @@ def main() -> None:
         payload["pairs"] = pairs_summary(pairs)
     default_name = "batch-pairs" if args.pairs else "batch"
     results_name = args.results_name or ("batch-prefix-ab" if args.prefix_ab else default_name)
-    print(save(results_name, payload, f"{description}\n\n{table}").read_text())
+    command = f"Command: `{payload['command']}`"
+    print(save(results_name, payload, f"{description}\n\n{table}\n\n{command}").read_text())
 
 
 if __name__ == "__main__":

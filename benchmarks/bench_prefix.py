@@ -267,6 +267,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--max-num-seqs", type=int, default=64, help="engine, every variant [%(default)s]")
     add("--max-model-len", type=int, help="engine [1024; 4096 with --system-prompts]")
     add("--max-num-batched-tokens", type=int, default=4096, help="engine [%(default)s]")
+    add("--block-size", type=int, help="engine, every variant [vLLM's: 128 on CPU]")
     add("--timeout", type=float, default=3600, help="seconds per variant [%(default)s]")
     add("--workdir", type=Path, help="keep the batch file, outputs and logs here")
     add("--results-name", help="[prefix_<docs|system_prompts>_<model>]")
@@ -290,6 +291,7 @@ def main() -> None:
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
     )
     workload = "system_prompts" if args.system_prompts else "docs"
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix=f"bench-prefix-{workload}-"))
@@ -356,6 +358,7 @@ def main() -> None:
         f"(~{capacity or '?'} tokens at {engine.dtype}). Engine for every variant: dtype "
         f"{engine.dtype}, enforce-eager, max-num-seqs {engine.max_num_seqs}, max-model-len "
         f"{engine.max_model_len}, max-num-batched-tokens {engine.max_num_batched_tokens}, "
+        f"block size {engine.block_size or 'vLLM default (128 on CPU)'}, "
         "prefix caching on unless -no-prefix-cache, "
         + ", ".join(f"{k}={env[k]}" for k in CPU_ENV)
         + ". Each variant is its own subprocess."

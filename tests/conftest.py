@@ -128,10 +128,15 @@ def loop_thread() -> Iterator[LoopThread]:
 
 
 class SharedEngine:
-    """Lends the session's engine to an app; ``stop`` leaves it running for the next one."""
+    """Lends the session's engine to an app; ``stop`` leaves it running for the next one.
 
-    def __init__(self, engine: Any) -> None:
+    With ``loop_thread``, requests run in that thread's loop (where the engine lives), for a
+    caller on another event loop (``vllm-batch run``'s own loop).
+    """
+
+    def __init__(self, engine: Any, loop_thread: LoopThread | None = None) -> None:
         self._engine = engine
+        self._loop = loop_thread.loop if loop_thread is not None else None
         self.model_name = engine.model_name
 
     @property
@@ -145,7 +150,10 @@ class SharedEngine:
         return None
 
     async def run(self, url: str, body: dict[str, Any], request_id: str) -> Any:
-        return await self._engine.run(url, body, request_id)
+        coro = self._engine.run(url, body, request_id)
+        if self._loop is None:
+            return await coro
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
 
 
 @pytest.fixture(scope="session")
@@ -295,6 +303,24 @@ def start_server(
     finally:
         server.should_exit = True
         future.result(60)
+
+
+def api_only_server(
+    loop_thread: LoopThread,
+    tiny_model: Path,
+    database_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    **overrides: Any,
+) -> Iterator[LiveServer]:
+    """A live server without a worker (no engine): for the API's own behaviour."""
+    settings = engine_settings(
+        tiny_model,
+        database_url=database_url,
+        data_dir=tmp_path_factory.mktemp("data"),
+        worker=False,
+        **overrides,
+    )
+    yield from start_server(loop_thread, settings, None)
 
 
 @pytest.fixture(scope="module")

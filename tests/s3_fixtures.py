@@ -114,3 +114,14 @@ def s3_server() -> Iterator[S3Server]:
         yield S3Server(endpoint_url=f"http://{host}:{port}")
     finally:
         server.stop()
+
+
+def local_or_s3(kind: str, s3_server: S3Server, bucket: str) -> Iterator[str | None]:
+    """A module's ``storage_url`` for ``kind`` "local" (None) or "s3" (a fresh ``bucket`` on
+    ``s3_server``, with its AWS environment set while the module runs)."""
+    if kind == "local":
+        yield None
+        return
+    name = s3_server.new_bucket(bucket)
+    with s3_server.aws_env():
+        yield f"s3://{name}/api"

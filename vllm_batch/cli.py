@@ -64,6 +64,15 @@ MaxLenOpt = Annotated[int | None, typer.Option(help="Engine max model length.")]
 ChunkOpt = Annotated[int | None, typer.Option(help="Lines per work unit.")]
 MaxSeqsOpt = Annotated[int | None, typer.Option(help="Engine max concurrent sequences.")]
 BatchedTokensOpt = Annotated[int | None, typer.Option(help="Engine max tokens per scheduler step.")]
+BlockSizeOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Tokens per KV-cache block (vLLM's --block-size): prefix caching reuses whole "
+        "blocks only. Default: 32 on CPU for generative models with prefix caching, else "
+        "vLLM's (16 on GPU).",
+    ),
+]
 GpuMemOpt = Annotated[float | None, typer.Option(help="Fraction of GPU memory for the engine.")]
 DtypeOpt = Annotated[str | None, typer.Option(help="Model dtype (auto: float32 on CPU).")]
 PrefixCacheOpt = Annotated[
@@ -73,7 +82,33 @@ PrefixCacheOpt = Annotated[
 EngineOpt = Annotated[
     str | None,
     typer.Option(
-        "--engine", help="'vllm' (default) or 'instant-benchmark' (no inference; benchmarks only)."
+        "--engine",
+        help="'vllm' (default: in-process), 'openai' (send lines to --engine-url upstreams) "
+        "or 'instant-benchmark' (no inference; benchmarks only). Env: VLLM_BATCH_ENGINE.",
+    ),
+]
+EngineUrlOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--engine-url",
+        help="With --engine openai: an OpenAI-compatible upstream, http://HOST:PORT/v1 "
+        "(repeatable). Env: VLLM_BATCH_ENGINE_URLS (comma-separated).",
+    ),
+]
+EngineKeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--engine-api-key",
+        help="Bearer token for the upstreams (shows in `ps`: prefer VLLM_BATCH_ENGINE_API_KEY).",
+    ),
+]
+EngineConcurrencyOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--engine-max-concurrency",
+        min=1,
+        help="Most requests in flight per upstream (adaptive back-off lowers it while the "
+        "upstream is slow or answers 429). Env: VLLM_BATCH_ENGINE_MAX_CONCURRENCY.",
     ),
 ]
 
@@ -126,6 +161,7 @@ def _setup_logging(settings: Settings, secrets: list[str] | None = None) -> str:
             settings.webhook_secret,
             settings.label_studio_api_key,
             settings.postgres_password,
+            settings.engine_api_key,
             *(secrets or []),
         ]
     )
@@ -133,9 +169,39 @@ def _setup_logging(settings: Settings, secrets: list[str] | None = None) -> str:
 
 
 def build_settings(**overrides: Any) -> Settings:
-    """Environment first, then explicit CLI flags (those not left at None)."""
+    """Environment first, then explicit CLI flags (those not left at None).
+
+    A bad combination (``--engine openai`` without ``--engine-url``, ...) is a usage error.
+    """
+    from pydantic import ValidationError
+
     values = {key: value for key, value in overrides.items() if value is not None}
-    return Settings(**values)
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        messages = "; ".join(
+            str(error["msg"]).removeprefix("Value error, ") for error in exc.errors()
+        )
+        raise typer.BadParameter(messages) from None
+
+
+def with_upstream_models(settings: Settings) -> Settings:
+    """With ``--engine openai`` and no ``--model``: serve every model the upstreams list."""
+    if settings.engine != "openai" or settings.models:
+        return settings
+    from vllm_batch.engines.upstreams import UpstreamsUnreachable, discover_models
+
+    try:
+        names = discover_models(settings.engine_urls, settings.engine_api_key)
+    except UpstreamsUnreachable as exc:
+        raise typer.BadParameter(
+            f"no upstream answered /models ({exc}); name the models with --model NAME "
+            "(or NAME=UPSTREAM_MODEL) to start before the upstreams do",
+            param_hint="--engine-url",
+        ) from None
+    if not names:
+        raise typer.BadParameter("the upstreams serve no model", param_hint="--engine-url")
+    return settings.model_copy(update={"models": names})
 
 
 def ray_overrides(
@@ -195,11 +261,15 @@ def serve(
     max_model_len: MaxLenOpt = None,
     max_num_seqs: MaxSeqsOpt = None,
     max_num_batched_tokens: BatchedTokensOpt = None,
+    block_size: BlockSizeOpt = None,
     gpu_memory_utilization: GpuMemOpt = None,
     dtype: DtypeOpt = None,
     enable_prefix_caching: PrefixCacheOpt = None,
     chunk_size: ChunkOpt = None,
     engine: EngineOpt = None,
+    engine_url: EngineUrlOpt = None,
+    engine_api_key: EngineKeyOpt = None,
+    engine_max_concurrency: EngineConcurrencyOpt = None,
     executor: ExecutorOpt = None,
     ray_address: RayAddressOpt = None,
     ray_replicas: RayReplicasOpt = None,
@@ -225,14 +295,19 @@ def serve(
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
+        block_size=block_size,
         gpu_memory_utilization=gpu_memory_utilization,
         dtype=dtype,
         enable_prefix_caching=enable_prefix_caching,
         chunk_size=chunk_size,
         engine=engine,
+        engine_urls=engine_url or None,
+        engine_api_key=engine_api_key,
+        engine_max_concurrency=engine_max_concurrency,
         **ray_overrides(executor, ray_address, ray_replicas),
         log_level=log_level.value if log_level else None,
     )
+    settings = with_upstream_models(settings)
     check_adapters(settings)
     from vllm_batch.api.auth import KeyConfigError, KeyRing
 
@@ -302,10 +377,14 @@ def worker_command(
     max_model_len: MaxLenOpt = None,
     max_num_seqs: MaxSeqsOpt = None,
     max_num_batched_tokens: BatchedTokensOpt = None,
+    block_size: BlockSizeOpt = None,
     gpu_memory_utilization: GpuMemOpt = None,
     dtype: DtypeOpt = None,
     enable_prefix_caching: PrefixCacheOpt = None,
     engine: EngineOpt = None,
+    engine_url: EngineUrlOpt = None,
+    engine_api_key: EngineKeyOpt = None,
+    engine_max_concurrency: EngineConcurrencyOpt = None,
     executor: ExecutorOpt = None,
     ray_address: RayAddressOpt = None,
     ray_replicas: RayReplicasOpt = None,
@@ -333,15 +412,20 @@ def worker_command(
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
+        block_size=block_size,
         gpu_memory_utilization=gpu_memory_utilization,
         dtype=dtype,
         enable_prefix_caching=enable_prefix_caching,
         engine=engine,
+        engine_urls=engine_url or None,
+        engine_api_key=engine_api_key,
+        engine_max_concurrency=engine_max_concurrency,
         **ray_overrides(executor, ray_address, ray_replicas),
         log_level=log_level.value if log_level else None,
         metrics_port=metrics_port,
         metrics_host=metrics_host,
     )
+    settings = with_upstream_models(settings)
     check_adapters(settings)
     _setup_logging(settings)
     asyncio.run(_run_worker(settings))
@@ -520,6 +604,7 @@ def run(
     ] = 4096,
     max_num_seqs: MaxSeqsOpt = None,
     max_num_batched_tokens: BatchedTokensOpt = None,
+    block_size: BlockSizeOpt = None,
     gpu_memory_utilization: GpuMemOpt = None,
     tensor_parallel_size: Annotated[
         int | None, typer.Option("--tensor-parallel-size", "-tp", help="GPUs per model.")
@@ -533,6 +618,17 @@ def run(
             "--enable-prefix-caching/--no-enable-prefix-caching", help="vLLM prefix caching."
         ),
     ] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            "--engine",
+            help="'vllm' (default: in-process) or 'openai': send the lines to --engine-url "
+            "upstreams (--model NAME or NAME=UPSTREAM_MODEL then names the upstream's model).",
+        ),
+    ] = None,
+    engine_url: EngineUrlOpt = None,
+    engine_api_key: EngineKeyOpt = None,
+    engine_max_concurrency: EngineConcurrencyOpt = None,
     runner: Annotated[
         Runner | None,
         typer.Option(
@@ -562,8 +658,10 @@ def run(
         typer.echo(
             f"error: unsupported option(s) for `vllm-batch run`: {' '.join(ctx.args)}\n"
             "supported engine flags: --model, --served-model-name, --lora, --max-num-seqs, "
-            "--max-num-batched-tokens, --gpu-memory-utilization, --tensor-parallel-size, "
-            "--max-model-len, --dtype, --enforce-eager, --[no-]enable-prefix-caching, --runner, "
+            "--max-num-batched-tokens, --block-size, --gpu-memory-utilization, "
+            "--tensor-parallel-size, --max-model-len, --dtype, --enforce-eager, "
+            "--[no-]enable-prefix-caching, --runner, "
+            "--engine, --engine-url, --engine-api-key, --engine-max-concurrency, "
             "--executor, --ray-address, --ray-replicas",
             err=True,
         )
@@ -579,6 +677,7 @@ def run(
     settings = build_settings(
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
+        block_size=block_size,
         gpu_memory_utilization=gpu_memory_utilization,
         tensor_parallel_size=tensor_parallel_size,
         max_model_len=max_model_len,
@@ -586,9 +685,15 @@ def run(
         enforce_eager=enforce_eager,
         enable_prefix_caching=enable_prefix_caching,
         loras=lora or None,
+        engine=engine,
+        engine_urls=engine_url or None,
+        engine_api_key=engine_api_key,
+        engine_max_concurrency=engine_max_concurrency,
         **ray_overrides(executor, ray_address, ray_replicas),
         log_level=log_level.value if log_level else None,
     )
+    if settings.engine == "instant-benchmark":
+        raise typer.BadParameter("use 'vllm' or 'openai' with `run`", param_hint="--engine")
     check_adapters(settings, [spec.name])
     _setup_logging(settings)
     options = RunOptions(

@@ -96,8 +96,26 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"  # auto: console on a TTY
     worker: bool = True
-    # "instant-benchmark" is a no-inference engine for pipeline benchmarks only.
-    engine: Literal["vllm", "instant-benchmark"] = "vllm"
+    # "vllm": an in-process engine per worker; "openai": OpenAI-compatible upstream servers
+    # (engine_urls, README "Scaling out"); "instant-benchmark": no inference, benchmarks only.
+    engine: Literal["vllm", "openai", "instant-benchmark"] = "vllm"
+
+    # ---- remote engine (engine="openai"; docs: README "Remote upstreams")
+    # Base URLs of OpenAI-compatible servers (vLLM, SGLang, TGI, llama.cpp, a router), each
+    # ending in /v1; lines go to any of them that lists the line's model in /v1/models.
+    engine_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    engine_api_key: str | None = Field(default=None, repr=False)  # Bearer token upstream
+    # Per upstream: most requests in flight, and the floor adaptive back-off shrinks it to.
+    engine_max_concurrency: int = Field(default=64, ge=1)
+    engine_min_concurrency: int = Field(default=1, ge=1)
+    # AIMD: halve an upstream's window when its latency (per output token, averaged) exceeds
+    # this many times its lowest recent value, or on a 429; 0 turns the latency signal off.
+    engine_latency_factor: float = Field(default=3.0, ge=0)
+    engine_request_timeout: float = Field(default=600.0, gt=0)  # seconds per attempt
+    # How long one request may keep failing over / waiting for a healthy upstream before
+    # the engine counts as failed (the chunk is handed back, as when a local engine dies).
+    engine_retry_seconds: float = Field(default=300.0, gt=0)
+    engine_health_interval: float = Field(default=2.0, gt=0)  # probe dead upstreams this often
     # ---- Ray executor (docs: README "Ray cluster"): "ray" runs the engine as Ray actors.
     executor: Literal["local", "ray"] = "local"
     # Unset: a private Ray instance on this machine (or RAY_ADDRESS); "auto": the cluster
@@ -147,6 +165,8 @@ class Settings(BaseSettings):
     max_model_len: int | None = None
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
+    # Tokens per KV-cache block; prefix caching reuses whole blocks (None: vLLM's choice).
+    block_size: int | None = Field(default=None, ge=1)
     dtype: str = "auto"  # "auto" means float32 on CPU (bf16 is slow and inaccurate there)
     enforce_eager: bool | None = None  # None: eager on CPU (fast start), graphs on GPU
     tensor_parallel_size: int = 1
@@ -232,6 +252,7 @@ class Settings(BaseSettings):
         "handlers",
         "handler_modules",
         "gpu_pause_throttle_reasons",
+        "engine_urls",
         mode="before",
     )
     @classmethod
@@ -246,6 +267,32 @@ class Settings(BaseSettings):
             raise ValueError(
                 "gpu_resume_temperature must not exceed gpu_max_temperature "
                 f"({self.gpu_resume_temperature} > {self.gpu_max_temperature})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_remote_engine(self) -> Settings:
+        from vllm_batch.engines.upstreams import check_base_url
+
+        if self.engine == "openai" and not self.engine_urls:
+            raise ValueError(
+                "engine 'openai' needs at least one upstream: --engine-url "
+                "http://HOST:PORT/v1 (or VLLM_BATCH_ENGINE_URLS)"
+            )
+        self.engine_urls = [check_base_url(url) for url in self.engine_urls]
+        if self.engine_min_concurrency > self.engine_max_concurrency:
+            raise ValueError(
+                "engine_min_concurrency must not exceed engine_max_concurrency "
+                f"({self.engine_min_concurrency} > {self.engine_max_concurrency})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_executor(self) -> Settings:
+        if self.executor == "ray" and self.engine == "openai":
+            raise ValueError(
+                "executor 'ray' runs engines on Ray actors, engine 'openai' sends requests to "
+                "upstream servers: use one of them"
             )
         return self
 

@@ -10,7 +10,8 @@ up, re-raises the last exception unchanged (no ``tenacity.RetryError`` to unwrap
             await save()
 
 ``on`` is exception types, or a predicate for finer choices (e.g. only some HTTP statuses).
-``attempts=None`` retries forever. ``what`` is logged: never put secrets (signed URLs) in it.
+``attempts=None`` retries forever; ``deadline`` (seconds since the first attempt) also stops
+it. ``what`` is logged (at ``level``): never put secrets (signed URLs) in it.
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ def retrying(
     log: logging.Logger,
     what: str,
     first_wait: float = 0.5,
+    deadline: float | None = None,
+    level: int = logging.WARNING,
     sleep: Callable[[float], Awaitable[None] | None] | None = None,
 ) -> tenacity.AsyncRetrying:
     """An async retrier (``async for attempt in ...: with attempt: ...``)."""
-    policy = _Policy(on, attempts, max_wait, log, what, first_wait)
+    policy = _Policy(on, attempts, max_wait, log, what, first_wait, deadline, level)
     return tenacity.AsyncRetrying(
         sleep=sleep or asyncio.sleep,
         retry=policy.retry,
@@ -80,6 +83,8 @@ class _Policy:
         log: logging.Logger,
         what: str,
         first_wait: float,
+        deadline: float | None = None,
+        level: int = logging.WARNING,
     ) -> None:
         if attempts is not None and attempts < 1:
             raise ValueError("attempts must be at least 1 (or None: retry forever)")
@@ -91,17 +96,21 @@ class _Policy:
         self.stop: tenacity.stop.stop_base = (
             tenacity.stop_never if attempts is None else tenacity.stop_after_attempt(attempts)
         )
+        if deadline is not None:
+            self.stop = self.stop | tenacity.stop_after_delay(deadline)
         self.wait = tenacity.wait_exponential_jitter(
             multiplier=first_wait, max=max_wait, jitter=first_wait
         )
         self.log = log
+        self.level = level
         self.what = what
         self.limit = "∞" if attempts is None else str(attempts)
 
     def before_sleep(self, state: tenacity.RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome is not None else None
         wait = state.next_action.sleep if state.next_action is not None else 0.0
-        self.log.warning(
+        self.log.log(
+            self.level,
             "%s failed (attempt %d/%s: %s); retrying in %.1fs",
             self.what,
             state.attempt_number,

@@ -132,6 +132,7 @@ def plan_batch(
     chunk_size: int,
     model_kinds: Mapping[str, ModelKind | None] | None = None,
     adapters: Mapping[str, str] | None = None,
+    model_source: str | None = None,
 ) -> BatchPlan:
     """Check every line of a batch input file and cut it into chunks of ``chunk_size``.
 
@@ -139,6 +140,8 @@ def plan_batch(
     fails (see ``model_kinds``), and pooling bodies get their structural checks.
     ``adapters`` maps LoRA adapter names to their base models: a line naming an adapter is
     its base model's work (``plan.model`` is always a served model, never an adapter).
+    ``model_source`` says where ``served_models`` came from, for ``model_not_found`` (the
+    remote engine: the upstreams' ``/v1/models``).
     """
     plan = BatchPlan()
     bases = dict(adapters or {})
@@ -150,7 +153,9 @@ def plan_batch(
             plan.chunks.append((index, index, offset))
         if plan.total > max_requests:
             continue
-        _check_line(plan, raw, number, endpoint, served_models, seen_ids, bases, model_kinds)
+        _check_line(
+            plan, raw, number, endpoint, served_models, seen_ids, bases, model_kinds, model_source
+        )
     if plan.chunks:
         start, _, offset = plan.chunks[-1]
         plan.chunks[-1] = (start, plan.total, offset)
@@ -176,6 +181,7 @@ def _check_line(
     seen_ids: set[int],
     bases: Mapping[str, str],
     model_kinds: Mapping[str, ModelKind | None] | None = None,
+    model_source: str | None = None,
 ) -> None:
     """Check one line; whatever goes wrong becomes this line's error, never a crash."""
     try:
@@ -187,7 +193,7 @@ def _check_line(
         plan.error("invalid_json_line", f"Line {number} could not be parsed ({exc}).", number)
         return
     try:
-        _check_fields(plan, line, number, endpoint, served_models, seen_ids, bases)
+        _check_fields(plan, line, number, endpoint, served_models, seen_ids, bases, model_source)
         if model_kinds is not None:
             _check_kind(plan, line, number, endpoint, model_kinds, bases)
     except Exception as exc:
@@ -206,6 +212,7 @@ def _check_fields(
     served_models: Sequence[str],
     seen_ids: set[int],
     bases: Mapping[str, str],
+    model_source: str | None = None,
 ) -> None:
     custom_id = line.get("custom_id")
     if custom_id is None:
@@ -265,7 +272,7 @@ def _check_fields(
         adapters = f" LoRA adapters: {', '.join(bases)}." if bases else ""
         plan.error(
             "model_not_found",
-            f"The model {model!r} is not served here. Served models: "
+            f"The model {model!r} is not served {model_source or 'here'}. Served models: "
             f"{', '.join(served_models) or 'none'}.{adapters}",
             number,
             "body.model",

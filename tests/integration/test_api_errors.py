@@ -17,9 +17,9 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.conftest import TINY_NAME, LiveServer, LoopThread, engine_settings, start_server
+from tests.conftest import TINY_NAME, LiveServer, LoopThread, api_only_server
 from tests.helpers import chat_line, jsonl, wait_for_batch
-from tests.s3_fixtures import S3Server, s3_server  # noqa: F401
+from tests.s3_fixtures import S3Server, local_or_s3, s3_server  # noqa: F401
 
 MAX_REQUESTS = 20
 MAX_BYTES = 20_000
@@ -28,12 +28,7 @@ MAX_BYTES = 20_000
 @pytest.fixture(scope="module", params=["local", "s3"])
 def storage_url(request: pytest.FixtureRequest, s3_server: S3Server) -> Iterator[str | None]:  # noqa: F811
     """Every test here runs on local storage and on S3 (moto's server over real HTTP)."""
-    if request.param == "local":
-        yield None
-        return
-    bucket = s3_server.new_bucket("api")
-    with s3_server.aws_env():
-        yield f"s3://{bucket}/api"
+    yield from local_or_s3(request.param, s3_server, "api")
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +39,15 @@ def api(
     storage_url: str | None,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[LiveServer]:
-    settings = engine_settings(
+    yield from api_only_server(
+        loop_thread,
         tiny_model,
-        database_url=database_url,
-        data_dir=tmp_path_factory.mktemp("data"),
+        database_url,
+        tmp_path_factory,
         storage_url=storage_url,
-        worker=False,
         max_requests_per_batch=MAX_REQUESTS,
         max_upload_bytes=MAX_BYTES,
     )
-    yield from start_server(loop_thread, settings, None)
 
 
 @pytest.fixture(scope="module")

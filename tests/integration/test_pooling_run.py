@@ -7,7 +7,6 @@ pooling engine starts). Output lines are checked with vLLM's own ``BatchRequestO
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
@@ -16,36 +15,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import MINILM_NAME, LoopThread, pooling_settings
+from tests.conftest import MINILM_NAME, LoopThread, SharedEngine, pooling_settings
 from vllm_batch.config import ModelSpec, Settings
-from vllm_batch.engines.base import EngineResult
 from vllm_batch.offline import RunFailed, RunOptions, run_batch
-
-
-class OtherLoopEngine:
-    """The session's engine (living in the fixtures' loop), called from another loop."""
-
-    def __init__(self, engine: Any, loop_thread: LoopThread) -> None:
-        self._engine = engine
-        self._loop = loop_thread.loop
-        self.model_name = engine.model_name
-
-    @property
-    def max_in_flight(self) -> int:
-        return int(self._engine.max_in_flight)
-
-    async def start(self) -> None:
-        return None
-
-    async def stop(self) -> None:
-        return None
-
-    async def run(self, url: str, body: dict[str, Any], request_id: str) -> EngineResult:
-        coro = self._engine.run(url, body, request_id)
-        result: EngineResult = await asyncio.wrap_future(
-            asyncio.run_coroutine_threadsafe(coro, self._loop)
-        )
-        return result
 
 
 def request(custom_id: str, url: str, model: str = MINILM_NAME, **body: Any) -> str:
@@ -87,7 +59,7 @@ def test_run_writes_vllm_batch_output_for_pooling_endpoints(
 
     run_options, out = options(tmp_path, minilm_model, LINES)
     summary = run_batch(
-        run_options, engine_factory=lambda spec, s: OtherLoopEngine(pooling_engine, loop_thread)
+        run_options, engine_factory=lambda spec, s: SharedEngine(pooling_engine, loop_thread)
     )
     assert summary.total == len(LINES) and summary.errors == 3
     raw_lines = out.read_text().splitlines()
@@ -126,7 +98,7 @@ def test_strict_run_rejects_a_line_of_the_wrong_kind(tmp_path: Path, minilm_mode
     chat = request("c", "/v1/chat/completions", messages=[{"role": "user", "content": "hi"}])
     run_options, out = options(tmp_path, minilm_model, [chat], strict=True)
 
-    class Idle(OtherLoopEngine):
+    class Idle(SharedEngine):
         def __init__(self) -> None:
             self.model_name = MINILM_NAME
 

@@ -17,9 +17,9 @@ from openai import OpenAI
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from tests.conftest import TINY_NAME, LiveServer, LoopThread, engine_settings, start_server
+from tests.conftest import TINY_NAME, LiveServer, LoopThread, api_only_server
 from tests.helpers import chat_line, jsonl, parse_jsonl, wait_for_batch
-from tests.s3_fixtures import S3Server, s3_server  # noqa: F401
+from tests.s3_fixtures import S3Server, local_or_s3, s3_server  # noqa: F401
 from vllm_batch.protocol.ids import now
 from vllm_batch.service.uploads import part_key, sweep_uploads
 from vllm_batch.store import queries
@@ -33,12 +33,7 @@ KEYS = {"team-a": "sk-aaaa", "team-b": "sk-bbbb", "ops": "sk-admin"}
 
 @pytest.fixture(scope="module", params=["local", "s3"])
 def storage_url(request: pytest.FixtureRequest, s3_server: S3Server) -> Iterator[str | None]:  # noqa: F811
-    if request.param == "local":
-        yield None
-        return
-    bucket = s3_server.new_bucket("uploads")
-    with s3_server.aws_env():
-        yield f"s3://{bucket}/api"
+    yield from local_or_s3(request.param, s3_server, "uploads")
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +44,13 @@ def api(
     storage_url: str | None,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[LiveServer]:
-    """No worker (no engine): for the API's own behaviour; per-key ownership on."""
-    settings = engine_settings(
+    """Per-key ownership on."""
+    yield from api_only_server(
+        loop_thread,
         tiny_model,
-        database_url=database_url,
-        data_dir=tmp_path_factory.mktemp("data"),
+        database_url,
+        tmp_path_factory,
         storage_url=storage_url,
-        worker=False,
         max_upload_part_bytes=PART_LIMIT,
         max_chunked_upload_bytes=100_000,
         api_keys=[
@@ -64,7 +59,6 @@ def api(
             f"ops:{KEYS['ops']}:admin",
         ],
     )
-    yield from start_server(loop_thread, settings, None)
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from tests.helpers import create_validating_batch
 from tests.unit.test_lifecycle import LINES, force, input_lines, plan, store
 from vllm_batch import lifecycle
+from vllm_batch.pipeline.window import batch_order
 from vllm_batch.runtime import StoreContext
+from vllm_batch.store import queries
+from vllm_batch.store.models import BatchRow
 
 OWNER = "tests/ns/1/claims"
 
@@ -104,3 +108,66 @@ async def test_starved_models(ctx: StoreContext) -> None:
     starved = await lifecycle.starved_models(ctx, [waiting, fresh, served])
     assert starved == [waiting]
     assert await lifecycle.starved_models(ctx, []) == []
+
+
+async def test_sql_order_terms_match_the_lanes_batch_order(ctx: StoreContext) -> None:
+    """The claim's SQL (``queries.order_terms``) and a worker's lanes (``batch_order``)
+    weigh, date and flag every kind of batch the same way."""
+    model = uuid.uuid4().hex
+    now = float(int(time.time()))
+    cases = [  # priority, created offset, window (None: no expiry), finished lines
+        (0, -60, 86400, 0),
+        (3, -600, 3600, 10),
+        (-2, -3000, 3600, 5),
+        (1, -86000, 86400, 0),  # 400 s left: at risk, near the deadline factor's cap
+        (0, -10, None, 0),
+        (7, -7200, 3600, 29),  # expired window: negative slack, urgent
+    ]
+    ids = []
+    for priority, offset, window, done in cases:
+        created = int(now) + offset
+        expires = None if window is None else created + window
+        ids.append(
+            await queued(
+                ctx,
+                model,
+                priority=priority,
+                created_at=created,
+                expires_at=expires,
+                completed=done,
+            )
+        )
+    for spl, margin in ((0.0, 0.25), (2.5, 0.25), (40.0, 0.5)):
+        terms = queries.order_terms(now, queries.ClaimOrder(spl, margin))
+        query = select(
+            BatchRow.id,
+            BatchRow.priority,
+            BatchRow.total,
+            BatchRow.completed,
+            BatchRow.failed,
+            BatchRow.created_at,
+            BatchRow.expires_at,
+            terms.weight,
+            terms.latest_start,
+            terms.urgent,
+        ).where(BatchRow.id.in_(ids))
+        async with ctx.read_sessions() as session:
+            rows = (await session.execute(query)).all()
+        assert len(rows) == len(cases)
+        urgent_seen = set()
+        for row in rows:
+            want = batch_order(
+                priority=row.priority,
+                remaining=row.total - row.completed - row.failed,
+                created_at=row.created_at,
+                expires_at=row.expires_at,
+                now=now,
+                seconds_per_line=spl,
+                margin=margin,
+            )
+            weight, latest_start, urgent = row[-3:]
+            assert float(weight) == pytest.approx(want.weight, rel=1e-9), row
+            assert float(latest_start) == pytest.approx(want.latest_start, rel=1e-12), row
+            assert bool(urgent) is want.urgent, row
+            urgent_seen.add(want.urgent)
+        assert urgent_seen == {True, False}  # the cases cover both sides of the margin

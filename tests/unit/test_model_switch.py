@@ -11,10 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_worker_faults import FakeEngineForTests, batch_row, make_batch, wait_status
-from vllm_batch.config import Settings
+from tests.unit.test_worker_faults import (
+    FakeEngineForTests,
+    batch_row,
+    fake_store,
+    make_batch,
+    wait_status,
+)
 from vllm_batch.engines.manager import EngineManager
-from vllm_batch.runtime import StoreContext, open_store
+from vllm_batch.runtime import StoreContext
 from vllm_batch.service.validate import validate_batch
 from vllm_batch.worker.context import WorkerContext
 from vllm_batch.worker.loop import Worker
@@ -22,16 +27,8 @@ from vllm_batch.worker.loop import Worker
 
 @pytest.fixture
 async def store(database_url: str, tmp_path: Path) -> AsyncIterator[StoreContext]:
-    settings = Settings(
-        database_url=database_url,
-        data_dir=tmp_path,
-        models=["first=/nowhere/first", "second=/nowhere/second"],
-        chunk_size=5,
-        poll_interval=0.05,
-        flush_interval=0.05,
-        model_max_wait=1.0,
-    )
-    async with open_store(settings) as ctx:
+    models = ["first=/nowhere/first", "second=/nowhere/second"]
+    async with fake_store(database_url, tmp_path, models, model_max_wait=1.0) as ctx:
         yield ctx
 
 

@@ -9,7 +9,10 @@ from typer.testing import CliRunner
 
 import vllm_batch.offline as offline
 from vllm_batch.cli import app
-from vllm_batch.config import ModelSpec
+from vllm_batch.config import ModelSpec, Settings
+from vllm_batch.engines import vllm_engine
+from vllm_batch.engines.vllm_engine import CPU_PREFIX_BLOCK_SIZE, engine_argv
+from vllm_batch.model_kinds import ModelKind
 from vllm_batch.offline import RunFailed, RunOptions, RunSummary
 
 runner = CliRunner()
@@ -48,6 +51,8 @@ def test_served_model_name_and_engine_flags(calls: list[RunOptions]) -> None:
         "8",
         "--max-num-batched-tokens",
         "1024",
+        "--block-size",
+        "32",
         "--gpu-memory-utilization",
         "0.5",
         "-tp",
@@ -71,6 +76,26 @@ def test_served_model_name_and_engine_flags(calls: list[RunOptions]) -> None:
     assert (s.max_num_seqs, s.max_num_batched_tokens, s.max_model_len) == (8, 1024, 512)
     assert (s.gpu_memory_utilization, s.tensor_parallel_size, s.dtype) == (0.5, 2, "float32")
     assert s.enforce_eager is True and s.enable_prefix_caching is False
+    assert s.block_size == 32
+    argv = engine_argv(options.spec, s)
+    assert argv[argv.index("--block-size") + 1] == "32"
+
+
+def test_block_size_default_is_finer_on_cpu_only_where_prefixes_are_cached(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def block(spec: ModelSpec, **values: Any) -> str | None:
+        argv = engine_argv(spec, Settings(**values))
+        return argv[argv.index("--block-size") + 1] if "--block-size" in argv else None
+
+    chat = ModelSpec("m", "/models/m", kind=ModelKind.GENERATE)
+    monkeypatch.setattr(vllm_engine, "has_cuda_gpu", lambda: False)
+    assert block(chat) == str(CPU_PREFIX_BLOCK_SIZE)
+    assert block(chat, block_size=128) == "128"  # a setting always wins
+    assert block(chat, enable_prefix_caching=False) is None  # vLLM's default
+    assert block(ModelSpec("e", "/models/e", kind=ModelKind.EMBED)) is None
+    monkeypatch.setattr(vllm_engine, "has_cuda_gpu", lambda: True)
+    assert block(chat) is None  # vLLM's GPU default (16) is fine-grained already
 
 
 def test_unknown_vllm_flags_are_rejected(calls: list[RunOptions]) -> None:

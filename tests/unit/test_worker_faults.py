@@ -8,6 +8,7 @@ injected by ``OutageSessions``, which refuses new sessions as a dead database wo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -98,18 +99,30 @@ class OutageSessions:
         return self.real()
 
 
-@pytest.fixture
-async def store(database_url: str, tmp_path: Path) -> AsyncIterator[StoreContext]:
+@contextlib.asynccontextmanager
+async def fake_store(
+    database_url: str, tmp_path: Path, models: list[str], **overrides: Any
+) -> AsyncIterator[StoreContext]:
+    """A real store for fake-engine worker tests: chunks of 5 lines, fast polls and flushes."""
     settings = Settings(
-        database_url=database_url,
-        data_dir=tmp_path,
-        models=["good=/nowhere/good", "bad=/nowhere/bad"],
-        chunk_size=5,
-        poll_interval=0.05,
-        flush_interval=0.05,
-        lease_seconds=30,
+        **{
+            "database_url": database_url,
+            "data_dir": tmp_path,
+            "models": models,
+            "chunk_size": 5,
+            "poll_interval": 0.05,
+            "flush_interval": 0.05,
+            **overrides,
+        }
     )
     async with open_store(settings) as ctx:
+        yield ctx
+
+
+@pytest.fixture
+async def store(database_url: str, tmp_path: Path) -> AsyncIterator[StoreContext]:
+    models = ["good=/nowhere/good", "bad=/nowhere/bad"]
+    async with fake_store(database_url, tmp_path, models, lease_seconds=30) as ctx:
         yield ctx
 
 

@@ -101,6 +101,12 @@ def check_worker(ctx: AppContext) -> Check:
             f"worker cannot reach the database for "
             f"{time.time() - worker.db.failing_since:.0f} s (retrying)"
         )
+    upstreams = getattr(engines.current, "upstream_states", None)
+    if callable(upstreams):  # the remote engine: its upstreams (URLs only with details)
+        listed = upstreams()
+        healthy = sum(1 for upstream in listed if upstream["healthy"])
+        state["upstreams"] = {"healthy": healthy, "total": len(listed)}
+        details["upstreams"] = listed
     if engines.limits:
         state["oom_limits"] = engines.describe(details=False)["oom_limits"]
     if engines.failed:

@@ -1,4 +1,5 @@
-"""Inference engines: vLLM (the default), on Ray actors, and a benchmark-only instant engine."""
+"""Inference engines: vLLM in-process (the default) or on Ray actors (``executor="ray"``),
+OpenAI-compatible upstreams (remote), and a benchmark-only instant engine."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ def make_engine(spec: ModelSpec, settings: Settings) -> Engine:
         from vllm_batch.engines.instant import InstantBenchmarkEngine
 
         return InstantBenchmarkEngine(spec.name)
+    if settings.engine == "openai":
+        from vllm_batch.engines.remote import RemoteEngine
+
+        return RemoteEngine(spec, settings)
     from vllm_batch.engines.vllm_engine import VllmEngine
 
     return VllmEngine(spec, settings)

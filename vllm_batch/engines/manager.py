@@ -117,6 +117,11 @@ class EngineManager:
         return self._engine.model_name if self._engine and self.state == "ready" else None
 
     @property
+    def current(self) -> Engine | None:
+        """The loaded engine, if one is ready."""
+        return self._engine if self.state == "ready" else None
+
+    @property
     def failed(self) -> bool:
         """Some served model cannot load right now."""
         return bool(self.failures)

@@ -32,7 +32,7 @@ from vllm_batch.engines.base import (
 from vllm_batch.engines.blocking import in_daemon_thread, launch_processes
 from vllm_batch.engines.pooling import PoolingServers, is_pooling_url, run_pooling
 from vllm_batch.engines.structured import ConflictingStructuredOutputs, translate_guided_fields
-from vllm_batch.model_kinds import is_pooling
+from vllm_batch.model_kinds import ModelKind, is_pooling
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,13 @@ VLLM_MODULES = (
 )
 """What ``start`` imports; ``import_vllm`` loads them off the event loop."""
 CPU_DEFAULT_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+CPU_PREFIX_BLOCK_SIZE = 32
+"""KV-cache block on CPU for generative models with prefix caching, unless one is set.
+
+vLLM's CPU default is 128 tokens, and its prefix cache reuses only whole blocks: a shared
+400-token document is reused as 384 tokens, and a 150-token system prompt as 128. 32 is the
+CPU backend's preferred granularity; benchmarks/results/prefix_* measure the difference.
+"""
 
 
 def has_cuda_gpu() -> bool:
@@ -78,12 +85,23 @@ def engine_argv(
         ("--max-model-len", settings.max_model_len),
         ("--max-num-seqs", max_num_seqs or settings.max_num_seqs),
         ("--max-num-batched-tokens", settings.max_num_batched_tokens),
+        ("--block-size", block_size(spec, settings, gpu=gpu)),
     ):
         if value is not None:
             argv += [flag, str(value)]
     if settings.kv_cache_gib is not None:
         argv += ["--kv-cache-memory-bytes", str(int(settings.kv_cache_gib * 1024**3))]
     return argv + runner_argv(spec) + lora_argv(settings.adapters_of(spec.name), settings)
+
+
+def block_size(spec: ModelSpec, settings: Settings, *, gpu: bool) -> int | None:
+    """The KV-cache block to ask for: the setting, else ``CPU_PREFIX_BLOCK_SIZE`` where it
+    helps (CPU, prefix caching on, a generative model), else vLLM's default (None)."""
+    if settings.block_size is not None:
+        return settings.block_size
+    if gpu or not settings.enable_prefix_caching or spec.resolved_kind is not ModelKind.GENERATE:
+        return None
+    return CPU_PREFIX_BLOCK_SIZE
 
 
 def runner_argv(spec: ModelSpec) -> list[str]:
@@ -186,12 +204,7 @@ class VllmEngine(MaxNumSeqs):
                 f"The model {self.model_name!r} does not support {url}.",
             )
         if body.get("stream"):
-            return error_result(
-                400,
-                "invalid_request_error",
-                "Streaming is not supported in batch requests.",
-                "stream",
-            )
+            return streaming_refused()
         try:
             body = translate_guided_fields(body)
         except ConflictingStructuredOutputs as exc:
@@ -308,6 +321,13 @@ def import_vllm() -> None:
 def _engine_is_dead(handler: Any) -> bool:
     client = getattr(getattr(handler, "__self__", None), "engine_client", None)
     return bool(getattr(client, "errored", False))
+
+
+def streaming_refused() -> EngineResult:
+    """The error of a line that asks for ``stream``: a batch answer is one body."""
+    return error_result(
+        400, "invalid_request_error", "Streaming is not supported in batch requests.", "stream"
+    )
 
 
 def error_result(

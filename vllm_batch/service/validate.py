@@ -16,6 +16,7 @@ import anyio
 
 from vllm_batch import lifecycle
 from vllm_batch.adapters import adapter_bases
+from vllm_batch.config import Settings
 from vllm_batch.runtime import StoreContext
 from vllm_batch.states import BatchStatus
 from vllm_batch.store import queries
@@ -60,17 +61,19 @@ async def _validate(ctx: StoreContext, batch_id: str) -> None:
             param="input_file_id",
         )
     else:
+        served, source = await served_models(settings)
 
         def scan() -> BatchPlan:
             with ctx.storage.open_read(input_file.storage_key) as handle:
                 return plan_batch(
                     handle,
                     endpoint=batch.endpoint,
-                    served_models=settings.served_model_names,
+                    served_models=served,
                     model_kinds=settings.model_kinds,
                     max_requests=settings.max_requests_per_batch,
                     chunk_size=settings.chunk_size,
                     adapters=adapter_bases(settings.lora_specs),
+                    model_source=source,
                 )
 
         plan = await anyio.to_thread.run_sync(scan)
@@ -89,6 +92,23 @@ async def _validate(ctx: StoreContext, batch_id: str) -> None:
             extra={"batch_id": batch_id},
         )
     ctx.notifier.wake()
+
+
+async def served_models(settings: Settings) -> tuple[list[str], str | None]:
+    """The models a batch may use now, and where that list came from (None: configured).
+
+    With the remote engine, a model counts only while some upstream's ``/v1/models`` lists
+    it; when no upstream answers, ``UpstreamsUnreachable`` leaves the batch validating (the
+    sweeper tries again), so an upstream restart never fails a batch.
+    """
+    if settings.engine != "openai":
+        return settings.served_model_names, None
+    from vllm_batch.engines.upstreams import upstream_served
+
+    served = await upstream_served(
+        settings.model_specs, settings.engine_urls, settings.engine_api_key
+    )
+    return served, f"by any upstream ({', '.join(settings.engine_urls)})"
 
 
 SWEEP_SECONDS = 10.0

@@ -10,7 +10,7 @@ from sqlalchemy import and_, case, delete, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from vllm_batch.pipeline.results import LineResult
-from vllm_batch.pipeline.window import DAY, MAX_DEADLINE_FACTOR
+from vllm_batch.pipeline.window import DAY, MAX_DEADLINE_FACTOR, NO_DEADLINE
 from vllm_batch.states import (
     ACTIVE,
     STOPPABLE,
@@ -417,6 +417,35 @@ def priority_weight_sql() -> Any:
     )
 
 
+@dataclass(frozen=True)
+class OrderTerms:
+    """``pipeline.window.batch_order`` as SQL expressions over ``BatchRow``."""
+
+    weight: Any
+    latest_start: Any
+    urgent: Any
+    """1 for a batch at risk, else 0."""
+
+
+def order_terms(now: float, order: ClaimOrder) -> OrderTerms:
+    """The claim order's per-batch terms, computed exactly as ``batch_order`` does."""
+    remaining = BatchRow.total - BatchRow.completed - BatchRow.failed
+    expires = func.coalesce(BatchRow.expires_at, now + NO_DEADLINE)
+    latest_start = expires - remaining * order.seconds_per_line
+    window = func.coalesce(BatchRow.expires_at - BatchRow.created_at, DAY)
+    slack = latest_start - now
+    deadline_factor = case(
+        (slack <= DAY / MAX_DEADLINE_FACTOR, MAX_DEADLINE_FACTOR),
+        (slack >= DAY, 1.0),
+        else_=DAY / slack,
+    )
+    return OrderTerms(
+        weight=priority_weight_sql() * deadline_factor,
+        latest_start=latest_start,
+        urgent=case((slack < order.deadline_margin * window, 1), else_=0),
+    )
+
+
 async def claim_chunk(
     session: AsyncSession,
     *,
@@ -447,18 +476,8 @@ async def claim_chunk(
     re-checks that the chunk is still runnable.
     """
     runnable = _runnable(now)
-    remaining = BatchRow.total - BatchRow.completed - BatchRow.failed
-    expires = func.coalesce(BatchRow.expires_at, now + 86400 * 365)
-    latest_start = expires - remaining * order.seconds_per_line
-    window = func.coalesce(BatchRow.expires_at - BatchRow.created_at, 86400)
-    at_risk = case((latest_start - now < order.deadline_margin * window, 0), else_=1)
-    slack = latest_start - now
-    deadline_factor = case(
-        (slack <= DAY / MAX_DEADLINE_FACTOR, MAX_DEADLINE_FACTOR),
-        (slack >= DAY, 1.0),
-        else_=DAY / slack,
-    )
-    share = _running_chunks(now) / (priority_weight_sql() * deadline_factor)
+    terms = order_terms(now, order)
+    share = _running_chunks(now) / terms.weight
     conditions = [
         ChunkRow.model.in_(models),
         BatchRow.status == BatchStatus.IN_PROGRESS,
@@ -472,11 +491,11 @@ async def claim_chunk(
         .join(BatchRow, BatchRow.id == ChunkRow.batch_id)
         .where(*conditions)
         .order_by(
-            at_risk,
-            case((at_risk == 0, latest_start), else_=0),
+            terms.urgent.desc(),
+            case((terms.urgent == 1, terms.latest_start), else_=0),
             share,
             BatchRow.priority.desc(),
-            latest_start,
+            terms.latest_start,
             BatchRow.created_at,
             BatchRow.id,
             ChunkRow.idx,

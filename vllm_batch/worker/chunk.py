@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Callable, Generator
 from enum import Enum
@@ -28,7 +27,7 @@ from vllm_batch.observability import metrics
 from vllm_batch.pipeline.dispatch import Dispatcher
 from vllm_batch.pipeline.output import failure_line
 from vllm_batch.pipeline.results import LineResult
-from vllm_batch.pipeline.window import FairWindow, Lane, deadline_factor, priority_weight
+from vllm_batch.pipeline.window import FairWindow, Lane, batch_order
 from vllm_batch.store import queries
 from vllm_batch.store.models import BatchRow, ChunkRow
 from vllm_batch.validation import iter_lines
@@ -158,19 +157,17 @@ class ChunkRun:
         return runner.outcome
 
     def _lane_order(self, batch: BatchRow) -> dict[str, Any]:
-        """The lane's weight (priority times deadline shares), deadline and urgency, as
-        ``queries.claim_chunk`` orders claims."""
-        remaining = max(0, batch.total - batch.completed - batch.failed)
-        expires = float(batch.expires_at) if batch.expires_at is not None else math.inf
-        latest_start = expires - remaining * self.seconds_per_line()
-        window = (batch.expires_at or 0) - batch.created_at
-        margin = self.ctx.settings.deadline_margin * window
-        slack = latest_start - time.time()
-        return {
-            "weight": priority_weight(batch.priority) * deadline_factor(slack),
-            "deadline": latest_start,
-            "urgent": window > 0 and slack < margin,
-        }
+        """The lane's weight, deadline and urgency, as ``queries.claim_chunk`` orders claims."""
+        order = batch_order(
+            priority=batch.priority,
+            remaining=max(0, batch.total - batch.completed - batch.failed),
+            created_at=batch.created_at,
+            expires_at=batch.expires_at,
+            now=time.time(),
+            seconds_per_line=self.seconds_per_line(),
+            margin=self.ctx.settings.deadline_margin,
+        )
+        return {"weight": order.weight, "deadline": order.latest_start, "urgent": order.urgent}
 
 
 async def _give_up(ctx: WorkerContext, runner: _ChunkRunner, key: str, done: set[int]) -> None:

@@ -185,6 +185,11 @@ class Worker:
         if self._wants_more():
             chunk = await self._db(self.claim, "claim a chunk")
             self._queue_dry = chunk is None
+            if chunk is not None and self._trouble is not None:
+                # The engine broke while we were claiming: this chunk would run on a dead
+                # engine and be charged a failure that is not its own. Hand it back.
+                await self._release(chunk, "stopped")
+                return
             if chunk is not None:
                 self._start(chunk)
                 return
