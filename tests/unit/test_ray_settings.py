@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from vllm_batch.cli import app
@@ -77,3 +78,11 @@ def test_unknown_executor_is_refused() -> None:
     result = runner.invoke(app, ["worker", "--executor", "slurm"])
     assert result.exit_code == 2
     assert "Invalid value for '--executor'" in result.output and "'slurm'" in result.output
+
+
+def test_ray_executor_and_remote_engine_exclude_each_other() -> None:
+    with pytest.raises(ValidationError, match="use one of them"):
+        Settings(executor="ray", engine="openai", engine_urls=["http://127.0.0.1:8000/v1"])
+    args = ["worker", "--executor", "ray", "--engine", "openai"]
+    result = runner.invoke(app, [*args, "--engine-url", "http://127.0.0.1:8000/v1"])
+    assert result.exit_code == 2 and "use one of them" in result.output
