@@ -34,7 +34,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install -e ".[models,test]"
+	$(BIN)/pip install -e ".[models,ray,test]"
 	touch $@
 
 # template/ holds an empty, fully migrated database: test servers start in ~3 s, not ~30 s.

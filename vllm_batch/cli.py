@@ -27,6 +27,14 @@ app = typer.Typer(
 models_app = typer.Typer(help="Prepare models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
+
+class Executor(StrEnum):
+    """Where the engine runs (``Settings.executor``)."""
+
+    local = "local"
+    ray = "ray"
+
+
 ModelOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -104,6 +112,34 @@ EngineConcurrencyOpt = Annotated[
     ),
 ]
 
+ExecutorOpt = Annotated[
+    Executor | None,
+    typer.Option(
+        "--executor",
+        case_sensitive=False,
+        help="Where the engine runs: 'local' (this process, the default) or 'ray' (Ray actors, "
+        "one engine each; see --ray-address). Env: VLLM_BATCH_EXECUTOR.",
+    ),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        help="With --executor ray: the cluster's head HOST:PORT, or 'auto' (the cluster `ray "
+        "start` runs on this machine); unset: a private Ray instance here. "
+        "Env: VLLM_BATCH_RAY_ADDRESS.",
+    ),
+]
+RayReplicasOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--ray-replicas",
+        min=1,
+        help="With --executor ray: engine replicas (actors); default: as many as the cluster's "
+        "GPUs hold, 1 without GPUs. Env: VLLM_BATCH_RAY_REPLICAS.",
+    ),
+]
+
 
 LogLevel = Enum("LogLevel", {name: name for name in LEVELS}, type=str)  # type: ignore[misc]
 LogLevelOpt = Annotated[
@@ -168,6 +204,21 @@ def with_upstream_models(settings: Settings) -> Settings:
     return settings.model_copy(update={"models": names})
 
 
+def ray_overrides(
+    executor: Executor | None, ray_address: str | None, ray_replicas: int | None
+) -> dict[str, Any]:
+    """The Ray executor's flags as settings; ``--ray-*`` without ``--executor ray`` (flag or
+    environment) is a usage error."""
+    values: dict[str, Any] = {"ray_address": ray_address, "ray_replicas": ray_replicas}
+    if executor is not None:
+        values["executor"] = executor.value
+    chosen = executor.value if executor is not None else os.environ.get("VLLM_BATCH_EXECUTOR")
+    given = [f"--{k.replace('_', '-')}" for k, v in values.items() if k != "executor" and v]
+    if given and chosen != Executor.ray:
+        raise typer.BadParameter(f"{' and '.join(given)} need --executor ray")
+    return values
+
+
 def check_adapters(settings: Settings, models: list[str] | None = None) -> None:
     """Exit with a usage error unless every LoRA adapter has one served base model."""
     from vllm_batch.adapters import AdapterConfigError, resolve_adapters
@@ -219,6 +270,9 @@ def serve(
     engine_url: EngineUrlOpt = None,
     engine_api_key: EngineKeyOpt = None,
     engine_max_concurrency: EngineConcurrencyOpt = None,
+    executor: ExecutorOpt = None,
+    ray_address: RayAddressOpt = None,
+    ray_replicas: RayReplicasOpt = None,
     log_level: LogLevelOpt = None,
 ) -> None:
     """Run the API server (and, by default, an in-process worker)."""
@@ -250,6 +304,7 @@ def serve(
         engine_urls=engine_url or None,
         engine_api_key=engine_api_key,
         engine_max_concurrency=engine_max_concurrency,
+        **ray_overrides(executor, ray_address, ray_replicas),
         log_level=log_level.value if log_level else None,
     )
     settings = with_upstream_models(settings)
@@ -330,6 +385,9 @@ def worker_command(
     engine_url: EngineUrlOpt = None,
     engine_api_key: EngineKeyOpt = None,
     engine_max_concurrency: EngineConcurrencyOpt = None,
+    executor: ExecutorOpt = None,
+    ray_address: RayAddressOpt = None,
+    ray_replicas: RayReplicasOpt = None,
     log_level: LogLevelOpt = None,
     metrics_port: Annotated[
         int | None,
@@ -362,6 +420,7 @@ def worker_command(
         engine_urls=engine_url or None,
         engine_api_key=engine_api_key,
         engine_max_concurrency=engine_max_concurrency,
+        **ray_overrides(executor, ray_address, ray_replicas),
         log_level=log_level.value if log_level else None,
         metrics_port=metrics_port,
         metrics_host=metrics_host,
@@ -586,6 +645,9 @@ def run(
             "...:embed or :score); default: the model's kind, detected from its files."
         ),
     ] = None,
+    executor: ExecutorOpt = None,
+    ray_address: RayAddressOpt = None,
+    ray_replicas: RayReplicasOpt = None,
     log_level: LogLevelOpt = None,
     enable_metrics: Annotated[
         bool,
@@ -653,6 +715,7 @@ def run(
         engine_urls=engine_url or None,
         engine_api_key=engine_api_key,
         engine_max_concurrency=engine_max_concurrency,
+        **ray_overrides(executor, ray_address, ray_replicas),
         log_level=log_level.value if log_level else None,
         metrics_enabled=enable_metrics,
     )

@@ -117,6 +117,18 @@ class Settings(BaseSettings):
     # the engine counts as failed (the chunk is handed back, as when a local engine dies).
     engine_retry_seconds: float = Field(default=300.0, gt=0)
     engine_health_interval: float = Field(default=2.0, gt=0)  # probe dead upstreams this often
+    # ---- Ray executor (docs: README "Ray cluster"): "ray" runs the engine as Ray actors.
+    executor: Literal["local", "ray"] = "local"
+    # Unset: a private Ray instance on this machine (or RAY_ADDRESS); "auto": the cluster
+    # `ray start` runs here; HOST:PORT: that cluster's head.
+    ray_address: str | None = None
+    # Engine replicas (actors); unset: as many as the cluster's GPUs hold (1 without GPUs).
+    ray_replicas: int | None = Field(default=None, ge=1)
+    ray_cpus_per_replica: float = Field(default=1.0, ge=0)
+    # Unset: tensor_parallel_size on a cluster with GPUs, else 0.
+    ray_gpus_per_replica: float | None = Field(default=None, ge=0)
+    # How often Ray restarts a replica whose process died before the engine gives up on it.
+    ray_max_restarts: int = Field(default=3, ge=0)
 
     max_upload_bytes: int = 200 * 1024 * 1024
     # Uploads API (POST /v1/uploads): per-part and whole-upload limits (OpenAI's: 64 MB,
@@ -281,6 +293,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 "engine_min_concurrency must not exceed engine_max_concurrency "
                 f"({self.engine_min_concurrency} > {self.engine_max_concurrency})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_executor(self) -> Settings:
+        if self.executor == "ray" and self.engine == "openai":
+            raise ValueError(
+                "executor 'ray' runs engines on Ray actors, engine 'openai' sends requests to "
+                "upstream servers: use one of them"
             )
         return self
 

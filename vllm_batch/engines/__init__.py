@@ -1,5 +1,5 @@
-"""Inference engines: vLLM in-process (the default), OpenAI-compatible upstreams (remote),
-and a benchmark-only instant engine."""
+"""Inference engines: vLLM in-process (the default) or on Ray actors (``executor="ray"``),
+OpenAI-compatible upstreams (remote), and a benchmark-only instant engine."""
 
 from __future__ import annotations
 
@@ -8,7 +8,12 @@ from vllm_batch.engines.base import Engine
 
 
 def make_engine(spec: ModelSpec, settings: Settings) -> Engine:
-    """The engine ``settings.engine`` names; vLLM is imported only when it is used."""
+    """The engine ``settings.engine`` names, run as ``settings.executor`` says (in this
+    process, or on Ray actors); vLLM and Ray are imported only when they are used."""
+    if settings.executor == "ray":
+        from vllm_batch.engines.ray_engine import RayEngine
+
+        return RayEngine(spec, settings)
     if settings.engine == "instant-benchmark":
         from vllm_batch.engines.instant import InstantBenchmarkEngine
 

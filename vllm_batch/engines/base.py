@@ -88,3 +88,25 @@ class ResizableEngine(Protocol):
     def set_max_num_seqs(self, value: int) -> None:
         """Use at most ``value`` sequences per scheduler step from the next ``start`` on."""
         ...
+
+
+DEFAULT_MAX_NUM_SEQS = 256
+"""vLLM's default scheduler batch, until the engine reports its own."""
+
+
+class MaxNumSeqs:
+    """A ``ResizableEngine``'s bookkeeping: the scheduler batch now, and the cap that the
+    next ``start`` uses (set after a CUDA out-of-memory error)."""
+
+    def __init__(self, configured: int | None) -> None:
+        self._max_num_seqs = configured or DEFAULT_MAX_NUM_SEQS
+        self._max_num_seqs_cap: int | None = None
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self._max_num_seqs
+
+    def set_max_num_seqs(self, value: int) -> None:
+        """Start (next ``start``) with at most ``value`` sequences per scheduler step."""
+        self._max_num_seqs_cap = value
+        self._max_num_seqs = min(self._max_num_seqs, value)

@@ -20,7 +20,7 @@ from typing import Any
 from vllm_batch.adapters import LoraSpec, max_lora_rank
 from vllm_batch.config import ModelSpec, Settings
 from vllm_batch.engines.audio import AudioServers, is_audio_url, run_audio
-from vllm_batch.engines.base import EngineResult
+from vllm_batch.engines.base import EngineResult, MaxNumSeqs
 from vllm_batch.engines.blocking import in_daemon_thread, launch_processes
 from vllm_batch.engines.pooling import PoolingServers, is_pooling_url, run_pooling
 from vllm_batch.engines.serving import (
@@ -124,10 +124,11 @@ def lora_argv(adapters: list[LoraSpec], settings: Settings) -> list[str]:
     return [*argv, "--lora-modules", *(f"{a.name}={a.path}" for a in adapters)]
 
 
-class VllmEngine:
+class VllmEngine(MaxNumSeqs):
     """One model on one ``AsyncLLM``; ``run`` never raises for a bad request."""
 
     def __init__(self, spec: ModelSpec, settings: Settings) -> None:
+        super().__init__(settings.max_num_seqs)
         self.model_name = spec.name
         self._spec = spec
         self._settings = settings
@@ -137,17 +138,6 @@ class VllmEngine:
         self._pooling = PoolingServers()
         self._audio = AudioServers()
         self._responses: Any = None
-        self._max_num_seqs = settings.max_num_seqs or 256
-        self._max_num_seqs_cap: int | None = None
-
-    @property
-    def max_num_seqs(self) -> int:
-        return self._max_num_seqs
-
-    def set_max_num_seqs(self, value: int) -> None:
-        """Start (next ``start``) with at most ``value`` sequences per scheduler step."""
-        self._max_num_seqs_cap = value
-        self._max_num_seqs = min(self._max_num_seqs, value)
 
     @property
     def max_in_flight(self) -> int:

@@ -13,7 +13,8 @@ SUPPORTED_ENGINE_FLAGS = (
     "--max-num-batched-tokens, --block-size, --gpu-memory-utilization, "
     "--tensor-parallel-size, --max-model-len, --dtype, --enforce-eager, "
     "--[no-]enable-prefix-caching, --runner, --enable-metrics, --host, --port, --url, "
-    "--engine, --engine-url, --engine-api-key, --engine-max-concurrency"
+    "--engine, --engine-url, --engine-api-key, --engine-max-concurrency, "
+    "--executor, --ray-address, --ray-replicas"
 )
 
 _TEMPLATE = "the model's own chat template is used (from its tokenizer_config.json)"
