@@ -283,7 +283,7 @@ def test_ten_graceful_worker_restarts_fail_no_line(tiny_model: Path, tmp_path: P
         for n in range(RESTARTS):
             log_path = data_dir / f"worker{n}.log"
             worker = spawn_worker(tiny_model, db_url, data_dir, log_path)
-            deadline = time.monotonic() + 180
+            deadline = time.monotonic() + 360
             while LOADED not in log_path.read_text(errors="replace"):
                 assert worker.poll() is None, log_path.read_text()[-3000:]
                 assert time.monotonic() < deadline, "worker did not load its engine"
