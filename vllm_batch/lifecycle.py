@@ -142,11 +142,14 @@ async def claim_chunk(
     *,
     seconds_per_line: float = 0.0,
     exclude_batches: Collection[str] = (),
+    exclude_chunks: Collection[str] = (),
 ) -> ChunkRow | None:
     """``queued`` (or ``running`` with an expired lease) → ``running`` under our lease.
 
     Which chunk: see ``queries.claim_chunk`` (deadline risk, priority-weighted interleaving,
-    earliest deadline); ``seconds_per_line`` is the claimer's recent pace.
+    earliest deadline); ``seconds_per_line`` is the claimer's recent pace. A worker passes
+    the chunks it holds as ``exclude_chunks``: after a database outage their leases may have
+    expired, and it must renew them, not take them again from itself.
     """
     order = queries.ClaimOrder(
         seconds_per_line=seconds_per_line, deadline_margin=ctx.settings.deadline_margin
@@ -160,6 +163,7 @@ async def claim_chunk(
             lease=ctx.settings.lease_seconds,
             order=order,
             exclude_batches=exclude_batches,
+            exclude_chunks=exclude_chunks,
         )
     if claim is None:
         return None

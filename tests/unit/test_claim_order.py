@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from tests.helpers import create_validating_batch
 from tests.unit.test_lifecycle import LINES, force, input_lines, plan, store
@@ -18,7 +18,7 @@ from vllm_batch import lifecycle
 from vllm_batch.pipeline.window import batch_order
 from vllm_batch.runtime import StoreContext
 from vllm_batch.store import queries
-from vllm_batch.store.models import BatchRow
+from vllm_batch.store.models import BatchRow, ChunkRow
 
 OWNER = "tests/ns/1/claims"
 
@@ -171,3 +171,22 @@ async def test_sql_order_terms_match_the_lanes_batch_order(ctx: StoreContext) ->
             assert bool(urgent) is want.urgent, row
             urgent_seen.add(want.urgent)
         assert urgent_seen == {True, False}  # the cases cover both sides of the margin
+
+
+async def test_a_held_chunk_whose_lease_expired_is_not_taken_again_by_its_holder(
+    ctx: StoreContext,
+) -> None:
+    """After a database outage longer than the lease, the holder must renew its chunks, not
+    claim them from itself (that would lose their unsaved results)."""
+    model = uuid.uuid4().hex
+    await queued(ctx, model)
+    held = await lifecycle.claim_chunk(ctx, OWNER, [model])
+    assert held is not None
+    async with ctx.sessions() as session, session.begin():
+        await session.execute(
+            update(ChunkRow).where(ChunkRow.id == held.id).values(lease_until=time.time() - 1)
+        )
+    other = await lifecycle.claim_chunk(ctx, OWNER, [model], exclude_chunks={held.id})
+    assert other is not None and other.id != held.id
+    # Anyone not holding it (another worker) may take the expired chunk.
+    assert (await lifecycle.claim_chunk(ctx, "another-worker", [model])).id == held.id

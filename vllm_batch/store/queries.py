@@ -455,6 +455,7 @@ async def claim_chunk(
     lease: float,
     order: ClaimOrder = ClaimOrder(),
     exclude_batches: Collection[str] = (),
+    exclude_chunks: Collection[str] = (),
 ) -> Claim | None:
     """Lease the next runnable chunk (queued, or whose lease expired) for one of ``models``.
 
@@ -470,7 +471,8 @@ async def claim_chunk(
        earliest deadline first among equal priorities);
     4. oldest batch, chunk order.
 
-    ``exclude_batches`` leaves out batches the claimer already runs. On PostgreSQL the
+    ``exclude_batches`` leaves out batches the claimer already runs, ``exclude_chunks``
+    the chunks it holds (their leases may have expired during a database outage). On PostgreSQL the
     candidate row is locked with ``FOR UPDATE SKIP LOCKED`` so workers never collide;
     SQLite write sessions serialise from ``BEGIN IMMEDIATE``. The guarded ``UPDATE``
     re-checks that the chunk is still runnable.
@@ -486,6 +488,8 @@ async def claim_chunk(
     ]
     if exclude_batches:
         conditions.append(BatchRow.id.not_in(list(exclude_batches)))
+    if exclude_chunks:
+        conditions.append(ChunkRow.id.not_in(list(exclude_chunks)))
     candidate = (
         select(ChunkRow.id, ChunkRow.status)
         .join(BatchRow, BatchRow.id == ChunkRow.batch_id)

@@ -248,6 +248,7 @@ class Worker:
                 [model],
                 seconds_per_line=spl,
                 exclude_batches=exclude,
+                exclude_chunks=set(self.held),
             )
         loaded = self.ctx.engines.loaded_model
         preferences: list[list[str]] = []
