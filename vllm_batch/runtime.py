@@ -33,6 +33,8 @@ class StoreContext:
     """Webhooks and result handlers planned for every batch that reaches a final status."""
     finalizing: set[str] = field(default_factory=set)
     """Batches this process is finalizing right now (so it never starts a second attempt)."""
+    finalize_again: set[str] = field(default_factory=set)
+    """Batches asked to finalize while an attempt ran: that attempt looks once more."""
 
     @property
     def instance_id(self) -> str:

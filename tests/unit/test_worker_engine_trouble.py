@@ -163,12 +163,6 @@ async def test_one_engine_failure_redoes_the_held_chunks_without_a_lost_line(
     assert (row.completed, row.failed) == (LINES, 0)
 
 
-@pytest.mark.xfail(
-    reason="open bug: in one clean-clone make test (PostgreSQL, loaded machine) the batch "
-    "stayed in_progress for 180 s after the OOM back-off; not reproduced in 30 local runs, "
-    "not diagnosed yet",
-    strict=False,
-)
 async def test_out_of_memory_halves_the_window_once_and_loses_nothing(
     store: StoreContext,
 ) -> None:

@@ -52,15 +52,26 @@ async def finalize_ready_batches(ctx: StoreContext) -> int:
 
 
 async def finalize_batch(ctx: StoreContext, batch_id: str) -> bool:
-    """Write the batch's files and move it to its final status, if it is ready and free."""
+    """Write the batch's files and move it to its final status, if it is ready and free.
+
+    A call while this process already finalizes the batch is not dropped: the running
+    attempt may have found the batch not ready just before the caller's chunk finished, so
+    it looks once more when it ends.
+    """
     if batch_id in ctx.finalizing:
+        ctx.finalize_again.add(batch_id)
         return False
     ctx.finalizing.add(batch_id)
     try:
         with bound(worker=ctx.instance_id, batch_id=batch_id):
-            return await _finalize(ctx, batch_id)
+            while True:
+                ctx.finalize_again.discard(batch_id)
+                done = await _finalize(ctx, batch_id)
+                if done or batch_id not in ctx.finalize_again:
+                    return done
     finally:
         ctx.finalizing.discard(batch_id)
+        ctx.finalize_again.discard(batch_id)
 
 
 async def _finalize(ctx: StoreContext, batch_id: str) -> bool:
