@@ -15,7 +15,14 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import TINY_NAME, LiveServer, LoopThread, engine_settings, start_server
+from tests.conftest import (
+    TINY_NAME,
+    LiveServer,
+    LoopThread,
+    api_only_server,
+    engine_settings,
+    start_server,
+)
 from tests.helpers import chat_line, jsonl
 from vllm_batch.pipeline.output import failure_line
 from vllm_batch.pipeline.results import LineResult
@@ -34,11 +41,11 @@ def api(
     database_url: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[LiveServer]:
-    settings = engine_settings(
+    yield from api_only_server(
+        loop_thread,
         tiny_model,
-        database_url=database_url,
-        data_dir=tmp_path_factory.mktemp("dash-data"),
-        worker=False,
+        database_url,
+        tmp_path_factory,
         chunk_size=CHUNK,
         api_keys=[
             f"team-a:{KEYS['team-a']}",
@@ -46,7 +53,6 @@ def api(
             f"ops:{KEYS['ops']}:admin",
         ],
     )
-    yield from start_server(loop_thread, settings, None)
 
 
 def http(api: LiveServer, name: str | None) -> httpx.Client:

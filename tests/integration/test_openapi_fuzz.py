@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 
-from tests.conftest import TINY_NAME, LiveServer, LoopThread, engine_settings, start_server
+from tests.conftest import TINY_NAME, LiveServer, LoopThread, api_only_server
 from tests.helpers import chat_line, jsonl
 
 FUZZ_KEY = "sk-fuzz-key"
@@ -33,15 +33,14 @@ def fuzz_server(
     database_url: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[LiveServer]:
-    settings = engine_settings(
+    yield from api_only_server(
+        loop_thread,
         tiny_model,
-        database_url=database_url,
-        data_dir=tmp_path_factory.mktemp("fuzz-data"),
-        worker=False,
+        database_url,
+        tmp_path_factory,
         api_key=FUZZ_KEY if request.param == "with-key" else None,
         max_upload_bytes=100_000,
     )
-    yield from start_server(loop_thread, settings, None)
 
 
 def seed_objects(server: LiveServer, headers: dict[str, str]) -> dict[str, str]:
