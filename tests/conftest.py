@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
 import socket
@@ -22,9 +23,11 @@ from typing import Any, TypeVar
 import asyncpg
 import pytest
 
+from tests.engine_budget import SHELF, EngineShelf
 from vllm_batch.config import ModelSpec, Settings
 
 T = TypeVar("T")
+pytest_plugins = ["tests.suite_report"]
 PG_ADMIN_DSN = os.environ.get("VLLM_BATCH_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 TINY_NAME = "tiny-llama"
 MINILM_NAME = "minilm"
@@ -33,6 +36,9 @@ AUDIO_HOST = "127.0.0.2"
 """Where the audio tests serve their files: loopback, so the engine allows it by name."""
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+os.environ.setdefault("VLLM_BATCH_KV_CACHE_GIB", "0.125")
+"""Every test engine's KV cache (in-process and in subprocesses): the tiny models need a few
+MB, and an engine's KV cache is allocated whole at start (vLLM's CPU default is 1 GiB)."""
 
 
 @pytest.fixture(scope="session")
@@ -55,6 +61,18 @@ def engine_settings(model: Path, **overrides: Any) -> Settings:
     }
     values.update(overrides)
     return Settings(**values)
+
+
+@pytest.fixture(autouse=True)
+def _no_stderr_log_handler_left() -> Iterator[None]:
+    """A test that runs a command in-process sets up its logging on stderr; remove that
+    handler afterwards, or background servers' log lines reach pytest's own output."""
+    from vllm_batch.logs import CurrentStderrHandler
+
+    yield
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, CurrentStderrHandler)]:
+        root.removeHandler(handler)
 
 
 # ------------------------------------------------------------------ PostgreSQL
@@ -130,6 +148,24 @@ def loop_thread() -> Iterator[LoopThread]:
     lt.close()
 
 
+@pytest.fixture(scope="session")
+def engine_shelf(loop_thread: LoopThread) -> Iterator[EngineShelf]:
+    """This process's in-process engines within the suite's engine budget
+    (``tests/engine_budget.py``): started on first use, kept for the next module that needs
+    the same one, stopped when another engine needs the slot."""
+    SHELF.bind(loop_thread.run)
+    yield SHELF
+    SHELF.close()
+
+
+def shelved_engine(shelf: EngineShelf, key: str, settings: Settings) -> Iterator[Any]:
+    """Lease the in-process vLLM engine for ``settings``' first model from ``shelf``."""
+    from vllm_batch.engines.vllm_engine import VllmEngine
+
+    with shelf.lease(key, lambda: VllmEngine(settings.model_specs[0], settings)) as engine:
+        yield engine
+
+
 class UnusedEngine:
     """A served model's engine that a test module never runs a request on (its model only
     answers validation and ``/v1/models``)."""
@@ -192,16 +228,10 @@ def run_lent(
     return summary, raw_lines, [BatchRequestOutput.model_validate_json(raw) for raw in raw_lines]
 
 
-@pytest.fixture(scope="session")
-def tiny_engine(loop_thread: LoopThread, tiny_model: Path) -> Iterator[Any]:
+@pytest.fixture(scope="module")
+def tiny_engine(engine_shelf: EngineShelf, tiny_model: Path) -> Iterator[Any]:
     """The real vLLM engine on the tiny model, started once per session."""
-    from vllm_batch.engines.vllm_engine import VllmEngine
-
-    settings = engine_settings(tiny_model)
-    engine = VllmEngine(settings.model_specs[0], settings)
-    loop_thread.run(engine.start())
-    yield engine
-    loop_thread.run(engine.stop())
+    yield from shelved_engine(engine_shelf, "tiny", engine_settings(tiny_model))
 
 
 @pytest.fixture(scope="session")
@@ -237,17 +267,11 @@ def pooling_settings(model: Path, **overrides: Any) -> Settings:
     return Settings(**values)
 
 
-@pytest.fixture(scope="session")
-def pooling_engine(loop_thread: LoopThread, minilm_model: Path) -> Iterator[Any]:
+@pytest.fixture(scope="module")
+def pooling_engine(engine_shelf: EngineShelf, minilm_model: Path) -> Iterator[Any]:
     """The real vLLM engine on MiniLM (runner "pooling"), started once per session: the one
     engine besides ``tiny_engine``."""
-    from vllm_batch.engines.vllm_engine import VllmEngine
-
-    settings = pooling_settings(minilm_model)
-    engine = VllmEngine(settings.model_specs[0], settings)
-    loop_thread.run(engine.start())
-    yield engine
-    loop_thread.run(engine.stop())
+    yield from shelved_engine(engine_shelf, "minilm", pooling_settings(minilm_model))
 
 
 @pytest.fixture(scope="session")
@@ -280,17 +304,11 @@ def whisper_settings(model: Path, **overrides: Any) -> Settings:
     return Settings(**values)
 
 
-@pytest.fixture(scope="session")
-def whisper_engine(loop_thread: LoopThread, tiny_whisper: Path) -> Iterator[Any]:
+@pytest.fixture(scope="module")
+def whisper_engine(engine_shelf: EngineShelf, tiny_whisper: Path) -> Iterator[Any]:
     """The real vLLM engine on the tiny Whisper (speech-to-text serving), started once per
     session; its ``file_url`` limits are ``whisper_settings``'."""
-    from vllm_batch.engines.vllm_engine import VllmEngine
-
-    settings = whisper_settings(tiny_whisper)
-    engine = VllmEngine(settings.model_specs[0], settings)
-    loop_thread.run(engine.start())
-    yield engine
-    loop_thread.run(engine.stop())
+    yield from shelved_engine(engine_shelf, "whisper", whisper_settings(tiny_whisper))
 
 
 LORA_NAMES = ("tiny-lora-a", "tiny-lora-b")
@@ -313,18 +331,14 @@ def lora_settings(model: Path, loras: dict[str, Path], **overrides: Any) -> Sett
     return engine_settings(model, loras=[f"{n}={p}" for n, p in loras.items()], **overrides)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def lora_engine(
-    loop_thread: LoopThread, tiny_model: Path, tiny_loras: dict[str, Path]
+    engine_shelf: EngineShelf, tiny_model: Path, tiny_loras: dict[str, Path]
 ) -> Iterator[Any]:
     """The session's one extra engine: the tiny model with LoRA on and both adapters."""
-    from vllm_batch.engines.vllm_engine import VllmEngine
-
-    settings = lora_settings(tiny_model, tiny_loras, max_num_seqs=16)
-    engine = VllmEngine(settings.model_specs[0], settings)
-    loop_thread.run(engine.start())
-    yield engine
-    loop_thread.run(engine.stop())
+    yield from shelved_engine(
+        engine_shelf, "tiny-lora", lora_settings(tiny_model, tiny_loras, max_num_seqs=16)
+    )
 
 
 def free_port() -> int:

@@ -16,8 +16,12 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import free_port
+from tests.engine_budget import Slot, acquire, reap_group
 
-CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+CPU_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+"""No ``VLLM_CPU_KVCACHE_SPACE``: vLLM's CPU platform would apply it over
+``--kv-cache-memory-bytes``."""
+KV_CACHE_BYTES = 128 * 1024**2
 
 
 @dataclass
@@ -32,6 +36,7 @@ class VllmUpstream:
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    slot: Slot | None = None
 
     @property
     def url(self) -> str:
@@ -63,12 +68,17 @@ class VllmUpstream:
             str(self.max_num_seqs),
             "--enable-prompt-tokens-details",
             "--disable-uvicorn-access-log",
+            "--kv-cache-memory-bytes",
+            str(KV_CACHE_BYTES),
         ]
 
     def start(self, timeout: float = 300) -> None:
         """Start the server and wait until ``/v1/models`` lists the model."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **{k: os.environ.get(k, v) for k, v in CPU_ENV.items()}}
+        env = {**os.environ, **CPU_ENV}
+        env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+        if self.slot is None:
+            self.slot = acquire(f"vllm upstream {self.port}")
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 self.argv(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -97,16 +107,26 @@ class VllmUpstream:
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(30)
+        self._give_back_slot()
+
+    def _give_back_slot(self) -> None:
+        if self.process is not None:
+            reap_group(self.process.pid)
+        if self.slot is not None:
+            self.slot.release()
+            self.slot = None
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL if it does not exit within 30 s."""
         if self.process is None or self.process.poll() is not None:
+            self._give_back_slot()
             return
         os.killpg(self.process.pid, signal.SIGTERM)
         try:
             self.process.wait(30)
         except subprocess.TimeoutExpired:
             self.kill()
+        self._give_back_slot()
 
     def log(self, tail: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-tail:]

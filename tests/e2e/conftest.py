@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
+from tests.engine_budget import Slot, acquire, reap_group
 
 
 @dataclass
@@ -26,6 +27,8 @@ class ServerProcess:
     process: subprocess.Popen[bytes]
     url: str
     log_path: Path
+    slot: Slot | None = None
+    """The engine-budget slot held while the process lives (none for an API-only server)."""
 
     @property
     def base_url(self) -> str:
@@ -43,8 +46,11 @@ def spawn_server(
     port: int | None = None,
     wait_engine: bool = True,
     timeout: float = 240,
+    cli: str = "vllm_batch.cli",
 ) -> ServerProcess:
-    """Start ``vllm-batch serve`` and wait until it answers (and its engine is loaded)."""
+    """Start ``vllm-batch serve`` and wait until it answers (and its engine is loaded).
+
+    A server that runs a vLLM engine first takes a slot of the suite's engine budget."""
     port = port or free_port()
     log_path = data_dir / f"server-{port}.log"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -52,7 +58,7 @@ def spawn_server(
     command = [
         sys.executable,
         "-m",
-        "vllm_batch.cli",
+        cli,  # or tests.paced: the same command with the engine paced by a gate
         "serve",
         "--port",
         str(port),
@@ -60,11 +66,17 @@ def spawn_server(
         str(data_dir),
         *args,
     ]
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
-        )
-    server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
+    slot = acquire(f"serve {port}") if runs_engine(args, full_env) else None
+    try:
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
+            )
+    except BaseException:
+        if slot is not None:
+            slot.release()
+        raise
+    server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path, slot)
     deadline = time.monotonic() + timeout
     while True:
         if process.poll() is not None:
@@ -81,8 +93,19 @@ def spawn_server(
         time.sleep(0.5)
 
 
+def runs_engine(args: list[str], env: dict[str, str]) -> bool:
+    """Whether ``vllm-batch serve ARGS`` (or ``worker``) starts a local vLLM engine."""
+    if "--no-worker" in args or env.get("VLLM_BATCH_WORKER", "").lower() in ("0", "false"):
+        return False
+    engine = env.get("VLLM_BATCH_ENGINE", "vllm")
+    if "--engine" in args:
+        engine = args[args.index("--engine") + 1]
+    return engine == "vllm"
+
+
 def stop_server(server: ServerProcess, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-    """Send ``sig`` to the server (SIGKILL: to its whole process group) and wait for it."""
+    """Send ``sig`` to the server (SIGKILL: to its whole process group) and wait for it;
+    then give back its engine slot."""
     if server.process.poll() is None:
         if sig == signal.SIGKILL:
             os.killpg(server.process.pid, sig)
@@ -93,6 +116,10 @@ def stop_server(server: ServerProcess, sig: int = signal.SIGTERM, timeout: float
         except subprocess.TimeoutExpired:
             os.killpg(server.process.pid, signal.SIGKILL)
             server.process.wait(10)
+    reap_group(server.process.pid)
+    if server.slot is not None:
+        server.slot.release()
+        server.slot = None
     return server.process.returncode
 
 

@@ -3,8 +3,9 @@
 - the database goes away for 150 s mid-batch (SQLite: the test holds the write lock;
   PostgreSQL: connections refused and terminated): the batch still completes, every line
   exactly once, no finished result thrown away, and ``/ready`` tells the truth throughout;
-- a standalone worker is stopped gracefully (SIGTERM) and started again 10 times during
-  one batch, with ``max_chunk_attempts=3``: no line fails;
+- a standalone worker is stopped gracefully (SIGTERM) and started again 3 times during
+  one batch, each time in the middle of the same chunks, with ``max_chunk_attempts=2``:
+  no line fails (a graceful stop is not charged as an attempt);
 - the model's engine cannot load (corrupt ``config.json``): nothing fails, ``/ready`` is
   503 naming the engine; once the model is repaired the same server loads it and finishes.
 """
@@ -33,7 +34,9 @@ from openai import OpenAI
 
 from tests.conftest import PG_ADMIN_DSN, TINY_NAME, create_pg_database, drop_pg_database
 from tests.e2e.conftest import ServerProcess, spawn_server, stop_server
+from tests.engine_budget import budgeted_popen
 from tests.helpers import chat_line, jsonl, parse_jsonl, wait_for_batch
+from tests.paced import PACED_CLI, Gate
 
 OUTAGE_SECONDS = 150.0
 FAULT_ENV = {
@@ -43,6 +46,8 @@ FAULT_ENV = {
     "VLLM_BATCH_MAX_NUM_SEQS": "4",
 }
 TOOK_CHUNK = re.compile(r"took chunk (\S+) \(lines")
+MID_CHUNK = 30
+"""Requests the engine may start before an outage: the second chunk (20 lines) half done."""
 
 
 def model_args(model: Path, db_url: str) -> list[str]:
@@ -59,7 +64,8 @@ def submit(client: OpenAI, lines: int, max_tokens: int = 24) -> str:
 
 
 def wait_mid_chunk(client: OpenAI, batch_id: str, timeout: float = 180) -> int:
-    """Wait until the second chunk or a later one is running and partly saved."""
+    """Wait until the second chunk or a later one is running and partly saved (the
+    caller's gate holds the engine at ``MID_CHUNK`` started requests, so it will be)."""
     chunk = int(FAULT_ENV["VLLM_BATCH_CHUNK_SIZE"])
     deadline = time.monotonic() + timeout
     while True:
@@ -153,7 +159,14 @@ def run_outage_test(
     poke: Any = None,
 ) -> None:
     lines = 480  # enough that a chunk is caught half done with the engine kept fed
-    server = spawn_server(model_args(tiny_model, db_url), tmp_path / "data", env=FAULT_ENV)
+    gate = Gate(tmp_path / "gate")
+    gate.allow(MID_CHUNK)
+    server = spawn_server(
+        model_args(tiny_model, db_url),
+        tmp_path / "data",
+        env={**FAULT_ENV, **gate.env},
+        cli=PACED_CLI,
+    )
     try:
         client = OpenAI(base_url=server.base_url, api_key="x", max_retries=5)
         assert ready(server.url)[0] == 200
@@ -161,6 +174,7 @@ def run_outage_test(
         wait_mid_chunk(client, batch_id)
         started = time.monotonic()
         start_outage()
+        gate.allow(None)  # the engine works on through the outage
         try:
             codes = watch_outage(server, OUTAGE_SECONDS, poke)
         finally:
@@ -232,19 +246,22 @@ def test_postgresql_refused_and_terminated_150s_mid_batch(tiny_model: Path, tmp_
 
 # ------------------------------------------------------------------ graceful restarts
 
-RESTARTS = 10
-LOADED = f"model {TINY_NAME} loaded"
+RESTARTS = 3
+LIFE_REQUESTS = 60
+"""Requests each worker life may start: fewer than a chunk (200), so every stop interrupts
+the same chunks again, more often than ``max_chunk_attempts`` (2) allows attempts."""
 
 
 def spawn_worker(
-    model: Path, db_url: str, data_dir: Path, log_path: Path
+    model: Path, db_url: str, data_dir: Path, log_path: Path, gate: Gate
 ) -> subprocess.Popen[bytes]:
     with open(log_path, "ab") as log:
-        return subprocess.Popen(
+        return budgeted_popen(
+            log_path.stem,
             [
                 sys.executable,
                 "-m",
-                "vllm_batch.cli",
+                PACED_CLI,
                 "worker",
                 *model_args(model, db_url),
                 "--max-num-seqs",
@@ -254,18 +271,16 @@ def spawn_worker(
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, **FAULT_ENV, "VLLM_BATCH_MAX_CHUNK_ATTEMPTS": "3"},
+            env={**os.environ, **FAULT_ENV, **gate.env, "VLLM_BATCH_MAX_CHUNK_ATTEMPTS": "2"},
         )
 
 
-def test_ten_graceful_worker_restarts_fail_no_line(tiny_model: Path, tmp_path: Path) -> None:
+def test_graceful_worker_restarts_fail_no_line(tiny_model: Path, tmp_path: Path) -> None:
     rng = random.Random(int(time.time()))
     db_url = create_pg_database()
     data_dir = tmp_path / "data"
-    # More engine work than ten short worker lives get through (each keeps the engine fed
-    # across chunk boundaries, so it gets through a few hundred lines).
-    lines = 2400
+    gate = Gate(tmp_path / "gate")
+    lines = 400
     api: ServerProcess | None = None
     worker: subprocess.Popen[bytes] | None = None
     try:
@@ -282,15 +297,12 @@ def test_ten_graceful_worker_restarts_fail_no_line(tiny_model: Path, tmp_path: P
         stops = []
         for n in range(RESTARTS):
             log_path = data_dir / f"worker{n}.log"
-            worker = spawn_worker(tiny_model, db_url, data_dir, log_path)
-            deadline = time.monotonic() + 360
-            while LOADED not in log_path.read_text(errors="replace"):
-                assert worker.poll() is None, log_path.read_text()[-3000:]
-                assert time.monotonic() < deadline, "worker did not load its engine"
-                time.sleep(0.3)
+            gate.allow(LIFE_REQUESTS)
+            worker = spawn_worker(tiny_model, db_url, data_dir, log_path, gate)
+            # Stopped mid-chunk: some requests done, some running, the rest held back.
+            gate.wait_started(worker, rng.randint(LIFE_REQUESTS // 2, LIFE_REQUESTS), log_path)
             before = client.batches.retrieve(batch_id).request_counts
             assert before is not None
-            time.sleep(rng.uniform(0.5, 2.0))
             os.kill(worker.pid, signal.SIGTERM)
             assert worker.wait(60) == 0, log_path.read_text()[-3000:]
             log = log_path.read_text(errors="replace")
@@ -303,7 +315,8 @@ def test_ten_graceful_worker_restarts_fail_no_line(tiny_model: Path, tmp_path: P
             assert "Traceback" not in log.split("unloading model")[0], log[-3000:]
             assert "ERROR vllm_batch" not in log, log[-3000:]
             stops.append((before.completed, after.request_counts.completed))
-        worker = spawn_worker(tiny_model, db_url, data_dir, data_dir / "worker-final.log")
+        gate.allow(None)
+        worker = spawn_worker(tiny_model, db_url, data_dir, data_dir / "worker-final.log", gate)
         wait_for_batch(client, batch_id, timeout=600)
         assert_exactly_once(client, batch_id, lines)
         print("completed before/after each SIGTERM:", stops)

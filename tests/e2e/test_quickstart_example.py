@@ -21,7 +21,8 @@ def smollm2_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerP
 
     model_dir = prepare_smollm2(ROOT / default_model_dir())  # no-op once prepared
     args = ["--model", f"{DEFAULT_MODEL_NAME}={model_dir}", "--max-model-len", "2048"]
-    yield from served(args, tmp_path_factory.mktemp("smollm2"))
+    env = {"VLLM_BATCH_KV_CACHE_GIB": "0.5"}  # SmolLM2: 46 KB per token
+    yield from served(args, tmp_path_factory.mktemp("smollm2"), env=env)
 
 
 @pytest.mark.slow

@@ -42,6 +42,7 @@ from tests.e2e.conftest import (
 )
 from tests.e2e.test_faults import assert_exactly_once, attempts_used
 from tests.e2e.test_run_command import ENGINE_FLAGS, parse
+from tests.engine_budget import budgeted_popen
 from tests.helpers import chat_line, jsonl, parse_jsonl, wait_for_batch
 
 COUNT = 400
@@ -63,12 +64,12 @@ def requests() -> list[dict[str, Any]]:
 
 def launch(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> Launched:
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(
+        process = budgeted_popen(
+            args[0],
             [sys.executable, "-m", "vllm_batch.cli", *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**ENV, **(env or {})},
-            start_new_session=True,
         )
     return Launched(process, log_path)
 

@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import TINY_NAME
+from tests.engine_budget import budgeted_popen, budgeted_run
+from tests.paced import PACED_CLI, Gate
 from tests.unit.test_offline_io import FileServer
 
 ENV = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
@@ -66,7 +68,7 @@ def command(tiny_model: Path, inp: str, out: str, *extra: str) -> list[str]:
 
 
 def run_cli(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return budgeted_run("run", args, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
 def parse(data: str | bytes) -> list[dict[str, Any]]:
@@ -124,11 +126,14 @@ def killed_run(
     out = tmp_path_factory.mktemp("killed") / "output.jsonl"
     partial = out.with_name(out.name + ".partial")
     log_path = out.with_suffix(".log")
-    # One sequence at a time, so the run is slow enough to be killed half way.
+    # The gate lets the engine start 12 requests: the run cannot end before it is killed.
+    gate = Gate(out.with_name("gate"))
+    gate.allow(12)
     args = command(tiny_model, str(input_file), str(out), "--max-num-seqs", "1")
+    args[args.index("vllm_batch.cli")] = PACED_CLI
     with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            args, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        process = budgeted_popen(
+            "run killed", args, env={**ENV, **gate.env}, stdout=log, stderr=subprocess.STDOUT
         )
 
     def lines_written() -> int:

@@ -37,6 +37,7 @@ import pytest
 
 from tests.conftest import free_port
 from tests.e2e import vllm_run_batch_inputs as vllm
+from tests.engine_budget import budgeted_popen
 from tests.helpers import cross_encoder_scores
 from tests.metrics_helpers import Scrape, parse
 
@@ -92,7 +93,7 @@ def start(folder: Path, name: str, model: str, text: str, *extra: str) -> Run:
     command = [sys.executable, "-m", "vllm_batch.cli", "run", "-i", str(source)]
     command += ["-o", str(output), "--model", model, *ENGINE_FLAGS, *extra]
     with log.open("wb") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+        process = budgeted_popen(name, command, stdout=sink, stderr=subprocess.STDOUT)
     return Run(process, output, log)
 
 

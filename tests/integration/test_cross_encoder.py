@@ -23,8 +23,10 @@ from tests.conftest import (
     LiveServer,
     LoopThread,
     pooling_settings,
+    shelved_engine,
     start_server_lending,
 )
+from tests.engine_budget import EngineShelf
 from tests.helpers import cross_encoder_scores, results, submit, wait_for_batch
 
 NAME = "tiny-reranker"
@@ -37,14 +39,9 @@ DOCUMENTS = [
 
 
 @pytest.fixture(scope="module")
-def engine(loop_thread: LoopThread, cross_encoder_model: Path) -> Iterator[Any]:
-    from vllm_batch.engines.vllm_engine import VllmEngine
-
+def engine(engine_shelf: EngineShelf, cross_encoder_model: Path) -> Iterator[Any]:
     settings = pooling_settings(cross_encoder_model, models=[f"{NAME}={cross_encoder_model}:score"])
-    engine = VllmEngine(settings.model_specs[0], settings)
-    loop_thread.run(engine.start())
-    yield engine
-    loop_thread.run(engine.stop())
+    yield from shelved_engine(engine_shelf, "cross-encoder", settings)
 
 
 @pytest.fixture(scope="module")

@@ -53,6 +53,19 @@ CPU backend's preferred granularity; benchmarks/results/prefix_* measure the dif
 """
 
 
+def set_cpu_env(settings: Settings) -> None:
+    """vLLM's CPU variables for an engine about to start (``CPU_DEFAULT_ENV`` where unset).
+
+    vLLM's CPU platform applies ``VLLM_CPU_KVCACHE_SPACE`` over ``--kv-cache-memory-bytes``,
+    so an explicit ``kv_cache_gib`` removes it to take effect.
+    """
+    for key, value in CPU_DEFAULT_ENV.items():
+        if not os.environ.get(key):
+            os.environ[key] = value
+    if settings.kv_cache_gib is not None:
+        del os.environ["VLLM_CPU_KVCACHE_SPACE"]
+
+
 def has_cuda_gpu() -> bool:
     return any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/nvidiactl"))
 
@@ -150,8 +163,7 @@ class VllmEngine(MaxNumSeqs):
         Cancelling a start stops the engine processes it launched (see ``launch_processes``).
         """
         if not has_cuda_gpu():
-            for key, value in CPU_DEFAULT_ENV.items():
-                os.environ.setdefault(key, value)
+            set_cpu_env(self._settings)
         await in_daemon_thread(import_vllm, "vllm-import")
         from starlette.datastructures import State
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
