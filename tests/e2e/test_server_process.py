@@ -1,6 +1,5 @@
 """The server as a subprocess on the tiny model, with an API key, driven by real clients:
-the official openai SDK and Parasail's openai-batch. Every test runs twice: with the engine
-in the server's process, and with ``--executor ray`` on a real local Ray cluster."""
+the official openai SDK and Parasail's openai-batch."""
 
 from __future__ import annotations
 
@@ -17,22 +16,18 @@ from openai_batch import Batch as ParasailBatch
 from openai_batch.providers import Provider
 
 from tests.conftest import TINY_NAME
-from tests.e2e.conftest import RAY_LOCAL_ENV, ServerProcess, ray_args, served
+from tests.e2e.conftest import ServerProcess, served
 from tests.helpers import chat_line, jsonl, parse_jsonl, wait_for_batch
 
 API_KEY = "sekret-key"
 
 
-@pytest.fixture(scope="module", params=["local", "ray"])
-def server(
-    request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerProcess]:
-    """The server with its engine in-process, then the same on a real local Ray cluster."""
+@pytest.fixture(scope="module")
+def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The server with its engine in-process (the engine on Ray actors, through the same
+    ``make_engine``: ``test_ray_executor.py``)."""
     args = ["--model", f"{TINY_NAME}={tiny_model}", "--api-key", API_KEY, "--max-model-len", "512"]
     env = {"VLLM_BATCH_CORS_ORIGINS": "http://dashboard.test"}
-    if request.param == "ray":
-        args += ray_args(request.getfixturevalue("ray_cluster"))
-        env.update(RAY_LOCAL_ENV)
     yield from served(args, tmp_path_factory.mktemp("e2e"), env=env)
 
 
