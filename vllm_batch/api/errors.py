@@ -1,7 +1,8 @@
 """One way to report an error: ``APIError`` → OpenAI's ``{"error": {...}}`` body.
 
 Every handler raises ``APIError``; FastAPI's own validation errors, unknown routes and
-unexpected exceptions are rendered in the same shape.
+unexpected exceptions are rendered in the same shape. A write the file storage refuses for
+lack of space (``StorageFull``, from any route) is a 507 naming the storage.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vllm_batch.protocol.errors import ErrorDetail, ErrorResponse
+from vllm_batch.storage.refusal import StorageFull
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,15 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
         return error_response(exc.status, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(StorageFull)
+    async def _storage_full(_request: Request, exc: StorageFull) -> JSONResponse:
+        log.warning("storage refused a write: %s", exc)
+        return error_response(
+            507,
+            f"{exc.message} Nothing was stored; retry once space is freed.",
+            code="storage_full",
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
