@@ -41,13 +41,13 @@ def test_enospc_is_storage_full_and_leaves_nothing(tiny_disk: Path) -> None:
             out.write(b"x" * (MIB // 2))
     message = str(caught.value)
     assert message.startswith(f"The file storage (local directory {tiny_disk / 'data'}) is full")
-    assert "no space left" in message and "No space left on device" in message
+    assert message.endswith("is full: No space left on device (ENOSPC).")
     assert isinstance(caught.value.__cause__, OSError)
     assert caught.value.__cause__.errno == errno.ENOSPC
     # The temporary file and the upload's own folder are gone; the top folder stays.
     assert files_under(tiny_disk / "data") == ["uploads"]
     assert storage.health.refusals == 1 and storage.health.failed_at is not None
-    assert "no space left" in (storage.health.last_error or "")
+    assert storage.health.last_error == "No space left on device (ENOSPC)."
     # A write that fits clears the refusal.
     with storage.open_write("files/small") as out:
         out.write(b"ok\n")
@@ -72,9 +72,8 @@ def test_delete_prunes_empty_attempt_folders(tmp_path: Path) -> None:
     storage.delete("batches/b1/a1/output.jsonl")
     assert (tmp_path / "batches/b1/a1").is_dir()  # still holds errors.jsonl
     storage.delete("batches/b1/a1/errors.jsonl")
-    assert files_under(tmp_path) == ["batches", "batches/b1", "batches/b1/a2"] + [
-        "batches/b1/a2/output.jsonl"
-    ]
+    left = ["batches", "batches/b1", "batches/b1/a2", "batches/b1/a2/output.jsonl"]
+    assert files_under(tmp_path) == left
     storage.delete("batches/b1/a2/output.jsonl")
     storage.delete("batches/b1/a2/output.jsonl")  # deleting twice is fine
     assert files_under(tmp_path) == ["batches"]
@@ -90,9 +89,8 @@ def test_local_iter_keys_and_prune_empty(tmp_path: Path) -> None:
     assert list(storage.iter_keys("batches")) == ["batches/b1/a1/output.jsonl"]
     assert list(storage.iter_keys("nothing-here")) == []
     assert storage.prune_empty("batches") == 3  # b2/old-empty-attempt, b2, b1/a3
-    assert files_under(tmp_path) == ["batches", "batches/b1", "batches/b1/a1"] + [
-        "batches/b1/a1/output.jsonl"
-    ]
+    left = ["batches", "batches/b1", "batches/b1/a1", "batches/b1/a1/output.jsonl"]
+    assert files_under(tmp_path) == left
 
 
 # ------------------------------------------------------------------ S3
@@ -154,7 +152,7 @@ def client_error(code: str, status: int) -> ClientError:
 
 def test_errors_that_mean_full() -> None:
     quota = storage_refusal(OSError(errno.EDQUOT, "Disk quota exceeded"), "local directory /d")
-    assert quota is not None and "disk quota exceeded" in quota.message
+    assert quota is not None and quota.detail == "Disk quota exceeded (EDQUOT)."
     assert quota.message.startswith("The file storage (local directory /d) is full: ")
     for code in ("QuotaExceeded", "XMinioStorageFull", "EntityTooLarge"):
         refusal = storage_refusal(client_error(code, 400), "S3 bucket s3://b")

@@ -12,9 +12,10 @@ which the API answers with 507 and the finalizer records on the batch while it r
 from __future__ import annotations
 
 import errno
+import os
 from typing import Any
 
-LOCAL_FULL_ERRNOS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded"}
+LOCAL_FULL_ERRNOS = {errno.ENOSPC: "ENOSPC", errno.EDQUOT: "EDQUOT"}
 S3_FULL_CODES = {
     "XMinioStorageFull": "the server's drives are full",
     "XMinioAdminBucketQuotaExceeded": "the bucket quota is exceeded",
@@ -54,7 +55,8 @@ def storage_refusal(exc: BaseException, where: str) -> StorageFull | None:
     if isinstance(exc, StorageFull):
         return exc
     if isinstance(exc, OSError) and exc.errno in LOCAL_FULL_ERRNOS:
-        return StorageFull(where, f"{LOCAL_FULL_ERRNOS[exc.errno]} ({exc.strerror}).")
+        text = exc.strerror or os.strerror(exc.errno)
+        return StorageFull(where, f"{text} ({LOCAL_FULL_ERRNOS[exc.errno]}).")
     error = _client_error(exc)
     if error is not None:
         code, status = error

@@ -166,7 +166,7 @@ def storage_full_error(refusal: StorageFull, attempts: int, delay: float) -> dic
         "code": STORAGE_FULL,
         "message": (
             f"{refusal.message} The output files could not be written (attempt {attempts}); "
-            f"retrying in {delay:.0f} s. The batch completes once space is freed."
+            f"retrying in {delay:.3g} s. The batch completes once space is freed."
         ),
         "param": None,
         "line": None,
@@ -181,7 +181,7 @@ async def _put_off(ctx: StoreContext, batch_id: str, refusal: StorageFull) -> No
     ctx.finalize_backoff[batch_id] = (attempts, retry_at)
     metrics.finalize_put_off()
     log.warning(
-        "batch %s: cannot write its output files (%s); retry %d in %.0f s",
+        "batch %s: cannot write its output files (%s); retry %d in %.3g s",
         batch_id,
         refusal,
         attempts,
