@@ -2,10 +2,12 @@
 48 MiB tmpfs (the SQLite database and the metrics live elsewhere) that a filler file takes
 up. ``POST /v1/files`` and the Uploads API's parts and completion get a 507 in OpenAI's
 error shape naming the storage, store nothing (no blob, no row), ``/ready`` is 503 with a
-``storage`` reason and ``/metrics`` says so; once the filler is gone the same calls work."""
+``storage`` reason and ``/metrics`` says so; once the filler is gone the same calls work.
+A full temporary directory (the multipart spool) is a 507 too."""
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -191,3 +193,26 @@ def test_upload_parts_and_completion_onto_a_full_disk(api: LiveServer, disk: Pat
     assert httpx.get(f"{api.base_url}/files/{file_id}/content", timeout=60).content == body
     assert blobs(disk) == [f"files/{file_id}"]  # parts and their folder went
     assert ready(api).status_code == 200, ready(api).text
+
+
+def test_upload_spool_on_a_full_temporary_directory(
+    api: LiveServer, disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A multipart upload is spooled to the temporary directory before the route runs; when
+    that is full the answer is a 507 naming it, not FastAPI's 400 "error parsing the body"."""
+    spool = disk / "spool"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))  # this process: the server's too
+    before = blobs(disk), httpx.get(f"{api.base_url}/files").json()["data"]
+    filler = fill(disk, leave=2 * MIB)
+    try:
+        response = post_file(api, batch_file(8 * MIB))
+    finally:
+        filler.unlink()
+    assert response.status_code == 507, response.text
+    error = response.json()["error"]
+    assert error["code"] == "storage_full" and error["message"].startswith(
+        f"The file storage (temporary directory {spool}) is full: No space left on device"
+    )
+    after = blobs(disk), httpx.get(f"{api.base_url}/files").json()["data"]
+    assert after == before and list(spool.iterdir()) == []

@@ -8,6 +8,7 @@ lack of space (``StorageFull``, from any route) is a 507 naming the storage.
 from __future__ import annotations
 
 import logging
+import tempfile
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vllm_batch.protocol.errors import ErrorDetail, ErrorResponse
-from vllm_batch.storage.refusal import StorageFull
+from vllm_batch.storage.refusal import StorageFull, storage_refusal
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,18 @@ ERROR_TYPES = {
     422: "invalid_request_error",
     503: "server_error",
 }
+
+
+def spool_full(exc: BaseException) -> StorageFull | None:
+    """The cause of a body FastAPI could not parse, if it was the temporary directory (where
+    multipart uploads are spooled) running out of space."""
+    cause = exc.__cause__
+    while cause is not None:
+        refusal = storage_refusal(cause, f"temporary directory {tempfile.gettempdir()}")
+        if refusal is not None:
+            return refusal
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 class APIError(Exception):
@@ -81,7 +94,10 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(400, message, param, "invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        spooled = spool_full(exc) if exc.status_code == 400 else None
+        if spooled is not None:  # FastAPI's "error parsing the body": its spool is full
+            return await _storage_full(request, spooled)
         message = exc.detail if isinstance(exc.detail, str) else "HTTP error"
         if exc.status_code == 404:
             message = "Not found: no such route."
