@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     postgres_user: str | None = Field(default=None, validation_alias=_env("POSTGRES_USER"))
     postgres_password: str | None = Field(default=None, validation_alias=_env("POSTGRES_PASSWORD"))
     storage_url: str | None = None
+    # /ready is 503 (and vllm_batch_storage_ok 0) while local file storage has less free
+    # space than this; 0 turns the check off. S3 has no free space to check.
+    storage_min_free_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    # A batch whose output files the storage refuses (full) retries with backoff up to this.
+    finalize_retry_max_seconds: float = Field(default=60.0, gt=0)
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # LoRA adapters, "NAME=PATH" (of the only model) or "NAME=PATH@MODEL"; requests name
     # them in body.model. Engine limits: None means from the adapters (rank from their

@@ -35,6 +35,8 @@ class StoreContext:
     """Batches this process is finalizing right now (so it never starts a second attempt)."""
     finalize_again: set[str] = field(default_factory=set)
     """Batches asked to finalize while an attempt ran: that attempt looks once more."""
+    finalize_backoff: dict[str, tuple[int, float]] = field(default_factory=dict)
+    """Batches whose output the storage refused: (attempts so far, next try at epoch s)."""
 
     @property
     def instance_id(self) -> str:

@@ -1,12 +1,14 @@
 """One way to report an error: ``APIError`` → OpenAI's ``{"error": {...}}`` body.
 
 Every handler raises ``APIError``; FastAPI's own validation errors, unknown routes and
-unexpected exceptions are rendered in the same shape.
+unexpected exceptions are rendered in the same shape. A write the file storage refuses for
+lack of space (``StorageFull``, from any route) is a 507 naming the storage.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vllm_batch.protocol.errors import ErrorDetail, ErrorResponse
+from vllm_batch.storage.refusal import StorageFull, storage_refusal
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,18 @@ ERROR_TYPES = {
     422: "invalid_request_error",
     503: "server_error",
 }
+
+
+def spool_full(exc: BaseException) -> StorageFull | None:
+    """The cause of a body FastAPI could not parse, if it was the temporary directory (where
+    multipart uploads are spooled) running out of space."""
+    cause = exc.__cause__
+    while cause is not None:
+        refusal = storage_refusal(cause, f"temporary directory {tempfile.gettempdir()}")
+        if refusal is not None:
+            return refusal
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 class APIError(Exception):
@@ -61,6 +76,15 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
         return error_response(exc.status, exc.message, exc.param, exc.code)
 
+    @app.exception_handler(StorageFull)
+    async def _storage_full(_request: Request, exc: StorageFull) -> JSONResponse:
+        log.warning("storage refused a write: %s", exc)
+        return error_response(
+            507,
+            f"{exc.message} Nothing was stored; retry once space is freed.",
+            code="storage_full",
+        )
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
@@ -70,7 +94,10 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(400, message, param, "invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        spooled = spool_full(exc) if exc.status_code == 400 else None
+        if spooled is not None:  # FastAPI's "error parsing the body": its spool is full
+            return await _storage_full(request, spooled)
         message = exc.detail if isinstance(exc.detail, str) else "HTTP error"
         if exc.status_code == 404:
             message = "Not found: no such route."

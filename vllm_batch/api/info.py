@@ -20,7 +20,13 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from vllm_batch import __version__
 from vllm_batch.api.auth import KeyRing, Principal
 from vllm_batch.api.deps import CtxDep
-from vllm_batch.api.probes import check_database, check_gpu, check_services, check_worker
+from vllm_batch.api.probes import (
+    check_database,
+    check_gpu,
+    check_services,
+    check_storage,
+    check_worker,
+)
 from vllm_batch.store import outbox, queries
 from vllm_batch.web.pages import DASHBOARD, prefers_html
 
@@ -111,7 +117,8 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(ctx: CtxDep, request: Request) -> JSONResponse:
-    """200 if the database answers, the worker runs and its engine loads; else 503.
+    """200 if the database answers, the worker runs and its engine loads, and the file
+    storage has room; else 503.
 
     ``gpu`` shows GPU readings and whether the GPU guard pauses claims (never a 503).
     """
@@ -120,6 +127,7 @@ async def ready(ctx: CtxDep, request: Request) -> JSONResponse:
         "database": await check_database(ctx),
         "worker": check_worker(ctx),
         "services": check_services(ctx),
+        "storage": await check_storage(ctx),
         "gpu": check_gpu(ctx),
     }
     ok = all(check.ok for check in checks.values())
@@ -129,6 +137,7 @@ async def ready(ctx: CtxDep, request: Request) -> JSONResponse:
         "database": "ok" if database.ok else "unavailable",
         "worker": checks["worker"].state,
         "services": checks["services"].state,
+        "storage": checks["storage"].state,
         "gpu": checks["gpu"].state,
         "reasons": {name: check.reason for name, check in checks.items() if not check.ok},
     }

@@ -1,4 +1,5 @@
-"""Readiness checks: can the database be written, does the worker run, can its engine load.
+"""Readiness checks: can the database be written, does the worker run, can its engine load,
+has the file storage room.
 
 Each check returns a ``Check``; ``/ready`` is 200 only if all pass. A check names a reason
 when it fails and never raises (this is a probe). Ids (worker, chunk, batch) and error
@@ -17,6 +18,7 @@ import anyio
 from sqlalchemy import text
 
 from vllm_batch.api.state import AppContext
+from vllm_batch.storage.health import read_status
 from vllm_batch.store.db import is_sqlite
 
 DB_TIMEOUT_SECONDS = 2.0
@@ -137,3 +139,29 @@ def check_gpu(ctx: AppContext) -> Check:
     state = ctx.worker.gpu.state()
     uuids = {str(gpu["index"]): gpu.pop("uuid", None) for gpu in state["gpus"]}
     return Check(ok=True, state=state, details={"uuids": uuids})
+
+
+async def check_storage(ctx: AppContext) -> Check:
+    """The file storage has room: free space above the minimum, no write refused lately."""
+    try:
+        status = await anyio.to_thread.run_sync(
+            read_status, ctx.storage, ctx.settings.storage_min_free_bytes
+        )
+    except Exception as exc:  # report, don't raise: this is a probe
+        return Check(
+            ok=False,
+            state={"state": "unavailable"},
+            reason=f"file storage could not be checked ({exc.__class__.__name__})",
+            details={"error": f"{exc.__class__.__name__}: {exc}"[:300]},
+        )
+    state: dict[str, Any] = {
+        "state": "ok" if status.ok else "full",
+        "free_bytes": status.free_bytes,
+        "total_bytes": status.total_bytes,
+        "min_free_bytes": status.min_free_bytes if status.free_bytes is not None else None,
+        "last_refused_seconds_ago": (
+            None if status.failure_age is None else round(status.failure_age)
+        ),
+    }
+    details = {"location": status.where, "last_error": status.last_error}
+    return Check(ok=status.ok, state=state, reason=status.reason, details=details)

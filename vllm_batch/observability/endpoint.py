@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Iterable
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -28,6 +29,7 @@ from vllm_batch.observability import metrics
 from vllm_batch.observability.exposition import refusal, render
 from vllm_batch.runtime import StoreContext
 from vllm_batch.states import BatchStatus
+from vllm_batch.storage.health import read_status
 from vllm_batch.store import stats
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,31 @@ async def database_families(ctx: StoreContext, models: Iterable[str]) -> list[Me
     return families
 
 
+async def storage_families(ctx: StoreContext) -> list[Metric]:
+    """``storage_ok`` (the ``/ready`` verdict) and, for local storage, its free bytes."""
+    ok = GaugeMetricFamily(
+        "vllm_batch_storage_ok",
+        "1 if the file storage has room (free space above the minimum, no write refused lately).",
+    )
+    try:
+        status = await anyio.to_thread.run_sync(
+            read_status, ctx.storage, ctx.settings.storage_min_free_bytes
+        )
+    except Exception as exc:
+        log.warning("metrics: storage check failed (%s)", exc.__class__.__name__)
+        ok.add_metric([], 0)
+        return [ok]
+    ok.add_metric([], 1 if status.ok else 0)
+    families: list[Metric] = [ok]
+    if status.free_bytes is not None:
+        free = GaugeMetricFamily(
+            "vllm_batch_storage_free_bytes", "Free bytes on the local file storage's volume."
+        )
+        free.add_metric([], status.free_bytes)
+        families.append(free)
+    return families
+
+
 def _queue_families(queue: dict[str, stats.ModelQueue], models: Iterable[str]) -> list[Metric]:
     def family(name: str, doc: str, extra: tuple[str, ...] = ()) -> GaugeMetricFamily:
         return GaugeMetricFamily(f"vllm_batch_{name}", doc, labels=["model", *extra])
@@ -104,6 +131,8 @@ def install_metrics(app: FastAPI, settings: Settings) -> None:
         refused = refusal(request, settings, request.app.state.keys)
         if refused is not None:
             return refused
-        families = await database_families(request.app.state.ctx, settings.served_model_names)
+        ctx = request.app.state.ctx
+        families = await database_families(ctx, settings.served_model_names)
+        families += await storage_families(ctx)
         body, content_type = render(metrics.directory(), families, request.headers.get("accept"))
         return Response(body, media_type=content_type)

@@ -109,6 +109,13 @@ class _Metrics:
             "chunks_given_up", "Chunks whose lines became errors after engine failures.", m
         )
         self.db_retries = _counter("db_retries", "Database calls retried after an outage error.")
+        self.storage_refusals = _counter(
+            "storage_write_refusals", "Blob writes the file storage refused for lack of space."
+        )
+        self.finalize_retries = _counter(
+            "finalize_storage_retries",
+            "Batch finalizations put off because the file storage refused the output.",
+        )
         self.engine_loads = _counter("engine_loads", "Engine starts that succeeded.", m)
         self.engine_load_failures = _counter(
             "engine_load_failures", "Engine starts that failed.", m
@@ -474,6 +481,16 @@ def chunk_given_up(model: str) -> None:
 def db_retry() -> None:
     if _metrics is not None:
         _metrics.db_retries.inc()
+
+
+def storage_refused() -> None:
+    if _metrics is not None:
+        _metrics.storage_refusals.inc()
+
+
+def finalize_put_off() -> None:
+    if _metrics is not None:
+        _metrics.finalize_retries.inc()
 
 
 def engine_loaded(model: str) -> None:

@@ -5,7 +5,9 @@
 - assemble output files for batches that are ready (completed, cancelled, expired), and
   drop saved results that a finished batch no longer needs;
 - delete files past ``expires_at`` and their stored blobs;
-- expire uploads past ``expires_at`` and delete the parts of every ended upload.
+- expire uploads past ``expires_at`` and delete the parts of every ended upload;
+- every ``ATTEMPT_SWEEP_SECONDS`` (and at start), remove finalization attempts left in
+  storage by a process that died mid-attempt (``attempt_sweep.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 import anyio
 
@@ -21,6 +24,7 @@ from vllm_batch.identity import InstanceId
 from vllm_batch.protocol.ids import now
 from vllm_batch.retry import describe
 from vllm_batch.runtime import StoreContext
+from vllm_batch.service.attempt_sweep import sweep_stale_attempts
 from vllm_batch.service.uploads import sweep_uploads
 from vllm_batch.store import queries
 from vllm_batch.store.db import is_transient
@@ -28,6 +32,7 @@ from vllm_batch.worker.finalize import delete_saved_results, finalize_ready_batc
 
 log = logging.getLogger(__name__)
 INTERVAL_SECONDS = 2.0
+ATTEMPT_SWEEP_SECONDS = 600.0  # lists every batch's blobs: far less often than the rest
 
 
 async def release_dead_owners(ctx: StoreContext) -> int:
@@ -71,20 +76,26 @@ async def sweep_expired_files(ctx: StoreContext) -> int:
     return len(files)
 
 
-async def housekeeping_once(ctx: StoreContext) -> None:
+async def housekeeping_once(ctx: StoreContext, *, sweep_attempts: bool = False) -> None:
     await release_dead_owners(ctx)
     await expire_overdue(ctx)
     await finalize_ready_batches(ctx)
     await sweep_finished_results(ctx)
     await sweep_expired_files(ctx)
     await sweep_uploads(ctx)
+    if sweep_attempts:
+        await sweep_stale_attempts(ctx)
 
 
 async def run_housekeeping(ctx: StoreContext, shutdown: asyncio.Event) -> None:
     """Run ``housekeeping_once`` every few seconds until ``shutdown``; never dies."""
+    next_sweep = 0.0
     while not shutdown.is_set():
         try:
-            await housekeeping_once(ctx)
+            sweep = time.monotonic() >= next_sweep
+            await housekeeping_once(ctx, sweep_attempts=sweep)
+            if sweep:
+                next_sweep = time.monotonic() + ATTEMPT_SWEEP_SECONDS
         except Exception as exc:
             if is_transient(exc):  # an outage: one line every round, not a traceback
                 log.warning("housekeeping: database unavailable (%s)", describe(exc)[:200])

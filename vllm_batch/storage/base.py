@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import BinaryIO, Protocol
 
+from vllm_batch.storage.health import StorageHealth
+
 
 class BlobStorage(Protocol):
-    """Where file contents live; keys are relative paths such as ``files/file-abc``."""
+    """Where file contents live; keys are relative paths such as ``files/file-abc``.
+
+    A write refused for lack of space raises ``StorageFull`` (``storage/refusal.py``) and
+    is recorded in ``health``.
+    """
+
+    health: StorageHealth
+
+    def describe(self) -> str:
+        """Where blobs go, for messages: ``local directory /x``, ``S3 bucket s3://b/p``."""
+        ...
+
+    def usage(self) -> tuple[int, int] | None:
+        """(free, total) bytes, or None where the backend has no such numbers."""
+        ...
 
     def open_read(self, key: str, offset: int = 0) -> AbstractContextManager[BinaryIO]:
         """Open ``key`` for streaming reads starting at byte ``offset``."""
@@ -24,3 +41,7 @@ class BlobStorage(Protocol):
     def exists(self, key: str) -> bool: ...
 
     def size(self, key: str) -> int: ...
+
+    def iter_keys(self, prefix: str) -> Iterator[str]:
+        """Every key under the folder ``prefix``."""
+        ...

@@ -26,6 +26,9 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
+from vllm_batch.storage.health import StorageHealth
+from vllm_batch.storage.refusal import storage_refusal
+
 DEFAULT_PART_SIZE = 8 * 1024 * 1024
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's minimum for every part but the last
 MAX_PARTS = 10_000
@@ -189,6 +192,15 @@ class S3Storage:
         self.prefix = prefix.strip("/")
         self.client = client
         self.part_size = part_size
+        self.health = StorageHealth()
+
+    def describe(self) -> str:
+        where = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+        return f"S3 bucket {where}"
+
+    def usage(self) -> tuple[int, int] | None:
+        """Unknown: S3 reports no free space (a full server shows as refused writes)."""
+        return None
 
     @classmethod
     def from_url(cls, url: str, *, part_size: int = DEFAULT_PART_SIZE) -> S3Storage:
@@ -236,14 +248,30 @@ class S3Storage:
         try:
             yield cast(BinaryIO, writer)
             writer.commit()
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(Exception):
                 writer.abort()
-            raise
+            refusal = storage_refusal(exc, self.describe())
+            if refusal is None:
+                raise
+            self.health.refused(refusal)
+            raise refusal from exc
+        self.health.succeeded()
 
     def delete(self, key: str) -> None:
         # DeleteObject succeeds for a missing key.
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def iter_keys(self, prefix: str) -> Iterator[str]:
+        """Every blob under the folder ``prefix`` (keys relative to this storage's prefix)."""
+        base = self._key(prefix) + "/"
+        skip = len(self.prefix) + 1 if self.prefix else 0
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=base
+        )
+        for page in pages:
+            for item in page.get("Contents", []):
+                yield str(item["Key"])[skip:]
 
     def _head(self, key: str) -> dict[str, Any] | None:
         try:

@@ -832,6 +832,8 @@ async def finished_batches_with_results(session: AsyncSession, limit: int = 100)
 
 # ---------------------------------------------------------------- finalization
 
+IN_BATCH = 500  # ids per ``IN (...)``: well under SQLite's and asyncpg's parameter limits
+
 
 def _ready_to_finalize(now: float) -> Any:
     """Every chunk done (no stop requested), or stopping with no live chunk lease left."""
@@ -918,6 +920,28 @@ async def renew_finalization(
     return _rowcount(result) == 1
 
 
+async def put_off_finalization(
+    session: AsyncSession,
+    batch_id: str,
+    *,
+    owner: str,
+    errors: list[dict[str, Any]],
+    until: float,
+) -> bool:
+    """Record why our finalization attempt failed (``errors``) and keep our lease until
+    ``until``, so nobody retries before then; False if we no longer hold it."""
+    result = await session.execute(
+        update(BatchRow)
+        .where(
+            BatchRow.id == batch_id,
+            BatchRow.finalize_owner == owner,
+            BatchRow.status.in_(ACTIVE),
+        )
+        .values(errors=errors, finalize_lease_until=until)
+    )
+    return _rowcount(result) == 1
+
+
 async def finish_batch(
     session: AsyncSession,
     batch_id: str,
@@ -938,6 +962,9 @@ async def finish_batch(
     """
     await lock_batch(session, batch_id)
     values: dict[str, Any] = {
+        # A batch that reaches finalization has no validation errors (those fail it at
+        # once): ``errors`` can only hold why an earlier attempt failed, resolved now.
+        "errors": None,
         "output_file_id": output_file_id,
         "error_file_id": error_file_id,
         "failed": BatchRow.failed + extra_failed,
@@ -964,6 +991,33 @@ async def finish_batch(
 
 
 _STOP_FOR = {BatchStatus.CANCELLED: StopReason.CANCEL, BatchStatus.EXPIRED: StopReason.EXPIRE}
+
+
+async def finalize_leases(
+    session: AsyncSession, batch_ids: Collection[str]
+) -> dict[str, tuple[str, float | None]]:
+    """(status, finalization lease end) of each of ``batch_ids`` that exists."""
+    out: dict[str, tuple[str, float | None]] = {}
+    ids = list(batch_ids)
+    for start in range(0, len(ids), IN_BATCH):
+        query = select(BatchRow.id, BatchRow.status, BatchRow.finalize_lease_until).where(
+            BatchRow.id.in_(ids[start : start + IN_BATCH])
+        )
+        for batch_id, status, until in await session.execute(query):
+            out[batch_id] = (status, until)
+    return out
+
+
+async def referenced_keys(session: AsyncSession, keys: Collection[str]) -> set[str]:
+    """Those of the storage ``keys`` that a file row points at."""
+    out: set[str] = set()
+    wanted = list(keys)
+    for start in range(0, len(wanted), IN_BATCH):
+        query = select(FileRow.storage_key).where(
+            FileRow.storage_key.in_(wanted[start : start + IN_BATCH])
+        )
+        out.update(await session.scalars(query))
+    return out
 
 
 async def finalization_candidates(session: AsyncSession, now: float) -> Sequence[str]:

@@ -5,6 +5,13 @@ that is renewed while writing. Each attempt writes to its own storage keys, and 
 final status, file rows and ids commit in one guarded transaction that succeeds only if
 this process still holds the lease; a loser deletes its own blobs. Saved results are
 deleted only after that commit. Results stream in input order: memory stays flat.
+
+When the storage refuses the output (full: ``StorageFull``), the attempt's blobs and
+directories are removed, the reason goes into the batch's ``errors`` (code
+``storage_full``; the status stays ``finalizing``) and our lease is pushed out to the next
+try, 2 s then doubling up to ``finalize_retry_max_seconds``, so no process retries sooner.
+Housekeeping takes the batch up again once that lease lapses; the commit that finishes it
+clears ``errors``.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from vllm_batch.runtime import StoreContext
 from vllm_batch.states import StopReason
 from vllm_batch.storage.aio import AsyncBlobWriter
 from vllm_batch.storage.base import BlobStorage
+from vllm_batch.storage.refusal import StorageFull
 from vllm_batch.store import queries
 from vllm_batch.store.models import BatchRow, FileRow
 from vllm_batch.validation import iter_lines
@@ -35,6 +43,8 @@ from vllm_batch.validation import iter_lines
 log = logging.getLogger(__name__)
 FINALIZE_LEASE_SECONDS = 60.0
 WRITE_BUFFER = 1024 * 1024
+RETRY_FIRST_SECONDS = 2.0
+STORAGE_FULL = "storage_full"
 
 
 class FinalizationLost(Exception):
@@ -61,6 +71,9 @@ async def finalize_batch(ctx: StoreContext, batch_id: str) -> bool:
     if batch_id in ctx.finalizing:
         ctx.finalize_again.add(batch_id)
         return False
+    backoff = ctx.finalize_backoff.get(batch_id)
+    if backoff is not None and backoff[1] > time.time():
+        return False  # the storage refused the last attempt: wait for the next try
     ctx.finalizing.add(batch_id)
     try:
         with bound(worker=ctx.instance_id, batch_id=batch_id):
@@ -122,6 +135,10 @@ async def _finalize(ctx: StoreContext, batch_id: str) -> bool:
             )
     except FinalizationLost:
         status = None
+    except StorageFull as refusal:
+        await _delete_blobs(ctx, keys.values())
+        await _put_off(ctx, batch_id, refusal)
+        return False
     except BaseException:
         await _delete_blobs(ctx, keys.values())
         raise
@@ -129,12 +146,55 @@ async def _finalize(ctx: StoreContext, batch_id: str) -> bool:
         log.warning("batch %s: lost the finalization lease; discarding this attempt", batch_id)
         await _delete_blobs(ctx, keys.values())
         return False
+    ctx.finalize_backoff.pop(batch_id, None)
     metrics.batch_finished(batch.model, status, time.time() - batch.created_at)
     metrics.lines_expired(batch.model, expired_lines)
     await _delete_blobs(ctx, [key for is_error, key in keys.items() if is_error not in files])
     await delete_saved_results(ctx, batch_id)
     log.info("batch %s %s (%d expired lines)", batch_id, status, expired_lines)
     return True
+
+
+def retry_delay(attempts: int, cap: float) -> float:
+    """Seconds before the next try after ``attempts`` refused ones: 2, 4, 8, ... ``cap``."""
+    return float(min(cap, RETRY_FIRST_SECONDS * 2 ** min(attempts - 1, 30)))
+
+
+def storage_full_error(refusal: StorageFull, attempts: int, delay: float) -> dict[str, object]:
+    """The batch's ``errors`` entry (OpenAI's shape) while its output does not fit."""
+    return {
+        "code": STORAGE_FULL,
+        "message": (
+            f"{refusal.message} The output files could not be written (attempt {attempts}); "
+            f"retrying in {delay:.3g} s. The batch completes once space is freed."
+        ),
+        "param": None,
+        "line": None,
+    }
+
+
+async def _put_off(ctx: StoreContext, batch_id: str, refusal: StorageFull) -> None:
+    """Record why this attempt failed on the batch and hold our lease until the next try."""
+    attempts = ctx.finalize_backoff.get(batch_id, (0, 0.0))[0] + 1
+    delay = retry_delay(attempts, ctx.settings.finalize_retry_max_seconds)
+    retry_at = time.time() + delay
+    ctx.finalize_backoff[batch_id] = (attempts, retry_at)
+    metrics.finalize_put_off()
+    log.warning(
+        "batch %s: cannot write its output files (%s); retry %d in %.3g s",
+        batch_id,
+        refusal,
+        attempts,
+        delay,
+    )
+    error = storage_full_error(refusal, attempts, delay)
+    try:
+        async with ctx.sessions() as session, session.begin():
+            await queries.put_off_finalization(
+                session, batch_id, owner=ctx.instance_id, errors=[error], until=retry_at
+            )
+    except Exception:  # e.g. SQLite on the same full disk: the lease still lapses in time
+        log.exception("batch %s: could not record why finalization failed", batch_id)
 
 
 async def delete_saved_results(ctx: StoreContext, batch_id: str) -> None:

@@ -155,8 +155,15 @@
     return elapsed > 0 && done > 0 ? done / elapsed : null;
   }
 
+  /** Why the batch's output files cannot be written right now (storage full), if so. */
+  function finalizeProblem(b) {
+    const data = (b.errors && b.errors.data) || [];
+    return data.find((e) => e.code === "storage_full") || null;
+  }
+
   function etaOf(b, rate) {
     if (TERMINAL.has(b.status)) return "done";
+    if (finalizeProblem(b)) return "storage full, retrying";
     if (b.status === "finalizing") return "writing files";
     const left = b.request_counts.total - doneOf(b);
     if (!rate || rate <= 0 || left <= 0) return "–";
