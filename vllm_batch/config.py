@@ -200,6 +200,11 @@ class Settings(BaseSettings):
     delivery_backoff_base: float = Field(default=5.0, gt=0)
     delivery_backoff_max: float = Field(default=3600.0, gt=0)
     delivery_concurrency: int = Field(default=8, ge=1)
+    # Per receiver (a webhook host, or one result handler): attempts in flight per process,
+    # and its circuit breaker: open after this many consecutive failures, for this long.
+    delivery_host_concurrency: int = Field(default=2, ge=1)
+    delivery_breaker_failures: int = Field(default=5, ge=1)
+    delivery_breaker_cooldown: float = Field(default=60.0, gt=0)
     delivery_poll_interval: float = Field(default=1.0, gt=0)
     deliveries: bool = True  # run the delivery dispatcher in this process
     # Which handlers run ("webhook" included); unset: every handler whose enabled() is true.

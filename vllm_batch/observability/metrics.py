@@ -123,6 +123,11 @@ class _Metrics:
         self.delivery_attempts = _counter(
             "delivery_attempts", "Delivery attempts by outcome.", (*kind, "outcome")
         )
+        self.delivery_breakers_opened = _counter(
+            "delivery_breakers_opened",
+            "Receiver circuit breakers opened after consecutive delivery failures.",
+            kind,
+        )
         self.delivery_seconds = Histogram(
             PREFIX + "delivery_attempt_seconds",
             "Duration of one delivery attempt.",
@@ -195,6 +200,7 @@ class _Metrics:
     def declare_deliveries(self) -> None:
         for kind in DELIVERY_KINDS:
             self.delivery_seconds.labels(kind)
+            self.delivery_breakers_opened.labels(kind)
             for outcome in DELIVERY_OUTCOMES:
                 self.delivery_attempts.labels(kind, outcome)
 
@@ -509,6 +515,11 @@ def delivery_attempt(kind: str, outcome: str, seconds: float) -> None:
     if _metrics is not None:
         _metrics.delivery_attempts.labels(kind, outcome).inc()
         _metrics.delivery_seconds.labels(kind).observe(max(0.0, seconds))
+
+
+def delivery_breaker_opened(kind: str) -> None:
+    if _metrics is not None:
+        _metrics.delivery_breakers_opened.labels(kind).inc()
 
 
 def engine_stats(
