@@ -138,6 +138,11 @@ class Settings(BaseSettings):
     upload_expiry_seconds: int = Field(default=3600, ge=1)
     # Body cap for every request except uploads (POST /v1/files), which get max_upload_bytes.
     max_request_body_bytes: int = Field(default=1024 * 1024, ge=1)
+    # Slow clients (api/connections.py): seconds to send a request's headers, seconds
+    # between two pieces of its body, and open connections per client address (0: no cap).
+    header_timeout: float = Field(default=10.0, gt=0)
+    body_timeout: float = Field(default=30.0, gt=0)
+    max_connections_per_client: int = Field(default=128, ge=0)
     max_requests_per_batch: int = 50_000
     chunk_size: int = Field(
         default=5_000, ge=1, validation_alias=_env("VLLM_BATCH_CHUNK_SIZE", "CHUNK_SIZE")

@@ -50,6 +50,7 @@ TOKEN_KINDS = ("input", "cached", "output", "reasoning")
 FINAL_STATUSES = ("completed", "cancelled", "expired")
 DELIVERY_KINDS = ("webhook", "handler")
 DELIVERY_OUTCOMES = ("succeeded", "retrying", "failed", "lease_lost")
+CONNECTION_REFUSALS = ("header_timeout", "body_timeout", "too_many_connections")
 
 
 def _counter(name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
@@ -122,6 +123,11 @@ class _Metrics:
         kind = ("kind",)
         self.delivery_attempts = _counter(
             "delivery_attempts", "Delivery attempts by outcome.", (*kind, "outcome")
+        )
+        self.connections_refused = _counter(
+            "http_connections_refused",
+            "HTTP connections ended by the connection guard, by reason.",
+            ("reason",),
         )
         self.delivery_breakers_opened = _counter(
             "delivery_breakers_opened",
@@ -203,6 +209,8 @@ class _Metrics:
             self.delivery_breakers_opened.labels(kind)
             for outcome in DELIVERY_OUTCOMES:
                 self.delivery_attempts.labels(kind, outcome)
+        for reason in CONNECTION_REFUSALS:  # not deliveries, but declared once as well
+            self.connections_refused.labels(reason)
 
 
 class _Rates:
@@ -515,6 +523,11 @@ def delivery_attempt(kind: str, outcome: str, seconds: float) -> None:
     if _metrics is not None:
         _metrics.delivery_attempts.labels(kind, outcome).inc()
         _metrics.delivery_seconds.labels(kind).observe(max(0.0, seconds))
+
+
+def connection_refused(reason: str) -> None:
+    if _metrics is not None:
+        _metrics.connections_refused.labels(reason).inc()
 
 
 def delivery_breaker_opened(kind: str) -> None:
