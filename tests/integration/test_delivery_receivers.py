@@ -152,3 +152,38 @@ async def test_open_breaker_defers_without_spending_attempts(
     for row in waiting:  # deferred past the second cool-down; the retry horizon unchanged
         assert row.next_attempt_at is not None and row.next_attempt_at > probe + 1.5
         assert row.give_up_at == pytest.approx(row.created_at + settings.delivery_retry_horizon)
+
+
+async def test_horizon_passing_while_the_breaker_is_open_fails_the_delivery(
+    database_url: str, tmp_path: Path
+) -> None:
+    settings = _settings(
+        database_url,
+        tmp_path,
+        webhook_timeout=0.3,
+        delivery_poll_interval=0.05,
+        delivery_breaker_failures=2,
+        delivery_breaker_cooldown=60,
+        delivery_retry_horizon=2.0,
+    )
+    with silent_receiver(DEAD) as dead:
+        async with fresh_store(settings) as store:
+            ids = await _finish(store, dead.url + "/hook", 5)
+
+            async def settled() -> list[DeliveryRow]:
+                async with store.read_sessions() as session:
+                    return [row for b in ids for row in await outbox.for_batch(session, b)]
+
+            async with dispatching(store):
+                deadline = time.monotonic() + 10
+                while any(row.status == "pending" for row in await settled()):
+                    assert time.monotonic() < deadline, "deliveries still pending past horizon"
+                    await asyncio.sleep(0.05)
+            rows = await settled()
+    assert len(dead.accepted) == 2  # the breaker opened; no attempt after it
+    assert sorted(row.attempts for row in rows) == [0, 0, 0, 1, 1]
+    assert {row.status for row in rows} == {"failed"}
+    for row in rows:  # the attempted ones gave up as their next retry fell past the horizon
+        if row.attempts == 0:
+            assert row.finished_at is not None and row.finished_at >= row.give_up_at
+            assert row.last_error == outbox.GAVE_UP_WHILE_OPEN

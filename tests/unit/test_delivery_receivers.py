@@ -103,3 +103,15 @@ def test_a_refused_url_neither_opens_nor_closes_the_breaker() -> None:
     assert gate.breaker("webhook:h").failures == 1
     gate.started("webhook:h")
     assert gate.finished("webhook:h", Outcome(False, status_code=500)) is True
+
+
+def test_open_receivers_lists_only_open_breakers() -> None:
+    clock = Clock()
+    gate = ReceiverGate(per_receiver=2, failures_to_open=1, cooldown=10, clock=clock)
+    for name in ("webhook:a", "webhook:b"):
+        gate.started(name)
+        gate.finished(name, TIMEOUT)
+    gate.started("webhook:c")
+    assert gate.open_receivers() == ["webhook:a", "webhook:b"]
+    clock.now += 10  # half-open: a probe may start
+    assert gate.open_receivers() == []

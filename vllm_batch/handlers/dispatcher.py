@@ -18,7 +18,7 @@ import inspect
 import logging
 import random
 import time
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -149,23 +149,34 @@ class Dispatcher:
 
     async def _claim_and_start(self) -> None:
         free = self.concurrency - len(self.running)
-        if free <= 0:
+        stuck = self.gate.open_receivers()
+        if free <= 0 and not stuck:
             return
+        claimed: Sequence[DeliveryRow] = []
         try:
             async with self.ctx.sessions() as session, session.begin():
-                claimed = await outbox.claim_due(
-                    session,
-                    owner=self.ctx.instance_id,
-                    now=time.time(),
-                    lease=self.lease,
-                    limit=free,
-                    receivers=self.gate.limits(),
-                )
+                now = time.time()
+                gave_up = await outbox.give_up_waiting(session, stuck, now=now)
+                if free > 0:
+                    claimed = await outbox.claim_due(
+                        session,
+                        owner=self.ctx.instance_id,
+                        now=now,
+                        lease=self.lease,
+                        limit=free,
+                        receivers=self.gate.limits(),
+                    )
         except Exception as exc:
             if not is_transient(exc):
                 raise
             log.warning("deliveries: database unavailable (%s)", describe(exc)[:200])
             return
+        if gave_up:
+            log.warning(
+                "deliveries: %d reached their retry horizon while their receiver's circuit "
+                "was open; failed",
+                gave_up,
+            )
         for delivery in claimed:
             self.gate.started(delivery.receiver)
             task = asyncio.create_task(self._attempt(delivery), name=f"delivery {delivery.id}")

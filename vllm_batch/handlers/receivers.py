@@ -10,8 +10,8 @@ the result handler it runs (``handler:s3``). Each dispatcher keeps, per receiver
   proves the host alive). After ``VLLM_BATCH_DELIVERY_BREAKER_FAILURES`` in a row it is
   ``open`` for ``VLLM_BATCH_DELIVERY_BREAKER_COOLDOWN`` seconds: nothing is sent there, and
   its due deliveries wait without an attempt being counted (their 72 h horizon still
-  runs). Then ``half_open``: one probe attempt; success closes the breaker, failure opens
-  it for another cool-down.
+  runs: one that passes it meanwhile ends ``failed``). Then ``half_open``: one probe
+  attempt; success closes the breaker, failure opens it for another cool-down.
 
 Pure bookkeeping, no I/O: the dispatcher asks :meth:`ReceiverGate.limits` before it
 claims and reports every attempt's start and end.
@@ -145,6 +145,11 @@ class ReceiverGate:
             room={name: left for name, left in room.items() if left > 0},
             per_receiver=self.per_receiver,
         )
+
+    def open_receivers(self) -> list[str]:
+        """Receivers whose breaker is open now (no attempt may start)."""
+        now = self.clock()
+        return sorted(n for n, b in self.breakers.items() if b.state(now) is BreakerState.OPEN)
 
     def started(self, receiver: str) -> None:
         self.in_flight[receiver] = self.in_flight.get(receiver, 0) + 1

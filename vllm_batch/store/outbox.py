@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from vllm_batch.handlers.receivers import Limits
 
 PENDING, SUCCEEDED, FAILED = "pending", "succeeded", "failed"
+GAVE_UP_WHILE_OPEN = (
+    "gave up: the retry horizon passed while this receiver's circuit breaker was open "
+    "(it failed VLLM_BATCH_DELIVERY_BREAKER_FAILURES times in a row)"
+)
 
 
 def _free(now: float) -> ColumnElement[bool]:
@@ -94,10 +98,9 @@ async def claim_due(
 
 
 async def defer_receiver(session: AsyncSession, receiver: str, *, until: float, now: float) -> int:
-    """Move ``receiver``'s free pending deliveries due before ``until`` to ``until``.
-
-    Used while its circuit breaker is open: no attempt is counted, ``give_up_at`` stays.
-    """
+    """Move ``receiver``'s free pending deliveries due before ``until`` to ``until`` (or to
+    their ``give_up_at``, if sooner). Used while its circuit breaker is open: no attempt is
+    counted, and the retry horizon stays where it was."""
     result = await session.execute(
         update(DeliveryRow)
         .where(
@@ -106,7 +109,35 @@ async def defer_receiver(session: AsyncSession, receiver: str, *, until: float, 
             DeliveryRow.next_attempt_at < until,
             _free(now),
         )
-        .values(next_attempt_at=until)
+        .values(
+            next_attempt_at=case(
+                (DeliveryRow.give_up_at < until, DeliveryRow.give_up_at), else_=until
+            )
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+async def give_up_waiting(session: AsyncSession, receivers: Sequence[str], *, now: float) -> int:
+    """Fail the free pending deliveries to ``receivers`` (whose breakers are open) that
+    reached their ``give_up_at``: they cannot get another attempt within their horizon."""
+    if not receivers:
+        return 0
+    result = await session.execute(
+        update(DeliveryRow)
+        .where(
+            DeliveryRow.receiver.in_(receivers),
+            DeliveryRow.status == PENDING,
+            DeliveryRow.give_up_at <= now,
+            _free(now),
+        )
+        .values(
+            status=FAILED,
+            next_attempt_at=None,
+            finished_at=now,
+            last_error=GAVE_UP_WHILE_OPEN,
+        )
         .execution_options(synchronize_session=False)
     )
     return int(getattr(result, "rowcount", 0) or 0)
