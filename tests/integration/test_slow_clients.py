@@ -182,6 +182,7 @@ def test_slowloris_connections_are_closed_while_others_are_answered(guarded: Liv
     for conn in answered:
         status, body = _answer(conn.received)
         assert status == 408 and body["error"]["code"] == "request_timeout", conn.received  # type: ignore[index]
+        assert "VLLM_BATCH_HEADER_TIMEOUT" in body["error"]["message"]  # type: ignore[index]
     assert len(during) >= 10, "too few requests made during the attack"
     assert max(during) < 1.0, f"a request took {max(during):.3f} s during the attack"
     print(
@@ -191,6 +192,40 @@ def test_slowloris_connections_are_closed_while_others_are_answered(guarded: Liv
         f"({len(during)}): p50 {statistics.median(during) * 1000:.1f} ms, "
         f"max {max(during) * 1000:.1f} ms"
     )
+
+
+def test_a_kept_alive_connection_trickling_its_next_request_is_closed(
+    guarded: LiveServer,
+) -> None:
+    """The header clock also runs for the second request on a connection, from its first
+    byte; the idle time before it is uvicorn's keep-alive timeout (5 s) and not counted."""
+    first = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", _port(guarded)), timeout=10) as sock:
+        sock.sendall(first)
+        answer = b""
+        while not answer.endswith(b"}"):  # /health's JSON, after the status and headers
+            answer += sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        time.sleep(HEADER_TIMEOUT * 1.5)  # idle, kept alive: longer than the header timeout
+        sock.sendall(b"GET /health HTTP/1.1\r\n")
+        started = time.monotonic()
+        received, closed = b"", False
+        sock.settimeout(0.2)
+        while not closed:
+            assert time.monotonic() - started < HEADER_TIMEOUT + SLACK, "never closed"
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:  # nothing from the server yet: trickle one more header
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"X-Slow: 1\r\n")
+                continue
+            except OSError:
+                chunk = b""
+            received += chunk
+            closed = not chunk
+        lifetime = time.monotonic() - started
+    assert HEADER_TIMEOUT - 0.05 <= lifetime <= HEADER_TIMEOUT + SLACK, lifetime
+    assert received.startswith(b"HTTP/1.1 408"), received
 
 
 def _timed(client: httpx.Client | object, url: str) -> float:
@@ -235,6 +270,7 @@ def test_a_slow_body_is_cut_off_by_the_body_timeout(guarded: LiveServer, drip: b
     if not conn.reset:
         status, error = _answer(conn.received)
         assert status == 408 and error["error"]["code"] == "request_timeout", conn.received  # type: ignore[index]
+        assert "VLLM_BATCH_BODY_TIMEOUT" in error["error"]["message"]  # type: ignore[index]
     assert len(httpx.get(guarded.url + "/v1/files").json()["data"]) == before  # nothing stored
 
 

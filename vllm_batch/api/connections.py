@@ -215,11 +215,21 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._phase is not None:
             self._enter(self._phase)
 
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._phase is Phase.HEADERS:  # a pipelined request: its clock starts now
+            self._enter(Phase.HEADERS)
+
     def _waiting_on_us(self) -> bool:
+        """Whether the server, not the client, is what the request waits for."""
         if self.flow is not None and self.flow.read_paused:
             return True
         cycle = self.cycle
-        return self._phase is Phase.BODY and cycle is not None and cycle.waiting_for_100_continue
+        if cycle is None:
+            return False
+        if self._phase is Phase.HEADERS:  # the previous (pipelined) answer is still going
+            return not cycle.response_complete
+        return cycle.waiting_for_100_continue
 
     def _check(self) -> None:
         self._watchdog = None
@@ -244,12 +254,16 @@ class GuardedProtocol(HttpToolsProtocol):
             cycle.disconnected = True  # the app's receive() sees a disconnect, send() is a no-op
             cycle.message_event.set()
         if cycle is None or not cycle.response_started:
-            what = "headers" if phase is Phase.HEADERS else "body"
-            limit = self.limits.header_timeout if cycle is None else self.limits.body_timeout
-            message = (
-                f"The request {what} did not arrive in time ({limit:g} s; "
-                f"VLLM_BATCH_{what.upper()}_TIMEOUT)."
-            )
+            if phase is Phase.HEADERS:
+                message = (
+                    "The request headers did not arrive in time "
+                    f"({self.limits.header_timeout:g} s; VLLM_BATCH_HEADER_TIMEOUT)."
+                )
+            else:
+                message = (
+                    f"The request body did not advance by {MIN_BODY_PROGRESS} bytes within "
+                    f"{self.limits.body_timeout:g} s (VLLM_BATCH_BODY_TIMEOUT)."
+                )
             body = _error_json(message, "request_timeout")
             self.transport.write(_raw_response(b"408 Request Timeout", body))
         self.transport.close()
