@@ -376,6 +376,7 @@ def start_server(
     import uvicorn
 
     from vllm_batch.api.app import create_app
+    from vllm_batch.api.connections import server_config
 
     def factory(spec: ModelSpec) -> Any:
         return SharedEngine(engine)
@@ -384,7 +385,9 @@ def start_server(
     app = create_app(settings, **app_kwargs)
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        server_config(
+            app, settings, host="127.0.0.1", port=port, log_level="warning", lifespan="on"
+        )
     )
 
     async def serve() -> None:

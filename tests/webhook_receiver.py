@@ -135,3 +135,66 @@ def webhook_receiver(host: str = "127.0.0.1") -> Iterator[Receiver]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@dataclass
+class SilentReceiver:
+    """A TCP listener that accepts connections and never reads or answers (a hung host)."""
+
+    url: str
+    accepted: list[float] = field(default_factory=list)
+    """When each connection was accepted."""
+    open_now: int = 0
+    peak: int = 0
+    """The most connections held open at once."""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@contextlib.contextmanager
+def silent_receiver(host: str = "127.0.0.1") -> Iterator[SilentReceiver]:
+    """Accept every connection on ``host``, read what comes and never answer, until the
+    block ends (a receiver that hangs; the client's timeout ends each attempt)."""
+    import selectors
+    import socket
+
+    listener = socket.create_server((host, 0), backlog=128)
+    listener.setblocking(False)
+    receiver = SilentReceiver(url=f"http://{host}:{listener.getsockname()[1]}")
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(listener, selectors.EVENT_READ)
+            while not stop.is_set():
+                for key, _ in selector.select(0.05):
+                    if key.fileobj is listener:
+                        conn, _ = listener.accept()
+                        held.append(conn)
+                        selector.register(conn, selectors.EVENT_READ)
+                        with receiver.lock:
+                            receiver.accepted.append(time.time())
+                            receiver.open_now += 1
+                            receiver.peak = max(receiver.peak, receiver.open_now)
+                        continue
+                    conn = key.fileobj  # type: ignore[assignment]
+                    try:  # read the request and drop it: no answer ever comes
+                        closed = conn.recv(65536) == b""
+                    except OSError:
+                        closed = True
+                    if closed:
+                        selector.unregister(conn)
+                        conn.close()
+                        with receiver.lock:
+                            receiver.open_now -= 1
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield receiver
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in held:
+            conn.close()
+        listener.close()

@@ -325,6 +325,7 @@ def _serve(settings: Settings, key_required: bool, fmt: str) -> None:
     from uvicorn.server import STARTUP_FAILURE
 
     from vllm_batch.api.app import create_app
+    from vllm_batch.api.connections import server_config
     from vllm_batch.banner import announce_when_ready, make_banner
 
     log = logging.getLogger("vllm_batch.serve")
@@ -338,8 +339,9 @@ def _serve(settings: Settings, key_required: bool, fmt: str) -> None:
             if self.started:
                 self.banner_task = asyncio.create_task(announce_when_ready(app, banner, fmt))
 
-    config = uvicorn.Config(
+    config = server_config(
         app,
+        settings,
         host=settings.host,
         port=settings.port,
         log_config=None,

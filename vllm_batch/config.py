@@ -143,6 +143,11 @@ class Settings(BaseSettings):
     upload_expiry_seconds: int = Field(default=3600, ge=1)
     # Body cap for every request except uploads (POST /v1/files), which get max_upload_bytes.
     max_request_body_bytes: int = Field(default=1024 * 1024, ge=1)
+    # Slow clients (api/connections.py): seconds to send a request's headers, seconds
+    # between two pieces of its body, and open connections per client address (0: no cap).
+    header_timeout: float = Field(default=10.0, gt=0)
+    body_timeout: float = Field(default=30.0, gt=0)
+    max_connections_per_client: int = Field(default=128, ge=0)
     max_requests_per_batch: int = 50_000
     chunk_size: int = Field(
         default=5_000, ge=1, validation_alias=_env("VLLM_BATCH_CHUNK_SIZE", "CHUNK_SIZE")
@@ -205,6 +210,11 @@ class Settings(BaseSettings):
     delivery_backoff_base: float = Field(default=5.0, gt=0)
     delivery_backoff_max: float = Field(default=3600.0, gt=0)
     delivery_concurrency: int = Field(default=8, ge=1)
+    # Per receiver (a webhook host, or one result handler): attempts in flight per process,
+    # and its circuit breaker: open after this many consecutive failures, for this long.
+    delivery_host_concurrency: int = Field(default=2, ge=1)
+    delivery_breaker_failures: int = Field(default=5, ge=1)
+    delivery_breaker_cooldown: float = Field(default=60.0, gt=0)
     delivery_poll_interval: float = Field(default=1.0, gt=0)
     deliveries: bool = True  # run the delivery dispatcher in this process
     # Which handlers run ("webhook" included); unset: every handler whose enabled() is true.

@@ -18,13 +18,14 @@ import inspect
 import logging
 import random
 import time
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 
 from vllm_batch.handlers.base import ResultHandler
+from vllm_batch.handlers.receivers import ReceiverGate
 from vllm_batch.handlers.results import BatchInfo, ResultStream
 from vllm_batch.handlers.webhook import Outcome, deliver, event_body
 from vllm_batch.logs import bound
@@ -86,18 +87,25 @@ async def _awaited(value: Awaitable[Any]) -> Any:
 
 
 class Dispatcher:
-    """Runs due deliveries with at most ``delivery_concurrency`` in flight."""
+    """Runs due deliveries with at most ``delivery_concurrency`` in flight, and at most
+    ``delivery_host_concurrency`` per receiver behind its circuit breaker (``receivers``)."""
 
     def __init__(self, ctx: StoreContext) -> None:
         self.ctx = ctx
         settings = ctx.settings
         self.allow = AllowList(settings.webhook_allowed_hosts)
         self.concurrency = settings.delivery_concurrency
+        self.gate = ReceiverGate(
+            per_receiver=min(settings.delivery_host_concurrency, self.concurrency),
+            failures_to_open=settings.delivery_breaker_failures,
+            cooldown=settings.delivery_breaker_cooldown,
+        )
         self.lease = max(MIN_LEASE_SECONDS, 3 * settings.webhook_timeout)
         self.secret: str | None = None
         self.running: dict[asyncio.Task[None], DeliveryRow] = {}
         """Attempts in flight, by task."""
         self._pool: ThreadPoolExecutor | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self.delivered = 0
         self.failed_attempts = 0
 
@@ -123,7 +131,7 @@ class Dispatcher:
                 # Webhook attempts stop when cancelled: hand them back so a restart need not
                 # wait out their leases. A handler's thread cannot be stopped: its lease stays.
                 webhooks = [d.id for d in self.running.values() if d.kind == "webhook"]
-                tasks = list(self.running)
+                tasks = list(self.running) + list(self._background)
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
@@ -141,23 +149,36 @@ class Dispatcher:
 
     async def _claim_and_start(self) -> None:
         free = self.concurrency - len(self.running)
-        if free <= 0:
+        stuck = self.gate.open_receivers()
+        if free <= 0 and not stuck:
             return
+        claimed: Sequence[DeliveryRow] = []
         try:
             async with self.ctx.sessions() as session, session.begin():
-                claimed = await outbox.claim_due(
-                    session,
-                    owner=self.ctx.instance_id,
-                    now=time.time(),
-                    lease=self.lease,
-                    limit=free,
-                )
+                now = time.time()
+                gave_up = await outbox.give_up_waiting(session, stuck, now=now)
+                if free > 0:
+                    claimed = await outbox.claim_due(
+                        session,
+                        owner=self.ctx.instance_id,
+                        now=now,
+                        lease=self.lease,
+                        limit=free,
+                        receivers=self.gate.limits(),
+                    )
         except Exception as exc:
             if not is_transient(exc):
                 raise
             log.warning("deliveries: database unavailable (%s)", describe(exc)[:200])
             return
+        if gave_up:
+            log.warning(
+                "deliveries: %d reached their retry horizon while their receiver's circuit "
+                "was open; failed",
+                gave_up,
+            )
         for delivery in claimed:
+            self.gate.started(delivery.receiver)
             task = asyncio.create_task(self._attempt(delivery), name=f"delivery {delivery.id}")
             self.running[task] = delivery
             task.add_done_callback(lambda done: self.running.pop(done, None))
@@ -171,14 +192,44 @@ class Dispatcher:
     async def _attempt_bound(self, delivery: DeliveryRow) -> None:
         started = time.time()
         keeper = asyncio.create_task(self._keep_lease(delivery))
+        ended: Outcome | None = None  # stays None if cancelled
         try:
-            outcome = await self._run(delivery)
-        except Exception as exc:
-            log.exception("delivery %s (%s) crashed", delivery.id, delivery.target)
-            outcome = Outcome(False, error=f"{type(exc).__name__}: {exc}"[:1000])
+            try:
+                outcome = await self._run(delivery)
+            except Exception as exc:
+                log.exception("delivery %s (%s) crashed", delivery.id, delivery.target)
+                outcome = Outcome(False, error=f"{type(exc).__name__}: {exc}"[:1000])
+            ended = outcome
         finally:
             keeper.cancel()
+            if self.gate.finished(delivery.receiver, ended):
+                self._breaker_opened(delivery.receiver)
         await self._record(delivery, outcome, started)
+
+    def _breaker_opened(self, receiver: str) -> None:
+        """Log, count, and move the receiver's waiting deliveries past its cool-down."""
+        reopens = self.gate.breaker(receiver).reopens_at() or time.monotonic()
+        until = time.time() + max(0.0, reopens - time.monotonic())
+        log.warning(
+            "deliveries: receiver %s failed %d times in a row; circuit open, next try in %.0f s",
+            receiver,
+            self.gate.breaker(receiver).failures,
+            until - time.time(),
+        )
+        metrics.delivery_breaker_opened(receiver.partition(":")[0])
+        task = asyncio.create_task(self._defer(receiver, until), name=f"defer {receiver}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _defer(self, receiver: str, until: float) -> None:
+        try:
+            async with self.ctx.sessions() as session, session.begin():
+                moved = await outbox.defer_receiver(session, receiver, until=until, now=time.time())
+        except Exception as exc:  # the claim skips the receiver anyway while it is open
+            log.warning("deliveries: could not defer %s (%s)", receiver, describe(exc)[:200])
+            return
+        if moved:
+            log.info("deliveries: %d waiting for %s deferred past its cool-down", moved, receiver)
 
     async def _keep_lease(self, delivery: DeliveryRow) -> None:
         while True:

@@ -18,6 +18,7 @@ from typing import Any
 
 from vllm_batch.config import Settings
 from vllm_batch.handlers.base import ResultHandler, call_enabled, get_registry
+from vllm_batch.handlers.receivers import receiver_of
 from vllm_batch.handlers.webhook import EVENT_TYPES, check_secret
 from vllm_batch.protocol.ids import new_id
 from vllm_batch.states import BatchStatus
@@ -154,6 +155,7 @@ class DeliveryPlan:
                 event_type=EVENT_TYPES[status],
                 kind=kind,
                 target=target,
+                receiver=receiver_of(kind, target),
                 status=PENDING,
                 attempts=0,
                 created_at=now,

@@ -109,9 +109,10 @@ async def serve_worker_metrics(
     """Serve ``worker_metrics_app`` on ``sock`` until ``shutdown``."""
     import uvicorn
 
-    server = uvicorn.Server(
-        uvicorn.Config(worker_metrics_app(settings), log_level="warning", lifespan="off")
-    )
+    from vllm_batch.api.connections import server_config
+
+    app = worker_metrics_app(settings)
+    server = uvicorn.Server(server_config(app, settings, log_level="warning", lifespan="off"))
     # The worker handles SIGTERM/SIGINT itself; uvicorn must not take them over.
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
     task = asyncio.create_task(server.serve(sockets=[sock]))

@@ -50,6 +50,7 @@ TOKEN_KINDS = ("input", "cached", "output", "reasoning")
 FINAL_STATUSES = ("completed", "cancelled", "expired")
 DELIVERY_KINDS = ("webhook", "handler")
 DELIVERY_OUTCOMES = ("succeeded", "retrying", "failed", "lease_lost")
+CONNECTION_REFUSALS = ("header_timeout", "body_timeout", "too_many_connections")
 
 
 def _counter(name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
@@ -130,6 +131,16 @@ class _Metrics:
         self.delivery_attempts = _counter(
             "delivery_attempts", "Delivery attempts by outcome.", (*kind, "outcome")
         )
+        self.connections_refused = _counter(
+            "http_connections_refused",
+            "HTTP connections ended by the connection guard, by reason.",
+            ("reason",),
+        )
+        self.delivery_breakers_opened = _counter(
+            "delivery_breakers_opened",
+            "Receiver circuit breakers opened after consecutive delivery failures.",
+            kind,
+        )
         self.delivery_seconds = Histogram(
             PREFIX + "delivery_attempt_seconds",
             "Duration of one delivery attempt.",
@@ -202,8 +213,11 @@ class _Metrics:
     def declare_deliveries(self) -> None:
         for kind in DELIVERY_KINDS:
             self.delivery_seconds.labels(kind)
+            self.delivery_breakers_opened.labels(kind)
             for outcome in DELIVERY_OUTCOMES:
                 self.delivery_attempts.labels(kind, outcome)
+        for reason in CONNECTION_REFUSALS:  # not deliveries, but declared once as well
+            self.connections_refused.labels(reason)
 
 
 class _Rates:
@@ -526,6 +540,16 @@ def delivery_attempt(kind: str, outcome: str, seconds: float) -> None:
     if _metrics is not None:
         _metrics.delivery_attempts.labels(kind, outcome).inc()
         _metrics.delivery_seconds.labels(kind).observe(max(0.0, seconds))
+
+
+def connection_refused(reason: str) -> None:
+    if _metrics is not None:
+        _metrics.connections_refused.labels(reason).inc()
+
+
+def delivery_breaker_opened(kind: str) -> None:
+    if _metrics is not None:
+        _metrics.delivery_breakers_opened.labels(kind).inc()
 
 
 def engine_stats(

@@ -10,15 +10,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, case, func, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from vllm_batch.store.models import DeliveryAttemptRow, DeliveryRow, ServerSecretRow
 
+if TYPE_CHECKING:
+    from vllm_batch.handlers.receivers import Limits
+
 PENDING, SUCCEEDED, FAILED = "pending", "succeeded", "failed"
+GAVE_UP_WHILE_OPEN = (
+    "gave up: the retry horizon passed while this receiver's circuit breaker was open "
+    "(it failed VLLM_BATCH_DELIVERY_BREAKER_FAILURES times in a row)"
+)
 
 
 def _free(now: float) -> ColumnElement[bool]:
@@ -26,17 +34,57 @@ def _free(now: float) -> ColumnElement[bool]:
 
 
 async def claim_due(
-    session: AsyncSession, *, owner: str, now: float, lease: float, limit: int
+    session: AsyncSession,
+    *,
+    owner: str,
+    now: float,
+    lease: float,
+    limit: int,
+    receivers: Limits | None = None,
 ) -> Sequence[DeliveryRow]:
-    """Lease up to ``limit`` pending deliveries whose next attempt is due."""
-    candidates = (
-        select(DeliveryRow.id)
-        .where(DeliveryRow.status == PENDING, DeliveryRow.next_attempt_at <= now, _free(now))
-        .order_by(DeliveryRow.next_attempt_at, DeliveryRow.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-    ids = list((await session.scalars(candidates)).all())
+    """Lease up to ``limit`` pending deliveries whose next attempt is due, oldest first.
+
+    ``receivers`` (see ``handlers.receivers``): skip the blocked receivers and take at most
+    each receiver's room, so one receiver's backlog never fills the claim.
+    """
+    due = [DeliveryRow.status == PENDING, DeliveryRow.next_attempt_at <= now, _free(now)]
+    if receivers is None:
+        chosen = (
+            select(DeliveryRow.id)
+            .where(*due)
+            .order_by(DeliveryRow.next_attempt_at, DeliveryRow.id)
+            .limit(limit)
+        )
+    else:
+        if receivers.blocked:
+            due.append(DeliveryRow.receiver.not_in(sorted(receivers.blocked)))
+        order = (DeliveryRow.next_attempt_at, DeliveryRow.id)
+        ranked = (
+            select(
+                DeliveryRow.id,
+                DeliveryRow.receiver,
+                DeliveryRow.next_attempt_at,
+                func.row_number()
+                .over(partition_by=DeliveryRow.receiver, order_by=order)
+                .label("rank"),
+            )
+            .where(*due)
+            .subquery()
+        )
+        room: ColumnElement[int] = (
+            case(receivers.room, value=ranked.c.receiver, else_=receivers.per_receiver)
+            if receivers.room
+            else literal(receivers.per_receiver)
+        )
+        chosen = (
+            select(ranked.c.id)
+            .where(ranked.c.rank <= room)
+            .order_by(ranked.c.next_attempt_at, ranked.c.id)
+            .limit(limit)
+        )
+    # The lock (PostgreSQL) goes on an outer select: window functions cannot take one.
+    candidates = select(DeliveryRow.id).where(DeliveryRow.id.in_(chosen))
+    ids = list((await session.scalars(candidates.with_for_update(skip_locked=True))).all())
     if not ids:
         return []
     result = await session.execute(
@@ -47,6 +95,52 @@ async def claim_due(
         .execution_options(synchronize_session=False)
     )
     return result.scalars().all()
+
+
+async def defer_receiver(session: AsyncSession, receiver: str, *, until: float, now: float) -> int:
+    """Move ``receiver``'s free pending deliveries due before ``until`` to ``until`` (or to
+    their ``give_up_at``, if sooner). Used while its circuit breaker is open: no attempt is
+    counted, and the retry horizon stays where it was."""
+    result = await session.execute(
+        update(DeliveryRow)
+        .where(
+            DeliveryRow.receiver == receiver,
+            DeliveryRow.status == PENDING,
+            DeliveryRow.next_attempt_at < until,
+            _free(now),
+        )
+        .values(
+            next_attempt_at=case(
+                (DeliveryRow.give_up_at < until, DeliveryRow.give_up_at), else_=until
+            )
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+async def give_up_waiting(session: AsyncSession, receivers: Sequence[str], *, now: float) -> int:
+    """Fail the free pending deliveries to ``receivers`` (whose breakers are open) that
+    reached their ``give_up_at``: they cannot get another attempt within their horizon."""
+    if not receivers:
+        return 0
+    result = await session.execute(
+        update(DeliveryRow)
+        .where(
+            DeliveryRow.receiver.in_(receivers),
+            DeliveryRow.status == PENDING,
+            DeliveryRow.give_up_at <= now,
+            _free(now),
+        )
+        .values(
+            status=FAILED,
+            next_attempt_at=None,
+            finished_at=now,
+            last_error=GAVE_UP_WHILE_OPEN,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 async def renew_lease(session: AsyncSession, delivery_id: str, owner: str, until: float) -> bool:
