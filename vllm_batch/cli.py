@@ -461,6 +461,7 @@ async def _run_worker(settings: Settings) -> None:
         def stop() -> None:
             shutdown.set()
             ctx.notifier.wake()
+            engines.abort_loading()  # a load under way would delay the exit until it ends
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

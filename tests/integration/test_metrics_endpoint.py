@@ -149,6 +149,8 @@ FAMILIES = {
         "engine_load_failures",
         "engine_restarts",
         "delivery_attempts",
+        "delivery_breakers_opened",
+        "http_connections_refused",
         "engine_prefix_cache_queries",
         "engine_prefix_cache_hits",
         "engine_preemptions",
@@ -157,6 +159,7 @@ FAMILIES = {
         "request_latency_seconds",
         "batch_duration_seconds",
         "delivery_attempt_seconds",
+        "event_loop_lag_seconds",
     ],
 }
 GPU_FAMILIES = {

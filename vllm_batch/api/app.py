@@ -25,6 +25,7 @@ from vllm_batch.observability import metrics
 from vllm_batch.observability.endpoint import install_metrics
 from vllm_batch.observability.gpu import NvmlReader, ReadingsSource
 from vllm_batch.observability.gpu_guard import GpuGuard
+from vllm_batch.observability.loop_lag import watch_loop_lag
 from vllm_batch.runtime import open_store
 from vllm_batch.service.housekeeping import run_housekeeping
 from vllm_batch.service.supervise import TaskHealth, supervise
@@ -63,6 +64,8 @@ def create_app(
             async with serving(app, engines):
                 yield
         finally:
+            if engines is not None:
+                engines.abort_loading()
             if preload is not None:
                 preload.cancel()
                 await asyncio.gather(preload, return_exceptions=True)
@@ -97,11 +100,14 @@ def create_app(
                 health = TaskHealth(name)
                 ctx.services.append(health)
                 ctx.spawn(supervise(health, run, shutdown))
+            ctx.spawn(watch_loop_lag(shutdown))
             try:
                 yield
             finally:
                 shutdown.set()
                 ctx.notifier.wake()
+                if ctx.engines is not None:
+                    ctx.engines.abort_loading()  # a load under way would delay the exit
                 if ctx.worker_task is not None:
                     try:
                         await asyncio.wait_for(ctx.worker_task, SHUTDOWN_GRACE_SECONDS)

@@ -107,6 +107,8 @@ class EngineManager:
         self.failures: dict[str, LoadFailure] = {}
         self.limits: dict[str, EngineLimits] = {}
         """Per model: limits lowered after CUDA out-of-memory errors."""
+        self._starting: asyncio.Task[None] | None = None
+        self._closing = False
 
     @property
     def model_names(self) -> list[str]:
@@ -192,6 +194,8 @@ class EngineManager:
         async with self._lock:
             if self._engine is not None and self._engine.model_name == model:
                 return self._engine
+            if self._closing:
+                raise EngineLoadError(model, "the process is shutting down")
             failure = self.failures.get(model)
             if failure is not None and failure.retry_at > self._clock():
                 raise EngineLoadError(model, f"{failure.error} (backing off)")
@@ -203,10 +207,17 @@ class EngineManager:
                 cap = self.limits.get(model, EngineLimits()).max_num_seqs
                 if cap is not None and isinstance(engine, ResizableEngine):
                     engine.set_max_num_seqs(cap)
-                await engine.start()
+                await self._start(engine)
             except asyncio.CancelledError:
                 self.state = "idle"
-                raise
+                task = asyncio.current_task()
+                if not self._closing or (task is not None and task.cancelling()):
+                    raise
+                # Stopped by ``abort_loading`` (shutdown), not by our caller's cancellation.
+                log.info("loading %s stopped: the process is shutting down", model)
+                if engine is not None:
+                    await self._stop_quietly(engine)
+                raise EngineLoadError(model, "loading stopped: shutting down") from None
             except Exception as exc:
                 self._record_failure(model, exc)
                 if engine is not None:
@@ -219,6 +230,21 @@ class EngineManager:
                 log.info("model %s loaded after earlier load failures", model)
             log.info("model %s loaded", model)
             return engine
+
+    async def _start(self, engine: Engine) -> None:
+        """``engine.start()`` as a task of its own, which ``abort_loading`` can cancel."""
+        self._starting = asyncio.create_task(engine.start())
+        try:
+            await self._starting
+        finally:
+            self._starting = None
+
+    def abort_loading(self) -> None:
+        """Shutdown: stop an engine load under way (its processes are terminated) and
+        refuse new ones, so that the process can exit now instead of after the load."""
+        self._closing = True
+        if self._starting is not None:
+            self._starting.cancel()
 
     def _record_failure(self, model: str, exc: BaseException) -> None:
         now = self._clock()

@@ -45,6 +45,7 @@ TICK_SECONDS = 5.0
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400)
 ATTEMPT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+LOOP_LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 REQUEUE_REASONS = ("engine_failure", "engine_unavailable", "stopped", "error", "incomplete")
 TOKEN_KINDS = ("input", "cached", "output", "reasoning")
 FINAL_STATUSES = ("completed", "cancelled", "expired")
@@ -147,6 +148,12 @@ class _Metrics:
             kind,
             registry=None,
             buckets=ATTEMPT_BUCKETS,
+        )
+        self.loop_lag = Histogram(
+            PREFIX + "event_loop_lag_seconds",
+            "How late the server's event loop ran a timer (observability/loop_lag.py).",
+            registry=None,
+            buckets=LOOP_LAG_BUCKETS,
         )
         # vLLM's own scheduler stats (observability/engine_stats.py)
         self.engine_running = _gauge(
@@ -534,6 +541,11 @@ def engine_load_failed(model: str) -> None:
 def engine_restarted(model: str) -> None:
     if _metrics is not None:
         _metrics.engine_restarts.labels(model).inc()
+
+
+def loop_lag(seconds: float) -> None:
+    if _metrics is not None:
+        _metrics.loop_lag.observe(max(0.0, seconds))
 
 
 def delivery_attempt(kind: str, outcome: str, seconds: float) -> None:

@@ -288,8 +288,8 @@ class Dispatcher:
                 block = await anyio.to_thread.run_sync(self._read_block, source, block_size)
                 if not block:
                     break
-                pending = self._order([(i, r) for i, r in block if i not in skip])
-                pending.reverse()  # pop() from the end is O(1)
+                # Ordering parses every line of the block: off the event loop.
+                pending = await anyio.to_thread.run_sync(self._pending, block, skip)
                 while pending:
                     if not await window.acquire(lane):
                         break
@@ -336,6 +336,14 @@ class Dispatcher:
             if budget <= 0:
                 break
         return block
+
+    def _pending(
+        self, block: list[tuple[int, bytes]], skip: Collection[int]
+    ) -> list[tuple[int, bytes]]:
+        """The block's lines to submit, in reverse submission order (``pop()`` is O(1))."""
+        pending = self._order([(i, r) for i, r in block if i not in skip])
+        pending.reverse()
+        return pending
 
     def _order(self, block: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
         if not self.group_prefixes or len(block) < 2:
