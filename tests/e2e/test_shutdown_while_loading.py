@@ -19,6 +19,7 @@ import psutil
 
 from tests.conftest import TINY_NAME
 from tests.e2e.conftest import spawn_server, stop_server
+from tests.engine_budget import budgeted_popen
 
 LOAD_STARTED = "starting vLLM engine for"
 LOADED = "vLLM engine ready for"
@@ -103,11 +104,11 @@ def test_worker_stops_promptly_on_sigterm_while_its_engine_loads(
     db_url = f"sqlite+aiosqlite:///{tmp_path / 'worker.db'}"
     args = ["--model", f"{TINY_NAME}={tiny_model}", "--max-model-len", "512"]
     with open(log_path, "ab") as log:
-        worker = subprocess.Popen(
+        worker = budgeted_popen(
+            "worker stopped while loading",
             [sys.executable, "-m", "vllm_batch.cli", "worker", *args, "--database-url", db_url],
             stdout=log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
             env={**os.environ, "VLLM_BATCH_DATA_DIR": str(tmp_path / "data")},
         )
     try:
