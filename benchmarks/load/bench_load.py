@@ -164,7 +164,7 @@ def warm_up(url: str, process: Any) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError("the server did not answer /health within 600 s")
         time.sleep(0.5)
-    with httpx.Client(base_url=f"{url}/v1", timeout=30) as http:
+    with httpx.Client(base_url=f"{url}/v1", timeout=300) as http:
         file_id = upload(http, KEYS[0])
         auth = {"Authorization": f"Bearer {KEYS[0]}"}
         batch = http.post(
@@ -318,7 +318,9 @@ def report(db: str, model: str, burst: dict[str, Any], load: dict[str, Any], cmd
         f"`{cmd}`\n\n"
         f"A `vllm-batch serve` subprocess (API + in-process worker, model `{model}` on the "
         f"CPU vLLM engine, 4 API keys, default pool sizes) on 127.0.0.1, database: {db}. "
-        "The load generators run on the same 2 cores.\n\n"
+        "The load generators run on the same 2 cores; the machine's 1-minute load average "
+        f"was {load['load_avg'][0]} before the burst and {load['load_avg'][1]} after Locust "
+        "(the machine is shared).\n\n"
         "## 80 concurrent `POST /v1/batches` from 4 keys (2-line files)\n\n"
         f"{burst_table}\n\n"
         "## Locust: 40 users, 2 minutes, upload → create → poll every 1 s → download\n\n"
@@ -347,13 +349,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_load_") as tmp:
         work = Path(tmp)
         model = model_dir(args.model, work)
-        with database(args.db, args.pg_admin) as db_env, server(work, model, db_env) as (url, _):
-            with httpx.Client(base_url=f"{url}/v1", timeout=30) as http:
-                files = {key: upload(http, key) for key in KEYS}
-            burst = asyncio.run(create_burst(url, files, args.burst))
-            print("burst:", json.dumps(burst), flush=True)
-            load = run_locust(url, work, args.users, args.duration)
-            print("locust:", json.dumps(load), flush=True)
+        try:
+            with (
+                database(args.db, args.pg_admin) as db_env,
+                server(work, model, db_env) as (url, _),
+            ):
+                with httpx.Client(base_url=f"{url}/v1", timeout=120) as http:
+                    files = {key: upload(http, key) for key in KEYS}
+                load_before = os.getloadavg()[0]
+                burst = asyncio.run(create_burst(url, files, args.burst))
+                print("burst:", json.dumps(burst), flush=True)
+                load = run_locust(url, work, args.users, args.duration)
+                load["load_avg"] = [round(load_before, 1), round(os.getloadavg()[0], 1)]
+                print("locust:", json.dumps(load), flush=True)
+        except BaseException:
+            log = work / "server.log"
+            if log.exists():
+                print(log.read_text()[-4000:], file=sys.stderr)
+            raise
         text = report(args.db, args.model, burst, load, cmd)
         payload = {"db": args.db, "model": args.model, "burst": burst, "load": load, "command": cmd}
         if args.no_save:
