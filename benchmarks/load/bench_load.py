@@ -298,6 +298,16 @@ def run_locust(url: str, work: Path, users: int, duration: str) -> dict[str, Any
     return {"calls": calls, "counts": counts}
 
 
+def pools() -> str:
+    """The default connection pool sizes, as measured."""
+    from vllm_batch.config import Settings
+
+    fields = Settings.model_fields
+    api = f"{fields['db_pool_size'].default}+{fields['db_max_overflow'].default}"
+    work = f"{fields['db_worker_pool_size'].default}+{fields['db_worker_max_overflow'].default}"
+    return f"API {api}, background {work} connections"
+
+
 def report(db: str, model: str, burst: dict[str, Any], load: dict[str, Any], cmd: str) -> str:
     counts = load["counts"]
     burst_table = markdown_table(
@@ -317,7 +327,8 @@ def report(db: str, model: str, burst: dict[str, Any], load: dict[str, Any], cmd
     return (
         f"`{cmd}`\n\n"
         f"A `vllm-batch serve` subprocess (API + in-process worker, model `{model}` on the "
-        f"CPU vLLM engine, 4 API keys, default pool sizes) on 127.0.0.1, database: {db}. "
+        f"CPU vLLM engine, 4 API keys, default pool sizes: {pools()}) on 127.0.0.1, "
+        f"database: {db}. "
         "The load generators run on the same 2 cores; the machine's 1-minute load average "
         f"was {load['load_avg'][0]} before the burst and {load['load_avg'][1]} after Locust "
         "(the machine is shared).\n\n"
