@@ -136,8 +136,8 @@ class Settings(BaseSettings):
     # connection within db_pool_timeout seconds gets a 503 (code "database_busy").
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=10, ge=0)
-    db_worker_pool_size: int = Field(default=10, ge=1)
-    db_worker_max_overflow: int = Field(default=10, ge=0)
+    db_worker_pool_size: int = Field(default=5, ge=1)
+    db_worker_max_overflow: int = Field(default=5, ge=0)
     db_pool_timeout: float = Field(default=10.0, gt=0)
 
     max_upload_bytes: int = 200 * 1024 * 1024
