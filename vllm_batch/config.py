@@ -135,6 +135,16 @@ class Settings(BaseSettings):
     # How often Ray restarts a replica whose process died before the engine gives up on it.
     ray_max_restarts: int = Field(default=3, ge=0)
 
+    # ---- Database connection pools (README "Configuration"). API requests and background
+    # work (worker, finalization, housekeeping, validation, deliveries) each have their own
+    # pool, so a burst of requests cannot starve the worker. A request that finds no free
+    # connection within db_pool_timeout seconds gets a 503 (code "database_busy").
+    db_pool_size: int = Field(default=10, ge=1)
+    db_max_overflow: int = Field(default=10, ge=0)
+    db_worker_pool_size: int = Field(default=5, ge=1)
+    db_worker_max_overflow: int = Field(default=5, ge=0)
+    db_pool_timeout: float = Field(default=10.0, gt=0)
+
     max_upload_bytes: int = 200 * 1024 * 1024
     # Uploads API (POST /v1/uploads): per-part and whole-upload limits (OpenAI's: 64 MB,
     # 8 GB) and how long an upload may stay pending (OpenAI's: an hour).

@@ -24,6 +24,7 @@ __all__ = [
     "BatchSpec",
     "IllegalTransition",
     "InputFileGone",
+    "InputFileNotForBatch",
     "cancel",
     "claim_chunk",
     "claim_finalization",
@@ -39,7 +40,16 @@ __all__ = [
 
 
 class InputFileGone(LookupError):
-    """The batch's input file does not exist (any more)."""
+    """The batch's input file does not exist (any more), or the caller may not see it."""
+
+
+class InputFileNotForBatch(ValueError):
+    """The batch's input file was not uploaded with purpose ``batch``."""
+
+    def __init__(self, file_id: str, purpose: str) -> None:
+        super().__init__(file_id, purpose)
+        self.file_id = file_id
+        self.purpose = purpose
 
 
 @dataclass(frozen=True)
@@ -56,11 +66,18 @@ class BatchSpec:
     owner: str | None
 
 
-async def create(ctx: StoreContext, spec: BatchSpec) -> BatchRow:
-    """→ ``validating``. Raises ``InputFileGone`` if the input file vanished meanwhile."""
+async def create(ctx: StoreContext, spec: BatchSpec, *, scope: str | None = None) -> BatchRow:
+    """→ ``validating``, in one session (a route holds no other connection meanwhile).
+
+    Raises ``InputFileGone`` if the input file does not exist or belongs to another owner
+    than ``scope`` (None: any owner), ``InputFileNotForBatch`` if its purpose is not batch.
+    """
     async with ctx.sessions() as session, session.begin():
-        if await queries.get_file(session, spec.input_file_id) is None:
+        input_file = await queries.get_file(session, spec.input_file_id, owner=scope)
+        if input_file is None:
             raise InputFileGone(spec.input_file_id)
+        if input_file.purpose != "batch":
+            raise InputFileNotForBatch(input_file.id, input_file.purpose)
         created = now()
         row = BatchRow(
             id=new_id("batch_"),

@@ -5,15 +5,20 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from vllm_batch.config import Settings
 from vllm_batch.handlers.plan import DeliveryPlan
 from vllm_batch.identity import InstanceId
 from vllm_batch.storage.base import BlobStorage
 from vllm_batch.store.notify import WorkNotifier
+
+if TYPE_CHECKING:
+    from vllm_batch.store.db import PoolSize
+
+PoolRole = Literal["api", "worker"]
 
 
 @dataclass
@@ -47,27 +52,65 @@ class StoreContext:
         return {f.name: getattr(self, f.name) for f in fields(StoreContext)}
 
 
+@dataclass(frozen=True)
+class Pool:
+    """One connection pool and the write and read sessions drawn from it."""
+
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    read_sessions: async_sessionmaker[AsyncSession]
+
+    def context_fields(self) -> dict[str, Any]:
+        """The ``StoreContext`` fields this pool provides."""
+        return {"sessions": self.sessions, "read_sessions": self.read_sessions}
+
+
+def pool_size(settings: Settings, role: PoolRole) -> PoolSize:
+    """The connection pool of API requests, or of background work (worker and services)."""
+    from vllm_batch.store.db import PoolSize
+
+    if role == "api":
+        return PoolSize(settings.db_pool_size, settings.db_max_overflow, settings.db_pool_timeout)
+    return PoolSize(
+        settings.db_worker_pool_size, settings.db_worker_max_overflow, settings.db_pool_timeout
+    )
+
+
 @contextlib.asynccontextmanager
-async def open_store(settings: Settings) -> AsyncIterator[StoreContext]:
-    """Connect to the database (migrating it), storage and notifications; close them after."""
+async def open_pool(settings: Settings, role: PoolRole) -> AsyncIterator[Pool]:
+    """A connection pool of its own, sized for ``role``; disposed of on exit."""
+    from vllm_batch.store.db import create_engine, make_sessionmaker
+
+    db = create_engine(settings.resolved_database_url, pool_size(settings, role))
+    try:
+        yield Pool(db, make_sessionmaker(db), make_sessionmaker(db, read_only=True))
+    finally:
+        await db.dispose()
+
+
+@contextlib.asynccontextmanager
+async def open_store(settings: Settings, role: PoolRole = "worker") -> AsyncIterator[StoreContext]:
+    """Connect to the database (migrating it), storage and notifications; close them after.
+
+    Its sessions come from the ``role`` pool (the API server opens a second pool for its
+    requests with ``open_pool``).
+    """
     from vllm_batch.storage import open_storage
-    from vllm_batch.store.db import create_engine, make_sessionmaker, migrate
+    from vllm_batch.store.db import migrate
 
     deliveries = DeliveryPlan.load(settings)  # fails fast on a bad handler setting
-    db = create_engine(settings.resolved_database_url)
     notifier = WorkNotifier(settings.resolved_database_url)
-    try:
-        await migrate(db)
-        await notifier.start()
-        yield StoreContext(
-            settings=settings,
-            sessions=make_sessionmaker(db),
-            read_sessions=make_sessionmaker(db, read_only=True),
-            storage=open_storage(settings.storage_url, settings.data_dir),
-            notifier=notifier,
-            instance=InstanceId.new(),
-            deliveries=deliveries,
-        )
-    finally:
-        await notifier.close()
-        await db.dispose()
+    async with open_pool(settings, role) as pool:
+        try:
+            await migrate(pool.engine)
+            await notifier.start()
+            yield StoreContext(
+                settings=settings,
+                **pool.context_fields(),
+                storage=open_storage(settings.storage_url, settings.data_dir),
+                notifier=notifier,
+                instance=InstanceId.new(),
+                deliveries=deliveries,
+            )
+        finally:
+            await notifier.close()

@@ -81,10 +81,25 @@ def copy_upload(src: BinaryIO, dst: BinaryIO, *, max_bytes: int, check_jsonl: bo
     return UploadScan(bytes=size, requests=requests)
 
 
+def utf8_problem(raw: bytes, number: int) -> str | None:
+    """Where line ``number`` is not valid UTF-8 (None if it is)."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return (
+            f"Invalid JSONL: line {number} is not valid UTF-8 (byte 0x{raw[exc.start]:02x} "
+            f"at byte {exc.start + 1} of the line); batch files must be UTF-8 encoded."
+        )
+    return None
+
+
 def _parse_object(raw: bytes, number: int) -> dict[str, Any]:
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        problem = utf8_problem(raw, number)
+        if problem is not None:  # orjson calls it "surrogates not allowed"
+            raise UploadRejected(problem, code="invalid_utf8") from None
         raise UploadRejected(
             f"Invalid JSONL: line {number} is not valid JSON ({exc.msg}).", code="invalid_jsonl"
         ) from None
@@ -231,6 +246,13 @@ def _check_fields(
         )
     elif not isinstance(custom_id, str):
         plan.error("invalid_type", "'custom_id' must be a string.", number, "custom_id")
+    elif not custom_id:
+        plan.error(
+            "invalid_value",
+            "'custom_id' must not be empty: each line needs a unique, non-empty custom_id.",
+            number,
+            "custom_id",
+        )
     else:
         key = hash(custom_id)
         if key in seen_ids:

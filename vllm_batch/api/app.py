@@ -26,7 +26,7 @@ from vllm_batch.observability.endpoint import install_metrics
 from vllm_batch.observability.gpu import NvmlReader, ReadingsSource
 from vllm_batch.observability.gpu_guard import GpuGuard
 from vllm_batch.observability.loop_lag import watch_loop_lag
-from vllm_batch.runtime import open_store
+from vllm_batch.runtime import open_pool, open_store
 from vllm_batch.service.housekeeping import run_housekeeping
 from vllm_batch.service.supervise import TaskHealth, supervise
 from vllm_batch.service.validate import ValidationSweeper
@@ -75,26 +75,27 @@ def create_app(
     @contextlib.asynccontextmanager
     async def serving(app: FastAPI, engines: EngineManager | None) -> AsyncIterator[None]:
         """The store, the worker (with ``engines``) and the services, stopped in order."""
-        async with open_store(settings) as store:
-            ctx = AppContext(**store.shared())
+        # Two connection pools: background work (worker, services) and API requests.
+        async with open_store(settings, "worker") as store, open_pool(settings, "api") as api:
+            ctx = AppContext(**{**store.shared(), **api.context_fields()}, work_store=store)
             app.state.ctx = ctx
             shutdown = asyncio.Event()
             if engines is not None:
                 ctx.engines = engines
                 guard = GpuGuard(gpu_source or NvmlReader(), settings)
-                worker = Worker(WorkerContext(**ctx.shared(), engines=ctx.engines), gpu=guard)
+                worker = Worker(WorkerContext(**store.shared(), engines=ctx.engines), gpu=guard)
                 ctx.worker = worker
                 ctx.worker_health = TaskHealth("worker")
                 ctx.worker_task = asyncio.create_task(
                     supervise(ctx.worker_health, lambda: worker.run(shutdown), shutdown)
                 )
-            sweeper = ValidationSweeper(ctx, ctx.validating)
+            sweeper = ValidationSweeper(store, ctx.validating)
             services: list[tuple[str, Callable[[], Awaitable[None]]]] = [
-                ("housekeeping", lambda: run_housekeeping(ctx, shutdown)),
+                ("housekeeping", lambda: run_housekeeping(store, shutdown)),
                 ("validation sweeper", lambda: sweeper.run(shutdown)),
             ]
             if settings.deliveries:
-                dispatcher = ctx.dispatcher = Dispatcher(ctx)
+                dispatcher = ctx.dispatcher = Dispatcher(store)
                 services.append(("deliveries", lambda: dispatcher.run(shutdown)))
             for name, run in services:
                 health = TaskHealth(name)

@@ -172,9 +172,8 @@ def check_endpoint_served(settings: Settings, endpoint: str) -> None:
 
 
 @router.post("/batches", response_model=Batch)
-async def create_batch(
-    ctx: CtxDep, session: ReadSessionDep, principal: PrincipalDep, request: BatchCreateRequest
-) -> Batch:
+async def create_batch(ctx: CtxDep, principal: PrincipalDep, request: BatchCreateRequest) -> Batch:
+    """Checks the request, then creates the batch in one write session (no other held)."""
     if request.endpoint not in SUPPORTED_ENDPOINTS:
         raise APIError(
             400,
@@ -188,15 +187,6 @@ async def create_batch(
     check_metadata(request.metadata)
     priority = _priority(request.metadata)
     await check_webhook_url(ctx.settings, request.metadata)
-    input_file = await queries.get_file(session, request.input_file_id, owner=principal.scope)
-    if input_file is not None and input_file.purpose != "batch":
-        raise APIError(
-            400,
-            f"File {input_file.id} has purpose {input_file.purpose!r}; a "
-            "batch input file must be uploaded with purpose 'batch'.",
-            param="input_file_id",
-            code="invalid_value",
-        )
     spec = lifecycle.BatchSpec(
         endpoint=request.endpoint,
         input_file_id=request.input_file_id,
@@ -210,9 +200,7 @@ async def create_batch(
         owner=principal.name,
     )
     try:
-        if input_file is None:
-            raise lifecycle.InputFileGone(request.input_file_id)
-        row = await lifecycle.create(ctx, spec)
+        row = await lifecycle.create(ctx, spec, scope=principal.scope)
     except lifecycle.InputFileGone:
         raise APIError(
             404,
@@ -220,7 +208,15 @@ async def create_batch(
             param="input_file_id",
             code="not_found",
         ) from None
-    ctx.spawn(validate_batch(ctx, row.id, ctx.validating))
+    except lifecycle.InputFileNotForBatch as exc:
+        raise APIError(
+            400,
+            f"File {exc.file_id} has purpose {exc.purpose!r}; a "
+            "batch input file must be uploaded with purpose 'batch'.",
+            param="input_file_id",
+            code="invalid_value",
+        ) from None
+    ctx.spawn(validate_batch(ctx.for_work, row.id, ctx.validating))
     return batch_object(row)
 
 
@@ -249,17 +245,17 @@ async def retrieve_batch(session: ReadSessionDep, principal: PrincipalDep, batch
 
 
 @router.post("/batches/{batch_id}/cancel", response_model=Batch)
-async def cancel_batch(
-    ctx: CtxDep, session: ReadSessionDep, principal: PrincipalDep, batch_id: str
-) -> Batch:
-    await load_batch(session, principal, batch_id)
+async def cancel_batch(ctx: CtxDep, principal: PrincipalDep, batch_id: str) -> Batch:
+    # The ownership check's connection goes back to the pool before cancel takes another.
+    async with ctx.read_sessions() as session:
+        await load_batch(session, principal, batch_id)
     try:
         row = await lifecycle.cancel(ctx, batch_id)
     except lifecycle.IllegalTransition as exc:
         raise APIError(409, str(exc), code="invalid_state") from None
     if row is None:
         raise not_found("batch", batch_id)
-    ctx.spawn(finalize_batch(ctx, batch_id))
+    ctx.spawn(finalize_batch(ctx.for_work, batch_id))
     return batch_object(row)
 
 

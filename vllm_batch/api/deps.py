@@ -26,7 +26,9 @@ async def get_session(ctx: CtxDep) -> AsyncIterator[AsyncSession]:
         yield session
 
 
-SessionDep = Annotated[AsyncSession, Depends(get_session)]
+# scope="function": the session closes (its connection back in the pool) when the route
+# returns, not after the response is sent: a slow reader of a download holds no connection.
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 
 async def get_read_session(ctx: CtxDep) -> AsyncIterator[AsyncSession]:
@@ -34,8 +36,10 @@ async def get_read_session(ctx: CtxDep) -> AsyncIterator[AsyncSession]:
         yield session
 
 
-ReadSessionDep = Annotated[AsyncSession, Depends(get_read_session)]
-"""For routes that only read: never blocks (or is blocked by) writers."""
+ReadSessionDep = Annotated[AsyncSession, Depends(get_read_session, scope="function")]
+"""For routes that only read: never blocks (or is blocked by) writers. A route that holds
+it must not open another session meanwhile (``ctx.sessions()``, ``lifecycle``): N such
+requests at once would each hold one connection of the pool and wait for a second."""
 
 
 def current_principal(request: Request) -> Principal:

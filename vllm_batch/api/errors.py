@@ -13,6 +13,7 @@ import tempfile
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vllm_batch.protocol.errors import ErrorDetail, ErrorResponse
@@ -71,6 +72,18 @@ def error_response(
     return JSONResponse(ErrorResponse(error=detail).model_dump(), status_code=status)
 
 
+def database_busy(exc: BaseException) -> JSONResponse:
+    """503 when no pooled database connection became free within ``db_pool_timeout``."""
+    log.warning("API database pool exhausted: %s", str(exc).splitlines()[0][:200])
+    response = error_response(
+        503,
+        "The server is busy: no database connection became free in time. Retry shortly.",
+        code="database_busy",
+    )
+    response.headers["Retry-After"] = "1"
+    return response
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
@@ -84,6 +97,10 @@ def install_error_handlers(app: FastAPI) -> None:
             f"{exc.message} Nothing was stored; retry once space is freed.",
             code="storage_full",
         )
+
+    @app.exception_handler(sa_exc.TimeoutError)
+    async def _pool_exhausted(_request: Request, exc: sa_exc.TimeoutError) -> JSONResponse:
+        return database_busy(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

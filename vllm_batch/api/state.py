@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class AppContext(StoreContext):
+    """The API's context: its sessions come from the API pool (``db_pool_size``)."""
+
     engines: EngineManager | None = None
     worker: Worker | None = None
     worker_health: TaskHealth | None = None
@@ -29,6 +31,14 @@ class AppContext(StoreContext):
     validating: set[str] = field(default_factory=set)
     """Batches this process is validating right now."""
     background: set[asyncio.Task[Any]] = field(default_factory=set)
+    work_store: StoreContext | None = None
+    """The same store on the background pool: the worker, services and the tasks routes
+    start (validation, finalization) use it, so API requests never starve them."""
+
+    @property
+    def for_work(self) -> StoreContext:
+        """The context background work runs on (``work_store``, else this one)."""
+        return self.work_store if self.work_store is not None else self
 
     @property
     def worker_alive(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,21 @@ def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
-def create_engine(url: str) -> AsyncEngine:
+@dataclass(frozen=True)
+class PoolSize:
+    """A connection pool: ``size`` kept open, up to ``overflow`` more under load, and how
+    long (seconds) a checkout waits before it raises ``sqlalchemy.exc.TimeoutError``."""
+
+    size: int = 5
+    overflow: int = 10
+    timeout: float = 30.0
+
+
+def create_engine(url: str, pool: PoolSize | None = None) -> AsyncEngine:
     """An async engine; SQLite gets WAL, a generous busy timeout and real transactions.
+
+    ``pool`` sizes its connection pool (default: SQLAlchemy's 5 + 10, 30 s); an in-memory
+    SQLite database has a single shared connection instead.
 
     pysqlite only sends ``BEGIN`` at the first write, so a ``SELECT`` before it sees no
     lock at all. SQLAlchemy's documented fix disables that and emits ``BEGIN`` ourselves:
@@ -37,9 +51,11 @@ def create_engine(url: str) -> AsyncEngine:
     """
     if is_sqlite(url):
         path = url.split(":///", 1)[-1]
-        if path and path != ":memory:":
+        sizing: dict[str, Any] = {}
+        if path and path != ":memory:" and "mode=memory" not in path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, connect_args={"timeout": 60})
+            sizing = _pool_options(pool or PoolSize())
+        engine = create_async_engine(url, connect_args={"timeout": 60}, **sizing)
 
         @event.listens_for(engine.sync_engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -57,7 +73,13 @@ def create_engine(url: str) -> AsyncEngine:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    return create_async_engine(
+        url, pool_pre_ping=True, **_pool_options(pool or PoolSize(10, 10, 30.0))
+    )
+
+
+def _pool_options(pool: PoolSize) -> dict[str, Any]:
+    return {"pool_size": pool.size, "max_overflow": pool.overflow, "pool_timeout": pool.timeout}
 
 
 def make_sessionmaker(
