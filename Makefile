@@ -14,6 +14,9 @@ LABEL_STUDIO_VERSION := 1.23.2
 # reading it): the README's openai-batch snippet is tested on it. Only its own files (--no-deps).
 OPENAI_BATCH_OLD := 0.3.3
 OPENAI_BATCH_OLD_DIR ?= .venv-openai-batch-$(OPENAI_BATCH_OLD)
+# xdist workers for `make test`; vLLM engines alive at once stay within the suite's engine
+# budget (VLLM_BATCH_TEST_ENGINES, tests/engine_budget.py) whatever this is.
+TEST_WORKERS ?= 3
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
 
@@ -82,7 +85,7 @@ unit: install-test
 	$(BIN)/pytest tests/unit -q
 
 test: install-test model lint
-	$(BIN)/pytest -q -ra --durations=15 -n 2 --dist loadfile
+	$(BIN)/pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 bench: install-test model
 	$(BIN)/python benchmarks/bench_batch.py

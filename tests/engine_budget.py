@@ -37,6 +37,8 @@ EVICT_AFTER = 2.0
 """A process that waited this long for a slot makes other processes stop their idle engines."""
 _RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
 SLOT_DIR = Path(tempfile.gettempdir()) / f"vllm-batch-test-engines-{_RUN_ID}"
+_PAUSE = threading.Event()
+"""Never set: ``_PAUSE.wait(s)`` sleeps without ``time.sleep``, which tests may replace."""
 
 
 @dataclass
@@ -123,7 +125,7 @@ def acquire(label: str, make_room: Callable[[], bool] = lambda: False) -> Slot:
                     f"no engine slot for {label!r} after {SLOT_WAIT_SECONDS:.0f}s "
                     f"(budget {ENGINE_BUDGET}); held by: {holders()}"
                 )
-            time.sleep(0.2)
+            _PAUSE.wait(0.2)
     finally:
         if announced:
             with contextlib.suppress(FileNotFoundError):
@@ -241,7 +243,7 @@ class EngineShelf:
 
     def _watch(self) -> None:
         while True:
-            time.sleep(0.5)
+            _PAUSE.wait(0.5)
             with contextlib.suppress(Exception):
                 if others_waiting():
                     self.evict_one()
@@ -278,4 +280,4 @@ def reap_group(pgid: int, timeout: float = 30) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
             return
-        time.sleep(0.2)
+        _PAUSE.wait(0.2)

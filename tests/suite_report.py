@@ -1,6 +1,7 @@
 """The suite's own costs, printed at the end of a run: wall time and the machine's peak used
 memory (MemTotal - MemAvailable, sampled every 0.5 s by the controlling process), the number
-that must stay under the memory budget while engines come and go."""
+that must stay under the memory budget while engines come and go. Also the collection order
+that keeps the slowest modules from forming a tail."""
 
 from __future__ import annotations
 
@@ -51,6 +52,19 @@ class MemorySampler:
 
 
 _SAMPLER: MemorySampler | None = None
+
+
+FIRST = ("tests/e2e/", "tests/integration/")
+"""Collected first, in this order: xdist (``--dist loadfile``) hands out modules in
+collection order, so the long end-to-end modules start at once instead of forming a tail."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid
+        return next((i for i, prefix in enumerate(FIRST) if path.startswith(prefix)), len(FIRST))
+
+    items.sort(key=rank)  # stable: each module keeps its own order
 
 
 def pytest_configure(config: pytest.Config) -> None:
