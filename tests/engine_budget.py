@@ -172,6 +172,7 @@ def budgeted_run(label: str, *args: Any, **kwargs: Any) -> subprocess.CompletedP
 
 
 def engine_slot_acquire(label: str) -> Slot:
+    """A slot for an engine outside the shelf; this process's idle shelved engines make room."""
     return acquire(label, make_room=SHELF.evict_one)
 
 

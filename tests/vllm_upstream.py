@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import free_port
-from tests.engine_budget import Slot, acquire, reap_group
+from tests.engine_budget import Slot, engine_slot_acquire, reap_group
 
 CPU_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 """No ``VLLM_CPU_KVCACHE_SPACE``: vLLM's CPU platform would apply it over
@@ -78,7 +78,7 @@ class VllmUpstream:
         env = {**os.environ, **CPU_ENV}
         env.pop("VLLM_CPU_KVCACHE_SPACE", None)
         if self.slot is None:
-            self.slot = acquire(f"vllm upstream {self.port}")
+            self.slot = engine_slot_acquire(f"vllm upstream {self.port}")
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 self.argv(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
-from tests.engine_budget import Slot, acquire, reap_group
+from tests.engine_budget import Slot, engine_slot_acquire, reap_group
 
 
 @dataclass
@@ -66,7 +66,7 @@ def spawn_server(
         str(data_dir),
         *args,
     ]
-    slot = acquire(f"serve {port}") if runs_engine(args, full_env) else None
+    slot = engine_slot_acquire(f"serve {port}") if runs_engine(args, full_env) else None
     try:
         with open(log_path, "ab") as log:
             process = subprocess.Popen(
