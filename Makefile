@@ -85,7 +85,7 @@ unit: install-test
 	$(BIN)/pytest tests/unit -q
 
 test: install-test model lint
-	$(BIN)/pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 bench: install-test model
 	$(BIN)/python benchmarks/bench_batch.py
