@@ -38,9 +38,14 @@ def chunks_held(url: str) -> int:
         return 0
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    with database(request.param, tmp_path / "crash.db") as url:
+@pytest.fixture
+def db_url(tmp_path: Path) -> Iterator[str]:
+    """SQLite, the embedded default. The resume path is the database's own on PostgreSQL
+    too: its claims, leases and saves run on both databases in tests/unit
+    (test_worker_faults, test_graceful_restarts, test_claim_order) and in
+    test_continuous_feed, and real PostgreSQL processes are killed and restarted in
+    test_faults, test_worker_restarts and test_shared_workers."""
+    with database("sqlite", tmp_path / "crash.db") as url:
         yield url
 
 

@@ -26,7 +26,14 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from tests.conftest import TINY_NAME, LiveServer, LoopThread, engine_settings, start_server
+from tests.conftest import (
+    TINY_NAME,
+    LiveServer,
+    LoopThread,
+    database,
+    engine_settings,
+    start_server,
+)
 from tests.e2e.test_run_command import ENV, comparable, input_text, parse
 from tests.fault_proxy import fault_proxy
 from tests.helpers import chat_line, jsonl, parse_jsonl, wait_for_batch
@@ -84,6 +91,14 @@ def remote_settings(tiny_model: Path, urls: list[str], **overrides: Any) -> Sett
     }
     values.update(overrides)
     return engine_settings(tiny_model, **values)
+
+
+@pytest.fixture(scope="module")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """SQLite only: this module is about the remote engine; the database paths it uses are
+    the in-process engine's, which run on both databases elsewhere."""
+    with database("sqlite", tmp_path_factory.mktemp("db") / "test.db") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import tempfile
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vllm_batch.protocol.errors import ErrorDetail, ErrorResponse
@@ -85,6 +84,8 @@ def database_busy(exc: BaseException) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    from sqlalchemy import exc as sa_exc  # here: `vllm-batch run` imports this module, no DB
+
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
         return error_response(exc.status, exc.message, exc.param, exc.code)
