@@ -24,6 +24,7 @@ vLLM's ``test_empty_file`` is tests/e2e/test_run_command.py::test_empty_input_gi
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -40,6 +41,7 @@ from tests.e2e import vllm_run_batch_inputs as vllm
 from tests.engine_budget import budgeted_popen
 from tests.helpers import cross_encoder_scores
 from tests.metrics_helpers import Scrape, parse
+from tests.paced import PACED_CLI, Gate
 
 ENGINE_FLAGS = ["--dtype", "float32", "--enforce-eager"]
 RUN_TIMEOUT = 600
@@ -87,26 +89,44 @@ class Run:
         return self.output.read_text().strip().split("\n")
 
 
-def start(folder: Path, name: str, model: str, text: str, *extra: str) -> Run:
+def start(
+    folder: Path, name: str, model: str, text: str, *extra: str, gate: Gate | None = None
+) -> Run:
+    """``vllm-batch run`` on ``text``; with ``gate``, its engine is paced by it."""
     source, output, log = (folder / f"{name}{suffix}" for suffix in (".jsonl", ".out", ".log"))
     source.write_text(text)
-    command = [sys.executable, "-m", "vllm_batch.cli", "run", "-i", str(source)]
+    cli = PACED_CLI if gate is not None else "vllm_batch.cli"
+    command = [sys.executable, "-m", cli, "run", "-i", str(source)]
     command += ["-o", str(output), "--model", model, *ENGINE_FLAGS, *extra]
+    env = {**os.environ, **(gate.env if gate is not None else {})}
     with log.open("wb") as sink:
-        process = budgeted_popen(name, command, stdout=sink, stderr=subprocess.STDOUT)
+        process = budgeted_popen(name, command, stdout=sink, stderr=subprocess.STDOUT, env=env)
     return Run(process, output, log)
 
 
-def scrape_while_running(run: Run, url: str) -> None:
-    """Scrape ``url`` every 0.1 s until the run exits (failed scrapes: not up yet)."""
+def scrape_while_running(run: Run, url: str, gate: Gate, model: str) -> None:
+    """Scrape ``url`` every 0.1 s until the run exits (failed scrapes: not up yet). The gate
+    holds the engine's requests until a scrape has seen the engine loaded with no line done:
+    that scrape is certain to fall in the middle of the run."""
+    held = True
     while run.process.poll() is None:
         try:
             response = httpx.get(url, timeout=5)
             if response.status_code == 200:
-                run.scrapes.append(parse(response.text))
+                run.scrapes.append(scrape := parse(response.text))
+                if held and mid_run(scrape, model):
+                    gate.allow(None)
+                    held = False
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
+
+
+def mid_run(scrape: Scrape, model: str) -> bool:
+    """The engine loaded and the two requests not done (the gate holds them)."""
+    return scrape.get("vllm_batch_engine_loaded", model=model) == 1 and not scrape.get(
+        "vllm_batch_lines_completed_total", model=model
+    )
 
 
 @dataclass
@@ -131,17 +151,20 @@ def runs(
     )
     # One run at a time: three engines at once peak at ~10 GB and starve the other
     # xdist worker's engines on a 2-core machine.
+    gate = Gate(folder / "gate")
+    gate.allow(0)  # the two requests wait until a scrape has caught the run mid-way
     chat = start(
         folder,
         "chat",
         f"{vllm.CHAT_MODEL_NAME}={tiny_model}",
         vllm.INPUT_BATCH,
         *("--enable-metrics", "--port", str(port)),
+        gate=gate,
     )
     started = [chat]
     try:
         metrics_url = f"http://127.0.0.1:{port}/metrics"
-        scrape_while_running(chat, metrics_url)
+        scrape_while_running(chat, metrics_url, gate, vllm.CHAT_MODEL_NAME)
         chat.wait()
         embeddings = start(
             folder,
@@ -212,15 +235,13 @@ def test_metrics_are_served_while_the_run_lasts(runs: Runs) -> None:
     assert runs.chat.scrapes, runs.chat.log.read_text()[-3000:]
     loaded = [s for s in runs.chat.scrapes if s.get("vllm_batch_engine_loaded", model=model) == 1]
     assert loaded, "no scrape saw the engine loaded"
-    # While the two long lines generate, the three error lines are already counted.
-    generating = [
-        s
-        for s in loaded
-        if s.get("vllm_batch_engine_running_requests", model=model) >= 1
-        and s.get("vllm_batch_lines_failed_total", model=model) == 3
-    ]
-    assert generating, "no scrape during generation"
-    assert generating[0].get("vllm_batch_engine_kv_cache_usage_ratio", model=model) > 0
+    # Served mid-run (the two requests held by the gate), and counting the lines live.
+    assert any(mid_run(s, model) for s in loaded), "no scrape in the middle of the run"
+    assert any(s.get("vllm_batch_lines_failed_total", model=model) == 3 for s in loaded)
+    # The engine's own stats reach the endpoint (a counter: it stays once generation ends).
+    assert any(
+        s.get("vllm_batch_engine_prefix_cache_queries_total", model=model) > 0 for s in loaded
+    ), "no engine stats were scraped"
     with pytest.raises(httpx.ConnectError):  # the endpoint ends with the run
         httpx.get(runs.metrics_url, timeout=5)
 
