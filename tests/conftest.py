@@ -230,7 +230,7 @@ def run_lent(
 
 @pytest.fixture(scope="module")
 def tiny_engine(engine_shelf: EngineShelf, tiny_model: Path) -> Iterator[Any]:
-    """The real vLLM engine on the tiny model, started once per session."""
+    """The real vLLM engine on the tiny model, from this process's engine shelf."""
     yield from shelved_engine(engine_shelf, "tiny", engine_settings(tiny_model))
 
 
@@ -269,8 +269,7 @@ def pooling_settings(model: Path, **overrides: Any) -> Settings:
 
 @pytest.fixture(scope="module")
 def pooling_engine(engine_shelf: EngineShelf, minilm_model: Path) -> Iterator[Any]:
-    """The real vLLM engine on MiniLM (runner "pooling"), started once per session: the one
-    engine besides ``tiny_engine``."""
+    """The real vLLM engine on MiniLM (runner "pooling"), from the engine shelf."""
     yield from shelved_engine(engine_shelf, "minilm", pooling_settings(minilm_model))
 
 
@@ -306,8 +305,8 @@ def whisper_settings(model: Path, **overrides: Any) -> Settings:
 
 @pytest.fixture(scope="module")
 def whisper_engine(engine_shelf: EngineShelf, tiny_whisper: Path) -> Iterator[Any]:
-    """The real vLLM engine on the tiny Whisper (speech-to-text serving), started once per
-    session; its ``file_url`` limits are ``whisper_settings``'."""
+    """The real vLLM engine on the tiny Whisper (speech-to-text serving), from the engine
+    shelf; its ``file_url`` limits are ``whisper_settings``'."""
     yield from shelved_engine(engine_shelf, "whisper", whisper_settings(tiny_whisper))
 
 
@@ -335,7 +334,7 @@ def lora_settings(model: Path, loras: dict[str, Path], **overrides: Any) -> Sett
 def lora_engine(
     engine_shelf: EngineShelf, tiny_model: Path, tiny_loras: dict[str, Path]
 ) -> Iterator[Any]:
-    """The session's one extra engine: the tiny model with LoRA on and both adapters."""
+    """The tiny model with LoRA on and both adapters, from the engine shelf."""
     yield from shelved_engine(
         engine_shelf, "tiny-lora", lora_settings(tiny_model, tiny_loras, max_num_seqs=16)
     )
