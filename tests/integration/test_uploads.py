@@ -17,7 +17,14 @@ from openai import OpenAI
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from tests.conftest import TINY_NAME, LiveServer, LoopThread, api_only_server
+from tests.conftest import (
+    TINY_NAME,
+    LiveServer,
+    LoopThread,
+    api_only_server,
+    engine_settings,
+    start_server,
+)
 from tests.helpers import chat_line, jsonl, parse_jsonl, wait_for_batch
 from tests.s3_fixtures import S3Server, local_or_s3, s3_server  # noqa: F401
 from vllm_batch.protocol.ids import now
@@ -59,6 +66,29 @@ def api(
             f"ops:{KEYS['ops']}:admin",
         ],
     )
+
+
+@pytest.fixture(scope="module")
+def server(
+    loop_thread: LoopThread,
+    tiny_engine: Any,
+    tiny_model: Path,
+    database_url: str,
+    storage_url: str | None,
+    api: LiveServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[LiveServer]:
+    """The engine-backed server on ``api``'s database keeps its blobs where ``api`` does:
+    its housekeeping sweeps ``api``'s uploads too, and with other storage it would drop
+    their part rows while deleting their blobs where they are not."""
+    settings = engine_settings(
+        tiny_model,
+        database_url=database_url,
+        data_dir=tmp_path_factory.mktemp("data"),
+        storage_url=storage_url or f"file://{api.settings.data_dir}",
+        chunk_size=16,
+    )
+    yield from start_server(loop_thread, settings, tiny_engine)
 
 
 @pytest.fixture(scope="module")
