@@ -144,6 +144,8 @@ class Settings(BaseSettings):
     db_worker_pool_size: int = Field(default=5, ge=1)
     db_worker_max_overflow: int = Field(default=5, ge=0)
     db_pool_timeout: float = Field(default=10.0, gt=0)
+    # SQLite: how long a statement waits for another process's write lock before it fails.
+    sqlite_busy_timeout: float = Field(default=60.0, gt=0)
 
     max_upload_bytes: int = 200 * 1024 * 1024
     # Uploads API (POST /v1/uploads): per-part and whole-upload limits (OpenAI's: 64 MB,

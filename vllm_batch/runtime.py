@@ -69,10 +69,16 @@ def pool_size(settings: Settings, role: PoolRole) -> PoolSize:
     """The connection pool of API requests, or of background work (worker and services)."""
     from vllm_batch.store.db import PoolSize
 
+    busy = settings.sqlite_busy_timeout
     if role == "api":
-        return PoolSize(settings.db_pool_size, settings.db_max_overflow, settings.db_pool_timeout)
+        return PoolSize(
+            settings.db_pool_size, settings.db_max_overflow, settings.db_pool_timeout, busy
+        )
     return PoolSize(
-        settings.db_worker_pool_size, settings.db_worker_max_overflow, settings.db_pool_timeout
+        settings.db_worker_pool_size,
+        settings.db_worker_max_overflow,
+        settings.db_pool_timeout,
+        busy,
     )
 
 

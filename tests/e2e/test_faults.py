@@ -1,6 +1,6 @@
 """Faults for real, on a real server subprocess and the real (tiny) vLLM engine.
 
-- the database goes away for 75 s mid-batch (SQLite: the test holds the write lock;
+- the database goes away for 35 s mid-batch (SQLite: the test holds the write lock;
   PostgreSQL: connections refused and terminated): the batch still completes, every line
   exactly once, no finished result thrown away, and ``/ready`` tells the truth throughout.
 
@@ -26,10 +26,12 @@ from tests.e2e.conftest import ServerProcess, spawn_server, stop_server
 from tests.helpers import chat_line, jsonl, parse_jsonl, wait_for_batch
 from tests.paced import PACED_CLI, Gate
 
-OUTAGE_SECONDS = 75.0
-"""Longer than every timeout in play: the lease (20 s), SQLite's busy timeout (60 s) and the
-connection pool's wait (30 s), so each of them expires during the outage."""
+OUTAGE_SECONDS = 35.0
+"""Longer than every timeout in play: the lease (20 s), SQLite's busy timeout (25 s here) and
+the connection pool's wait (10 s), so each of them expires during the outage."""
 FAULT_ENV = {
+    "VLLM_BATCH_SQLITE_BUSY_TIMEOUT": "25",
+    "VLLM_BATCH_DB_POOL_TIMEOUT": "10",
     "VLLM_BATCH_FLUSH_INTERVAL": "0.3",
     "VLLM_BATCH_LEASE_SECONDS": "20",
     "VLLM_BATCH_CHUNK_SIZE": "20",
@@ -187,7 +189,7 @@ def run_outage_test(
         stop_server(server)
 
 
-def test_sqlite_write_lock_held_75s_mid_batch(tiny_model: Path, tmp_path: Path) -> None:
+def test_sqlite_write_lock_held_35s_mid_batch(tiny_model: Path, tmp_path: Path) -> None:
     path = tmp_path / "faults.db"
     lock = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
 
@@ -210,7 +212,7 @@ async def _pg_admin(*statements: str) -> None:
         await conn.close()
 
 
-def test_postgresql_refused_and_terminated_75s_mid_batch(tiny_model: Path, tmp_path: Path) -> None:
+def test_postgresql_refused_and_terminated_35s_mid_batch(tiny_model: Path, tmp_path: Path) -> None:
     db_url = create_pg_database()
     name = db_url.rsplit("/", 1)[1]
     terminate = (

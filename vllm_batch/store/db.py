@@ -31,11 +31,13 @@ def is_sqlite(url: str) -> bool:
 @dataclass(frozen=True)
 class PoolSize:
     """A connection pool: ``size`` kept open, up to ``overflow`` more under load, and how
-    long (seconds) a checkout waits before it raises ``sqlalchemy.exc.TimeoutError``."""
+    long (seconds) a checkout waits before it raises ``sqlalchemy.exc.TimeoutError``; on
+    SQLite, how long (seconds) a statement waits for another process's lock."""
 
     size: int = 5
     overflow: int = 10
     timeout: float = 30.0
+    sqlite_busy_timeout: float = 60.0
 
 
 def create_engine(url: str, pool: PoolSize | None = None) -> AsyncEngine:
@@ -52,10 +54,11 @@ def create_engine(url: str, pool: PoolSize | None = None) -> AsyncEngine:
     if is_sqlite(url):
         path = url.split(":///", 1)[-1]
         sizing: dict[str, Any] = {}
+        busy = (pool or PoolSize()).sqlite_busy_timeout
         if path and path != ":memory:" and "mode=memory" not in path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             sizing = _pool_options(pool or PoolSize())
-        engine = create_async_engine(url, connect_args={"timeout": 60}, **sizing)
+        engine = create_async_engine(url, connect_args={"timeout": busy}, **sizing)
 
         @event.listens_for(engine.sync_engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -64,7 +67,7 @@ def create_engine(url: str, pool: PoolSize | None = None) -> AsyncEngine:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute("PRAGMA busy_timeout=60000")
+            cursor.execute(f"PRAGMA busy_timeout={int(busy * 1000)}")
             cursor.close()
 
         @event.listens_for(engine.sync_engine, "begin")
