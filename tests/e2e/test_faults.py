@@ -150,7 +150,7 @@ def run_outage_test(
     end_outage: Any,
     poke: Any = None,
 ) -> None:
-    lines = 480  # enough that a chunk is caught half done with the engine kept fed
+    lines = 160  # 8 chunks: the gate catches the second half done; the rest waits out the outage
     gate = Gate(tmp_path / "gate")
     gate.allow(MID_CHUNK)
     server = spawn_server(

@@ -2,8 +2,9 @@
 
 - a ``vllm-batch worker --executor ray`` serves the API's batches (openai SDK: upload,
   create, poll, download);
-- its replica's process is killed (SIGKILL) mid-batch: Ray restarts it, the requests it
-  held are sent again, and every line comes out exactly once, with the answers of the
+- its replica's process is killed (SIGKILL) mid-batch (the worker's engine is paced by a
+  ``tests.paced`` gate, so the batch cannot end before the kill): Ray restarts it, the
+  requests it held are sent again, and every line comes out exactly once, with the answers of the
   engine run in-process (the session's ``tiny_engine``, the engine ``vllm-batch run`` uses;
   tests/e2e/test_run_command.py runs that command);
 - ``vllm-batch run --executor ray`` writes those same answers.
@@ -44,6 +45,7 @@ from tests.e2e.test_faults import assert_exactly_once, attempts_used
 from tests.e2e.test_run_command import ENGINE_FLAGS, parse
 from tests.engine_budget import budgeted_popen
 from tests.helpers import chat_line, jsonl, parse_jsonl, wait_for_batch
+from tests.paced import PACED_CLI, Gate
 
 COUNT = 400
 MAX_TOKENS = 24
@@ -62,11 +64,13 @@ def requests() -> list[dict[str, Any]]:
     return [chat_line(i, TINY_NAME, max_tokens=MAX_TOKENS) for i in range(COUNT)]
 
 
-def launch(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> Launched:
+def launch(
+    args: list[str], log_path: Path, env: dict[str, str] | None = None, cli: str = "vllm_batch.cli"
+) -> Launched:
     with open(log_path, "ab") as log:
         process = budgeted_popen(
             args[0],
-            [sys.executable, "-m", "vllm_batch.cli", *args],
+            [sys.executable, "-m", cli, *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**ENV, **(env or {})},
@@ -81,6 +85,7 @@ class Setup:
     ray_run: Launched
     api: ServerProcess
     worker: Launched
+    gate: Gate
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +106,10 @@ def setup(
     api = spawn_server(["--no-worker", *served], root / "api", env=WORKER_ENV, wait_engine=False)
     worker_args = ["worker", *served, *ENGINE_FLAGS, "--max-num-seqs", "16"]
     worker_args += ["--data-dir", str(root / "api"), *ray_args(ray_cluster)]
-    worker = launch(worker_args, root / "worker.log", WORKER_ENV)
+    gate = Gate(root / "gate")  # no limit until a test sets one
+    worker = launch(worker_args, root / "worker.log", {**WORKER_ENV, **gate.env}, PACED_CLI)
     try:
-        yield Setup(input_file, ray_out, ray_run, api, worker)
+        yield Setup(input_file, ray_out, ray_run, api, worker, gate)
     finally:
         for launched in (ray_run, worker):
             launched.stop()
@@ -157,19 +163,22 @@ def test_killed_replica_lines_come_out_once_and_unchanged(
     setup: Setup, reference: list[Any]
 ) -> None:
     first = replica_pid(setup.worker)
+    # The worker may start 40 more requests: the batch (400) cannot end before the kill.
+    setup.gate.allow(setup.gate.started(setup.worker.process.pid) + 40)
     client = OpenAI(base_url=setup.api.base_url, api_key="x", max_retries=3)
     upload = client.files.create(file=("in.jsonl", setup.input_file.read_bytes()), purpose="batch")
     batch = client.batches.create(
         input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 240
     while (counts := client.batches.retrieve(batch.id).request_counts) is None or (
         counts.completed < 20
     ):
-        assert time.monotonic() < deadline, "the batch never got going"
+        assert time.monotonic() < deadline, f"20 of the 40 allowed lines not done: {counts}"
         time.sleep(0.05)
     killed_at = counts.completed
     os.kill(first, signal.SIGKILL)
+    setup.gate.allow(None)
     wait_for_batch(client, batch.id, timeout=300)
     assert killed_at < COUNT, "the batch finished before the replica was killed"
     results = assert_exactly_once(client, batch.id, COUNT)
