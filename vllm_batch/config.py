@@ -10,8 +10,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, computed_field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from vllm_batch.adapters import LoraSpec, resolve_adapters
-from vllm_batch.model_kinds import ModelKind, detect_kind
+from vllm_batch.models.adapters import LoraSpec, resolve_adapters
+from vllm_batch.models.kinds import ModelKind, detect_kind
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 KIND_VALUES = frozenset(kind.value for kind in ModelKind)

@@ -322,7 +322,7 @@ def test_keeper_intact_after_bad_input(client: OpenAI, keeper: tuple[str, bytes]
 def test_expired_files_are_swept(client: OpenAI, api: LiveServer) -> None:
     from sqlalchemy import update
 
-    from vllm_batch.store.models import FileRow
+    from vllm_batch.batches.store.rows import FileRow
 
     upload = client.files.create(
         file=("in.jsonl", jsonl([chat_line(0, TINY_NAME)])),

@@ -12,11 +12,11 @@ import pytest
 
 from tests.helpers import create_validating_batch, jsonl
 from tests.webhook_receiver import webhook_receiver
+from vllm_batch.batches.states import BatchStatus
+from vllm_batch.batches.store import outbox
+from vllm_batch.batches.store_context import open_store
 from vllm_batch.config import Settings
-from vllm_batch.handlers.dispatcher import Dispatcher
-from vllm_batch.runtime import open_store
-from vllm_batch.states import BatchStatus
-from vllm_batch.store import outbox
+from vllm_batch.deliveries.dispatcher import Dispatcher
 
 TARGETS = 24
 

@@ -9,8 +9,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Connection
 
-from vllm_batch.store.db import create_engine, migrate
-from vllm_batch.store.models import Base
+from vllm_batch.batches.store.db import create_engine, migrate
+from vllm_batch.batches.store.rows import Base
 
 
 def _diff(connection: Connection) -> list[Any]:

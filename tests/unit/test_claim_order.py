@@ -14,11 +14,11 @@ from sqlalchemy import select, update
 
 from tests.helpers import create_validating_batch
 from tests.unit.test_lifecycle import LINES, force, input_lines, plan, store
-from vllm_batch import lifecycle
+from vllm_batch.batches import lifecycle
+from vllm_batch.batches.store import queries
+from vllm_batch.batches.store.rows import BatchRow, ChunkRow
+from vllm_batch.batches.store_context import StoreContext
 from vllm_batch.pipeline.window import batch_order
-from vllm_batch.runtime import StoreContext
-from vllm_batch.store import queries
-from vllm_batch.store.models import BatchRow, ChunkRow
 
 OWNER = "tests/ns/1/claims"
 

@@ -18,16 +18,16 @@ from sqlalchemy import update
 
 from tests.helpers import create_validating_batch
 from tests.tmpfs import fill, small_tmpfs
-from vllm_batch import lifecycle
+from vllm_batch.batches import lifecycle
+from vllm_batch.batches.attempt_sweep import sweep_stale_attempts
+from vllm_batch.batches.finalize import finalize_batch, retry_delay
+from vllm_batch.batches.states import BatchStatus
+from vllm_batch.batches.store import queries
+from vllm_batch.batches.store.rows import BatchRow
+from vllm_batch.batches.store_context import StoreContext, open_store
 from vllm_batch.config import Settings
-from vllm_batch.pipeline.results import LineResult
-from vllm_batch.runtime import StoreContext, open_store
-from vllm_batch.service.attempt_sweep import sweep_stale_attempts
-from vllm_batch.states import BatchStatus
-from vllm_batch.store import queries
-from vllm_batch.store.models import BatchRow
-from vllm_batch.validation import BatchPlan
-from vllm_batch.worker.finalize import finalize_batch, retry_delay
+from vllm_batch.pipeline.input import BatchPlan
+from vllm_batch.pipeline.line_result import LineResult
 
 LINES = 12
 CHUNK = 4

@@ -18,12 +18,9 @@ import pytest
 from sqlalchemy import func, select, update
 
 from tests.helpers import create_validating_batch
-from vllm_batch import lifecycle
-from vllm_batch.config import Settings
-from vllm_batch.pipeline.results import LineResult
-from vllm_batch.protocol.ids import now
-from vllm_batch.runtime import StoreContext, open_store
-from vllm_batch.states import (
+from vllm_batch.batches import lifecycle
+from vllm_batch.batches.finalize import finalize_batch
+from vllm_batch.batches.states import (
     BATCH_MOVES,
     TERMINAL,
     BatchStatus,
@@ -32,10 +29,13 @@ from vllm_batch.states import (
     StopReason,
     batch_sources,
 )
-from vllm_batch.store import queries
-from vllm_batch.store.models import BatchRow, ChunkRow, ResultRow
-from vllm_batch.validation import BatchPlan
-from vllm_batch.worker.finalize import finalize_batch
+from vllm_batch.batches.store import queries
+from vllm_batch.batches.store.rows import BatchRow, ChunkRow, ResultRow
+from vllm_batch.batches.store_context import StoreContext, open_store
+from vllm_batch.config import Settings
+from vllm_batch.pipeline.input import BatchPlan
+from vllm_batch.pipeline.line_result import LineResult
+from vllm_batch.protocol.ids import now
 
 LINES = 10
 CHUNK = 4

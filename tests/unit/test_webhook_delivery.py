@@ -11,7 +11,7 @@ import pytest
 from standardwebhooks import Webhook
 
 from tests.webhook_receiver import Receiver, webhook_receiver
-from vllm_batch.handlers.webhook import (
+from vllm_batch.deliveries.webhook import (
     MAX_RESPONSE_BYTES,
     check_secret,
     deliver,
@@ -19,7 +19,7 @@ from vllm_batch.handlers.webhook import (
     event_body,
     new_secret,
 )
-from vllm_batch.netguard import AllowList
+from vllm_batch.net.guard import AllowList
 
 LOOPBACK = AllowList(["127.0.0.1"])
 

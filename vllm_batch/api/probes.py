@@ -18,8 +18,8 @@ import anyio
 from sqlalchemy import text
 
 from vllm_batch.api.state import AppContext
+from vllm_batch.batches.store.db import is_sqlite
 from vllm_batch.storage.health import read_status
-from vllm_batch.store.db import is_sqlite
 
 DB_TIMEOUT_SECONDS = 2.0
 

@@ -23,8 +23,8 @@ from vllm_batch.engines.serving import (
     error_result,
     validation_error_result,
 )
-from vllm_batch.file_url import PARAM, FileFetcher, FileURLError
-from vllm_batch.model_kinds import AUDIO_ENDPOINTS
+from vllm_batch.models.kinds import AUDIO_ENDPOINTS
+from vllm_batch.net.file_url import PARAM, FileFetcher, FileURLError
 
 TRANSCRIPTIONS, TRANSLATIONS = AUDIO_ENDPOINTS
 

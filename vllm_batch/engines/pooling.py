@@ -21,7 +21,7 @@ from vllm_batch.engines.serving import (
     error_result,
     validation_error_result,
 )
-from vllm_batch.model_kinds import JSON_ENCODINGS, POOLING_ENDPOINTS, is_rerank_body
+from vllm_batch.models.kinds import JSON_ENCODINGS, POOLING_ENDPOINTS, is_rerank_body
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
-from vllm_batch.adapters import LoraSpec, max_lora_rank
 from vllm_batch.config import ModelSpec, Settings
 from vllm_batch.engines.audio import AudioServers, is_audio_url, run_audio
 from vllm_batch.engines.base import EngineResult, MaxNumSeqs
@@ -30,8 +29,9 @@ from vllm_batch.engines.serving import (
     streaming_refused,
 )
 from vllm_batch.engines.structured import ConflictingStructuredOutputs, translate_guided_fields
-from vllm_batch.file_url import file_fetcher
-from vllm_batch.model_kinds import ModelKind, is_pooling
+from vllm_batch.models.adapters import LoraSpec, max_lora_rank
+from vllm_batch.models.kinds import ModelKind, is_pooling
+from vllm_batch.net.file_url import file_fetcher
 
 log = logging.getLogger(__name__)
 

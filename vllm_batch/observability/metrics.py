@@ -35,7 +35,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from prometheus_client.registry import Collector
 
 from vllm_batch.config import Settings
-from vllm_batch.pipeline.results import LineResult
+from vllm_batch.pipeline.line_result import LineResult
 
 log = logging.getLogger(__name__)
 

@@ -20,19 +20,19 @@ from typing import Any
 import anyio
 import orjson
 
-from vllm_batch import lifecycle
+from vllm_batch.batches import lifecycle
+from vllm_batch.batches.store import queries
+from vllm_batch.batches.store.db_retry import Backoff, retry_db
+from vllm_batch.batches.store.rows import BatchRow, ChunkRow
 from vllm_batch.engines.base import Engine
-from vllm_batch.logs import bound
 from vllm_batch.observability import metrics
+from vllm_batch.observability.logs import bound
 from vllm_batch.pipeline.dispatch import Dispatcher
+from vllm_batch.pipeline.input import iter_lines
+from vllm_batch.pipeline.line_result import LineResult
 from vllm_batch.pipeline.output import failure_line
-from vllm_batch.pipeline.results import LineResult
 from vllm_batch.pipeline.window import FairWindow, Lane, batch_order
-from vllm_batch.store import queries
-from vllm_batch.store.models import BatchRow, ChunkRow
-from vllm_batch.validation import iter_lines
 from vllm_batch.worker.context import WorkerContext
-from vllm_batch.worker.db_retry import Backoff, retry_db
 
 log = logging.getLogger(__name__)
 SAVE_BACKOFF = Backoff(first=0.1, max=2.0)  # poll a recovering database often

@@ -40,19 +40,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from vllm_batch import lifecycle
+from vllm_batch.batches import lifecycle
+from vllm_batch.batches.finalize import finalize_batch
+from vllm_batch.batches.store.db_retry import Backoff, DbHealth, retry_db
+from vllm_batch.batches.store.rows import ChunkRow
 from vllm_batch.engines.base import Engine, EngineFailure, EngineOutOfMemory
 from vllm_batch.engines.manager import EngineLoadError
-from vllm_batch.logs import bound
 from vllm_batch.observability import metrics
 from vllm_batch.observability.gpu import NvmlReader
 from vllm_batch.observability.gpu_guard import GpuGuard
+from vllm_batch.observability.logs import bound
 from vllm_batch.pipeline.window import FairWindow
-from vllm_batch.store.models import ChunkRow
 from vllm_batch.worker.chunk import ChunkOutcome, ChunkRun
 from vllm_batch.worker.context import WorkerContext
-from vllm_batch.worker.db_retry import Backoff, DbHealth, retry_db
-from vllm_batch.worker.finalize import finalize_batch
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

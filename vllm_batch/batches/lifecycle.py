@@ -1,0 +1,280 @@
+"""Every batch and chunk transition, one named function each (the table is in ``states``).
+
+Each function runs one transaction on a write session and returns whether its guarded
+statement took effect; nothing else in the code base changes a status. Route handlers,
+the worker, the finalizer and housekeeping all come through here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+from vllm_batch.batches.states import FINAL_STATUS, BatchStatus, IllegalTransition, StopReason
+from vllm_batch.batches.store import queries
+from vllm_batch.batches.store.rows import BatchRow, ChunkRow, FileRow
+from vllm_batch.batches.store_context import StoreContext
+from vllm_batch.observability import metrics
+from vllm_batch.pipeline.input import BatchPlan
+from vllm_batch.pipeline.line_result import LineResult
+from vllm_batch.protocol.ids import new_id, now
+
+__all__ = [
+    "BatchSpec",
+    "IllegalTransition",
+    "InputFileGone",
+    "InputFileNotForBatch",
+    "cancel",
+    "claim_chunk",
+    "claim_finalization",
+    "create",
+    "expire_overdue",
+    "finish",
+    "finish_chunk",
+    "queue_or_fail",
+    "release_chunk",
+    "renew_finalization",
+    "save",
+]
+
+
+class InputFileGone(LookupError):
+    """The batch's input file does not exist (any more), or the caller may not see it."""
+
+
+class InputFileNotForBatch(ValueError):
+    """The batch's input file was not uploaded with purpose ``batch``."""
+
+    def __init__(self, file_id: str, purpose: str) -> None:
+        super().__init__(file_id, purpose)
+        self.file_id = file_id
+        self.purpose = purpose
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """A checked batch creation request."""
+
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    window_seconds: int
+    metadata: dict[str, str] | None
+    priority: int
+    output_expires_after: int | None
+    owner: str | None
+
+
+async def create(ctx: StoreContext, spec: BatchSpec, *, scope: str | None = None) -> BatchRow:
+    """→ ``validating``, in one session (a route holds no other connection meanwhile).
+
+    Raises ``InputFileGone`` if the input file does not exist or belongs to another owner
+    than ``scope`` (None: any owner), ``InputFileNotForBatch`` if its purpose is not batch.
+    """
+    async with ctx.sessions() as session, session.begin():
+        input_file = await queries.get_file(session, spec.input_file_id, owner=scope)
+        if input_file is None:
+            raise InputFileGone(spec.input_file_id)
+        if input_file.purpose != "batch":
+            raise InputFileNotForBatch(input_file.id, input_file.purpose)
+        created = now()
+        row = BatchRow(
+            id=new_id("batch_"),
+            endpoint=spec.endpoint,
+            input_file_id=spec.input_file_id,
+            completion_window=spec.completion_window,
+            status=BatchStatus.VALIDATING,
+            metadata_=spec.metadata,
+            created_at=created,
+            expires_at=created + spec.window_seconds,
+            total=0,
+            completed=0,
+            failed=0,
+            input_tokens=0,
+            cached_tokens=0,
+            output_tokens=0,
+            reasoning_tokens=0,
+            priority=spec.priority,
+            output_expires_after=spec.output_expires_after,
+            owner=spec.owner,
+        )
+        await queries.insert_batch(session, row)
+    return row
+
+
+async def queue_or_fail(ctx: StoreContext, batch_id: str, plan: BatchPlan) -> bool:
+    """``validating`` → ``in_progress`` with chunks queued, or → ``failed`` with errors.
+
+    A failed batch's webhook deliveries commit with the status.
+    """
+    async with ctx.sessions() as session, session.begin():
+        if plan.errors or plan.model is None:
+            row = await session.get(BatchRow, batch_id)
+            stamp = now()
+            deliveries = ctx.deliveries.rows(
+                batch_id, row.metadata_ if row else None, BatchStatus.FAILED, stamp
+            )
+            return await queries.fail_validation(session, batch_id, plan.errors, stamp, deliveries)
+        return await queries.start_batch(
+            session, batch_id, model=plan.model, total=plan.total, chunks=plan.chunks, now=now()
+        )
+
+
+async def cancel(ctx: StoreContext, batch_id: str) -> BatchRow | None:
+    """``validating``/``in_progress`` → ``cancelling``; None if there is no such batch.
+
+    Cancelling an already cancelling or cancelled batch is a no-op; anything else raises
+    ``IllegalTransition``.
+    """
+    async with ctx.sessions() as session, session.begin():
+        row = await queries.lock_batch(session, batch_id)
+        if row is None:
+            return None
+        stopping = await queries.request_stop(session, batch_id, StopReason.CANCEL, now())
+        if not stopping and row.status not in (BatchStatus.CANCELLING, BatchStatus.CANCELLED):
+            raise IllegalTransition(
+                f"Cannot cancel batch {batch_id}: its status is {row.status!r}."
+            )
+    async with ctx.read_sessions() as session:
+        return await queries.get_batch(session, batch_id)
+
+
+async def expire_overdue(ctx: StoreContext) -> list[str]:
+    """Running batches past their completion window get ``stop_reason = expire``."""
+    async with ctx.sessions() as session, session.begin():
+        stamp = now()
+        overdue = await queries.overdue_batches(session, stamp)
+        return [
+            batch_id
+            for batch_id in overdue
+            if await queries.request_stop(session, batch_id, StopReason.EXPIRE, stamp)
+        ]
+
+
+async def claim_chunk(
+    ctx: StoreContext,
+    owner: str,
+    models: Sequence[str],
+    *,
+    seconds_per_line: float = 0.0,
+    exclude_batches: Collection[str] = (),
+    exclude_chunks: Collection[str] = (),
+) -> ChunkRow | None:
+    """``queued`` (or ``running`` with an expired lease) → ``running`` under our lease.
+
+    Which chunk: see ``queries.claim_chunk`` (deadline risk, priority-weighted interleaving,
+    earliest deadline); ``seconds_per_line`` is the claimer's recent pace. A worker passes
+    the chunks it holds as ``exclude_chunks``: after a database outage their leases may have
+    expired, and it must renew them, not take them again from itself.
+    """
+    order = queries.ClaimOrder(
+        seconds_per_line=seconds_per_line, deadline_margin=ctx.settings.deadline_margin
+    )
+    async with ctx.sessions() as session, session.begin():
+        claim = await queries.claim_chunk(
+            session,
+            owner=owner,
+            models=models,
+            now=time.time(),
+            lease=ctx.settings.lease_seconds,
+            order=order,
+            exclude_batches=exclude_batches,
+            exclude_chunks=exclude_chunks,
+        )
+    if claim is None:
+        return None
+    metrics.chunk_claimed(claim.chunk.model, lease_expired=claim.lease_expired)
+    return claim.chunk
+
+
+async def starved_models(ctx: StoreContext, models: Sequence[str]) -> list[str]:
+    """Models whose work has waited past ``model_max_wait`` with nothing running (a read)."""
+    async with ctx.read_sessions() as session:
+        return await queries.starved_models(
+            session, models=models, now=time.time(), max_wait=ctx.settings.model_max_wait
+        )
+
+
+async def save(
+    ctx: StoreContext, chunk: ChunkRow, owner: str, results: Sequence[LineResult]
+) -> queries.SaveOutcome:
+    """Save finished lines and renew the lease, only while the chunk is still ours."""
+    async with ctx.sessions() as session, session.begin():
+        return await queries.save_chunk_results(
+            session,
+            batch_id=chunk.batch_id,
+            chunk_id=chunk.id,
+            owner=owner,
+            results=results,
+            lease_until=time.time() + ctx.settings.lease_seconds,
+        )
+
+
+async def finish_chunk(ctx: StoreContext, chunk: ChunkRow, owner: str) -> bool:
+    """``running`` → ``done`` if every line has a result; otherwise back to ``queued``."""
+    async with ctx.sessions() as session, session.begin():
+        saved = await queries.count_done_lines(
+            session, chunk.batch_id, chunk.start_line, chunk.end_line
+        )
+        if saved == chunk.end_line - chunk.start_line:
+            return await queries.finish_chunk(session, chunk.id, owner)
+        await queries.release_chunk(session, chunk.id, owner)
+        return False
+
+
+async def release_chunk(
+    ctx: StoreContext, chunk: ChunkRow, owner: str, *, engine_failure: bool = False
+) -> bool:
+    """``running`` → ``queued``; ``engine_failure`` counts toward ``max_chunk_attempts``."""
+    async with ctx.sessions() as session, session.begin():
+        return await queries.release_chunk(session, chunk.id, owner, engine_failure=engine_failure)
+
+
+async def claim_finalization(ctx: StoreContext, batch_id: str, lease: float) -> BatchRow | None:
+    """Take the batch's finalization lease if it is ready and nobody else holds it."""
+    async with ctx.sessions() as session, session.begin():
+        return await queries.claim_finalization(
+            session, batch_id, owner=ctx.instance_id, now=time.time(), lease=lease
+        )
+
+
+async def renew_finalization(ctx: StoreContext, batch_id: str, lease: float) -> bool:
+    async with ctx.sessions() as session, session.begin():
+        return await queries.renew_finalization(
+            session, batch_id, ctx.instance_id, time.time() + lease
+        )
+
+
+async def finish(
+    ctx: StoreContext,
+    batch: BatchRow,
+    *,
+    files: Sequence[FileRow],
+    output_file_id: str | None,
+    error_file_id: str | None,
+    extra_failed: int,
+) -> BatchStatus | None:
+    """→ ``completed``/``cancelled``/``expired``, atomically, while we hold the lease.
+
+    The final event's deliveries (webhooks, result handlers) commit with the status.
+    """
+    reason = StopReason(batch.stop_reason) if batch.stop_reason else None
+    target = FINAL_STATUS[reason]
+    stamp = now()
+    # Planned before the transaction: handlers' enabled() is user code.
+    deliveries = ctx.deliveries.rows(batch.id, batch.metadata_, target, stamp)
+    async with ctx.sessions() as session, session.begin():
+        done = await queries.finish_batch(
+            session,
+            batch.id,
+            owner=ctx.instance_id,
+            target=target,
+            files=files,
+            output_file_id=output_file_id,
+            error_file_id=error_file_id,
+            extra_failed=extra_failed,
+            now=stamp,
+            deliveries=deliveries,
+        )
+    return target if done else None
