@@ -435,12 +435,12 @@ def worker_command(
 
 async def _run_worker(settings: Settings) -> None:
     from vllm_batch.api.app import settings_engine_factory
+    from vllm_batch.api.worker_metrics import bind_worker_metrics, serve_worker_metrics
     from vllm_batch.batches.housekeeping import run_housekeeping
     from vllm_batch.batches.store_context import open_store
-    from vllm_batch.deliveries.dispatcher import Dispatcher
+    from vllm_batch.deliveries.dispatcher import DeliveryDispatcher
     from vllm_batch.engines.manager import EngineManager
     from vllm_batch.observability import metrics
-    from vllm_batch.observability.exposition import bind_worker_metrics, serve_worker_metrics
     from vllm_batch.runtime.supervise import TaskHealth, supervise
     from vllm_batch.worker.context import WorkerContext
     from vllm_batch.worker.loop import Worker
@@ -475,7 +475,7 @@ async def _run_worker(settings: Settings) -> None:
             )
         ]
         if settings.deliveries:
-            dispatcher = Dispatcher(ctx)
+            dispatcher = DeliveryDispatcher(ctx)
             services.append(
                 asyncio.create_task(
                     supervise(TaskHealth("deliveries"), lambda: dispatcher.run(shutdown), shutdown)

@@ -22,7 +22,7 @@ from tests.conftest import TINY_NAME, LiveServer, LoopThread, engine_settings, s
 from tests.helpers import chat_line, jsonl, wait_for_batch
 from tests.webhook_receiver import Receiver, webhook_receiver
 from vllm_batch.batches.store.rows import BatchRow
-from vllm_batch.deliveries.webhook import new_secret
+from vllm_batch.protocol.webhook_event import new_secret
 
 SECRET = new_secret()
 FAST_RETRIES = {

@@ -15,10 +15,10 @@ from sqlalchemy import select, update
 from tests.helpers import create_validating_batch
 from tests.unit.test_lifecycle import LINES, force, input_lines, plan, store
 from vllm_batch.batches import lifecycle
+from vllm_batch.batches.policy import batch_order
 from vllm_batch.batches.store import queries
 from vllm_batch.batches.store.rows import BatchRow, ChunkRow
 from vllm_batch.batches.store_context import StoreContext
-from vllm_batch.pipeline.window import batch_order
 
 OWNER = "tests/ns/1/claims"
 

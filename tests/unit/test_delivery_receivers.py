@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from vllm_batch.batches.store.outbox import receiver_of
 from vllm_batch.deliveries.receivers import (
     BreakerState,
     CircuitBreaker,
     ReceiverGate,
     is_receiver_failure,
-    receiver_of,
 )
 from vllm_batch.deliveries.webhook import Outcome
 

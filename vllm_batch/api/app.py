@@ -34,7 +34,7 @@ from vllm_batch.batches.housekeeping import run_housekeeping
 from vllm_batch.batches.store_context import open_pool, open_store
 from vllm_batch.batches.validate import ValidationSweeper
 from vllm_batch.config import ModelSpec, Settings
-from vllm_batch.deliveries.dispatcher import Dispatcher
+from vllm_batch.deliveries.dispatcher import DeliveryDispatcher
 from vllm_batch.engines import make_engine
 from vllm_batch.engines.base import Engine
 from vllm_batch.engines.manager import EngineFactory, EngineLoadError, EngineManager
@@ -106,7 +106,7 @@ def create_app(
                 ("validation sweeper", lambda: sweeper.run(shutdown)),
             ]
             if settings.deliveries:
-                dispatcher = ctx.dispatcher = Dispatcher(store)
+                dispatcher = ctx.dispatcher = DeliveryDispatcher(store)
                 services.append(("deliveries", lambda: dispatcher.run(shutdown)))
             for name, run in services:
                 health = TaskHealth(name)

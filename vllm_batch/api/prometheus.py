@@ -7,7 +7,7 @@ numbers cover every key's batches; ``metrics_public`` serves it without a key. W
 
 The API server adds the database gauges (batches by status, queue, deliveries); a
 ``vllm-batch worker --metrics-port`` endpoint serves only its host's process metrics
-(``exposition.py``), so scraping the API once and every other worker host once counts
+(``worker_metrics.py``), so scraping the API once and every other worker host once counts
 everything once.
 """
 
@@ -24,13 +24,14 @@ from fastapi.responses import Response
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from vllm_batch import __version__
+from vllm_batch.api.worker_metrics import refusal
 from vllm_batch.batches.states import BatchStatus
 from vllm_batch.batches.store import stats
 from vllm_batch.batches.store_context import StoreContext
 from vllm_batch.config import Settings
 from vllm_batch.observability import metrics
-from vllm_batch.observability.exposition import refusal, render
-from vllm_batch.storage.health import read_status
+from vllm_batch.observability.exposition import render
+from vllm_batch.storage.base import read_status
 
 log = logging.getLogger(__name__)
 DB_TIMEOUT_SECONDS = 5.0

@@ -1,89 +1,30 @@
-"""Which deliveries a finished batch gets: discovery and selection of handlers, webhook URLs.
+"""Which deliveries a finished batch gets: the selected handlers and the webhook URLs.
 
-Handlers come from the built-ins, from modules named in ``VLLM_BATCH_HANDLER_MODULES``
-(importing one runs its ``register_handler`` calls) and from the entry-point group
-``vllm_batch.result_handlers`` (an instance, a ``ResultHandler`` subclass, or a factory).
-``VLLM_BATCH_HANDLERS`` picks which run ("webhook" is the webhook delivery); by default
-every handler runs whose ``enabled(metadata)`` is true for the batch.
+Handlers are found by ``handlers.discovery``. ``VLLM_BATCH_HANDLERS`` picks which run
+("webhook" is the webhook delivery); by default every handler runs whose
+``enabled(metadata)`` is true for the batch.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from typing import Any
 
 from vllm_batch.batches.states import BatchStatus
-from vllm_batch.batches.store.outbox import PENDING
+from vllm_batch.batches.store.outbox import PENDING, receiver_of
 from vllm_batch.batches.store.rows import DeliveryRow
 from vllm_batch.config import Settings
-from vllm_batch.deliveries.receivers import receiver_of
-from vllm_batch.deliveries.webhook import EVENT_TYPES, check_secret
-from vllm_batch.handlers.base import ResultHandler, call_enabled, get_registry
+from vllm_batch.handlers.base import ResultHandler, call_enabled
+from vllm_batch.handlers.discovery import HandlerConfigError, discover
 from vllm_batch.protocol.ids import new_id
+from vllm_batch.protocol.webhook_event import EVENT_TYPES, check_secret
 
 log = logging.getLogger(__name__)
-ENTRY_POINT_GROUP = "vllm_batch.result_handlers"
 WEBHOOK = "webhook"
 # Statuses whose batches have result files for handlers (a failed batch never ran a line).
 HANDLED_STATUSES = frozenset({BatchStatus.COMPLETED, BatchStatus.CANCELLED, BatchStatus.EXPIRED})
-
-
-class HandlerConfigError(ValueError):
-    """A handler module, entry point or name in the settings cannot be used."""
-
-
-def builtin_handlers(settings: Settings) -> list[ResultHandler]:
-    from vllm_batch.handlers.builtin import make_builtin_handlers
-
-    try:
-        return make_builtin_handlers(settings)
-    except ValueError as exc:
-        raise HandlerConfigError(f"built-in result handler settings: {exc}") from exc
-
-
-def _as_handlers(obj: Any, source: str) -> list[ResultHandler]:
-    if isinstance(obj, ResultHandler):
-        return [obj]
-    if isinstance(obj, type) and issubclass(obj, ResultHandler):
-        return [obj()]
-    if callable(obj):
-        made = obj()
-        items: Iterable[Any] = made if isinstance(made, list | tuple) else [made]
-        handlers = [item for item in items if isinstance(item, ResultHandler)]
-        if handlers:
-            return handlers
-    raise HandlerConfigError(f"{source} gives {obj!r}, not a ResultHandler")
-
-
-def discover(settings: Settings) -> dict[str, ResultHandler]:
-    """The built-ins for ``settings``, then every registered handler (which may replace one).
-
-    Imports the handler modules and loads the entry points first; both register their
-    handlers in the process-wide registry.
-    """
-    registry = get_registry()
-    for module in settings.handler_modules:
-        try:
-            importlib.import_module(module)
-        except Exception as exc:
-            raise HandlerConfigError(
-                f"VLLM_BATCH_HANDLER_MODULES: cannot import {module!r}: {exc}"
-            ) from exc
-    for point in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            for handler in _as_handlers(point.load(), f"entry point {point.name!r}"):
-                registry.register(handler)
-        except HandlerConfigError:
-            raise
-        except Exception as exc:
-            raise HandlerConfigError(f"entry point {point.value!r} failed to load: {exc}") from exc
-    found = {handler.name(): handler for handler in builtin_handlers(settings)}
-    found.update((handler.name(), handler) for handler in registry.handlers)
-    return found
 
 
 @dataclass

@@ -30,12 +30,13 @@ from vllm_batch.batches.store.db_retry import retry_db
 from vllm_batch.batches.store.rows import DeliveryRow
 from vllm_batch.batches.store_context import StoreContext
 from vllm_batch.deliveries.receivers import ReceiverGate
-from vllm_batch.deliveries.webhook import Outcome, deliver, event_body
+from vllm_batch.deliveries.webhook import Outcome, deliver
 from vllm_batch.handlers.base import ResultHandler
 from vllm_batch.handlers.results import BatchInfo, ResultStream
 from vllm_batch.net.guard import AllowList
 from vllm_batch.observability import metrics
 from vllm_batch.observability.logs import bound
+from vllm_batch.protocol.webhook_event import event_body
 from vllm_batch.retry import describe
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,8 @@ ATTEMPT_OUTCOMES = {
 
 async def webhook_secret(ctx: StoreContext) -> str:
     """``VLLM_BATCH_WEBHOOK_SECRET``, else the one stored in the database (made on first use)."""
-    from vllm_batch.deliveries.webhook import check_secret, new_secret
     from vllm_batch.protocol.ids import now
+    from vllm_batch.protocol.webhook_event import check_secret, new_secret
 
     if ctx.settings.webhook_secret:
         return check_secret(ctx.settings.webhook_secret)
@@ -86,7 +87,7 @@ async def _awaited(value: Awaitable[Any]) -> Any:
     return await value
 
 
-class Dispatcher:
+class DeliveryDispatcher:
     """Runs due deliveries with at most ``delivery_concurrency`` in flight, and at most
     ``delivery_host_concurrency`` per receiver behind its circuit breaker (``receivers``)."""
 

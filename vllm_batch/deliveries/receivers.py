@@ -23,22 +23,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from urllib.parse import urlsplit
 
+from vllm_batch.batches.store.outbox import Limits
 from vllm_batch.deliveries.webhook import Outcome
-
-WEBHOOK_PREFIX, HANDLER_PREFIX = "webhook:", "handler:"
-
-
-def receiver_of(kind: str, target: str) -> str:
-    """The receiver key of a delivery: ``webhook:<host>`` or ``handler:<name>``."""
-    if kind != "webhook":
-        return HANDLER_PREFIX + target
-    try:
-        host = urlsplit(target).hostname or ""
-    except ValueError:
-        host = ""
-    return WEBHOOK_PREFIX + host.lower().rstrip(".")
 
 
 def is_receiver_failure(outcome: Outcome) -> bool | None:
@@ -92,17 +79,6 @@ class CircuitBreaker:
             self.opened_at = now
             return True
         return False  # closed below the threshold, or already open (a late straggler)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What a claim may take: receivers to skip, and the room left on the busy ones."""
-
-    blocked: frozenset[str]
-    room: dict[str, int]
-    """Receivers with attempts in flight (or probing): how many more each may start."""
-    per_receiver: int
-    """Room of every receiver not named in ``room`` or ``blocked``."""
 
 
 @dataclass

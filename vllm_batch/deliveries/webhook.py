@@ -1,81 +1,28 @@
-"""Batch webhook events, as OpenAI sends them, signed per Standard Webhooks.
+"""Sending one signed batch event (``protocol/webhook_event.py``) to a webhook URL.
 
-Payload: ``{"object": "event", "id": "evt_…", "type": "batch.completed", "created_at": …,
-"data": {"id": "batch_…"}}``; headers ``webhook-id``, ``webhook-timestamp`` and
-``webhook-signature: v1,<base64 HMAC-SHA256>``. Each attempt is signed afresh (receivers
-reject stale timestamps); the ``webhook-id`` stays the event id, so receivers can dedupe.
+The URL passes the outbound guard (``net/guard.py``) first and is posted to the address
+that was checked; redirects are never followed and at most 4 KiB of the answer is read.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import json
-import secrets
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
-from standardwebhooks import Webhook
 
-from vllm_batch import __version__
-from vllm_batch.batches.states import BatchStatus
-from vllm_batch.net.guard import AllowList, Resolver, check_url, pinned, system_resolver
+from vllm_batch.net.guard import (
+    AllowList,
+    RefusedURL,
+    Resolver,
+    check_url,
+    pinned,
+    system_resolver,
+)
+from vllm_batch.protocol.webhook_event import signed_headers
 
-EVENT_TYPES: dict[str, str] = {
-    BatchStatus.COMPLETED: "batch.completed",
-    BatchStatus.FAILED: "batch.failed",
-    BatchStatus.CANCELLED: "batch.cancelled",
-    BatchStatus.EXPIRED: "batch.expired",
-}
 MAX_RESPONSE_BYTES = 4096
-
-
-def new_secret() -> str:
-    """A fresh ``whsec_`` secret (32 random bytes)."""
-    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
-
-
-def check_secret(secret: str) -> str:
-    """``secret`` if it is ``whsec_`` + base64 of 24-64 bytes, else ``ValueError``.
-
-    The message never echoes the secret.
-    """
-    body = secret.removeprefix("whsec_") if secret.startswith("whsec_") else None
-    try:
-        size = len(base64.b64decode(body or "", validate=True))
-    except ValueError:
-        size = 0
-    if not 24 <= size <= 64:
-        raise ValueError(
-            "VLLM_BATCH_WEBHOOK_SECRET must be whsec_ followed by base64 of 24-64 random bytes "
-            "(leave it unset to have one generated)"
-        )
-    return secret
-
-
-def event_body(event_id: str, event_type: str, created_at: int, batch_id: str) -> str:
-    """The JSON body, exactly OpenAI's batch event shape."""
-    return json.dumps(
-        {
-            "object": "event",
-            "id": event_id,
-            "type": event_type,
-            "created_at": created_at,
-            "data": {"id": batch_id},
-        },
-        separators=(",", ":"),
-    )
-
-
-def signed_headers(secret: str, event_id: str, body: str, when: dt.datetime) -> dict[str, str]:
-    return {
-        "webhook-id": event_id,
-        "webhook-timestamp": str(int(when.timestamp())),
-        "webhook-signature": Webhook(secret).sign(event_id, when, body),
-        "content-type": "application/json",
-        "user-agent": f"vllm-batch/{__version__}",
-    }
 
 
 @dataclass(frozen=True)
@@ -97,8 +44,6 @@ async def deliver(
     resolver: Resolver = system_resolver,
 ) -> Outcome:
     """POST one signed event; 2xx is success. Never follows redirects; reads ≤ 4 KiB back."""
-    from vllm_batch.net.guard import RefusedURL
-
     try:
         target = await check_url(url, allow, resolver)
     except RefusedURL as exc:

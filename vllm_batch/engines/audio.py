@@ -11,11 +11,16 @@ handed to the serving object as the upload ``file`` of vLLM's own request type, 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
+
+from vllm_batch.config import Settings
 from vllm_batch.engines.base import EngineResult
 from vllm_batch.engines.serving import (
     call_serving,
@@ -25,6 +30,7 @@ from vllm_batch.engines.serving import (
 )
 from vllm_batch.models.kinds import AUDIO_ENDPOINTS
 from vllm_batch.net.file_url import PARAM, FileFetcher, FileURLError
+from vllm_batch.net.guard import AllowList, Resolver, system_resolver
 
 TRANSCRIPTIONS, TRANSLATIONS = AUDIO_ENDPOINTS
 
@@ -117,3 +123,21 @@ async def run_audio(
     if isinstance(response, ErrorResponse):
         return error_response_result(response)
     return EngineResult(status_code=200, body_json=response.model_dump_json())
+
+
+@contextlib.asynccontextmanager
+async def file_fetcher(
+    settings: Settings, resolver: Resolver = system_resolver
+) -> AsyncIterator[FileFetcher]:
+    """A ``FileFetcher`` with the ``audio_*`` settings, its HTTP client open while in use."""
+    timeout = httpx.Timeout(settings.audio_fetch_timeout)
+    async with httpx.AsyncClient(
+        timeout=timeout, follow_redirects=False, trust_env=False
+    ) as client:
+        yield FileFetcher(
+            client=client,
+            allow=AllowList(settings.audio_allowed_hosts),
+            max_bytes=settings.audio_max_bytes,
+            timeout=settings.audio_fetch_timeout,
+            resolver=resolver,
+        )

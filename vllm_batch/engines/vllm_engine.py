@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from vllm_batch.config import ModelSpec, Settings
-from vllm_batch.engines.audio import AudioServers, is_audio_url, run_audio
+from vllm_batch.engines.audio import AudioServers, file_fetcher, is_audio_url, run_audio
 from vllm_batch.engines.base import EngineResult, MaxNumSeqs
 from vllm_batch.engines.blocking import in_daemon_thread, launch_processes
 from vllm_batch.engines.pooling import PoolingServers, is_pooling_url, run_pooling
@@ -31,7 +31,6 @@ from vllm_batch.engines.serving import (
 from vllm_batch.engines.structured import ConflictingStructuredOutputs, translate_guided_fields
 from vllm_batch.models.adapters import LoraSpec, max_lora_rank
 from vllm_batch.models.kinds import ModelKind, is_pooling
-from vllm_batch.net.file_url import file_fetcher
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urljoin
 
 import httpx
@@ -36,9 +34,6 @@ from vllm_batch.net.guard import (
     pinned,
     system_resolver,
 )
-
-if TYPE_CHECKING:
-    from vllm_batch.config import Settings
 
 MAX_REDIRECTS = 3
 ALLOW_SETTING = "VLLM_BATCH_AUDIO_ALLOWED_HOSTS"
@@ -155,21 +150,3 @@ class FileFetcher:
                 raise FileURLError(too_large(self.max_bytes))
             parts.append(part)
         return b"".join(parts)
-
-
-@contextlib.asynccontextmanager
-async def file_fetcher(
-    settings: Settings, resolver: Resolver = system_resolver
-) -> AsyncIterator[FileFetcher]:
-    """A ``FileFetcher`` with the ``audio_*`` settings, its HTTP client open while in use."""
-    timeout = httpx.Timeout(settings.audio_fetch_timeout)
-    async with httpx.AsyncClient(
-        timeout=timeout, follow_redirects=False, trust_env=False
-    ) as client:
-        yield FileFetcher(
-            client=client,
-            allow=AllowList(settings.audio_allowed_hosts),
-            max_bytes=settings.audio_max_bytes,
-            timeout=settings.audio_fetch_timeout,
-            resolver=resolver,
-        )

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import BinaryIO, Protocol
 
-from vllm_batch.storage.health import StorageHealth
+from vllm_batch.storage.health import StorageHealth, StorageStatus, storage_status
 
 
 class BlobStorage(Protocol):
@@ -45,3 +45,8 @@ class BlobStorage(Protocol):
     def iter_keys(self, prefix: str) -> Iterator[str]:
         """Every key under the folder ``prefix``."""
         ...
+
+
+def read_status(storage: BlobStorage, min_free_bytes: int) -> StorageStatus:
+    """``storage_status`` of ``storage`` now; blocking (a stat): call it in a thread."""
+    return storage_status(storage.describe(), storage.usage(), storage.health, min_free_bytes)

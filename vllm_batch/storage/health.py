@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from vllm_batch.observability import metrics
 from vllm_batch.storage.refusal import StorageFull
-
-if TYPE_CHECKING:
-    from vllm_batch.storage.base import BlobStorage
 
 FAILURE_HOLD_SECONDS = 60.0
 
@@ -89,8 +85,3 @@ def storage_status(
         last_error=health.last_error,
         reason="; ".join(reasons) or None,
     )
-
-
-def read_status(storage: BlobStorage, min_free_bytes: int) -> StorageStatus:
-    """``storage_status`` of ``storage`` now; blocking (a stat): call it in a thread."""
-    return storage_status(storage.describe(), storage.usage(), storage.health, min_free_bytes)

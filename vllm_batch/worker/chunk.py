@@ -21,6 +21,7 @@ import anyio
 import orjson
 
 from vllm_batch.batches import lifecycle
+from vllm_batch.batches.policy import batch_order
 from vllm_batch.batches.store import queries
 from vllm_batch.batches.store.db_retry import Backoff, retry_db
 from vllm_batch.batches.store.rows import BatchRow, ChunkRow
@@ -31,7 +32,7 @@ from vllm_batch.pipeline.dispatch import Dispatcher
 from vllm_batch.pipeline.input import iter_lines
 from vllm_batch.pipeline.line_result import LineResult
 from vllm_batch.pipeline.output import failure_line
-from vllm_batch.pipeline.window import FairWindow, Lane, batch_order
+from vllm_batch.pipeline.window import FairWindow, Lane
 from vllm_batch.worker.context import WorkerContext
 
 log = logging.getLogger(__name__)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, event, exc, text
@@ -115,6 +118,34 @@ async def migrate(engine: AsyncEngine) -> None:
     """Apply every pending Alembic migration."""
     async with engine.begin() as conn:
         await conn.run_sync(_upgrade)
+
+
+def _sqlite_path(url: str) -> str | None:
+    path = url.split(":///", 1)[-1].split("?", 1)[0]
+    return None if not path or path == ":memory:" else path
+
+
+def _sqlite_write_probe(path: str, timeout: float) -> None:
+    """Take and drop SQLite's write lock: a reader alone would not notice a held lock."""
+    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+    finally:
+        conn.close()
+
+
+async def probe_database(
+    url: str, sessions: async_sessionmaker[AsyncSession], timeout: float
+) -> None:
+    """Raise unless the database answers within ``timeout``: on SQLite, its write lock can
+    be taken (a reader alone would not notice a held lock); elsewhere ``SELECT 1``."""
+    path = _sqlite_path(url) if is_sqlite(url) else None
+    if path is not None:
+        await anyio.to_thread.run_sync(_sqlite_write_probe, path, timeout)
+        return
+    async with asyncio.timeout(timeout), sessions() as session:
+        await session.execute(text("SELECT 1"))
 
 
 # SQLSTATE classes of a lost or refused connection: 08 connection exception, 53 insufficient

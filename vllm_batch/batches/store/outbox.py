@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from sqlalchemy import ColumnElement, and_, case, func, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -19,14 +19,34 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from vllm_batch.batches.store.rows import DeliveryAttemptRow, DeliveryRow, ServerSecretRow
 
-if TYPE_CHECKING:
-    from vllm_batch.deliveries.receivers import Limits
-
 PENDING, SUCCEEDED, FAILED = "pending", "succeeded", "failed"
+WEBHOOK_PREFIX, HANDLER_PREFIX = "webhook:", "handler:"
 GAVE_UP_WHILE_OPEN = (
     "gave up: the retry horizon passed while this receiver's circuit breaker was open "
     "(it failed VLLM_BATCH_DELIVERY_BREAKER_FAILURES times in a row)"
 )
+
+
+def receiver_of(kind: str, target: str) -> str:
+    """The receiver key of a delivery: ``webhook:<host>`` or ``handler:<name>``."""
+    if kind != "webhook":
+        return HANDLER_PREFIX + target
+    try:
+        host = urlsplit(target).hostname or ""
+    except ValueError:
+        host = ""
+    return WEBHOOK_PREFIX + host.lower().rstrip(".")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a claim may take: receivers to skip, and the room left on the busy ones."""
+
+    blocked: frozenset[str]
+    room: dict[str, int]
+    """Receivers with attempts in flight (or probing): how many more each may start."""
+    per_receiver: int
+    """Room of every receiver not named in ``room`` or ``blocked``."""
 
 
 def _free(now: float) -> ColumnElement[bool]:
@@ -44,7 +64,7 @@ async def claim_due(
 ) -> Sequence[DeliveryRow]:
     """Lease up to ``limit`` pending deliveries whose next attempt is due, oldest first.
 
-    ``receivers`` (see ``handlers.receivers``): skip the blocked receivers and take at most
+    ``receivers`` (see ``deliveries.receivers``): skip the blocked receivers and take at most
     each receiver's room, so one receiver's backlog never fills the claim.
     """
     due = [DeliveryRow.status == PENDING, DeliveryRow.next_attempt_at <= now, _free(now)]

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import and_, case, delete, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from vllm_batch.batches.policy import DAY, MAX_DEADLINE_FACTOR, NO_DEADLINE
 from vllm_batch.batches.states import (
     ACTIVE,
     STOPPABLE,
@@ -32,7 +33,6 @@ from vllm_batch.batches.store.rows import (
     UploadRow,
 )
 from vllm_batch.pipeline.line_result import LineResult
-from vllm_batch.pipeline.window import DAY, MAX_DEADLINE_FACTOR, NO_DEADLINE
 
 # ---------------------------------------------------------------- files
 
@@ -410,7 +410,7 @@ def _running_chunks(now: float) -> Any:
 
 
 def priority_weight_sql() -> Any:
-    """``metadata.priority`` as shares, as ``pipeline.window.priority_weight`` computes it."""
+    """``metadata.priority`` as shares, as ``policy.priority_weight`` computes it."""
     return case(
         (BatchRow.priority >= 0, BatchRow.priority + 1.0),
         else_=1.0 / (1.0 - BatchRow.priority),
@@ -419,7 +419,7 @@ def priority_weight_sql() -> Any:
 
 @dataclass(frozen=True)
 class OrderTerms:
-    """``pipeline.window.batch_order`` as SQL expressions over ``BatchRow``."""
+    """``policy.batch_order`` as SQL expressions over ``BatchRow``."""
 
     weight: Any
     latest_start: Any
@@ -465,7 +465,7 @@ async def claim_chunk(
        time left after the estimated remaining work (``order``);
     2. the fewest chunks running per share, so batches interleave and a small batch never
        waits for a large one to finish. Shares: ``p + 1`` for priority ``p`` (``1 / (1 - p)``
-       below zero), times ``1 day / slack`` (1 to 1440, ``pipeline.window.deadline_factor``):
+       below zero), times ``1 day / slack`` (1 to 1440, ``policy.deadline_factor``):
        a ``1h`` batch gets about 24 times the share of a ``24h`` one;
     3. higher priority, then the latest possible start (deadline minus remaining work:
        earliest deadline first among equal priorities);

@@ -160,7 +160,7 @@ class DeliveryRow(Base):
     event_type: Mapped[str] = mapped_column(String(32))
     kind: Mapped[str] = mapped_column(String(16))  # "webhook" or "handler"
     target: Mapped[str] = mapped_column(Text)  # the URL, or the handler's name
-    # "webhook:<host>" or "handler:<name>" (handlers.receivers.receiver_of): the unit of the
+    # "webhook:<host>" or "handler:<name>" (store.outbox.receiver_of): the unit of the
     # dispatcher's per-receiver concurrency limit and circuit breaker.
     receiver: Mapped[str] = mapped_column(Text, default="", server_default="")
     status: Mapped[str] = mapped_column(String(16))  # pending / succeeded / failed

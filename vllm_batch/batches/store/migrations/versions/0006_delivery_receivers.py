@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from vllm_batch.deliveries.receivers import receiver_of
+from vllm_batch.batches.store.outbox import receiver_of
 
 revision = "0006"
 down_revision = "0005"
