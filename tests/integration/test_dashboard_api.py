@@ -203,7 +203,7 @@ def claim_and_fail_one_line(api: LiveServer, batch_id: str) -> None:
                 results=[result],
                 lease_until=time.time() + 300,
             )
-            assert outcome.held
+            assert outcome is not None and len(outcome.new) == 1
 
     api.db(work)
 

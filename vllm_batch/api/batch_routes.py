@@ -15,7 +15,7 @@ from vllm_batch.api.errors import APIError, not_found
 from vllm_batch.api.file_routes import page, stream_file
 from vllm_batch.batches import lifecycle
 from vllm_batch.batches.finalize import finalize_batch
-from vllm_batch.batches.states import BatchStatus
+from vllm_batch.batches.states import BatchStatus, DeliveryKind
 from vllm_batch.batches.store import outbox, queries
 from vllm_batch.batches.store.rows import BatchRow, DeliveryRow
 from vllm_batch.batches.validate import validate_batch
@@ -61,7 +61,7 @@ def batch_object(row: BatchRow) -> Batch:
         errors=Errors.model_validate({"data": row.errors}) if row.errors else None,
         input_file_id=row.input_file_id,
         completion_window=row.completion_window,
-        status=row.status,  # type: ignore[arg-type]
+        status=row.status,
         output_file_id=row.output_file_id,
         error_file_id=row.error_file_id,
         created_at=row.created_at,
@@ -253,8 +253,8 @@ async def cancel_batch(ctx: CtxDep, principal: PrincipalDep, batch_id: str) -> B
         row = await lifecycle.cancel(ctx, batch_id)
     except lifecycle.IllegalTransition as exc:
         raise APIError(409, str(exc), code="invalid_state") from None
-    if row is None:
-        raise not_found("batch", batch_id)
+    except lifecycle.NoSuchBatch:
+        raise not_found("batch", batch_id) from None
     ctx.spawn(finalize_batch(ctx.for_work, batch_id))
     return batch_object(row)
 
@@ -292,9 +292,9 @@ async def delivery_object(session: AsyncSession, row: DeliveryRow) -> Delivery:
         batch_id=row.batch_id,
         event_id=row.event_id,
         event_type=row.event_type,
-        kind=row.kind,  # type: ignore[arg-type]
-        target=display_target(row.target) if row.kind == "webhook" else row.target,
-        status=row.status,  # type: ignore[arg-type]
+        kind=row.kind,
+        target=display_target(row.target) if row.kind == DeliveryKind.WEBHOOK else row.target,
+        status=row.status,
         attempts=row.attempts,
         last_status_code=row.last_status_code,
         last_error=row.last_error,

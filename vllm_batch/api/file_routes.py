@@ -38,7 +38,7 @@ def file_object(row: FileRow) -> FileObject:
         bytes=row.bytes,
         created_at=row.created_at,
         filename=row.filename,
-        purpose=row.purpose,  # type: ignore[arg-type]
+        purpose=row.purpose,
         expires_at=row.expires_at,
     )
 

@@ -25,7 +25,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from vllm_batch import __version__
 from vllm_batch.api.worker_metrics import refusal
-from vllm_batch.batches.states import BatchStatus
+from vllm_batch.batches.states import BatchStatus, DeliveryKind, DeliveryStatus
 from vllm_batch.batches.store import stats
 from vllm_batch.batches.store_context import StoreContext
 from vllm_batch.config import Settings
@@ -35,8 +35,8 @@ from vllm_batch.storage.base import read_status
 
 log = logging.getLogger(__name__)
 DB_TIMEOUT_SECONDS = 5.0
-DELIVERY_KINDS = ("webhook", "handler")
-OPEN_DELIVERY_STATUSES = ("pending", "failed")
+DELIVERY_KINDS = tuple(DeliveryKind)
+OPEN_DELIVERY_STATUSES = (DeliveryStatus.PENDING, DeliveryStatus.FAILED)
 
 
 async def database_families(ctx: StoreContext, models: Iterable[str]) -> list[Metric]:
@@ -67,10 +67,10 @@ async def database_families(ctx: StoreContext, models: Iterable[str]) -> list[Me
         "Deliveries waiting or retrying (pending) and given up (failed).",
         labels=["kind", "status"],
     )
-    kinds = sorted({*DELIVERY_KINDS, *(kind for kind, _ in deliveries)})
+    kinds = sorted({*map(str, DELIVERY_KINDS), *(kind for kind, _ in deliveries)})
     for kind in kinds:
         for state in OPEN_DELIVERY_STATUSES:
-            open_deliveries.add_metric([kind, state], deliveries.get((kind, state), 0))
+            open_deliveries.add_metric([kind, state], deliveries.get((kind, str(state)), 0))
     families.append(open_deliveries)
     return families
 

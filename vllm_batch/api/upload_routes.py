@@ -16,8 +16,8 @@ from vllm_batch.api.auth import Principal
 from vllm_batch.api.deps import CtxDep, PrincipalDep, SessionDep
 from vllm_batch.api.errors import APIError, not_found
 from vllm_batch.api.file_routes import check_filename, check_purpose, file_expires_at, file_object
-from vllm_batch.batches import uploads as blobs
-from vllm_batch.batches.states import UploadStatus
+from vllm_batch.batches import uploads
+from vllm_batch.batches.states import IllegalTransition, UploadStatus
 from vllm_batch.batches.store import queries
 from vllm_batch.batches.store.rows import FileRow, UploadPartRow, UploadRow
 from vllm_batch.pipeline.input import UploadRejected
@@ -41,7 +41,7 @@ def upload_object(row: UploadRow, file: FileObject | None = None) -> Upload:
         expires_at=row.expires_at,
         filename=row.filename,
         purpose=row.purpose,
-        status=row.status,  # type: ignore[arg-type]
+        status=row.status,
         file=file,
     )
 
@@ -115,7 +115,7 @@ async def create_upload(
         owner=principal.name,
     )
     async with session.begin():
-        await queries.insert_upload(session, row)
+        await uploads.open_upload(session, row)
     return upload_object(row)
 
 
@@ -128,11 +128,11 @@ async def add_part(
     part = UploadPartRow(
         id=new_id("part_"), upload_id=upload_id, created_at=now(), bytes=0, storage_key=""
     )
-    part.storage_key = blobs.part_key(upload_id, part.id)
+    part.storage_key = uploads.part_key(upload_id, part.id)
     limit = ctx.settings.max_upload_part_bytes
 
     def store() -> int:
-        return blobs.store_part(data.file, ctx.storage, part.storage_key, max_bytes=limit)
+        return uploads.store_part(data.file, ctx.storage, part.storage_key, max_bytes=limit)
 
     try:
         part.bytes = await anyio.to_thread.run_sync(store)
@@ -196,7 +196,7 @@ async def complete_upload(
     key = f"files/{file_id}"
 
     def assemble() -> int:
-        scan = blobs.assemble(
+        scan = uploads.assemble(
             ctx.storage,
             [part.storage_key for part in parts],
             key,
@@ -229,13 +229,14 @@ async def complete_upload(
     )
     try:
         async with session.begin():
-            if not await queries.complete_upload(session, upload_id, file_id, started):
-                raise await lost_race(session, upload_id, started)
-            await queries.insert_file(session, file)
+            try:
+                await uploads.complete(session, upload_id, file, started)
+            except IllegalTransition:
+                raise await lost_race(session, upload_id, started) from None
     except BaseException:
         await anyio.to_thread.run_sync(ctx.storage.delete, key)
         raise
-    await blobs.drop_upload_parts(ctx, upload_id)
+    await uploads.drop_upload_parts(ctx, upload_id)
     row.status, row.file_id = UploadStatus.COMPLETED, file_id
     return upload_object(row, file_object(file))
 
@@ -254,8 +255,10 @@ async def cancel_upload(
     at = now()
     async with session.begin():
         row = await load_upload(session, principal, upload_id, at=at, lock=True)
-        if not await queries.cancel_upload(session, upload_id, at):
-            raise await lost_race(session, upload_id, at)
-    await blobs.drop_upload_parts(ctx, upload_id)
+        try:
+            await uploads.cancel(session, upload_id, at)
+        except IllegalTransition:
+            raise await lost_race(session, upload_id, at) from None
+    await uploads.drop_upload_parts(ctx, upload_id)
     row.status = UploadStatus.CANCELLED
     return upload_object(row)

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from vllm_batch.batches.states import BatchStatus
-from vllm_batch.batches.store.outbox import PENDING, receiver_of
+from vllm_batch.batches.states import BatchStatus, DeliveryKind, DeliveryStatus
+from vllm_batch.batches.store.outbox import receiver_of
 from vllm_batch.batches.store.rows import DeliveryRow
 from vllm_batch.config import Settings
 from vllm_batch.handlers.base import ResultHandler, call_enabled
@@ -85,9 +85,9 @@ class DeliveryPlan:
     ) -> list[DeliveryRow]:
         """The outbox rows for ``batch_id`` reaching ``status`` (one event id for all)."""
         event_id = new_id("evt_")
-        targets = [("webhook", url) for url in self.webhook_targets(metadata)]
+        targets = [(DeliveryKind.WEBHOOK, url) for url in self.webhook_targets(metadata)]
         if status in HANDLED_STATUSES:
-            targets += [("handler", name) for name in self.handler_names(metadata)]
+            targets += [(DeliveryKind.HANDLER, name) for name in self.handler_names(metadata)]
         return [
             DeliveryRow(
                 id=new_id("dlv_"),
@@ -97,7 +97,7 @@ class DeliveryPlan:
                 kind=kind,
                 target=target,
                 receiver=receiver_of(kind, target),
-                status=PENDING,
+                status=DeliveryStatus.PENDING,
                 attempts=0,
                 created_at=now,
                 next_attempt_at=now,

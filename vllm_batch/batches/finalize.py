@@ -27,7 +27,7 @@ import anyio
 import orjson
 
 from vllm_batch.batches import lifecycle
-from vllm_batch.batches.states import StopReason
+from vllm_batch.batches.states import IllegalTransition, StopReason
 from vllm_batch.batches.store import queries
 from vllm_batch.batches.store.rows import BatchRow, FileRow
 from vllm_batch.batches.store_context import StoreContext
@@ -90,9 +90,10 @@ async def finalize_batch(ctx: StoreContext, batch_id: str) -> bool:
 async def _finalize(ctx: StoreContext, batch_id: str) -> bool:
     # Re-entrant for this process: an attempt cut short (say, by a database outage) is
     # retried at once instead of waiting for our own lease to lapse.
-    batch = await lifecycle.claim_finalization(ctx, batch_id, FINALIZE_LEASE_SECONDS)
-    if batch is None:
-        return False
+    try:
+        batch = await lifecycle.claim_finalization(ctx, batch_id, FINALIZE_LEASE_SECONDS)
+    except IllegalTransition:
+        return False  # not ready, or another process finalizes it
     attempt = secrets.token_hex(4)
     keys = {
         False: f"batches/{batch_id}/{attempt}/output.jsonl",
@@ -133,7 +134,7 @@ async def _finalize(ctx: StoreContext, batch_id: str) -> bool:
                 error_file_id=files[True].id if True in files else None,
                 extra_failed=expired_lines,
             )
-    except FinalizationLost:
+    except (FinalizationLost, IllegalTransition):
         status = None
     except StorageFull as refusal:
         await _delete_blobs(ctx, keys.values())
@@ -240,15 +241,12 @@ class _LeaseKeeper:
             if self._stop.is_set():
                 return
             try:
-                held = await lifecycle.renew_finalization(
-                    self.ctx, self.batch_id, FINALIZE_LEASE_SECONDS
-                )
-            except Exception:
-                log.warning("batch %s: renewing the finalization lease failed", self.batch_id)
-                continue
-            if not held:
+                await lifecycle.renew_finalization(self.ctx, self.batch_id, FINALIZE_LEASE_SECONDS)
+            except IllegalTransition:
                 self.lost = True
                 return
+            except Exception:
+                log.warning("batch %s: renewing the finalization lease failed", self.batch_id)
 
 
 async def _write_results(

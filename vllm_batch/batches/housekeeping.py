@@ -38,15 +38,16 @@ ATTEMPT_SWEEP_SECONDS = 600.0  # lists every batch's blobs: far less often than 
 async def release_dead_owners(ctx: StoreContext) -> int:
     """Release the leases of processes in our own PID scope that no longer run."""
     me = ctx.instance
-    async with ctx.sessions() as session, session.begin():
-        dead = []
-        for text in await queries.lease_owners(session, me.scope):
-            owner = InstanceId.parse(text)
-            if owner is not None and me.sees_dead(owner):
-                dead.append(text)
-        for owner_text in dead:
-            log.warning("releasing leases of dead worker %s", owner_text)
-            await queries.release_owner(session, owner_text)
+    async with ctx.read_sessions() as session:
+        owners = await queries.lease_owners(session, me.scope)
+    dead = []
+    for text in owners:
+        owner = InstanceId.parse(text)
+        if owner is not None and me.sees_dead(owner):
+            dead.append(text)
+    for owner_text in dead:
+        log.warning("releasing leases of dead worker %s", owner_text)
+        await lifecycle.release_owner(ctx, owner_text)
     if dead:
         ctx.notifier.wake()
     return len(dead)

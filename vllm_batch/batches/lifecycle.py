@@ -1,8 +1,11 @@
-"""Every batch and chunk transition, one named function each (the table is in ``states``).
+"""Every batch, chunk and delivery transition, one named function each (the tables are in
+``states``; uploads move in ``uploads``).
 
-Each function runs one transaction on a write session and returns whether its guarded
-statement took effect; nothing else in the code base changes a status. Route handlers,
-the worker, the finalizer and housekeeping all come through here.
+Each function runs one transaction on a write session. A move whose guarded statement
+matched nothing (wrong status, lost race, lost lease) raises ``IllegalTransition``: the one
+way a refused transition is reported. Nothing else in the code base changes a status:
+route handlers, the worker, the finalizer, housekeeping and the delivery dispatcher all
+come through here.
 """
 
 from __future__ import annotations
@@ -11,9 +14,16 @@ import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from vllm_batch.batches.states import FINAL_STATUS, BatchStatus, IllegalTransition, StopReason
-from vllm_batch.batches.store import queries
-from vllm_batch.batches.store.rows import BatchRow, ChunkRow, FileRow
+from vllm_batch.batches.states import (
+    FINAL_STATUS,
+    BatchStatus,
+    ChunkStatus,
+    DeliveryStatus,
+    IllegalTransition,
+    StopReason,
+)
+from vllm_batch.batches.store import outbox, queries
+from vllm_batch.batches.store.rows import BatchRow, ChunkRow, DeliveryRow, FileRow
 from vllm_batch.batches.store_context import StoreContext
 from vllm_batch.observability import metrics
 from vllm_batch.pipeline.input import BatchPlan
@@ -25,15 +35,19 @@ __all__ = [
     "IllegalTransition",
     "InputFileGone",
     "InputFileNotForBatch",
+    "NoSuchBatch",
     "cancel",
     "claim_chunk",
+    "claim_deliveries",
     "claim_finalization",
     "create",
     "expire_overdue",
     "finish",
     "finish_chunk",
     "queue_or_fail",
+    "record_delivery",
     "release_chunk",
+    "release_owner",
     "renew_finalization",
     "save",
 ]
@@ -41,6 +55,10 @@ __all__ = [
 
 class InputFileGone(LookupError):
     """The batch's input file does not exist (any more), or the caller may not see it."""
+
+
+class NoSuchBatch(LookupError):
+    """The batch does not exist."""
 
 
 class InputFileNotForBatch(ValueError):
@@ -103,26 +121,33 @@ async def create(ctx: StoreContext, spec: BatchSpec, *, scope: str | None = None
     return row
 
 
-async def queue_or_fail(ctx: StoreContext, batch_id: str, plan: BatchPlan) -> bool:
-    """``validating`` → ``in_progress`` with chunks queued, or → ``failed`` with errors.
+async def queue_or_fail(ctx: StoreContext, batch_id: str, plan: BatchPlan) -> BatchStatus:
+    """``validating`` → ``in_progress`` with chunks queued, or → ``failed`` with errors;
+    ``IllegalTransition`` if the batch moved on meanwhile (say, it was cancelled).
 
     A failed batch's webhook deliveries commit with the status.
     """
     async with ctx.sessions() as session, session.begin():
         if plan.errors or plan.model is None:
-            row = await session.get(BatchRow, batch_id)
+            row = await queries.get_batch(session, batch_id)
             stamp = now()
             deliveries = ctx.deliveries.rows(
                 batch_id, row.metadata_ if row else None, BatchStatus.FAILED, stamp
             )
-            return await queries.fail_validation(session, batch_id, plan.errors, stamp, deliveries)
-        return await queries.start_batch(
-            session, batch_id, model=plan.model, total=plan.total, chunks=plan.chunks, now=now()
-        )
+            moved = await queries.fail_validation(session, batch_id, plan.errors, stamp, deliveries)
+            target = BatchStatus.FAILED
+        else:
+            moved = await queries.start_batch(
+                session, batch_id, model=plan.model, total=plan.total, chunks=plan.chunks, now=now()
+            )
+            target = BatchStatus.IN_PROGRESS
+    if not moved:
+        raise IllegalTransition(f"batch {batch_id} is no longer validating")
+    return target
 
 
-async def cancel(ctx: StoreContext, batch_id: str) -> BatchRow | None:
-    """``validating``/``in_progress`` → ``cancelling``; None if there is no such batch.
+async def cancel(ctx: StoreContext, batch_id: str) -> BatchRow:
+    """``validating``/``in_progress`` → ``cancelling``; ``NoSuchBatch`` if there is none.
 
     Cancelling an already cancelling or cancelled batch is a no-op; anything else raises
     ``IllegalTransition``.
@@ -130,14 +155,17 @@ async def cancel(ctx: StoreContext, batch_id: str) -> BatchRow | None:
     async with ctx.sessions() as session, session.begin():
         row = await queries.lock_batch(session, batch_id)
         if row is None:
-            return None
+            raise NoSuchBatch(batch_id)
         stopping = await queries.request_stop(session, batch_id, StopReason.CANCEL, now())
         if not stopping and row.status not in (BatchStatus.CANCELLING, BatchStatus.CANCELLED):
             raise IllegalTransition(
                 f"Cannot cancel batch {batch_id}: its status is {row.status!r}."
             )
     async with ctx.read_sessions() as session:
-        return await queries.get_batch(session, batch_id)
+        found = await queries.get_batch(session, batch_id)
+    if found is None:
+        raise NoSuchBatch(batch_id)
+    return found
 
 
 async def expire_overdue(ctx: StoreContext) -> list[str]:
@@ -199,9 +227,10 @@ async def starved_models(ctx: StoreContext, models: Sequence[str]) -> list[str]:
 async def save(
     ctx: StoreContext, chunk: ChunkRow, owner: str, results: Sequence[LineResult]
 ) -> queries.SaveOutcome:
-    """Save finished lines and renew the lease, only while the chunk is still ours."""
+    """Save finished lines and renew the lease, only while the chunk is still ours
+    (``IllegalTransition``: the lease was lost, or the batch is finalizing or finished)."""
     async with ctx.sessions() as session, session.begin():
-        return await queries.save_chunk_results(
+        outcome = await queries.save_chunk_results(
             session,
             batch_id=chunk.batch_id,
             chunk_id=chunk.id,
@@ -209,41 +238,72 @@ async def save(
             results=results,
             lease_until=time.time() + ctx.settings.lease_seconds,
         )
+    if outcome is None:
+        raise IllegalTransition(f"chunk {chunk.id} is no longer held by {owner}")
+    return outcome
 
 
-async def finish_chunk(ctx: StoreContext, chunk: ChunkRow, owner: str) -> bool:
-    """``running`` → ``done`` if every line has a result; otherwise back to ``queued``."""
+async def finish_chunk(ctx: StoreContext, chunk: ChunkRow, owner: str) -> ChunkStatus:
+    """``running`` → ``done`` if every line has a result; otherwise back to ``queued``.
+
+    ``IllegalTransition`` if the chunk is no longer ours.
+    """
     async with ctx.sessions() as session, session.begin():
         saved = await queries.count_done_lines(
             session, chunk.batch_id, chunk.start_line, chunk.end_line
         )
         if saved == chunk.end_line - chunk.start_line:
-            return await queries.finish_chunk(session, chunk.id, owner)
-        await queries.release_chunk(session, chunk.id, owner)
-        return False
+            target, moved = ChunkStatus.DONE, await queries.finish_chunk(session, chunk.id, owner)
+        else:
+            target, moved = (
+                ChunkStatus.QUEUED,
+                await queries.release_chunk(session, chunk.id, owner),
+            )
+    if not moved:
+        raise IllegalTransition(f"chunk {chunk.id} is no longer held by {owner}")
+    return target
 
 
 async def release_chunk(
     ctx: StoreContext, chunk: ChunkRow, owner: str, *, engine_failure: bool = False
-) -> bool:
-    """``running`` → ``queued``; ``engine_failure`` counts toward ``max_chunk_attempts``."""
+) -> None:
+    """``running`` → ``queued``; ``engine_failure`` counts toward ``max_chunk_attempts``.
+
+    ``IllegalTransition`` if the chunk is no longer ours.
+    """
     async with ctx.sessions() as session, session.begin():
-        return await queries.release_chunk(session, chunk.id, owner, engine_failure=engine_failure)
+        moved = await queries.release_chunk(session, chunk.id, owner, engine_failure=engine_failure)
+    if not moved:
+        raise IllegalTransition(f"chunk {chunk.id} is no longer held by {owner}")
 
 
-async def claim_finalization(ctx: StoreContext, batch_id: str, lease: float) -> BatchRow | None:
-    """Take the batch's finalization lease if it is ready and nobody else holds it."""
+async def release_owner(ctx: StoreContext, owner: str) -> int:
+    """Every chunk ``owner`` runs → ``queued``, and its finalization leases dropped: a worker
+    known to be dead. Returns how many chunks went back to the queue."""
     async with ctx.sessions() as session, session.begin():
-        return await queries.claim_finalization(
+        return await queries.release_owner(session, owner)
+
+
+async def claim_finalization(ctx: StoreContext, batch_id: str, lease: float) -> BatchRow:
+    """Take the batch's finalization lease (``in_progress`` → ``finalizing``) if it is ready
+    and nobody else holds it; ``IllegalTransition`` otherwise."""
+    async with ctx.sessions() as session, session.begin():
+        row = await queries.claim_finalization(
             session, batch_id, owner=ctx.instance_id, now=time.time(), lease=lease
         )
+    if row is None:
+        raise IllegalTransition(f"batch {batch_id} is not ready to finalize, or is taken")
+    return row
 
 
-async def renew_finalization(ctx: StoreContext, batch_id: str, lease: float) -> bool:
+async def renew_finalization(ctx: StoreContext, batch_id: str, lease: float) -> None:
+    """Extend our finalization lease; ``IllegalTransition`` if we lost it."""
     async with ctx.sessions() as session, session.begin():
-        return await queries.renew_finalization(
+        held = await queries.renew_finalization(
             session, batch_id, ctx.instance_id, time.time() + lease
         )
+    if not held:
+        raise IllegalTransition(f"lost the finalization lease of batch {batch_id}")
 
 
 async def finish(
@@ -254,8 +314,9 @@ async def finish(
     output_file_id: str | None,
     error_file_id: str | None,
     extra_failed: int,
-) -> BatchStatus | None:
-    """→ ``completed``/``cancelled``/``expired``, atomically, while we hold the lease.
+) -> BatchStatus:
+    """→ ``completed``/``cancelled``/``expired``, atomically, while we hold the lease
+    (``IllegalTransition`` if we lost it: nothing was written).
 
     The final event's deliveries (webhooks, result handlers) commit with the status.
     """
@@ -277,4 +338,54 @@ async def finish(
             now=stamp,
             deliveries=deliveries,
         )
-    return target if done else None
+    if not done:
+        raise IllegalTransition(f"lost the finalization lease of batch {batch.id}")
+    return target
+
+
+# ---------------------------------------------------------------- deliveries
+
+
+async def claim_deliveries(
+    ctx: StoreContext,
+    *,
+    lease: float,
+    limit: int,
+    receivers: outbox.Limits,
+    stuck: Sequence[str],
+) -> tuple[int, Sequence[DeliveryRow]]:
+    """``pending`` → ``failed`` for the due deliveries to the ``stuck`` receivers (breaker
+    open) whose horizon passed, then lease up to ``limit`` due ones: (failed, leased)."""
+    async with ctx.sessions() as session, session.begin():
+        stamp = time.time()
+        gave_up = await outbox.give_up_waiting(session, stuck, now=stamp)
+        claimed: Sequence[DeliveryRow] = ()
+        if limit > 0:
+            claimed = await outbox.claim_due(
+                session,
+                owner=ctx.instance_id,
+                now=stamp,
+                lease=lease,
+                limit=limit,
+                receivers=receivers,
+            )
+    return gave_up, claimed
+
+
+async def record_delivery(
+    ctx: StoreContext,
+    delivery: DeliveryRow,
+    attempt: outbox.Attempt,
+    *,
+    next_attempt_at: float | None,
+) -> DeliveryStatus:
+    """One attempt of a delivery we lease: ``pending`` stays ``pending`` (a retry at
+    ``next_attempt_at``) or → ``succeeded``/``failed``; ``IllegalTransition`` if we lost
+    the lease (nothing recorded)."""
+    async with ctx.sessions() as session, session.begin():
+        status = await outbox.record_attempt(
+            session, delivery, ctx.instance_id, attempt, next_attempt_at=next_attempt_at
+        )
+    if status is None:
+        raise IllegalTransition(f"lost the lease of delivery {delivery.id}")
+    return status

@@ -22,25 +22,55 @@ Upload (OpenAI's Uploads API: a file sent in parts, then assembled)::
       ├─────cancel──────▶ cancelled     (parts deleted)
       └─────expire──────▶ expired       (housekeeping, past ``expires_at``; parts deleted)
 
-Every transition is one guarded statement in ``store/queries.py`` whose ``WHERE`` admits
-only the source statuses listed here, and whose row count is checked: an illegal or
-lost-race move changes nothing and is reported to the caller.
+Delivery (one webhook or result handler for a batch's final event, in the outbox)::
+
+    pending ──attempt ok─────────────────────────▶ succeeded
+      │ ▲
+      │ └─attempt failed: retry before give_up_at
+      └───refused, or out of retries (give_up_at)──▶ failed
+
+Batch, upload and delivery statuses are OpenAI's wire values (``protocol/``); every status
+column is checked by the schema (a ``CHECK`` constraint, ``store/rows.py``). Every
+transition is one function of ``lifecycle.py`` (uploads: ``uploads.py``) running one
+guarded statement in ``store/`` whose ``WHERE`` admits only the source statuses listed here,
+and whose row count is checked: an illegal or lost-race move changes nothing and raises
+``IllegalTransition``, the one way a refused transition is reported.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
+from typing import TypeVar
+
+from vllm_batch.protocol.batch import BatchStatus
+from vllm_batch.protocol.delivery import DeliveryKind, DeliveryStatus
+from vllm_batch.protocol.upload import UploadStatus
+
+__all__ = [
+    "ACTIVE",
+    "BATCH_MOVES",
+    "CHUNK_MOVES",
+    "DELIVERY_MOVES",
+    "FINAL_STATUS",
+    "STOPPABLE",
+    "TERMINAL",
+    "UPLOAD_MOVES",
+    "BatchStatus",
+    "ChunkStatus",
+    "DeliveryKind",
+    "DeliveryStatus",
+    "IllegalTransition",
+    "StopReason",
+    "UploadStatus",
+    "batch_sources",
+    "chunk_sources",
+    "delivery_sources",
+    "upload_sources",
+]
 
 
-class BatchStatus(StrEnum):
-    VALIDATING = "validating"  # input file being checked
-    FAILED = "failed"  # the input file was invalid (terminal)
-    IN_PROGRESS = "in_progress"  # chunks queued or running
-    FINALIZING = "finalizing"  # every line done; output files being written
-    COMPLETED = "completed"  # output files written (terminal)
-    EXPIRED = "expired"  # completion window passed; unfinished lines are errors (terminal)
-    CANCELLING = "cancelling"  # cancel requested; waiting for running chunks to stop
-    CANCELLED = "cancelled"  # cancelled; finished lines kept (terminal)
+S = TypeVar("S", bound=StrEnum)
 
 
 class ChunkStatus(StrEnum):
@@ -49,20 +79,16 @@ class ChunkStatus(StrEnum):
     DONE = "done"  # every line has a saved result (terminal)
 
 
-class UploadStatus(StrEnum):
-    PENDING = "pending"  # accepting parts
-    COMPLETED = "completed"  # assembled into ``file_id`` (terminal)
-    CANCELLED = "cancelled"  # cancelled by its owner (terminal)
-    EXPIRED = "expired"  # not completed before ``expires_at`` (terminal)
-
-
 class StopReason(StrEnum):
     CANCEL = "cancel"
     EXPIRE = "expire"
 
 
 class IllegalTransition(Exception):
-    """A transition whose guard matched nothing: wrong status, lost race or lost lease."""
+    """A transition whose guard matched nothing: wrong status, lost race or lost lease.
+
+    The one way a refused transition is reported, by every transition function.
+    """
 
 
 BATCH_MOVES: dict[BatchStatus, frozenset[BatchStatus]] = {
@@ -86,6 +112,23 @@ CHUNK_MOVES: dict[ChunkStatus, frozenset[ChunkStatus]] = {
     ChunkStatus.DONE: frozenset(),
 }
 
+UPLOAD_MOVES: dict[UploadStatus, frozenset[UploadStatus]] = {
+    UploadStatus.PENDING: frozenset(
+        {UploadStatus.COMPLETED, UploadStatus.CANCELLED, UploadStatus.EXPIRED}
+    ),
+    UploadStatus.COMPLETED: frozenset(),
+    UploadStatus.CANCELLED: frozenset(),
+    UploadStatus.EXPIRED: frozenset(),
+}
+
+DELIVERY_MOVES: dict[DeliveryStatus, frozenset[DeliveryStatus]] = {
+    DeliveryStatus.PENDING: frozenset(
+        {DeliveryStatus.PENDING, DeliveryStatus.SUCCEEDED, DeliveryStatus.FAILED}
+    ),
+    DeliveryStatus.SUCCEEDED: frozenset(),
+    DeliveryStatus.FAILED: frozenset(),
+}
+
 TERMINAL: frozenset[BatchStatus] = frozenset(s for s, moves in BATCH_MOVES.items() if not moves)
 ACTIVE: frozenset[BatchStatus] = frozenset(BatchStatus) - TERMINAL
 # Where a batch may be asked to stop (cancel or expire), and what the finished batch becomes.
@@ -97,11 +140,25 @@ FINAL_STATUS: dict[StopReason | None, BatchStatus] = {
 }
 
 
+def _sources(moves: Mapping[S, frozenset[S]], target: S) -> frozenset[S]:
+    return frozenset(s for s, allowed in moves.items() if target in allowed)
+
+
 def batch_sources(target: BatchStatus) -> frozenset[BatchStatus]:
     """The statuses from which a batch may move to ``target``."""
-    return frozenset(s for s, moves in BATCH_MOVES.items() if target in moves)
+    return _sources(BATCH_MOVES, target)
 
 
 def chunk_sources(target: ChunkStatus) -> frozenset[ChunkStatus]:
     """The statuses from which a chunk may move to ``target``."""
-    return frozenset(s for s, moves in CHUNK_MOVES.items() if target in moves)
+    return _sources(CHUNK_MOVES, target)
+
+
+def upload_sources(target: UploadStatus) -> frozenset[UploadStatus]:
+    """The statuses from which an upload may move to ``target``."""
+    return _sources(UPLOAD_MOVES, target)
+
+
+def delivery_sources(target: DeliveryStatus) -> frozenset[DeliveryStatus]:
+    """The statuses from which a delivery may move to ``target``."""
+    return _sources(DELIVERY_MOVES, target)

@@ -1,4 +1,9 @@
-"""Upload blobs: parts streamed to storage, joined in order into a checked file, swept.
+"""Uploads: their moves (``pending`` → ``completed``/``cancelled``/``expired``, drawn in
+``states``), and their blobs: parts streamed to storage, joined in order into a checked
+file, swept.
+
+Each move is one guarded statement in the caller's transaction; one that matched nothing
+(the upload ended or expired meanwhile) raises ``IllegalTransition``.
 
 A part is its own blob (``uploads/<upload_id>/<part_id>``) until its upload ends. Completion
 reads the parts one after another through a single stream, so a line may span parts, and
@@ -19,7 +24,10 @@ from typing import Any, BinaryIO
 
 import anyio
 
+from vllm_batch.batches.states import IllegalTransition
 from vllm_batch.batches.store import queries
+from vllm_batch.batches.store.db import Session
+from vllm_batch.batches.store.rows import FileRow, UploadRow
 from vllm_batch.batches.store_context import StoreContext
 from vllm_batch.pipeline.input import UploadRejected, UploadScan, copy_upload
 from vllm_batch.protocol.ids import now
@@ -27,6 +35,24 @@ from vllm_batch.storage.base import BlobStorage
 
 log = logging.getLogger(__name__)
 COPY_SIZE = 1024 * 1024
+
+
+async def open_upload(session: Session, row: UploadRow) -> None:
+    """A new upload, ``pending``."""
+    await queries.insert_upload(session, row)
+
+
+async def complete(session: Session, upload_id: str, file: FileRow, at: int) -> None:
+    """``pending`` → ``completed``, made into ``file`` (added in the same transaction)."""
+    if not await queries.complete_upload(session, upload_id, file.id, at):
+        raise IllegalTransition(f"upload {upload_id} is no longer pending")
+    await queries.insert_file(session, file)
+
+
+async def cancel(session: Session, upload_id: str, at: int) -> None:
+    """``pending`` → ``cancelled``."""
+    if not await queries.cancel_upload(session, upload_id, at):
+        raise IllegalTransition(f"upload {upload_id} is no longer pending")
 
 
 def part_key(upload_id: str, part_id: str) -> str:

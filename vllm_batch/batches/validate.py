@@ -15,7 +15,7 @@ import time
 import anyio
 
 from vllm_batch.batches import lifecycle
-from vllm_batch.batches.states import BatchStatus
+from vllm_batch.batches.states import BatchStatus, IllegalTransition
 from vllm_batch.batches.store import queries
 from vllm_batch.batches.store.db_retry import is_db_outage
 from vllm_batch.batches.store_context import StoreContext
@@ -77,7 +77,11 @@ async def _validate(ctx: StoreContext, batch_id: str) -> None:
                 )
 
         plan = await anyio.to_thread.run_sync(scan)
-    await lifecycle.queue_or_fail(ctx, batch_id, plan)
+    try:
+        await lifecycle.queue_or_fail(ctx, batch_id, plan)
+    except IllegalTransition:
+        log.info("batch %s left validating meanwhile", batch_id, extra={"batch_id": batch_id})
+        return
     if plan.errors or plan.model is None:
         # Codes and line numbers only: messages quote input fields, which stay out of logs.
         first = ", ".join(f"{e['code']} (line {e['line']})" for e in plan.errors[:3])

@@ -24,6 +24,8 @@ from typing import Any
 
 import httpx
 
+from vllm_batch.batches import lifecycle
+from vllm_batch.batches.states import DeliveryStatus, IllegalTransition
 from vllm_batch.batches.store import outbox, queries
 from vllm_batch.batches.store.db import is_transient
 from vllm_batch.batches.store.db_retry import retry_db
@@ -43,10 +45,10 @@ log = logging.getLogger(__name__)
 WEBHOOK_SECRET_NAME = "webhook"
 MIN_LEASE_SECONDS = 60.0
 # The delivery's status after an attempt → the ``delivery_attempts`` outcome label.
-ATTEMPT_OUTCOMES = {
-    outbox.SUCCEEDED: "succeeded",
-    outbox.PENDING: "retrying",
-    outbox.FAILED: "failed",
+ATTEMPT_OUTCOMES: dict[DeliveryStatus, str] = {
+    DeliveryStatus.SUCCEEDED: "succeeded",
+    DeliveryStatus.PENDING: "retrying",
+    DeliveryStatus.FAILED: "failed",
 }
 
 
@@ -155,18 +157,9 @@ class DeliveryDispatcher:
             return
         claimed: Sequence[DeliveryRow] = []
         try:
-            async with self.ctx.sessions() as session, session.begin():
-                now = time.time()
-                gave_up = await outbox.give_up_waiting(session, stuck, now=now)
-                if free > 0:
-                    claimed = await outbox.claim_due(
-                        session,
-                        owner=self.ctx.instance_id,
-                        now=now,
-                        lease=self.lease,
-                        limit=free,
-                        receivers=self.gate.limits(),
-                    )
+            gave_up, claimed = await lifecycle.claim_deliveries(
+                self.ctx, lease=self.lease, limit=free, receivers=self.gate.limits(), stuck=stuck
+            )
         except Exception as exc:
             if not is_transient(exc):
                 raise
@@ -326,15 +319,19 @@ class DeliveryDispatcher:
             error=outcome.error,
         )
 
-        async def write() -> str | None:
-            async with self.ctx.sessions() as session, session.begin():
-                return await outbox.record_attempt(
-                    session, delivery, self.ctx.instance_id, attempt, next_attempt_at=next_at
+        async def write() -> DeliveryStatus | None:
+            try:
+                return await lifecycle.record_delivery(
+                    self.ctx, delivery, attempt, next_attempt_at=next_at
                 )
+            except IllegalTransition:
+                return None  # the lease was lost: another process runs it now
 
         status = await retry_db(write, f"record delivery {delivery.id}")
         metrics.delivery_attempt(
-            delivery.kind, ATTEMPT_OUTCOMES.get(status or "", "lease_lost"), finished - started
+            delivery.kind,
+            "lease_lost" if status is None else ATTEMPT_OUTCOMES[status],
+            finished - started,
         )
         if outcome.ok:
             self.delivered += 1
@@ -347,7 +344,7 @@ class DeliveryDispatcher:
                 "delivery %s to %s %s (attempt %d): %s",
                 delivery.id,
                 delivery.target if delivery.kind == "handler" else "webhook",
-                "will retry" if status == outbox.PENDING else "gave up",
+                "will retry" if status == DeliveryStatus.PENDING else "gave up",
                 delivery.attempts + 1,
                 outcome.error,
             )

@@ -3,13 +3,21 @@ and the request bodies of ``upload_create_params.py`` and ``upload_complete_para
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
 from vllm_batch.protocol.file import FileObject
 
-UploadStatus = Literal["pending", "completed", "cancelled", "expired"]
+
+class UploadStatus(StrEnum):
+    """An upload's status, OpenAI's values (the moves: ``batches/states.py``)."""
+
+    PENDING = "pending"  # accepting parts
+    COMPLETED = "completed"  # assembled into ``file_id`` (terminal)
+    CANCELLED = "cancelled"  # cancelled by its owner (terminal)
+    EXPIRED = "expired"  # not completed before ``expires_at`` (terminal)
 
 
 class Upload(BaseModel):

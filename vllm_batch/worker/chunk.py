@@ -22,6 +22,7 @@ import orjson
 
 from vllm_batch.batches import lifecycle
 from vllm_batch.batches.policy import batch_order
+from vllm_batch.batches.states import IllegalTransition
 from vllm_batch.batches.store import queries
 from vllm_batch.batches.store.db_retry import Backoff, retry_db
 from vllm_batch.batches.store.rows import BatchRow, ChunkRow
@@ -268,16 +269,17 @@ class _ChunkRunner:
                     shutdown=self.shutdown,
                     backoff=SAVE_BACKOFF,
                 )
+            except IllegalTransition:
+                log.warning("lost the lease on chunk %s", self.chunk.id)
+                if self.outcome is not ChunkOutcome.LOST:
+                    metrics.chunk_lease_lost(self.chunk.model)
+                self.halt(ChunkOutcome.LOST)
+                return
             except BaseException:
                 self.pending[:0] = pending  # keep them for the next attempt
                 raise
         metrics.lines_saved(self.chunk.model, outcome.new)
-        if not outcome.held:
-            log.warning("lost the lease on chunk %s", self.chunk.id)
-            if self.outcome is not ChunkOutcome.LOST:
-                metrics.chunk_lease_lost(self.chunk.model)
-            self.halt(ChunkOutcome.LOST)
-        elif outcome.stop_reason is not None:
+        if outcome.stop_reason is not None:
             log.info(
                 "batch %s is stopping (%s): aborting chunk %s",
                 self.chunk.batch_id,

@@ -21,6 +21,8 @@ from sqlalchemy.ext.asyncio import (
 )
 
 log = logging.getLogger(__name__)
+Session = AsyncSession
+"""A database session, as the store's statements take it (the caller owns its transaction)."""
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _PG_MIGRATION_LOCK = 4_080_001
 # Execution option marking an engine whose SQLite transactions take the write lock at BEGIN.

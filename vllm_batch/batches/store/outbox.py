@@ -12,14 +12,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from sqlalchemy import ColumnElement, and_, case, func, literal, or_, select, update
+from sqlalchemy import ColumnElement, case, func, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from vllm_batch.batches.states import DeliveryKind, DeliveryStatus, delivery_sources
 from vllm_batch.batches.store.rows import DeliveryAttemptRow, DeliveryRow, ServerSecretRow
 
-PENDING, SUCCEEDED, FAILED = "pending", "succeeded", "failed"
 WEBHOOK_PREFIX, HANDLER_PREFIX = "webhook:", "handler:"
 GAVE_UP_WHILE_OPEN = (
     "gave up: the retry horizon passed while this receiver's circuit breaker was open "
@@ -29,7 +29,7 @@ GAVE_UP_WHILE_OPEN = (
 
 def receiver_of(kind: str, target: str) -> str:
     """The receiver key of a delivery: ``webhook:<host>`` or ``handler:<name>``."""
-    if kind != "webhook":
+    if kind != DeliveryKind.WEBHOOK:
         return HANDLER_PREFIX + target
     try:
         host = urlsplit(target).hostname or ""
@@ -67,7 +67,11 @@ async def claim_due(
     ``receivers`` (see ``deliveries.receivers``): skip the blocked receivers and take at most
     each receiver's room, so one receiver's backlog never fills the claim.
     """
-    due = [DeliveryRow.status == PENDING, DeliveryRow.next_attempt_at <= now, _free(now)]
+    due = [
+        DeliveryRow.status == DeliveryStatus.PENDING,
+        DeliveryRow.next_attempt_at <= now,
+        _free(now),
+    ]
     if receivers is None:
         chosen = (
             select(DeliveryRow.id)
@@ -109,7 +113,7 @@ async def claim_due(
         return []
     result = await session.execute(
         update(DeliveryRow)
-        .where(DeliveryRow.id.in_(ids), DeliveryRow.status == PENDING, _free(now))
+        .where(DeliveryRow.id.in_(ids), DeliveryRow.status == DeliveryStatus.PENDING, _free(now))
         .values(lease_owner=owner, lease_until=now + lease)
         .returning(DeliveryRow)
         .execution_options(synchronize_session=False)
@@ -125,7 +129,7 @@ async def defer_receiver(session: AsyncSession, receiver: str, *, until: float, 
         update(DeliveryRow)
         .where(
             DeliveryRow.receiver == receiver,
-            DeliveryRow.status == PENDING,
+            DeliveryRow.status == DeliveryStatus.PENDING,
             DeliveryRow.next_attempt_at < until,
             _free(now),
         )
@@ -148,12 +152,12 @@ async def give_up_waiting(session: AsyncSession, receivers: Sequence[str], *, no
         update(DeliveryRow)
         .where(
             DeliveryRow.receiver.in_(receivers),
-            DeliveryRow.status == PENDING,
+            DeliveryRow.status.in_(delivery_sources(DeliveryStatus.FAILED)),
             DeliveryRow.give_up_at <= now,
             _free(now),
         )
         .values(
-            status=FAILED,
+            status=DeliveryStatus.FAILED,
             next_attempt_at=None,
             finished_at=now,
             last_error=GAVE_UP_WHILE_OPEN,
@@ -169,7 +173,7 @@ async def renew_lease(session: AsyncSession, delivery_id: str, owner: str, until
         .where(
             DeliveryRow.id == delivery_id,
             DeliveryRow.lease_owner == owner,
-            DeliveryRow.status == PENDING,
+            DeliveryRow.status == DeliveryStatus.PENDING,
         )
         .values(lease_until=until)
     )
@@ -183,7 +187,7 @@ async def release(session: AsyncSession, ids: Sequence[str], owner: str) -> int:
         .where(
             DeliveryRow.id.in_(ids),
             DeliveryRow.lease_owner == owner,
-            DeliveryRow.status == PENDING,
+            DeliveryRow.status == DeliveryStatus.PENDING,
         )
         .values(lease_owner=None, lease_until=None)
     )
@@ -206,18 +210,24 @@ async def record_attempt(
     attempt: Attempt,
     *,
     next_attempt_at: float | None,
-) -> str | None:
+) -> DeliveryStatus | None:
     """Store one attempt and the delivery's new state; None if our lease was lost.
 
     ``next_attempt_at`` None means no retry: the delivery ends ``succeeded`` or ``failed``.
     """
-    status = SUCCEEDED if attempt.ok else (PENDING if next_attempt_at is not None else FAILED)
+    status = (
+        DeliveryStatus.SUCCEEDED
+        if attempt.ok
+        else DeliveryStatus.PENDING
+        if next_attempt_at is not None
+        else DeliveryStatus.FAILED
+    )
     result = await session.execute(
         update(DeliveryRow)
         .where(
             DeliveryRow.id == delivery.id,
             DeliveryRow.lease_owner == owner,
-            DeliveryRow.status == PENDING,
+            DeliveryRow.status.in_(delivery_sources(status)),
         )
         .values(
             status=status,
@@ -225,8 +235,8 @@ async def record_attempt(
             last_attempt_at=attempt.started_at,
             last_status_code=attempt.status_code,
             last_error=attempt.error,
-            next_attempt_at=next_attempt_at if status == PENDING else None,
-            finished_at=None if status == PENDING else attempt.finished_at,
+            next_attempt_at=next_attempt_at if status == DeliveryStatus.PENDING else None,
+            finished_at=None if status == DeliveryStatus.PENDING else attempt.finished_at,
             lease_owner=None,
             lease_until=None,
         )
@@ -269,7 +279,7 @@ async def attempts_of(session: AsyncSession, delivery_id: str) -> Sequence[Deliv
     return (await session.scalars(query)).all()
 
 
-async def counts(session: AsyncSession, owner: str | None = None) -> dict[str, int]:
+async def counts(session: AsyncSession, owner: str | None = None) -> dict[DeliveryStatus, int]:
     """Deliveries by status (``owner``: only batches that key created)."""
     from vllm_batch.batches.store.rows import BatchRow
 
@@ -278,12 +288,14 @@ async def counts(session: AsyncSession, owner: str | None = None) -> dict[str, i
         query = query.join(BatchRow, BatchRow.id == DeliveryRow.batch_id).where(
             BatchRow.owner == owner
         )
-    found = {str(status): int(n) for status, n in (await session.execute(query)).all()}
-    return {status: found.get(status, 0) for status in (PENDING, SUCCEEDED, FAILED)}
+    found = {status: int(n) for status, n in (await session.execute(query)).all()}
+    return {status: found.get(status, 0) for status in DeliveryStatus}
 
 
 async def next_due(session: AsyncSession) -> float | None:
-    query = select(func.min(DeliveryRow.next_attempt_at)).where(and_(DeliveryRow.status == PENDING))
+    query = select(func.min(DeliveryRow.next_attempt_at)).where(
+        DeliveryRow.status == DeliveryStatus.PENDING
+    )
     value = (await session.execute(query)).scalar_one_or_none()
     return float(value) if value is not None else None
 

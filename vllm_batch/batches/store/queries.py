@@ -21,6 +21,7 @@ from vllm_batch.batches.states import (
     UploadStatus,
     batch_sources,
     chunk_sources,
+    upload_sources,
 )
 from vllm_batch.batches.store.notify import notify_work
 from vllm_batch.batches.store.rows import (
@@ -130,7 +131,7 @@ async def _move_upload(
     )
     result = await session.execute(
         update(UploadRow)
-        .where(UploadRow.id == upload_id, UploadRow.status == UploadStatus.PENDING, expiry)
+        .where(UploadRow.id == upload_id, UploadRow.status.in_(upload_sources(target)), expiry)
         .values(status=target, **values)
         .execution_options(synchronize_session=False)
     )
@@ -511,20 +512,14 @@ async def claim_chunk(
     if found is None:
         return None
     result = await session.execute(
-        update(ChunkRow)
-        .where(
+        _move_chunks(
+            ChunkStatus.RUNNING,
             ChunkRow.id == found.id,
-            ChunkRow.status.in_(chunk_sources(ChunkStatus.RUNNING)),
             runnable,
-        )
-        .values(
-            status=ChunkStatus.RUNNING,
             lease_owner=owner,
             lease_until=now + lease,
             attempts=ChunkRow.attempts + 1,
-        )
-        .returning(ChunkRow)
-        .execution_options(synchronize_session=False)
+        ).returning(ChunkRow)
     )
     chunk = result.scalars().first()
     if chunk is None:
@@ -558,6 +553,16 @@ async def starved_models(
     return [model for model, _since in sorted(rows.all(), key=lambda row: row[1] or 0)]
 
 
+def _move_chunks(target: ChunkStatus, *where: Any, **values: Any) -> Any:
+    """The one writer of ``chunks.status``: guarded by the sources ``states`` allows."""
+    return (
+        update(ChunkRow)
+        .where(ChunkRow.status.in_(chunk_sources(target)), *where)
+        .values(status=target, **values)
+        .execution_options(synchronize_session=False)
+    )
+
+
 def _held_by(chunk_id: str, owner: str) -> tuple[Any, ...]:
     return (
         ChunkRow.id == chunk_id,
@@ -577,9 +582,7 @@ async def renew_lease(session: AsyncSession, chunk_id: str, owner: str, until: f
 async def finish_chunk(session: AsyncSession, chunk_id: str, owner: str) -> bool:
     """``running`` → ``done``, only while we hold the lease."""
     result = await session.execute(
-        update(ChunkRow)
-        .where(*_held_by(chunk_id, owner))
-        .values(status=ChunkStatus.DONE, lease_until=None)
+        _move_chunks(ChunkStatus.DONE, *_held_by(chunk_id, owner), lease_until=None)
     )
     return _rowcount(result) == 1
 
@@ -591,15 +594,11 @@ async def release_chunk(
 
     Only ``engine_failure`` releases count toward ``max_chunk_attempts``.
     """
-    values: dict[str, Any] = {
-        "status": ChunkStatus.QUEUED,
-        "lease_owner": None,
-        "lease_until": None,
-    }
+    values: dict[str, Any] = {"lease_owner": None, "lease_until": None}
     if engine_failure:
         values["engine_failures"] = ChunkRow.engine_failures + 1
     result = await session.execute(
-        update(ChunkRow).where(*_held_by(chunk_id, owner)).values(**values)
+        _move_chunks(ChunkStatus.QUEUED, *_held_by(chunk_id, owner), **values)
     )
     await notify_work(session)
     return _rowcount(result) == 1
@@ -625,12 +624,17 @@ async def lease_owners(session: AsyncSession, prefix: str) -> set[str]:
     return {owner for owner in rows if owner}
 
 
-async def release_owner(session: AsyncSession, owner: str) -> None:
-    """Drop every lease held by ``owner`` (a worker known to be dead)."""
-    await session.execute(
-        update(ChunkRow)
-        .where(ChunkRow.lease_owner == owner, ChunkRow.status == ChunkStatus.RUNNING)
-        .values(status=ChunkStatus.QUEUED, lease_owner=None, lease_until=None)
+async def release_owner(session: AsyncSession, owner: str) -> int:
+    """Drop every lease held by ``owner`` (a worker known to be dead): its running chunks go
+    back to ``queued`` (how many is returned), its finalization leases lapse."""
+    result = await session.execute(
+        _move_chunks(
+            ChunkStatus.QUEUED,
+            ChunkRow.lease_owner == owner,
+            ChunkRow.status == ChunkStatus.RUNNING,
+            lease_owner=None,
+            lease_until=None,
+        )
     )
     await session.execute(
         update(BatchRow)
@@ -638,6 +642,7 @@ async def release_owner(session: AsyncSession, owner: str) -> None:
         .values(finalize_lease_until=None, finalize_owner=None)
     )
     await notify_work(session)
+    return _rowcount(result)
 
 
 # ---------------------------------------------------------------- results
@@ -645,9 +650,8 @@ async def release_owner(session: AsyncSession, owner: str) -> None:
 
 @dataclass(frozen=True)
 class SaveOutcome:
-    """What a chunk's save learned: whether we still hold it, and any stop request."""
+    """What a chunk's save learned: the lines new to the database, and any stop request."""
 
-    held: bool
     stop_reason: str | None = None
     new: Sequence[LineResult] = ()
     """The results saved now (a line saved before, by an earlier lease holder, is not)."""
@@ -665,8 +669,9 @@ async def save_chunk_results(
     owner: str,
     results: Sequence[LineResult],
     lease_until: float,
-) -> SaveOutcome:
-    """Renew our chunk lease and save ``results``, in one transaction, only if still ours.
+) -> SaveOutcome | None:
+    """Renew our chunk lease and save ``results``, in one transaction, only if still ours
+    (None: not ours any more, nothing written).
 
     The batch row is locked first, so a finalizer claiming it either runs before (and
     this save is refused: the batch is being finalized) or after (and sees these rows).
@@ -674,11 +679,11 @@ async def save_chunk_results(
     """
     batch = await lock_batch(session, batch_id)
     if batch is None or batch.status in TERMINAL or batch.finalize_owner is not None:
-        return SaveOutcome(held=False)
+        return None
     if not await renew_lease(session, chunk_id, owner, lease_until):
-        return SaveOutcome(held=False)
+        return None
     new = await _insert_results(session, batch_id, results)
-    return SaveOutcome(held=True, stop_reason=batch.stop_reason, new=new)
+    return SaveOutcome(stop_reason=batch.stop_reason, new=new)
 
 
 # One statement saves a whole flush on PostgreSQL: the rows travel as three arrays (no

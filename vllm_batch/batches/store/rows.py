@@ -1,18 +1,56 @@
 """The whole schema: files, uploads and their parts, batches, their chunks (work units),
-saved results, deliveries."""
+saved results, deliveries.
+
+Every status (and a file's purpose, a delivery's kind) is one of its enum's values, checked
+by a ``CHECK`` constraint: rows carry the same enums the wire models and the state tables
+(``batches/states.py``) use.
+"""
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from vllm_batch.batches.states import ChunkStatus, UploadStatus
+from vllm_batch.batches.states import (
+    BatchStatus,
+    ChunkStatus,
+    DeliveryKind,
+    DeliveryStatus,
+    StopReason,
+    UploadStatus,
+)
+from vllm_batch.protocol.file import FilePurpose
 
 
 class Base(DeclarativeBase):
     pass
+
+
+def checked(enum: type[StrEnum], name: str, length: int = 16) -> Enum:
+    """A column holding ``enum``'s values, checked by the ``CHECK`` constraint ``name``."""
+    return Enum(
+        enum,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=length,
+        values_callable=lambda members: [member.value for member in members],
+        validate_strings=True,
+    )
 
 
 class FileRow(Base):
@@ -22,7 +60,9 @@ class FileRow(Base):
     bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[int] = mapped_column(BigInteger)
     filename: Mapped[str] = mapped_column(String(1024))
-    purpose: Mapped[str] = mapped_column(String(32), index=True)
+    purpose: Mapped[FilePurpose] = mapped_column(
+        checked(FilePurpose, "ck_files_purpose", 32), index=True
+    )
     expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True, index=True)
     storage_key: Mapped[str] = mapped_column(String(1024))
     line_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -43,7 +83,9 @@ class UploadRow(Base):
     filename: Mapped[str] = mapped_column(String(1024))
     purpose: Mapped[str] = mapped_column(String(32))
     mime_type: Mapped[str] = mapped_column(String(256))
-    status: Mapped[str] = mapped_column(String(16), default=UploadStatus.PENDING)
+    status: Mapped[UploadStatus] = mapped_column(
+        checked(UploadStatus, "ck_uploads_status"), default=UploadStatus.PENDING
+    )
     # Seconds after its creation at which the assembled file expires (``expires_after``).
     file_expires_after: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     file_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -71,7 +113,9 @@ class BatchRow(Base):
     endpoint: Mapped[str] = mapped_column(String(64))
     input_file_id: Mapped[str] = mapped_column(String(64), index=True)
     completion_window: Mapped[str] = mapped_column(String(16))
-    status: Mapped[str] = mapped_column(String(16), index=True)
+    status: Mapped[BatchStatus] = mapped_column(
+        checked(BatchStatus, "ck_batches_status"), index=True
+    )
     model: Mapped[str | None] = mapped_column(String(256), nullable=True)
     metadata_: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON, nullable=True)
     errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
@@ -95,7 +139,9 @@ class BatchRow(Base):
     reasoning_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     priority: Mapped[int] = mapped_column(Integer, default=0)
     # Set when the batch must stop early ("cancel" or "expire"); the final status follows it.
-    stop_reason: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    stop_reason: Mapped[StopReason | None] = mapped_column(
+        checked(StopReason, "ck_batches_stop_reason"), nullable=True
+    )
     # Whoever assembles the output files holds this lease (epoch seconds).
     finalize_lease_until: Mapped[float | None] = mapped_column(Float, nullable=True)
     finalize_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
@@ -120,7 +166,9 @@ class ChunkRow(Base):
     start_line: Mapped[int] = mapped_column(Integer)
     end_line: Mapped[int] = mapped_column(Integer)
     start_offset: Mapped[int] = mapped_column(BigInteger)
-    status: Mapped[str] = mapped_column(String(16), default=ChunkStatus.QUEUED)
+    status: Mapped[ChunkStatus] = mapped_column(
+        checked(ChunkStatus, "ck_chunks_status"), default=ChunkStatus.QUEUED
+    )
     lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
     lease_until: Mapped[float | None] = mapped_column(Float, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -158,12 +206,12 @@ class DeliveryRow(Base):
     )
     event_id: Mapped[str] = mapped_column(String(64))
     event_type: Mapped[str] = mapped_column(String(32))
-    kind: Mapped[str] = mapped_column(String(16))  # "webhook" or "handler"
+    kind: Mapped[DeliveryKind] = mapped_column(checked(DeliveryKind, "ck_deliveries_kind"))
     target: Mapped[str] = mapped_column(Text)  # the URL, or the handler's name
     # "webhook:<host>" or "handler:<name>" (store.outbox.receiver_of): the unit of the
     # dispatcher's per-receiver concurrency limit and circuit breaker.
     receiver: Mapped[str] = mapped_column(Text, default="", server_default="")
-    status: Mapped[str] = mapped_column(String(16))  # pending / succeeded / failed
+    status: Mapped[DeliveryStatus] = mapped_column(checked(DeliveryStatus, "ck_deliveries_status"))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[float] = mapped_column(Float)
     next_attempt_at: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from sqlalchemy import case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from vllm_batch.batches.states import BatchStatus, ChunkStatus
-from vllm_batch.batches.store import outbox, queries
+from vllm_batch.batches.states import BatchStatus, ChunkStatus, DeliveryStatus
+from vllm_batch.batches.store import queries
 from vllm_batch.batches.store.rows import BatchRow, ChunkRow, DeliveryRow
 
 
@@ -89,7 +89,7 @@ async def open_deliveries(session: AsyncSession) -> dict[tuple[str, str], int]:
     """Pending and failed (given up) deliveries by ``(kind, status)``."""
     rows = await session.execute(
         select(DeliveryRow.kind, DeliveryRow.status, func.count())
-        .where(DeliveryRow.status.in_((outbox.PENDING, outbox.FAILED)))
+        .where(DeliveryRow.status.in_((DeliveryStatus.PENDING, DeliveryStatus.FAILED)))
         .group_by(DeliveryRow.kind, DeliveryRow.status)
     )
     return {(str(kind), str(status)): int(n) for kind, status, n in rows.tuples()}
