@@ -134,12 +134,36 @@ def test_transition_table_is_closed() -> None:
     assert batch_sources(BatchStatus.IN_PROGRESS) == {BatchStatus.VALIDATING}
 
 
-def test_states_match_the_wire_literal() -> None:
-    from typing import get_args
+def test_state_tables_are_the_wire_statuses() -> None:
+    """Batch, upload and delivery statuses are the wire models' own enums (and the rows'),
+    and every table names every status of its machine."""
+    from vllm_batch.batches.states import (
+        CHUNK_MOVES,
+        DELIVERY_MOVES,
+        UPLOAD_MOVES,
+        DeliveryStatus,
+        UploadStatus,
+    )
+    from vllm_batch.batches.store.rows import BatchRow, DeliveryRow, UploadRow
+    from vllm_batch.protocol.batch import Batch
+    from vllm_batch.protocol.delivery import Delivery
+    from vllm_batch.protocol.upload import Upload
 
-    from vllm_batch.protocol.batch import BatchStatus as WireStatus
-
-    assert set(get_args(WireStatus)) == {s.value for s in BatchStatus}
+    for wire, row, enum in (
+        (Batch, BatchRow, BatchStatus),
+        (Upload, UploadRow, UploadStatus),
+        (Delivery, DeliveryRow, DeliveryStatus),
+    ):
+        assert wire.model_fields["status"].annotation is enum
+        assert row.__table__.c.status.type.enum_class is enum
+    for moves, states in (
+        (BATCH_MOVES, BatchStatus),
+        (CHUNK_MOVES, ChunkStatus),
+        (UPLOAD_MOVES, UploadStatus),
+        (DELIVERY_MOVES, DeliveryStatus),
+    ):
+        assert set(moves) == set(states)
+        assert all(target in states for targets in moves.values() for target in targets)
 
 
 # ------------------------------------------------------------------ batches

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from vllm_batch.api.auth import Principal
 from vllm_batch.api.deps import CtxDep, PrincipalDep, ReadSessionDep
-from vllm_batch.api.errors import APIError, not_found
+from vllm_batch.api.errors import APIError, found, invalid, not_found
 from vllm_batch.api.file_routes import page, stream_file
 from vllm_batch.batches import lifecycle
 from vllm_batch.batches.finalize import finalize_batch
@@ -87,12 +87,10 @@ def window_seconds(window: str) -> int:
     match = WINDOW_PATTERN.fullmatch(window)
     seconds = int(match.group(1)) * WINDOW_UNITS[match.group(2)] if match else 0
     if not MIN_WINDOW_SECONDS <= seconds <= MAX_WINDOW_SECONDS:
-        raise APIError(
-            400,
+        raise invalid(
             f"Invalid completion_window {window[:32]!r}: use '24h' (or a duration between "
             "'1h' and '30d', such as '48h' or '7d').",
-            param="completion_window",
-            code="invalid_value",
+            "completion_window",
         )
     return seconds
 
@@ -101,26 +99,20 @@ def check_metadata(metadata: dict[str, str] | None) -> None:
     if not metadata:
         return
     if len(metadata) > MAX_METADATA_PAIRS:
-        raise APIError(
-            400,
+        raise invalid(
             f"metadata may have at most {MAX_METADATA_PAIRS} pairs, got {len(metadata)}.",
-            param="metadata",
-            code="invalid_value",
+            "metadata",
         )
     for key, value in metadata.items():
         if len(key) > MAX_METADATA_KEY:
-            raise APIError(
-                400,
+            raise invalid(
                 f"metadata key {key[:20]!r}... is longer than {MAX_METADATA_KEY} characters.",
-                param="metadata",
-                code="invalid_value",
+                "metadata",
             )
         if len(value) > MAX_METADATA_VALUE:
-            raise APIError(
-                400,
+            raise invalid(
                 f"metadata value for {key!r} is longer than {MAX_METADATA_VALUE} characters.",
-                param="metadata",
-                code="invalid_value",
+                "metadata",
             )
 
 
@@ -132,11 +124,9 @@ def _priority(metadata: dict[str, str] | None) -> int:
     except ValueError:
         value = None
     if value is None or not PRIORITY_MIN <= value <= PRIORITY_MAX:
-        raise APIError(
-            400,
+        raise invalid(
             f"metadata.priority must be an integer between {PRIORITY_MIN} and {PRIORITY_MAX}.",
-            param="metadata",
-            code="invalid_value",
+            "metadata",
         )
     return value
 
@@ -149,11 +139,10 @@ async def check_webhook_url(settings: Settings, metadata: dict[str, str] | None)
     try:
         await check_url(url, AllowList(settings.webhook_allowed_hosts))
     except RefusedURL as exc:
-        raise APIError(
-            400,
+        raise invalid(
             f"metadata.webhook_url {exc}.",
-            param="metadata.webhook_url",
-            code="invalid_webhook_url",
+            "metadata.webhook_url",
+            "invalid_webhook_url",
         ) from None
 
 
@@ -163,11 +152,9 @@ def check_endpoint_served(settings: Settings, endpoint: str) -> None:
     if any(kind_serves(kind, endpoint) for kind in kinds.values()):
         return
     served = ", ".join(f"{name} ({kind})" for name, kind in kinds.items())
-    raise APIError(
-        400,
+    raise invalid(
         f"No served model supports {endpoint}. Served models: {served}.",
-        param="endpoint",
-        code="invalid_value",
+        "endpoint",
     )
 
 
@@ -175,12 +162,10 @@ def check_endpoint_served(settings: Settings, endpoint: str) -> None:
 async def create_batch(ctx: CtxDep, principal: PrincipalDep, request: BatchCreateRequest) -> Batch:
     """Checks the request, then creates the batch in one write session (no other held)."""
     if request.endpoint not in SUPPORTED_ENDPOINTS:
-        raise APIError(
-            400,
+        raise invalid(
             f"Unsupported endpoint {request.endpoint!r}. Supported: "
             f"{', '.join(SUPPORTED_ENDPOINTS)}.",
-            param="endpoint",
-            code="invalid_value",
+            "endpoint",
         )
     check_endpoint_served(ctx.settings, request.endpoint)
     window = window_seconds(request.completion_window)
@@ -209,12 +194,10 @@ async def create_batch(ctx: CtxDep, principal: PrincipalDep, request: BatchCreat
             code="not_found",
         ) from None
     except lifecycle.InputFileNotForBatch as exc:
-        raise APIError(
-            400,
+        raise invalid(
             f"File {exc.file_id} has purpose {exc.purpose!r}; a "
             "batch input file must be uploaded with purpose 'batch'.",
-            param="input_file_id",
-            code="invalid_value",
+            "input_file_id",
         ) from None
     ctx.spawn(validate_batch(ctx.for_work, row.id, ctx.validating))
     return batch_object(row)
@@ -233,10 +216,9 @@ async def list_batches(
 
 async def load_batch(session: AsyncSession, principal: Principal, batch_id: str) -> BatchRow:
     """The batch, if ``principal`` may see it (another key's batch is simply not found)."""
-    row = await queries.get_batch(session, batch_id, owner=principal.scope)
-    if row is None:
-        raise not_found("batch", batch_id)
-    return row
+    return found(
+        await queries.get_batch(session, batch_id, owner=principal.scope), "batch", batch_id
+    )
 
 
 @router.get("/batches/{batch_id}", response_model=Batch)

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from vllm_batch.api.auth import Principal
 from vllm_batch.api.deps import CtxDep, PrincipalDep, ReadSessionDep, SessionDep
-from vllm_batch.api.errors import APIError, not_found
+from vllm_batch.api.errors import APIError, found, invalid
 from vllm_batch.batches.store import queries
 from vllm_batch.batches.store.rows import FileRow
 from vllm_batch.pipeline.input import UploadRejected, UploadScan, copy_upload
@@ -97,18 +97,14 @@ def upload_filename(file: UploadFile) -> str:
 def check_filename(name: str, *, param: str) -> str:
     """``name`` if it may be stored as a filename, else a 400 naming ``param``."""
     if len(name) > MAX_FILENAME_CHARS:
-        raise APIError(
-            400,
+        raise invalid(
             f"The filename is {len(name)} characters long; the limit is {MAX_FILENAME_CHARS}.",
-            param=param,
-            code="invalid_value",
+            param,
         )
     if any(ord(char) < 32 or ord(char) == 127 for char in name):
-        raise APIError(
-            400,
+        raise invalid(
             "The filename may not contain control characters.",
-            param=param,
-            code="invalid_value",
+            param,
         )
     return name
 
@@ -116,11 +112,9 @@ def check_filename(name: str, *, param: str) -> str:
 def check_purpose(purpose: str) -> str:
     """``purpose`` if a client may upload a file for it, else a 400."""
     if purpose not in UPLOAD_PURPOSES:
-        raise APIError(
-            400,
+        raise invalid(
             f"Invalid purpose {purpose!r}. Expected one of: {', '.join(sorted(UPLOAD_PURPOSES))}.",
-            param="purpose",
-            code="invalid_value",
+            "purpose",
         )
     return purpose
 
@@ -130,18 +124,14 @@ def file_expires_at(created: int, anchor: str | None, seconds: int | None) -> in
     if anchor is None and seconds is None:
         return None
     if anchor != "created_at":
-        raise APIError(
-            400,
+        raise invalid(
             "expires_after.anchor must be 'created_at'.",
-            param="expires_after.anchor",
-            code="invalid_value",
+            "expires_after.anchor",
         )
     if seconds is None or not 3600 <= seconds <= MAX_FILE_EXPIRY_SECONDS:
-        raise APIError(
-            400,
+        raise invalid(
             "expires_after.seconds must be between 3600 and 2592000.",
-            param="expires_after.seconds",
-            code="invalid_value",
+            "expires_after.seconds",
         )
     return created + seconds
 
@@ -174,10 +164,7 @@ def page(items: list[T], limit: int) -> ListPage[T]:
 
 async def load_file(session: AsyncSession, principal: Principal, file_id: str) -> FileRow:
     """The file, if ``principal`` may see it (another key's file is simply not found)."""
-    row = await queries.get_file(session, file_id, owner=principal.scope)
-    if row is None:
-        raise not_found("File", file_id)
-    return row
+    return found(await queries.get_file(session, file_id, owner=principal.scope), "File", file_id)
 
 
 @router.get("/files/{file_id}", response_model=FileObject)

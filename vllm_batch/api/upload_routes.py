@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from vllm_batch.api.auth import Principal
 from vllm_batch.api.deps import CtxDep, PrincipalDep, SessionDep
-from vllm_batch.api.errors import APIError, not_found
+from vllm_batch.api.errors import APIError, found, invalid
 from vllm_batch.api.file_routes import check_filename, check_purpose, file_expires_at, file_object
 from vllm_batch.batches import uploads
 from vllm_batch.batches.states import IllegalTransition, UploadStatus
@@ -51,18 +51,16 @@ def not_pending(row: UploadRow, at: int) -> APIError | None:
     if row.status == UploadStatus.PENDING and row.expires_at > at:
         return None
     if row.status in (UploadStatus.PENDING, UploadStatus.EXPIRED):
-        return APIError(
-            400,
+        return invalid(
             f"Upload {row.id} expired at {row.expires_at}; create a new upload.",
-            param="upload_id",
-            code="upload_expired",
+            "upload_id",
+            "upload_expired",
         )
-    return APIError(
-        400,
+    return invalid(
         f"Upload {row.id} is already {row.status}; only a pending upload takes parts, "
         "completes or cancels.",
-        param="upload_id",
-        code="upload_not_pending",
+        "upload_id",
+        "upload_not_pending",
     )
 
 
@@ -70,9 +68,11 @@ async def load_upload(
     session: AsyncSession, principal: Principal, upload_id: str, *, at: int, lock: bool = False
 ) -> UploadRow:
     """The pending upload, if ``principal`` may see it (another key's upload is not found)."""
-    row = await queries.get_upload(session, upload_id, owner=principal.scope, lock=lock)
-    if row is None:
-        raise not_found("Upload", upload_id)
+    row = found(
+        await queries.get_upload(session, upload_id, owner=principal.scope, lock=lock),
+        "Upload",
+        upload_id,
+    )
     problem = not_pending(row, at)
     if problem is not None:
         raise problem
@@ -87,11 +87,9 @@ async def create_upload(
     check_filename(body.filename, param="filename")
     limit = ctx.settings.max_chunked_upload_bytes
     if not 0 < body.bytes <= limit:
-        raise APIError(
-            400,
+        raise invalid(
             f"bytes must be between 1 and {limit}, got {body.bytes}.",
-            param="bytes",
-            code="invalid_value",
+            "bytes",
         )
     if not body.mime_type.strip() or len(body.mime_type) > 256:
         raise APIError(
@@ -162,19 +160,17 @@ def ordered_parts(
             )
         seen.add(part_id)
         if part_id not in by_id:
-            raise APIError(
-                400,
+            raise invalid(
                 f"No such part of upload {row.id}: '{part_id}'.",
-                param="part_ids",
-                code="part_not_found",
+                "part_ids",
+                "part_not_found",
             )
     total = sum(by_id[part_id].bytes for part_id in part_ids)
     if total != row.bytes:
-        raise APIError(
-            400,
+        raise invalid(
             f"The parts hold {total} bytes, but upload {row.id} was created for {row.bytes} bytes.",
-            param="part_ids",
-            code="bytes_mismatch",
+            "part_ids",
+            "bytes_mismatch",
         )
     return [by_id[part_id] for part_id in part_ids]
 

@@ -66,6 +66,7 @@ __all__ = [
     "batch_sources",
     "chunk_sources",
     "delivery_sources",
+    "sources",
     "upload_sources",
 ]
 
@@ -140,25 +141,22 @@ FINAL_STATUS: dict[StopReason | None, BatchStatus] = {
 }
 
 
-def _sources(moves: Mapping[S, frozenset[S]], target: S) -> frozenset[S]:
+def sources(moves: Mapping[S, frozenset[S]], target: S) -> frozenset[S]:
+    """The statuses from which ``moves`` (one of the tables above) allows ``target``."""
     return frozenset(s for s, allowed in moves.items() if target in allowed)
 
 
 def batch_sources(target: BatchStatus) -> frozenset[BatchStatus]:
-    """The statuses from which a batch may move to ``target``."""
-    return _sources(BATCH_MOVES, target)
+    return sources(BATCH_MOVES, target)
 
 
 def chunk_sources(target: ChunkStatus) -> frozenset[ChunkStatus]:
-    """The statuses from which a chunk may move to ``target``."""
-    return _sources(CHUNK_MOVES, target)
+    return sources(CHUNK_MOVES, target)
 
 
 def upload_sources(target: UploadStatus) -> frozenset[UploadStatus]:
-    """The statuses from which an upload may move to ``target``."""
-    return _sources(UPLOAD_MOVES, target)
+    return sources(UPLOAD_MOVES, target)
 
 
 def delivery_sources(target: DeliveryStatus) -> frozenset[DeliveryStatus]:
-    """The statuses from which a delivery may move to ``target``."""
-    return _sources(DELIVERY_MOVES, target)
+    return sources(DELIVERY_MOVES, target)

@@ -29,7 +29,7 @@ from vllm_batch.batches.store import queries
 from vllm_batch.batches.store.db import Session
 from vllm_batch.batches.store.rows import FileRow, UploadRow
 from vllm_batch.batches.store_context import StoreContext
-from vllm_batch.pipeline.input import UploadRejected, UploadScan, copy_upload
+from vllm_batch.pipeline.input import UploadRejected, UploadScan, copy_limited, copy_upload
 from vllm_batch.protocol.ids import now
 from vllm_batch.storage.base import BlobStorage
 
@@ -62,20 +62,16 @@ def part_key(upload_id: str, part_id: str) -> str:
 def store_part(src: BinaryIO, storage: BlobStorage, key: str, *, max_bytes: int) -> int:
     """Copy one part to ``key`` a MiB at a time; its size, or ``UploadRejected`` if it is
     empty or over ``max_bytes`` (then nothing is stored)."""
-    size = 0
     with storage.open_write(key) as dst:
-        while data := src.read(COPY_SIZE):
-            size += len(data)
-            if size > max_bytes:
-                raise UploadRejected(
-                    f"Part is too large: the limit is {max_bytes} bytes per part.",
-                    status=413,
-                    code="part_too_large",
-                )
-            dst.write(data)
+        size = sum(map(len, copy_limited(_blocks(src), dst, max_bytes=max_bytes, what="Part")))
         if size == 0:
             raise UploadRejected("The part is empty.", code="empty_part")
     return size
+
+
+def _blocks(src: BinaryIO) -> Iterator[bytes]:
+    while data := src.read(COPY_SIZE):
+        yield data
 
 
 class PartsReader(io.RawIOBase):
@@ -151,16 +147,7 @@ def assemble(
 
 def copy_blocks(src: BinaryIO, dst: BinaryIO, *, max_bytes: int) -> UploadScan:
     """Copy ``src`` a MiB at a time, refusing more than ``max_bytes`` like ``copy_upload``."""
-    size = 0
-    while data := src.read(COPY_SIZE):
-        size += len(data)
-        if size > max_bytes:
-            raise UploadRejected(
-                f"File is too large: the limit is {max_bytes} bytes.",
-                status=413,
-                code="file_too_large",
-            )
-        dst.write(data)
+    size = sum(map(len, copy_limited(_blocks(src), dst, max_bytes=max_bytes)))
     return UploadScan(bytes=size, requests=0)
 
 

@@ -7,7 +7,7 @@ requests. ``request index`` is the 0-based position among non-blank lines.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -58,19 +58,31 @@ def iter_lines(handle: BinaryIO) -> Iterator[tuple[int, int, bytes]]:
             yield number, start, raw
 
 
+def copy_limited(
+    pieces: Iterable[bytes], dst: BinaryIO, *, max_bytes: int, what: str = "File", code: str = ""
+) -> Iterator[bytes]:
+    """Write ``pieces`` to ``dst`` and yield each one written; ``UploadRejected`` (413) once
+    they add up to more than ``max_bytes`` (``what``: the message's subject)."""
+    size = 0
+    for piece in pieces:
+        size += len(piece)
+        if size > max_bytes:
+            limit = f"{max_bytes} bytes" + (" per part" if what == "Part" else "")
+            raise UploadRejected(
+                f"{what} is too large: the limit is {limit}.",
+                status=413,
+                code=code or f"{what.lower()}_too_large",
+            )
+        dst.write(piece)
+        yield piece
+
+
 def copy_upload(src: BinaryIO, dst: BinaryIO, *, max_bytes: int, check_jsonl: bool) -> UploadScan:
     """Copy an upload to storage, rejecting it if too big or (for batches) not JSONL."""
     size = 0
     requests = 0
-    for number, raw in enumerate(src, start=1):
+    for number, raw in enumerate(copy_limited(src, dst, max_bytes=max_bytes), start=1):
         size += len(raw)
-        if size > max_bytes:
-            raise UploadRejected(
-                f"File is too large: the limit is {max_bytes} bytes.",
-                status=413,
-                code="file_too_large",
-            )
-        dst.write(raw)
         if check_jsonl and raw.strip():
             _parse_object(raw, number)
             requests += 1

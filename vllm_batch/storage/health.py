@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 from vllm_batch.observability import metrics
-from vllm_batch.storage.refusal import StorageFull
+from vllm_batch.storage.refusal import StorageFull, storage_refusal
 
 FAILURE_HOLD_SECONDS = 60.0
 
@@ -36,6 +36,14 @@ class StorageHealth:
 
     def succeeded(self) -> None:
         self.failed_at = None
+
+    def raise_if_refused(self, exc: BaseException, where: str) -> None:
+        """A write failed with ``exc``: if the storage refused it for lack of space, record
+        that and raise ``StorageFull``; otherwise return (the caller re-raises ``exc``)."""
+        refusal = storage_refusal(exc, where)
+        if refusal is not None:
+            self.refused(refusal)
+            raise refusal from exc
 
 
 @dataclass(frozen=True)

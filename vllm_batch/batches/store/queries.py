@@ -102,12 +102,19 @@ async def file_used_by_active_batch(session: AsyncSession, file_id: str) -> str 
 # ---------------------------------------------------------------- uploads and parts
 
 
-async def insert_upload(session: AsyncSession, row: UploadRow) -> None:
-    """A new upload; it always starts ``pending``."""
-    if row.status != UploadStatus.PENDING:
-        raise IllegalTransition(f"a new upload must be pending, not {row.status!r}")
+async def _insert_new(session: AsyncSession, row: UploadRow | BatchRow, start: str) -> None:
+    """A new row, which must start in its first status ``start``."""
+    if row.status != start:
+        raise IllegalTransition(
+            f"a new {row.__tablename__} row must be {start}, not {row.status!r}"
+        )
     session.add(row)
     await session.flush()
+
+
+async def insert_upload(session: AsyncSession, row: UploadRow) -> None:
+    """A new upload; it always starts ``pending``."""
+    await _insert_new(session, row, UploadStatus.PENDING)
 
 
 async def get_upload(
@@ -266,10 +273,7 @@ async def _move_batch(
 
 async def insert_batch(session: AsyncSession, row: BatchRow) -> None:
     """A new batch; it always starts ``validating``."""
-    if row.status != BatchStatus.VALIDATING:
-        raise IllegalTransition(f"a new batch must be validating, not {row.status!r}")
-    session.add(row)
-    await session.flush()
+    await _insert_new(session, row, BatchStatus.VALIDATING)
 
 
 async def fail_validation(

@@ -13,8 +13,6 @@ from vllm_batch.batches.store.outbox import receiver_of
 
 revision = "0006"
 down_revision = "0005"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:

@@ -10,8 +10,6 @@ from alembic import op
 
 revision = "0007"
 down_revision = "0006"
-branch_labels = None
-depends_on = None
 
 # (table, constraint, column, allowed values, nullable): frozen here, as of this revision.
 CHECKS = [
