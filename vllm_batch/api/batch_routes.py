@@ -269,31 +269,13 @@ async def batch_deliveries(
 
 async def delivery_object(session: AsyncSession, row: DeliveryRow) -> Delivery:
     history = await outbox.attempts_of(session, row.id)
-    return Delivery(
-        id=row.id,
-        batch_id=row.batch_id,
-        event_id=row.event_id,
-        event_type=row.event_type,
-        kind=row.kind,
-        target=display_target(row.target) if row.kind == DeliveryKind.WEBHOOK else row.target,
-        status=row.status,
-        attempts=row.attempts,
-        last_status_code=row.last_status_code,
-        last_error=row.last_error,
-        last_attempt_at=row.last_attempt_at,
-        next_attempt_at=row.next_attempt_at,
-        give_up_at=row.give_up_at,
-        created_at=row.created_at,
-        finished_at=row.finished_at,
-        history=[
-            DeliveryAttempt(
-                number=a.number,
-                started_at=a.started_at,
-                finished_at=a.finished_at,
-                ok=a.ok,
-                status_code=a.status_code,
-                error=a.error,
-            )
-            for a in history
-        ],
+    columns = {name: getattr(row, name) for name in Delivery.model_fields if hasattr(row, name)}
+    return Delivery.model_validate(
+        {
+            **columns,
+            "target": display_target(row.target)
+            if row.kind == DeliveryKind.WEBHOOK
+            else row.target,
+            "history": [DeliveryAttempt.model_validate(a, from_attributes=True) for a in history],
+        }
     )

@@ -33,14 +33,7 @@ MAX_FILENAME_CHARS = 1024  # files.filename is String(1024)
 
 
 def file_object(row: FileRow) -> FileObject:
-    return FileObject(
-        id=row.id,
-        bytes=row.bytes,
-        created_at=row.created_at,
-        filename=row.filename,
-        purpose=row.purpose,
-        expires_at=row.expires_at,
-    )
+    return FileObject.model_validate(row, from_attributes=True)
 
 
 @router.post("/files", response_model=FileObject)

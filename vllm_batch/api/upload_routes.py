@@ -34,16 +34,9 @@ router = APIRouter(tags=["uploads"])
 
 
 def upload_object(row: UploadRow, file: FileObject | None = None) -> Upload:
-    return Upload(
-        id=row.id,
-        bytes=row.bytes,
-        created_at=row.created_at,
-        expires_at=row.expires_at,
-        filename=row.filename,
-        purpose=row.purpose,
-        status=row.status,
-        file=file,
-    )
+    upload = Upload.model_validate(row, from_attributes=True)
+    upload.file = file
+    return upload
 
 
 def not_pending(row: UploadRow, at: int) -> APIError | None:

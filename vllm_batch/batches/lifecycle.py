@@ -66,8 +66,7 @@ class InputFileNotForBatch(ValueError):
 
     def __init__(self, file_id: str, purpose: str) -> None:
         super().__init__(file_id, purpose)
-        self.file_id = file_id
-        self.purpose = purpose
+        self.file_id, self.purpose = file_id, purpose
 
 
 @dataclass(frozen=True)

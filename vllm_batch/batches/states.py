@@ -39,6 +39,7 @@ and whose row count is checked: an illegal or lost-race move changes nothing and
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import TypeVar
@@ -92,6 +93,11 @@ class IllegalTransition(Exception):
     """
 
 
+def terminal(*statuses: S) -> dict[S, frozenset[S]]:
+    """Table rows for statuses nothing leaves."""
+    return {status: frozenset() for status in statuses}
+
+
 BATCH_MOVES: dict[BatchStatus, frozenset[BatchStatus]] = {
     BatchStatus.VALIDATING: frozenset(
         {BatchStatus.IN_PROGRESS, BatchStatus.FAILED, BatchStatus.CANCELLING, BatchStatus.EXPIRED}
@@ -101,33 +107,29 @@ BATCH_MOVES: dict[BatchStatus, frozenset[BatchStatus]] = {
     ),
     BatchStatus.FINALIZING: frozenset({BatchStatus.COMPLETED}),
     BatchStatus.CANCELLING: frozenset({BatchStatus.CANCELLED}),
-    BatchStatus.FAILED: frozenset(),
-    BatchStatus.COMPLETED: frozenset(),
-    BatchStatus.EXPIRED: frozenset(),
-    BatchStatus.CANCELLED: frozenset(),
+    **terminal(
+        BatchStatus.FAILED, BatchStatus.COMPLETED, BatchStatus.EXPIRED, BatchStatus.CANCELLED
+    ),
 }
 
 CHUNK_MOVES: dict[ChunkStatus, frozenset[ChunkStatus]] = {
     ChunkStatus.QUEUED: frozenset({ChunkStatus.RUNNING}),
     ChunkStatus.RUNNING: frozenset({ChunkStatus.RUNNING, ChunkStatus.QUEUED, ChunkStatus.DONE}),
-    ChunkStatus.DONE: frozenset(),
+    **terminal(ChunkStatus.DONE),
 }
 
 UPLOAD_MOVES: dict[UploadStatus, frozenset[UploadStatus]] = {
     UploadStatus.PENDING: frozenset(
         {UploadStatus.COMPLETED, UploadStatus.CANCELLED, UploadStatus.EXPIRED}
     ),
-    UploadStatus.COMPLETED: frozenset(),
-    UploadStatus.CANCELLED: frozenset(),
-    UploadStatus.EXPIRED: frozenset(),
+    **terminal(UploadStatus.COMPLETED, UploadStatus.CANCELLED, UploadStatus.EXPIRED),
 }
 
 DELIVERY_MOVES: dict[DeliveryStatus, frozenset[DeliveryStatus]] = {
     DeliveryStatus.PENDING: frozenset(
         {DeliveryStatus.PENDING, DeliveryStatus.SUCCEEDED, DeliveryStatus.FAILED}
     ),
-    DeliveryStatus.SUCCEEDED: frozenset(),
-    DeliveryStatus.FAILED: frozenset(),
+    **terminal(DeliveryStatus.SUCCEEDED, DeliveryStatus.FAILED),
 }
 
 TERMINAL: frozenset[BatchStatus] = frozenset(s for s, moves in BATCH_MOVES.items() if not moves)
@@ -146,17 +148,8 @@ def sources(moves: Mapping[S, frozenset[S]], target: S) -> frozenset[S]:
     return frozenset(s for s, allowed in moves.items() if target in allowed)
 
 
-def batch_sources(target: BatchStatus) -> frozenset[BatchStatus]:
-    return sources(BATCH_MOVES, target)
-
-
-def chunk_sources(target: ChunkStatus) -> frozenset[ChunkStatus]:
-    return sources(CHUNK_MOVES, target)
-
-
-def upload_sources(target: UploadStatus) -> frozenset[UploadStatus]:
-    return sources(UPLOAD_MOVES, target)
-
-
-def delivery_sources(target: DeliveryStatus) -> frozenset[DeliveryStatus]:
-    return sources(DELIVERY_MOVES, target)
+# The statuses from which a batch (chunk, upload, delivery) may move to a target status.
+batch_sources = functools.partial(sources, BATCH_MOVES)
+chunk_sources = functools.partial(sources, CHUNK_MOVES)
+upload_sources = functools.partial(sources, UPLOAD_MOVES)
+delivery_sources = functools.partial(sources, DELIVERY_MOVES)

@@ -255,23 +255,28 @@ def ok_result(body_json: str, usage: Any) -> EngineResult:
         return EngineResult(status_code=200, body_json=body_json)
     if hasattr(usage, "input_tokens"):  # the Responses API's names
         details = usage.input_tokens_details
-        return EngineResult(
-            status_code=200,
-            body_json=body_json,
-            input_tokens=usage.input_tokens,
-            cached_tokens=(details.cached_tokens or 0) if details else 0,
-            output_tokens=usage.output_tokens or 0,
-            reasoning_tokens=usage.output_tokens_details.reasoning_tokens or 0,
+        counts = (
+            usage.input_tokens,
+            (details.cached_tokens or 0) if details else 0,
+            usage.output_tokens or 0,
+            usage.output_tokens_details.reasoning_tokens or 0,
         )
-    prompt_details = usage.prompt_tokens_details
-    completion_details = usage.completion_tokens_details
+    else:
+        prompt, completion = usage.prompt_tokens_details, usage.completion_tokens_details
+        counts = (
+            usage.prompt_tokens,
+            (prompt.cached_tokens or 0) if prompt else 0,
+            usage.completion_tokens or 0,
+            completion.reasoning_tokens if completion else 0,
+        )
+    input_tokens, cached_tokens, output_tokens, reasoning_tokens = counts
     return EngineResult(
         status_code=200,
         body_json=body_json,
-        input_tokens=usage.prompt_tokens,
-        cached_tokens=(prompt_details.cached_tokens or 0) if prompt_details else 0,
-        output_tokens=usage.completion_tokens or 0,
-        reasoning_tokens=completion_details.reasoning_tokens if completion_details else 0,
+        input_tokens=input_tokens,
+        cached_tokens=cached_tokens,
+        output_tokens=output_tokens,
+        reasoning_tokens=reasoning_tokens,
     )
 
 

@@ -37,9 +37,7 @@ class UploadRejected(Exception):
 
     def __init__(self, message: str, *, status: int = 400, code: str = "invalid_file") -> None:
         super().__init__(message)
-        self.message = message
-        self.status = status
-        self.code = code
+        self.message, self.status, self.code = message, status, code
 
 
 @dataclass(frozen=True)

@@ -271,6 +271,13 @@ async def _move_batch(
     return _rowcount(result) == 1
 
 
+async def _leave_validating(
+    session: AsyncSession, batch_id: str, target: BatchStatus, **values: Any
+) -> bool:
+    """``validating`` → ``target`` (``in_progress`` or ``failed``), unless a stop was asked."""
+    return await _move_batch(session, batch_id, target, BatchRow.stop_reason.is_(None), **values)
+
+
 async def insert_batch(session: AsyncSession, row: BatchRow) -> None:
     """A new batch; it always starts ``validating``."""
     await _insert_new(session, row, BatchStatus.VALIDATING)
@@ -287,13 +294,8 @@ async def fail_validation(
 
     ``deliveries`` (the final event's outbox rows) are added in the same transaction.
     """
-    moved = await _move_batch(
-        session,
-        batch_id,
-        BatchStatus.FAILED,
-        BatchRow.stop_reason.is_(None),
-        errors=errors,
-        failed_at=now,
+    moved = await _leave_validating(
+        session, batch_id, BatchStatus.FAILED, errors=errors, failed_at=now
     )
     if moved:
         session.add_all(deliveries)
@@ -311,14 +313,8 @@ async def start_batch(
     now: int,
 ) -> bool:
     """``validating`` → ``in_progress`` and enqueue ``chunks`` of (start_line, end_line, offset)."""
-    moved = await _move_batch(
-        session,
-        batch_id,
-        BatchStatus.IN_PROGRESS,
-        BatchRow.stop_reason.is_(None),
-        in_progress_at=now,
-        model=model,
-        total=total,
+    moved = await _leave_validating(
+        session, batch_id, BatchStatus.IN_PROGRESS, in_progress_at=now, model=model, total=total
     )
     if not moved:
         return False
@@ -913,19 +909,24 @@ async def claim_finalization(
     return result.scalars().first()
 
 
-async def renew_finalization(
-    session: AsyncSession, batch_id: str, owner: str, until: float
-) -> bool:
-    """Extend our finalization lease; False if we lost it or the batch is finished."""
-    result = await session.execute(
+def _our_finalization(batch_id: str, owner: str, **values: Any) -> Any:
+    """Set ``values`` on the batch while ``owner`` holds its finalization lease."""
+    return (
         update(BatchRow)
         .where(
             BatchRow.id == batch_id,
             BatchRow.finalize_owner == owner,
             BatchRow.status.in_(ACTIVE),
         )
-        .values(finalize_lease_until=until)
+        .values(**values)
     )
+
+
+async def renew_finalization(
+    session: AsyncSession, batch_id: str, owner: str, until: float
+) -> bool:
+    """Extend our finalization lease; False if we lost it or the batch is finished."""
+    result = await session.execute(_our_finalization(batch_id, owner, finalize_lease_until=until))
     return _rowcount(result) == 1
 
 
@@ -940,13 +941,7 @@ async def put_off_finalization(
     """Record why our finalization attempt failed (``errors``) and keep our lease until
     ``until``, so nobody retries before then; False if we no longer hold it."""
     result = await session.execute(
-        update(BatchRow)
-        .where(
-            BatchRow.id == batch_id,
-            BatchRow.finalize_owner == owner,
-            BatchRow.status.in_(ACTIVE),
-        )
-        .values(errors=errors, finalize_lease_until=until)
+        _our_finalization(batch_id, owner, errors=errors, finalize_lease_until=until)
     )
     return _rowcount(result) == 1
 
