@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from vllm_batch.cli import app
 from vllm_batch.config import ModelSpec, Settings
-from vllm_batch.engines.base import EngineResult
+from vllm_batch.engines.engine import EngineResult
 from vllm_batch.engines.vllm_engine import engine_argv
 from vllm_batch.models.adapters import (
     AdapterConfigError,

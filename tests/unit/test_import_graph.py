@@ -147,3 +147,23 @@ def test_no_cycle_between_packages() -> None:
 def test_find_cycle_finds_one() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_names_are_unique() -> None:
+    """No two modules share a file name and no two classes a name (a reader never wonders
+    which ``queries`` or ``Dispatcher`` is meant); packages' ``__init__`` and the numbered
+    migrations aside."""
+    modules = [
+        path
+        for path in module_files().values()
+        if path.name != "__init__.py" and "migrations" not in path.parts
+    ]
+    names = [path.stem for path in modules]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
+    classes = [
+        node.name
+        for path in modules
+        for node in ast.parse(path.read_text()).body
+        if isinstance(node, ast.ClassDef)
+    ]
+    assert sorted({c for c in classes if classes.count(c) > 1}) == []

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from vllm_batch.engines.base import EngineResult
+from vllm_batch.engines.engine import EngineResult
 from vllm_batch.offline.writer import OrderedWriter, ReorderBuffer
 from vllm_batch.pipeline.line_result import LineResult
 from vllm_batch.pipeline.output import result_line

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from vllm_batch.config import ModelSpec, Settings
-from vllm_batch.engines.base import EngineOutOfMemory, EngineResult, ResizableEngine, is_cuda_oom
+from vllm_batch.engines.engine import EngineOutOfMemory, EngineResult, ResizableEngine, is_cuda_oom
 from vllm_batch.engines.manager import EngineManager
 from vllm_batch.engines.vllm_engine import VllmEngine, engine_argv, error_result
 from vllm_batch.pipeline.dispatch import Dispatcher, execute_line

@@ -25,7 +25,7 @@ from vllm_batch.batches.store.rows import BatchRow, ChunkRow, FileRow, ResultRow
 from vllm_batch.batches.store_context import StoreContext, open_store
 from vllm_batch.batches.validate import ValidationSweeper, validate_batch
 from vllm_batch.config import Settings
-from vllm_batch.engines.base import EngineResult
+from vllm_batch.engines.engine import EngineResult
 from vllm_batch.engines.manager import EngineManager
 from vllm_batch.runtime import supervise as supervise_mod
 from vllm_batch.worker import loop as loop_mod

@@ -11,18 +11,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from fastapi import Depends, FastAPI
 
 from vllm_batch import __version__
-from vllm_batch.api import (
-    batch_routes as batches,
-)
-from vllm_batch.api import (
-    file_routes as files,
-)
-from vllm_batch.api import (
-    info,
-)
-from vllm_batch.api import (
-    upload_routes as uploads,
-)
+from vllm_batch.api import batch_routes as batches
+from vllm_batch.api import file_routes as files
+from vllm_batch.api import info
+from vllm_batch.api import upload_routes as uploads
 from vllm_batch.api.deps import current_principal
 from vllm_batch.api.edge import install_edge
 from vllm_batch.api.errors import install_error_handlers
@@ -36,7 +28,7 @@ from vllm_batch.batches.validate import ValidationSweeper
 from vllm_batch.config import ModelSpec, Settings
 from vllm_batch.deliveries.dispatcher import DeliveryDispatcher
 from vllm_batch.engines import make_engine
-from vllm_batch.engines.base import Engine
+from vllm_batch.engines.engine import Engine
 from vllm_batch.engines.manager import EngineFactory, EngineLoadError, EngineManager
 from vllm_batch.observability import metrics
 from vllm_batch.observability.gpu import NvmlReader, ReadingsSource

@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vllm_batch.protocol.errors import ErrorDetail, ErrorResponse
+from vllm_batch.protocol.error import ErrorDetail, ErrorResponse
 from vllm_batch.storage.refusal import StorageFull, storage_refusal
 
 log = logging.getLogger(__name__)

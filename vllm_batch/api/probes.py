@@ -16,7 +16,7 @@ import anyio
 
 from vllm_batch.api.state import AppContext
 from vllm_batch.batches.store.db import probe_database
-from vllm_batch.storage.base import read_status
+from vllm_batch.storage.blob import read_status
 
 DB_TIMEOUT_SECONDS = 2.0
 

@@ -31,7 +31,7 @@ from vllm_batch.batches.store_context import StoreContext
 from vllm_batch.config import Settings
 from vllm_batch.observability import metrics
 from vllm_batch.observability.exposition import render
-from vllm_batch.storage.base import read_status
+from vllm_batch.storage.blob import read_status
 
 log = logging.getLogger(__name__)
 DB_TIMEOUT_SECONDS = 5.0

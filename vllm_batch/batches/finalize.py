@@ -37,7 +37,7 @@ from vllm_batch.pipeline.input import iter_lines
 from vllm_batch.pipeline.output import failure_line
 from vllm_batch.protocol.ids import new_id, now
 from vllm_batch.storage.aio import AsyncBlobWriter
-from vllm_batch.storage.base import BlobStorage
+from vllm_batch.storage.blob import BlobStorage
 from vllm_batch.storage.refusal import StorageFull
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from vllm_batch.batches.delivery_plan import DeliveryPlan
 from vllm_batch.batches.store.identity import InstanceId
 from vllm_batch.batches.store.notify import WorkNotifier
 from vllm_batch.config import Settings
-from vllm_batch.storage.base import BlobStorage
+from vllm_batch.storage.blob import BlobStorage
 
 if TYPE_CHECKING:
     from vllm_batch.batches.store.db import PoolSize

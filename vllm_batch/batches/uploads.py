@@ -31,7 +31,7 @@ from vllm_batch.batches.store.rows import FileRow, UploadRow
 from vllm_batch.batches.store_context import StoreContext
 from vllm_batch.pipeline.input import UploadRejected, UploadScan, copy_limited, copy_upload
 from vllm_batch.protocol.ids import now
-from vllm_batch.storage.base import BlobStorage
+from vllm_batch.storage.blob import BlobStorage
 
 log = logging.getLogger(__name__)
 COPY_SIZE = 1024 * 1024

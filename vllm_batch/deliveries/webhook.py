@@ -12,14 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from vllm_batch.net.guard import (
-    AllowList,
-    RefusedURL,
-    Resolver,
-    check_url,
-    pinned,
-    system_resolver,
-)
+from vllm_batch.net.guard import AllowList, RefusedURL, Resolver, check_url, pinned, system_resolver
 from vllm_batch.protocol.webhook_event import signed_headers
 
 MAX_RESPONSE_BYTES = 4096

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 
 from vllm_batch.config import Settings
-from vllm_batch.engines.base import EngineResult
+from vllm_batch.engines.engine import EngineResult
 from vllm_batch.engines.serving import (
     call_serving,
     error_response_result,

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from vllm_batch.engines.base import EngineResult
+from vllm_batch.engines.engine import EngineResult
 from vllm_batch.engines.serving import (
     call_serving,
     error_response_result,

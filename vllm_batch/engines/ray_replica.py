@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vllm_batch.config import ModelSpec, Settings
-from vllm_batch.engines.base import (
+from vllm_batch.engines.engine import (
     Engine,
     EngineFailure,
     EngineOutOfMemory,

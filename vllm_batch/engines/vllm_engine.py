@@ -19,8 +19,8 @@ from typing import Any
 
 from vllm_batch.config import ModelSpec, Settings
 from vllm_batch.engines.audio import AudioServers, file_fetcher, is_audio_url, run_audio
-from vllm_batch.engines.base import EngineResult, MaxNumSeqs
 from vllm_batch.engines.blocking import in_daemon_thread, launch_processes
+from vllm_batch.engines.engine import EngineResult, MaxNumSeqs
 from vllm_batch.engines.pooling import PoolingServers, is_pooling_url, run_pooling
 from vllm_batch.engines.serving import (
     call_serving,

@@ -28,7 +28,7 @@ import anyio
 
 from vllm_batch.config import ModelSpec, Settings
 from vllm_batch.engines import make_engine
-from vllm_batch.engines.base import Engine, EngineFailure, EngineResult
+from vllm_batch.engines.engine import Engine, EngineFailure, EngineResult
 from vllm_batch.models.adapters import adapter_bases
 from vllm_batch.offline import io
 from vllm_batch.offline.preflight import describe, preflight, strict_errors

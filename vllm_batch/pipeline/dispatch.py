@@ -26,7 +26,7 @@ from typing import Any
 import anyio
 import orjson
 
-from vllm_batch.engines.base import (
+from vllm_batch.engines.engine import (
     Engine,
     EngineFailure,
     EngineOutOfMemory,

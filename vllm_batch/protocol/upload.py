@@ -39,7 +39,7 @@ class UploadPart(BaseModel):
     upload_id: str
 
 
-class ExpiresAfter(BaseModel):
+class FileExpiresAfter(BaseModel):
     """When the File made from the Upload expires (as ``expires_after`` on ``/v1/files``)."""
 
     anchor: str
@@ -51,7 +51,7 @@ class UploadCreateRequest(BaseModel):
     filename: str
     mime_type: str
     purpose: str
-    expires_after: ExpiresAfter | None = None
+    expires_after: FileExpiresAfter | None = None
 
 
 MAX_PART_IDS = 10_000  # bounds the IN list of one query (asyncpg: at most 32767 arguments)

@@ -26,7 +26,7 @@ from vllm_batch.batches.states import IllegalTransition
 from vllm_batch.batches.store import queries
 from vllm_batch.batches.store.db_retry import Backoff, retry_db
 from vllm_batch.batches.store.rows import BatchRow, ChunkRow
-from vllm_batch.engines.base import Engine
+from vllm_batch.engines.engine import Engine
 from vllm_batch.observability import metrics
 from vllm_batch.observability.logs import bound
 from vllm_batch.pipeline.dispatch import Dispatcher

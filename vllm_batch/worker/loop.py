@@ -45,7 +45,7 @@ from vllm_batch.batches.finalize import finalize_batch
 from vllm_batch.batches.states import ChunkStatus, IllegalTransition
 from vllm_batch.batches.store.db_retry import Backoff, DbHealth, retry_db
 from vllm_batch.batches.store.rows import ChunkRow
-from vllm_batch.engines.base import Engine, EngineFailure, EngineOutOfMemory
+from vllm_batch.engines.engine import Engine, EngineFailure, EngineOutOfMemory
 from vllm_batch.engines.manager import EngineLoadError
 from vllm_batch.observability import metrics
 from vllm_batch.observability.gpu import NvmlReader

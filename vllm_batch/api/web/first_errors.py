@@ -14,7 +14,7 @@ import anyio
 import orjson
 
 from vllm_batch.protocol.dashboard import LineError
-from vllm_batch.storage.base import BlobStorage
+from vllm_batch.storage.blob import BlobStorage
 
 MAX_MESSAGE_CHARS = 300
 HEAD_BYTES = 64 * 1024

@@ -13,7 +13,7 @@ from vllm_batch.batches.store.rows import ChunkRow, ResultRow
 
 
 @dataclass
-class ModelQueue:
+class ModelBacklog:
     """Chunks (and their lines) waiting for or running on one model."""
 
     model: str
@@ -24,7 +24,7 @@ class ModelQueue:
     batches: int = 0
 
 
-async def queue_by_model(session: AsyncSession) -> list[ModelQueue]:
+async def queue_by_model(session: AsyncSession) -> list[ModelBacklog]:
     """Queued and running chunks per model, with their line counts and batch count."""
     lines = func.sum(ChunkRow.end_line - ChunkRow.start_line)
     rows = await session.execute(
@@ -32,9 +32,9 @@ async def queue_by_model(session: AsyncSession) -> list[ModelQueue]:
         .where(ChunkRow.status.in_([ChunkStatus.QUEUED, ChunkStatus.RUNNING]))
         .group_by(ChunkRow.model, ChunkRow.status)
     )
-    queues: dict[str, ModelQueue] = {}
+    queues: dict[str, ModelBacklog] = {}
     for model, status, count, line_sum in rows.tuples():
-        queue = queues.setdefault(model, ModelQueue(model))
+        queue = queues.setdefault(model, ModelBacklog(model))
         if status == ChunkStatus.QUEUED:
             queue.queued_chunks, queue.queued_lines = int(count), int(line_sum or 0)
         else:
