@@ -195,7 +195,7 @@ async def create_batch(ctx: CtxDep, principal: PrincipalDep, request: BatchCreat
         ) from None
     except lifecycle.InputFileNotForBatch as exc:
         raise invalid(
-            f"File {exc.file_id} has purpose {exc.purpose!r}; a "
+            f"File {exc.file_id} has purpose '{exc.purpose}'; a "
             "batch input file must be uploaded with purpose 'batch'.",
             "input_file_id",
         ) from None
@@ -250,7 +250,7 @@ async def batch_results(
     if output is None:
         raise APIError(
             404,
-            f"Batch {batch_id} has no output file (status {row.status!r}); "
+            f"Batch {batch_id} has no output file (status '{row.status}'); "
             "results are available once it completes with at least one success.",
             code="output_not_ready",
         )

@@ -35,6 +35,7 @@ from vllm_batch.observability import metrics
 from vllm_batch.observability.logs import bound
 from vllm_batch.pipeline.input import iter_lines
 from vllm_batch.pipeline.output import failure_line
+from vllm_batch.protocol.file import FilePurpose
 from vllm_batch.protocol.ids import new_id, now
 from vllm_batch.storage.aio import AsyncBlobWriter
 from vllm_batch.storage.blob import BlobStorage
@@ -115,7 +116,7 @@ async def _finalize(ctx: StoreContext, batch_id: str) -> bool:
                     bytes=writer.bytes,
                     created_at=stamp,
                     filename=f"{batch_id}_{'errors' if is_error else 'output'}.jsonl",
-                    purpose="batch_output",
+                    purpose=FilePurpose.BATCH_OUTPUT,
                     storage_key=keys[is_error],
                     line_count=None,
                     expires_at=(

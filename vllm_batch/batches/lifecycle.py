@@ -158,7 +158,7 @@ async def cancel(ctx: StoreContext, batch_id: str) -> BatchRow:
         stopping = await queries.request_stop(session, batch_id, StopReason.CANCEL, now())
         if not stopping and row.status not in (BatchStatus.CANCELLING, BatchStatus.CANCELLED):
             raise IllegalTransition(
-                f"Cannot cancel batch {batch_id}: its status is {row.status!r}."
+                f"Cannot cancel batch {batch_id}: its status is '{row.status}'."
             )
     async with ctx.read_sessions() as session:
         found = await queries.get_batch(session, batch_id)

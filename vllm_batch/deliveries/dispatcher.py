@@ -286,7 +286,7 @@ class DeliveryDispatcher:
                 keys[name] = row.storage_key if row is not None else None
         return BatchInfo(
             id=batch.id,
-            status=batch.status,
+            status=str(batch.status),  # a plain str for handlers, as before
             endpoint=batch.endpoint,
             model=batch.model,
             metadata=dict(batch.metadata_ or {}),

@@ -106,7 +106,7 @@ async def _insert_new(session: AsyncSession, row: UploadRow | BatchRow, start: s
     """A new row, which must start in its first status ``start``."""
     if row.status != start:
         raise IllegalTransition(
-            f"a new {row.__tablename__} row must be {start}, not {row.status!r}"
+            f"a new {row.__tablename__} row must be {start}, not '{row.status}'"
         )
     session.add(row)
     await session.flush()
