@@ -309,6 +309,9 @@ def test_files_list_and_pagination(client: OpenAI, api: LiveServer) -> None:
     assert [f["id"] for f in raw["data"]] == ids[1:]
     assert raw["has_more"] is False and raw["object"] == "list"
     assert all(f.purpose == "batch" for f in client.files.list(purpose="batch"))
+    # a purpose no file can have (the schema checks purposes) lists nothing, as before
+    unknown = httpx.get(f"{api.base_url}/files", params={"purpose": "4"})
+    assert unknown.status_code == 200 and unknown.json()["data"] == []
 
 
 def test_keeper_intact_after_bad_input(client: OpenAI, keeper: tuple[str, bytes]) -> None:

@@ -34,6 +34,7 @@ from vllm_batch.batches.store.rows import (
     UploadRow,
 )
 from vllm_batch.pipeline.line_result import LineResult
+from vllm_batch.protocol.file import FilePurpose
 
 # ---------------------------------------------------------------- files
 
@@ -63,6 +64,8 @@ async def list_files(
     if owner is not None:
         query = query.where(FileRow.owner == owner)
     if purpose:
+        if purpose not in set(FilePurpose):
+            return []  # no file can have a purpose the schema does not allow
         query = query.where(FileRow.purpose == purpose)
     descending = order == "desc"
     if after:
