@@ -27,7 +27,7 @@ def _env(*names: str) -> AliasChoices:
 class ModelSpec:
     """A served model: the name clients put in ``body.model``, where its weights are, and
     (optionally) its kind: ``generate``, ``embed``, ``score`` or ``transcribe`` (see
-    ``model_kinds``)."""
+    ``models/kinds.py``)."""
 
     name: str
     path: str

@@ -147,7 +147,7 @@ async def check_webhook_url(settings: Settings, metadata: dict[str, str] | None)
 
 
 def check_endpoint_served(settings: Settings, endpoint: str) -> None:
-    """400 when no served model is of a kind that serves ``endpoint`` (see ``model_kinds``)."""
+    """400 when no served model is of a kind that serves ``endpoint`` (see ``models/kinds.py``)."""
     kinds = settings.model_kinds
     if any(kind_serves(kind, endpoint) for kind in kinds.values()):
         return

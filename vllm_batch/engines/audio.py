@@ -4,7 +4,7 @@
 when the model supports the ``transcription`` task (Whisper), as for ``vllm serve`` and
 ``vllm run-batch``. A line's body is ``vllm run-batch``'s ``BatchTranscriptionRequest`` or
 ``BatchTranslationRequest``: the audio is at ``file_url``. The body is validated first, then
-the audio is fetched (``file_url.py``: the private-address guard, size and time limits) and
+the audio is fetched (``net/file_url.py``: the private-address guard, size and time limits) and
 handed to the serving object as the upload ``file`` of vLLM's own request type, exactly as
 ``vllm run-batch`` does; the response object is the result body. vLLM is imported lazily.
 """

@@ -2,7 +2,7 @@
 
 A ``file_url`` is an http(s) URL or a base64 ``data:`` URL, as ``vllm run-batch`` takes it.
 
-- An http(s) URL passes ``netguard`` first (no private, loopback or link-local target unless
+- An http(s) URL passes ``guard.py`` first (no private, loopback or link-local target unless
   ``VLLM_BATCH_AUDIO_ALLOWED_HOSTS`` names it) and is fetched from the address that was
   checked; a redirect (at most ``MAX_REDIRECTS``) is checked the same way before it is
   followed.

@@ -169,7 +169,7 @@ def plan_batch(
     """Check every line of a batch input file and cut it into chunks of ``chunk_size``.
 
     ``model_kinds`` (model name -> kind): a line whose model cannot serve the endpoint
-    fails (see ``model_kinds``), and pooling bodies get their structural checks.
+    fails (see ``models/kinds.py``), and pooling bodies get their structural checks.
     ``adapters`` maps LoRA adapter names to their base models: a line naming an adapter is
     its base model's work (``plan.model`` is always a served model, never an adapter).
     ``model_source`` says where ``served_models`` came from, for ``model_not_found`` (the
