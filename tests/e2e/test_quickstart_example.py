@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def smollm2_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    from vllm_batch.models.smollm2 import prepare_smollm2
+    from vllm_batch.weights.smollm2 import prepare_smollm2
 
     model_dir = prepare_smollm2(ROOT / default_model_dir())  # no-op once prepared
     args = ["--model", f"{DEFAULT_MODEL_NAME}={model_dir}", "--max-model-len", "2048"]

@@ -13,7 +13,7 @@ from standardwebhooks import Webhook
 from tests.e2e.conftest import spawn_server, stop_server
 from tests.helpers import jsonl, wait_for_batch
 from tests.webhook_receiver import webhook_receiver
-from vllm_batch.handlers.webhook import new_secret
+from vllm_batch.protocol.webhook_event import new_secret
 
 
 def test_delivery_resumes_after_kill_between_attempts(tmp_path: Path) -> None:

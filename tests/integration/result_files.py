@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from vllm_batch.engines.base import EngineResult
+from vllm_batch.engines.engine import EngineResult
 from vllm_batch.handlers.results import BatchInfo, ResultStream
 from vllm_batch.pipeline.output import ErrorShape, failure_line, result_line
-from vllm_batch.storage.base import BlobStorage
+from vllm_batch.storage.blob import BlobStorage
 
 MODEL = "tiny-llama"
 ANSWERS = [

@@ -309,6 +309,9 @@ def test_files_list_and_pagination(client: OpenAI, api: LiveServer) -> None:
     assert [f["id"] for f in raw["data"]] == ids[1:]
     assert raw["has_more"] is False and raw["object"] == "list"
     assert all(f.purpose == "batch" for f in client.files.list(purpose="batch"))
+    # a purpose no file can have (the schema checks purposes) lists nothing, as before
+    unknown = httpx.get(f"{api.base_url}/files", params={"purpose": "4"})
+    assert unknown.status_code == 200 and unknown.json()["data"] == []
 
 
 def test_keeper_intact_after_bad_input(client: OpenAI, keeper: tuple[str, bytes]) -> None:
@@ -322,7 +325,7 @@ def test_keeper_intact_after_bad_input(client: OpenAI, keeper: tuple[str, bytes]
 def test_expired_files_are_swept(client: OpenAI, api: LiveServer) -> None:
     from sqlalchemy import update
 
-    from vllm_batch.store.models import FileRow
+    from vllm_batch.batches.store.rows import FileRow
 
     upload = client.files.create(
         file=("in.jsonl", jsonl([chat_line(0, TINY_NAME)])),

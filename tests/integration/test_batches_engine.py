@@ -13,7 +13,7 @@ from sqlalchemy import update
 
 from tests.conftest import TINY_NAME, LiveServer
 from tests.helpers import chat_line, completion_line, jsonl, parse_jsonl, wait_for_batch
-from vllm_batch.store.models import BatchRow
+from vllm_batch.batches.store.rows import BatchRow
 
 
 @pytest.fixture(scope="module")

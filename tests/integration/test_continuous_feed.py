@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 
 from tests.conftest import TINY_NAME, LiveServer
 from tests.helpers import chat_line, jsonl, parse_jsonl, wait_for_batch
-from vllm_batch.store.models import BatchRow, ChunkRow
+from vllm_batch.batches.store.rows import BatchRow, ChunkRow
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """``/v1/score`` and ``/v1/rerank`` batches on a cross-encoder (kind ``score``) through the
 server, on the tiny random-weight cross-encoder the project builds
-(``vllm_batch.models.cross_encoder``), served as ``NAME=PATH:score``. Scores are checked
+(``vllm_batch.weights.cross_encoder``), served as ``NAME=PATH:score``. Scores are checked
 against transformers; bodies against vLLM's own response models. The tiny Llama is served
 too, for validation only (its engine never starts): a chat batch is then accepted, and its
 line naming the cross-encoder fails with ``wrong_model_kind``.

@@ -24,9 +24,9 @@ from tests.conftest import (
     start_server,
 )
 from tests.helpers import chat_line, jsonl
+from vllm_batch.batches.store import queries
+from vllm_batch.pipeline.line_result import LineResult
 from vllm_batch.pipeline.output import failure_line
-from vllm_batch.pipeline.results import LineResult
-from vllm_batch.store import queries
 
 KEYS = {"team-a": "sk-dash-a", "team-b": "sk-dash-b", "ops": "sk-dash-ops"}
 REMOTE_WORKER = "other-host/0123456789ab/4242/tok"
@@ -203,7 +203,7 @@ def claim_and_fail_one_line(api: LiveServer, batch_id: str) -> None:
                 results=[result],
                 lease_until=time.time() + 300,
             )
-            assert outcome.held
+            assert outcome is not None and len(outcome.new) == 1
 
     api.db(work)
 

@@ -26,7 +26,7 @@ from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 from tests.conftest import TINY_NAME, LiveServer, LoopThread, engine_settings, start_server
 from tests.helpers import chat_line, jsonl
 from tests.webhook_receiver import Receiver, webhook_receiver
-from vllm_batch.handlers.webhook import new_secret
+from vllm_batch.protocol.webhook_event import new_secret
 
 KEY = "sk-dashboard-browser"
 CHROMIUM = "/usr/bin/chromium"

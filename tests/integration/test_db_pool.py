@@ -17,7 +17,7 @@ from sqlalchemy import text
 
 from tests.conftest import TINY_NAME, LiveServer, LoopThread, api_only_server
 from tests.helpers import chat_line, jsonl
-from vllm_batch.store import queries
+from vllm_batch.batches.store import queries
 
 POOL = 2  # API connections: size 2, no overflow
 KEYS = {f"team-{n}": f"sk-pool-{n}" for n in range(4)}

@@ -12,11 +12,11 @@ import pytest
 
 from tests.helpers import create_validating_batch, jsonl
 from tests.webhook_receiver import webhook_receiver
+from vllm_batch.batches.states import BatchStatus
+from vllm_batch.batches.store import outbox
+from vllm_batch.batches.store_context import open_store
 from vllm_batch.config import Settings
-from vllm_batch.handlers.dispatcher import Dispatcher
-from vllm_batch.runtime import open_store
-from vllm_batch.states import BatchStatus
-from vllm_batch.store import outbox
+from vllm_batch.deliveries.dispatcher import DeliveryDispatcher
 
 TARGETS = 24
 
@@ -42,7 +42,7 @@ async def test_three_dispatchers_deliver_each_event_once(database_url: str, tmp_
             async with stores[0].sessions() as session, session.begin():
                 session.add_all(rows)
             shutdown = asyncio.Event()
-            dispatchers = [Dispatcher(store) for store in stores]
+            dispatchers = [DeliveryDispatcher(store) for store in stores]
             tasks = [asyncio.create_task(d.run(shutdown)) for d in dispatchers]
             deadline = time.monotonic() + 60
             while len(receiver.requests) < TARGETS and time.monotonic() < deadline:
@@ -82,7 +82,7 @@ async def test_graceful_stop_hands_webhook_attempts_back(database_url: str, tmp_
             async with store.sessions() as session, session.begin():
                 session.add(row)
             shutdown = asyncio.Event()
-            task = asyncio.create_task(Dispatcher(store).run(shutdown))
+            task = asyncio.create_task(DeliveryDispatcher(store).run(shutdown))
             while not receiver.at("/slow"):
                 await asyncio.sleep(0.02)
             shutdown.set()

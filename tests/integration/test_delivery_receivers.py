@@ -15,13 +15,13 @@ from sqlalchemy import delete
 
 from tests.helpers import create_validating_batch, jsonl
 from tests.webhook_receiver import silent_receiver, webhook_receiver
+from vllm_batch.batches.states import BatchStatus
+from vllm_batch.batches.store import outbox
+from vllm_batch.batches.store.outbox import Limits
+from vllm_batch.batches.store.rows import DeliveryRow
+from vllm_batch.batches.store_context import StoreContext, open_store
 from vllm_batch.config import Settings
-from vllm_batch.handlers.dispatcher import Dispatcher
-from vllm_batch.handlers.receivers import Limits
-from vllm_batch.runtime import StoreContext, open_store
-from vllm_batch.states import BatchStatus
-from vllm_batch.store import outbox
-from vllm_batch.store.models import DeliveryRow
+from vllm_batch.deliveries.dispatcher import DeliveryDispatcher
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 DEAD, ALIVE, OTHER = "127.0.0.3", "127.0.0.2", "127.0.0.4"
@@ -50,9 +50,9 @@ async def fresh_store(settings: Settings) -> AsyncIterator[StoreContext]:
 
 
 @contextlib.asynccontextmanager
-async def dispatching(store: StoreContext) -> AsyncIterator[Dispatcher]:
+async def dispatching(store: StoreContext) -> AsyncIterator[DeliveryDispatcher]:
     shutdown = asyncio.Event()
-    dispatcher = Dispatcher(store)
+    dispatcher = DeliveryDispatcher(store)
     task = asyncio.create_task(dispatcher.run(shutdown))
     try:
         yield dispatcher

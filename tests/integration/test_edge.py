@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from tests.conftest import TINY_NAME, LiveServer, LoopThread, engine_settings, start_server
 from tests.helpers import chat_line, jsonl
 from vllm_batch.api.auth import Principal
-from vllm_batch.store.models import BatchRow, FileRow
+from vllm_batch.batches.store.rows import BatchRow, FileRow
 
 KEY = "sk-edge-test-key"
 MAX_UPLOAD = 20_000

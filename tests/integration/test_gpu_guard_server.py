@@ -27,8 +27,8 @@ from tests.gpu_fakes import (
     gpu,
 )
 from tests.helpers import chat_line, jsonl, parse_jsonl, wait_for_batch
+from vllm_batch.batches.store.rows import ChunkRow
 from vllm_batch.config import ModelSpec
-from vllm_batch.store.models import ChunkRow
 
 
 def settings_for(tiny_model: Path, tmp_path: Path, **overrides: Any) -> Any:

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from vllm_batch.config import ModelSpec, Settings
-from vllm_batch.engines.base import EngineFailure
+from vllm_batch.engines.engine import EngineFailure
 from vllm_batch.engines.ray_engine import RayEngine
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}

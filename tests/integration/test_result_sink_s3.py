@@ -14,7 +14,7 @@ from botocore.exceptions import ClientError
 from tests.integration.result_files import make_batch
 from tests.s3_fixtures import S3Server, s3_server  # noqa: F401
 from vllm_batch.config import Settings
-from vllm_batch.handlers.s3 import S3CopyHandler, parse_target
+from vllm_batch.handlers.s3_copy import S3CopyHandler, parse_target
 from vllm_batch.storage import LocalStorage, S3Storage
 from vllm_batch.storage.s3 import MIN_PART_SIZE
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import TINY_NAME, LiveServer, LoopThread, engine_settings, start_server
-from vllm_batch import logs
+from vllm_batch.observability import logs
 
 KEY = "sk-structured-logs-0123456789"
 MARKER = "purple-elephant-7431"  # appears only in the request bodies

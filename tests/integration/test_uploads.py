@@ -27,10 +27,10 @@ from tests.conftest import (
 )
 from tests.helpers import chat_line, jsonl, parse_jsonl, wait_for_batch
 from tests.s3_fixtures import S3Server, local_or_s3, s3_server  # noqa: F401
+from vllm_batch.batches.store import queries
+from vllm_batch.batches.store.rows import UploadRow
+from vllm_batch.batches.uploads import part_key, sweep_uploads
 from vllm_batch.protocol.ids import now
-from vllm_batch.service.uploads import part_key, sweep_uploads
-from vllm_batch.store import queries
-from vllm_batch.store.models import UploadRow
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 THIS = "tests/integration/test_uploads.py"

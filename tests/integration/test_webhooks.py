@@ -21,8 +21,8 @@ from standardwebhooks import Webhook
 from tests.conftest import TINY_NAME, LiveServer, LoopThread, engine_settings, start_server
 from tests.helpers import chat_line, jsonl, wait_for_batch
 from tests.webhook_receiver import Receiver, webhook_receiver
-from vllm_batch.handlers.webhook import new_secret
-from vllm_batch.store.models import BatchRow
+from vllm_batch.batches.store.rows import BatchRow
+from vllm_batch.protocol.webhook_event import new_secret
 
 SECRET = new_secret()
 FAST_RETRIES = {

@@ -12,19 +12,19 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from vllm_batch.adapters import (
+from vllm_batch.cli import app
+from vllm_batch.config import ModelSpec, Settings
+from vllm_batch.engines.engine import EngineResult
+from vllm_batch.engines.vllm_engine import engine_argv
+from vllm_batch.models.adapters import (
     AdapterConfigError,
     LoraSpec,
     adapter_bases,
     max_lora_rank,
     resolve_adapters,
 )
-from vllm_batch.cli import app
-from vllm_batch.config import ModelSpec, Settings
-from vllm_batch.engines.base import EngineResult
-from vllm_batch.engines.vllm_engine import engine_argv
 from vllm_batch.offline.runner import ServedModelGuard
-from vllm_batch.validation import plan_batch
+from vllm_batch.pipeline.input import plan_batch
 
 
 def test_parse_specs() -> None:

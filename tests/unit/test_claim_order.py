@@ -14,11 +14,12 @@ from sqlalchemy import select, update
 
 from tests.helpers import create_validating_batch
 from tests.unit.test_lifecycle import LINES, force, input_lines, plan, store
-from vllm_batch import lifecycle
-from vllm_batch.pipeline.window import batch_order
-from vllm_batch.runtime import StoreContext
-from vllm_batch.store import queries
-from vllm_batch.store.models import BatchRow, ChunkRow
+from vllm_batch.batches import lifecycle
+from vllm_batch.batches.policy import batch_order
+from vllm_batch.batches.states import BatchStatus
+from vllm_batch.batches.store import queries
+from vllm_batch.batches.store.rows import BatchRow, ChunkRow
+from vllm_batch.batches.store_context import StoreContext
 
 OWNER = "tests/ns/1/claims"
 
@@ -32,7 +33,7 @@ async def ctx(database_url: str, tmp_path: Path) -> AsyncIterator[StoreContext]:
 async def queued(ctx: StoreContext, model: str, **values: object) -> str:
     """A queued batch of ``LINES`` lines (3 chunks) for ``model``; ``values`` set on its row."""
     batch_id = await create_validating_batch(ctx, input_lines(), LINES)
-    assert await lifecycle.queue_or_fail(ctx, batch_id, plan(model))
+    assert await lifecycle.queue_or_fail(ctx, batch_id, plan(model)) == BatchStatus.IN_PROGRESS
     if values:
         await force(ctx, batch_id, **values)
     return batch_id

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from vllm_batch.engines.base import EngineResult
+from vllm_batch.api.web.first_errors import HEAD_BYTES, ErrorFileHeads, parse_error_line
+from vllm_batch.api.web.pages import prefers_html
+from vllm_batch.engines.engine import EngineResult
 from vllm_batch.pipeline.output import ErrorShape, failure_line, result_line
 from vllm_batch.storage.local import LocalStorage
-from vllm_batch.web.first_errors import HEAD_BYTES, ErrorFileHeads, parse_error_line
-from vllm_batch.web.pages import prefers_html
 
 
 @pytest.mark.parametrize(

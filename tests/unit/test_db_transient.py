@@ -11,8 +11,8 @@ import pytest
 from sqlalchemy import exc, text
 
 from tests.conftest import PG_ADMIN_DSN, create_pg_database, drop_pg_database
-from vllm_batch.store.db import create_engine, is_transient, make_sessionmaker
-from vllm_batch.worker.db_retry import Backoff, retry_db
+from vllm_batch.batches.store.db import create_engine, is_transient, make_sessionmaker
+from vllm_batch.batches.store.db_retry import Backoff, retry_db
 
 
 async def _admin(statement: str) -> None:

@@ -7,12 +7,13 @@ from typing import Any
 
 import pytest
 
+from vllm_batch.batches.delivery_plan import DeliveryPlan
+from vllm_batch.batches.states import BatchStatus
 from vllm_batch.config import Settings
+from vllm_batch.deliveries.dispatcher import backoff_delay
 from vllm_batch.handlers import ResultHandler, get_registry, register_handler
 from vllm_batch.handlers.base import call_enabled
-from vllm_batch.handlers.dispatcher import backoff_delay
-from vllm_batch.handlers.plan import DeliveryPlan, HandlerConfigError
-from vllm_batch.states import BatchStatus
+from vllm_batch.handlers.discovery import HandlerConfigError
 
 
 class Named(ResultHandler):

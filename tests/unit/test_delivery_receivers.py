@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from vllm_batch.handlers.receivers import (
+from vllm_batch.batches.store.outbox import receiver_of
+from vllm_batch.deliveries.receivers import (
     BreakerState,
     CircuitBreaker,
     ReceiverGate,
     is_receiver_failure,
-    receiver_of,
 )
-from vllm_batch.handlers.webhook import Outcome
+from vllm_batch.deliveries.webhook import Outcome
 
 TIMEOUT = Outcome(False, error="ReadTimeout")
 OK = Outcome(True, status_code=204)

@@ -13,9 +13,9 @@ from typing import Any
 import orjson
 import pytest
 
-from vllm_batch.engines.base import EngineFailure, EngineResult
+from vllm_batch.engines.engine import EngineFailure, EngineResult
 from vllm_batch.pipeline.dispatch import Dispatcher
-from vllm_batch.pipeline.results import LineResult
+from vllm_batch.pipeline.line_result import LineResult
 
 
 class ScriptedFakeEngine:

@@ -7,8 +7,9 @@ import math
 
 import pytest
 
+from vllm_batch.batches.policy import deadline_factor, priority_weight
 from vllm_batch.pipeline.dispatch import prefix_order, prompt_pieces
-from vllm_batch.pipeline.window import FairWindow, Lane, deadline_factor, priority_weight
+from vllm_batch.pipeline.window import FairWindow, Lane
 from vllm_batch.worker.loop import Pace
 
 

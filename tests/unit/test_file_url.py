@@ -11,8 +11,8 @@ import base64
 import httpx
 import pytest
 
-from vllm_batch.file_url import FileFetcher, FileURLError, file_url_problem
-from vllm_batch.netguard import AllowList
+from vllm_batch.net.file_url import FileFetcher, FileURLError, file_url_problem
+from vllm_batch.net.guard import AllowList
 
 AUDIO = b"RIFF" + bytes(range(256)) * 4
 

@@ -18,16 +18,16 @@ from sqlalchemy import update
 
 from tests.helpers import create_validating_batch
 from tests.tmpfs import fill, small_tmpfs
-from vllm_batch import lifecycle
+from vllm_batch.batches import lifecycle
+from vllm_batch.batches.attempt_sweep import sweep_stale_attempts
+from vllm_batch.batches.finalize import finalize_batch, retry_delay
+from vllm_batch.batches.states import BatchStatus, ChunkStatus
+from vllm_batch.batches.store import queries
+from vllm_batch.batches.store.rows import BatchRow
+from vllm_batch.batches.store_context import StoreContext, open_store
 from vllm_batch.config import Settings
-from vllm_batch.pipeline.results import LineResult
-from vllm_batch.runtime import StoreContext, open_store
-from vllm_batch.service.attempt_sweep import sweep_stale_attempts
-from vllm_batch.states import BatchStatus
-from vllm_batch.store import queries
-from vllm_batch.store.models import BatchRow
-from vllm_batch.validation import BatchPlan
-from vllm_batch.worker.finalize import finalize_batch, retry_delay
+from vllm_batch.pipeline.input import BatchPlan
+from vllm_batch.pipeline.line_result import LineResult
 
 LINES = 12
 CHUNK = 4
@@ -72,8 +72,11 @@ async def done_batch(ctx: StoreContext) -> str:
     for line in body.splitlines(keepends=True):
         offsets.append(offsets[-1] + len(line))
     chunks = [(s, min(s + CHUNK, LINES), offsets[s]) for s in range(0, LINES, CHUNK)]
-    assert await lifecycle.queue_or_fail(
-        ctx, batch_id, BatchPlan(model=batch_id, total=LINES, chunks=chunks)
+    assert (
+        await lifecycle.queue_or_fail(
+            ctx, batch_id, BatchPlan(model=batch_id, total=LINES, chunks=chunks)
+        )
+        == BatchStatus.IN_PROGRESS
     )
     owner = ctx.instance_id
     while chunk := await lifecycle.claim_chunk(ctx, owner, [batch_id]):
@@ -86,8 +89,8 @@ async def done_batch(ctx: StoreContext) -> str:
             )
             for i in range(chunk.start_line, chunk.end_line)
         ]
-        assert (await lifecycle.save(ctx, chunk, owner, results)).held
-        assert await lifecycle.finish_chunk(ctx, chunk, owner)
+        assert len((await lifecycle.save(ctx, chunk, owner, results)).new) == len(results)
+        assert await lifecycle.finish_chunk(ctx, chunk, owner) == ChunkStatus.DONE
     return batch_id
 
 

@@ -14,11 +14,7 @@ from pydantic import ValidationError
 
 from tests.gpu_fakes import ScriptedReadingsForTests, gpu
 from vllm_batch.config import Settings
-from vllm_batch.observability.gpu import (
-    GpuReadings,
-    NvmlReader,
-    decode_throttle_reasons,
-)
+from vllm_batch.observability.gpu import GpuReadings, NvmlReader, decode_throttle_reasons
 from vllm_batch.observability.gpu_guard import GpuGuard
 
 

@@ -20,10 +20,10 @@ from tests.unit.test_worker_faults import (
     make_batch,
     wait_status,
 )
-from vllm_batch.engines.base import EngineResult
+from vllm_batch.batches.store.rows import ChunkRow
+from vllm_batch.batches.validate import validate_batch
+from vllm_batch.engines.engine import EngineResult
 from vllm_batch.engines.manager import EngineManager
-from vllm_batch.service.validate import validate_batch
-from vllm_batch.store.models import ChunkRow
 from vllm_batch.worker.context import WorkerContext
 from vllm_batch.worker.loop import Worker
 

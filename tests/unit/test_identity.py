@@ -14,12 +14,12 @@ import pytest
 from sqlalchemy import update
 
 from tests.unit.test_lifecycle import new_batch, store
-from vllm_batch import lifecycle
-from vllm_batch.identity import InstanceId
-from vllm_batch.runtime import StoreContext
-from vllm_batch.service.housekeeping import release_dead_owners
-from vllm_batch.states import ChunkStatus
-from vllm_batch.store.models import ChunkRow
+from vllm_batch.batches import lifecycle
+from vllm_batch.batches.housekeeping import release_dead_owners
+from vllm_batch.batches.states import ChunkStatus
+from vllm_batch.batches.store.identity import InstanceId
+from vllm_batch.batches.store.rows import ChunkRow
+from vllm_batch.batches.store_context import StoreContext
 
 
 def dead_pid() -> int:

@@ -18,12 +18,9 @@ import pytest
 from sqlalchemy import func, select, update
 
 from tests.helpers import create_validating_batch
-from vllm_batch import lifecycle
-from vllm_batch.config import Settings
-from vllm_batch.pipeline.results import LineResult
-from vllm_batch.protocol.ids import now
-from vllm_batch.runtime import StoreContext, open_store
-from vllm_batch.states import (
+from vllm_batch.batches import lifecycle
+from vllm_batch.batches.finalize import finalize_batch
+from vllm_batch.batches.states import (
     BATCH_MOVES,
     TERMINAL,
     BatchStatus,
@@ -32,10 +29,13 @@ from vllm_batch.states import (
     StopReason,
     batch_sources,
 )
-from vllm_batch.store import queries
-from vllm_batch.store.models import BatchRow, ChunkRow, ResultRow
-from vllm_batch.validation import BatchPlan
-from vllm_batch.worker.finalize import finalize_batch
+from vllm_batch.batches.store import queries
+from vllm_batch.batches.store.rows import BatchRow, ChunkRow, ResultRow
+from vllm_batch.batches.store_context import StoreContext, open_store
+from vllm_batch.config import Settings
+from vllm_batch.pipeline.input import BatchPlan
+from vllm_batch.pipeline.line_result import LineResult
+from vllm_batch.protocol.ids import now
 
 LINES = 10
 CHUNK = 4
@@ -79,7 +79,9 @@ async def new_batch(ctx: StoreContext, *, queued: bool = True) -> str:
     batch_id = await create_validating_batch(ctx, input_lines(), LINES)
     assert (await batch(ctx, batch_id)).status == BatchStatus.VALIDATING
     if queued:
-        assert await lifecycle.queue_or_fail(ctx, batch_id, plan(batch_id))
+        assert (
+            await lifecycle.queue_or_fail(ctx, batch_id, plan(batch_id)) == BatchStatus.IN_PROGRESS
+        )
     return batch_id
 
 
@@ -118,8 +120,8 @@ async def run_all_chunks(ctx: StoreContext, batch_id: str) -> None:
     while chunk := await lifecycle.claim_chunk(ctx, owner, [batch_id]):
         results = [result(i) for i in range(chunk.start_line, chunk.end_line)]
         outcome = await lifecycle.save(ctx, chunk, owner, results)
-        assert outcome.held
-        assert await lifecycle.finish_chunk(ctx, chunk, owner)
+        assert len(outcome.new) == len(results)
+        assert await lifecycle.finish_chunk(ctx, chunk, owner) == ChunkStatus.DONE
 
 
 # ------------------------------------------------------------------ the table
@@ -132,12 +134,36 @@ def test_transition_table_is_closed() -> None:
     assert batch_sources(BatchStatus.IN_PROGRESS) == {BatchStatus.VALIDATING}
 
 
-def test_states_match_the_wire_literal() -> None:
-    from typing import get_args
+def test_state_tables_are_the_wire_statuses() -> None:
+    """Batch, upload and delivery statuses are the wire models' own enums (and the rows'),
+    and every table names every status of its machine."""
+    from vllm_batch.batches.states import (
+        CHUNK_MOVES,
+        DELIVERY_MOVES,
+        UPLOAD_MOVES,
+        DeliveryStatus,
+        UploadStatus,
+    )
+    from vllm_batch.batches.store.rows import BatchRow, DeliveryRow, UploadRow
+    from vllm_batch.protocol.batch import Batch
+    from vllm_batch.protocol.delivery import Delivery
+    from vllm_batch.protocol.upload import Upload
 
-    from vllm_batch.protocol.batch import BatchStatus as WireStatus
-
-    assert set(get_args(WireStatus)) == {s.value for s in BatchStatus}
+    for wire, row, enum in (
+        (Batch, BatchRow, BatchStatus),
+        (Upload, UploadRow, UploadStatus),
+        (Delivery, DeliveryRow, DeliveryStatus),
+    ):
+        assert wire.model_fields["status"].annotation is enum
+        assert row.__table__.c.status.type.enum_class is enum
+    for moves, states in (
+        (BATCH_MOVES, BatchStatus),
+        (CHUNK_MOVES, ChunkStatus),
+        (UPLOAD_MOVES, UploadStatus),
+        (DELIVERY_MOVES, DeliveryStatus),
+    ):
+        assert set(moves) == set(states)
+        assert all(target in states for targets in moves.values() for target in targets)
 
 
 # ------------------------------------------------------------------ batches
@@ -174,11 +200,12 @@ async def test_validation_failure_is_terminal(ctx: StoreContext) -> None:
     batch_id = await new_batch(ctx, queued=False)
     bad = BatchPlan()
     bad.error("invalid_json_line", "bad", 1)
-    assert await lifecycle.queue_or_fail(ctx, batch_id, bad)
+    assert await lifecycle.queue_or_fail(ctx, batch_id, bad) == BatchStatus.FAILED
     row = await batch(ctx, batch_id)
     assert row.status == BatchStatus.FAILED and row.errors
     # failed is terminal: nothing moves it again
-    assert not await lifecycle.queue_or_fail(ctx, batch_id, plan())
+    with pytest.raises(IllegalTransition):
+        await lifecycle.queue_or_fail(ctx, batch_id, plan())
     with pytest.raises(IllegalTransition):
         await lifecycle.cancel(ctx, batch_id)
     assert (await batch(ctx, batch_id)).status == BatchStatus.FAILED
@@ -186,7 +213,8 @@ async def test_validation_failure_is_terminal(ctx: StoreContext) -> None:
 
 async def test_queue_twice_is_refused(ctx: StoreContext) -> None:
     batch_id = await new_batch(ctx)
-    assert not await lifecycle.queue_or_fail(ctx, batch_id, plan())
+    with pytest.raises(IllegalTransition):
+        await lifecycle.queue_or_fail(ctx, batch_id, plan())
     async with ctx.read_sessions() as session:
         chunks = await session.scalar(
             select(func.count()).select_from(ChunkRow).where(ChunkRow.batch_id == batch_id)
@@ -197,14 +225,16 @@ async def test_queue_twice_is_refused(ctx: StoreContext) -> None:
 async def test_cancel_paths(ctx: StoreContext) -> None:
     validating = await new_batch(ctx, queued=False)
     row = await lifecycle.cancel(ctx, validating)
-    assert row is not None and row.status == BatchStatus.CANCELLING
+    assert row.status == BatchStatus.CANCELLING
     # a cancelled-while-validating batch is never queued
-    assert not await lifecycle.queue_or_fail(ctx, validating, plan())
+    with pytest.raises(IllegalTransition):
+        await lifecycle.queue_or_fail(ctx, validating, plan())
     again = await lifecycle.cancel(ctx, validating)  # idempotent
-    assert again is not None and again.status == BatchStatus.CANCELLING
+    assert again.status == BatchStatus.CANCELLING
     assert await finalize_batch(ctx, validating)
     assert (await batch(ctx, validating)).status == BatchStatus.CANCELLED
-    assert await lifecycle.cancel(ctx, "batch_missing") is None
+    with pytest.raises(lifecycle.NoSuchBatch):
+        await lifecycle.cancel(ctx, "batch_missing")
 
     running = await new_batch(ctx)
     owner = ctx.instance_id
@@ -214,8 +244,8 @@ async def test_cancel_paths(ctx: StoreContext) -> None:
     # the live lease blocks finalization; the worker's next save sees the stop request
     assert not await finalize_batch(ctx, running)
     outcome = await lifecycle.save(ctx, chunk, owner, [result(chunk.start_line)])
-    assert outcome.held and outcome.stop_reason == StopReason.CANCEL
-    assert await lifecycle.release_chunk(ctx, chunk, owner)
+    assert outcome.stop_reason == StopReason.CANCEL
+    await lifecycle.release_chunk(ctx, chunk, owner)
     assert await finalize_batch(ctx, running)
     row = await batch(ctx, running)
     assert row.status == BatchStatus.CANCELLED and row.completed == 1
@@ -261,23 +291,25 @@ async def test_illegal_batch_transitions_change_nothing(
     await force(ctx, batch_id, status=source)
     before = await batch(ctx, batch_id)
     if target is BatchStatus.IN_PROGRESS:
-        assert not await lifecycle.queue_or_fail(ctx, batch_id, plan(batch_id))
+        with pytest.raises(IllegalTransition):
+            await lifecycle.queue_or_fail(ctx, batch_id, plan(batch_id))
     elif target is BatchStatus.FAILED:
         bad = BatchPlan()
         bad.error("x", "y")
-        assert not await lifecycle.queue_or_fail(ctx, batch_id, bad)
+        with pytest.raises(IllegalTransition):
+            await lifecycle.queue_or_fail(ctx, batch_id, bad)
     elif target is BatchStatus.CANCELLING:
         if source is BatchStatus.CANCELLED:
-            assert await lifecycle.cancel(ctx, batch_id) is not None  # idempotent no-op
+            assert (await lifecycle.cancel(ctx, batch_id)).status == source  # idempotent no-op
         else:
             with pytest.raises(IllegalTransition):
                 await lifecycle.cancel(ctx, batch_id)
     else:
         await force(ctx, batch_id, finalize_owner=ctx.instance_id)
-        status = await lifecycle.finish(
-            ctx, before, files=[], output_file_id=None, error_file_id=None, extra_failed=0
-        )
-        assert status is None
+        with pytest.raises(IllegalTransition):
+            await lifecycle.finish(
+                ctx, before, files=[], output_file_id=None, error_file_id=None, extra_failed=0
+            )
     after = await batch(ctx, batch_id)
     assert after.status == source
     assert (after.completed, after.failed, after.output_file_id) == (
@@ -368,7 +400,7 @@ async def test_a_claim_tells_whether_it_took_over_an_expired_lease(ctx: StoreCon
     taken = await claim("b")
     assert taken is not None and taken.lease_expired and taken.chunk.id == first.chunk.id
     assert taken.chunk.lease_owner == "b" and taken.chunk.attempts == 2
-    assert await lifecycle.release_chunk(ctx, taken.chunk, "b")
+    await lifecycle.release_chunk(ctx, taken.chunk, "b")
     again = await claim("c")
     assert again is not None and not again.lease_expired and again.chunk.id == first.chunk.id
 
@@ -383,10 +415,12 @@ async def test_save_after_losing_the_lease_writes_nothing(ctx: StoreContext) -> 
         )
     taken = await lifecycle.claim_chunk(ctx, "new/ns/2/b", [batch_id])
     assert taken is not None and taken.id == chunk.id and taken.attempts == 2
-    outcome = await lifecycle.save(ctx, chunk, "old/ns/1/a", [result(0)])
-    assert not outcome.held
-    assert not await lifecycle.finish_chunk(ctx, chunk, "old/ns/1/a")
-    assert not await lifecycle.release_chunk(ctx, chunk, "old/ns/1/a")
+    with pytest.raises(IllegalTransition):
+        await lifecycle.save(ctx, chunk, "old/ns/1/a", [result(0)])
+    with pytest.raises(IllegalTransition):
+        await lifecycle.finish_chunk(ctx, chunk, "old/ns/1/a")
+    with pytest.raises(IllegalTransition):
+        await lifecycle.release_chunk(ctx, chunk, "old/ns/1/a")
     row = await batch(ctx, batch_id)
     assert row.completed == 0
     assert await queries_done(ctx, batch_id) == set()
@@ -411,8 +445,8 @@ async def test_save_into_finished_batch_is_refused(ctx: StoreContext) -> None:
         )
         chunk = await session.get(ChunkRow, f"{batch_id}:0")
     assert chunk is not None
-    outcome = await lifecycle.save(ctx, chunk, owner, [result(0)])
-    assert not outcome.held
+    with pytest.raises(IllegalTransition):
+        await lifecycle.save(ctx, chunk, owner, [result(0)])
     row = await batch(ctx, batch_id)
     assert (row.status, row.completed) == (BatchStatus.COMPLETED, LINES)
 
@@ -462,17 +496,18 @@ async def test_finalizer_that_lost_its_lease_commits_nothing(
         batch_id = await new_batch(a)
         await run_all_chunks(a, batch_id)
         claimed = await lifecycle.claim_finalization(a, batch_id, lease=60)
-        assert claimed is not None and claimed.status == BatchStatus.FINALIZING
+        assert claimed.status == BatchStatus.FINALIZING
         # b cannot take a live lease...
         assert not await finalize_batch(b, batch_id)
         # ...but takes it over once it lapsed (a stalled), and finishes the batch.
         await force(a, batch_id, finalize_lease_until=time.time() - 1)
         assert await finalize_batch(b, batch_id)
-        stale = await lifecycle.finish(
-            a, claimed, files=[], output_file_id=None, error_file_id=None, extra_failed=0
-        )
-        assert stale is None
-        assert not await lifecycle.renew_finalization(a, batch_id, 60)
+        with pytest.raises(IllegalTransition):
+            await lifecycle.finish(
+                a, claimed, files=[], output_file_id=None, error_file_id=None, extra_failed=0
+            )
+        with pytest.raises(IllegalTransition):
+            await lifecycle.renew_finalization(a, batch_id, 60)
         row = await batch(a, batch_id)
         assert row.status == BatchStatus.COMPLETED and row.finalize_owner is None
         await assert_output_consistent(a, row)

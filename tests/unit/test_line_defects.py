@@ -8,7 +8,7 @@ import io
 import pytest
 
 from tests.helpers import chat_line, jsonl
-from vllm_batch.validation import UploadRejected, copy_upload, plan_batch
+from vllm_batch.pipeline.input import UploadRejected, copy_upload, plan_batch
 
 MODEL = "tiny"
 

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from vllm_batch import logs
-from vllm_batch.banner import Banner, emit, make_banner
+from vllm_batch.api.banner import Banner, emit, make_banner
 from vllm_batch.config import Settings
-from vllm_batch.logs import bound, configure_logging, redact
+from vllm_batch.observability import logs
+from vllm_batch.observability.logs import bound, configure_logging, redact
 
 KEY = "sk-live-0123456789abcdef"
 
@@ -243,7 +243,7 @@ def test_default_handler_follows_the_current_stderr(monkeypatch: pytest.MonkeyPa
     import logging
     import sys
 
-    from vllm_batch.logs import CurrentStderrHandler
+    from vllm_batch.observability.logs import CurrentStderrHandler
 
     handler = CurrentStderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))

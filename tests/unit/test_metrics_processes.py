@@ -20,7 +20,7 @@ RECORDER = """
 import sys
 from vllm_batch.config import Settings
 from vllm_batch.observability import metrics
-from vllm_batch.pipeline.results import LineResult
+from vllm_batch.pipeline.line_result import LineResult
 
 directory, lines = sys.argv[1], int(sys.argv[2])
 metrics.configure(Settings(metrics_dir=directory, models=["m=/unused"]))

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from vllm_batch.api.batches import check_endpoint_served
+from vllm_batch.api.batch_routes import check_endpoint_served
 from vllm_batch.api.errors import APIError
 from vllm_batch.config import ModelSpec, Settings
 from vllm_batch.engines.serving import body_param
 from vllm_batch.engines.vllm_engine import engine_argv
-from vllm_batch.model_kinds import (
+from vllm_batch.models.kinds import (
     AUDIO_ENDPOINTS,
     ModelKind,
     body_problems,
@@ -23,7 +23,7 @@ from vllm_batch.model_kinds import (
     kind_problem,
     kind_serves,
 )
-from vllm_batch.validation import SUPPORTED_ENDPOINTS, BatchPlan, plan_batch
+from vllm_batch.pipeline.input import SUPPORTED_ENDPOINTS, BatchPlan, plan_batch
 
 
 def model_dir(tmp_path: Path, name: str, architectures: list[str], *extra: str) -> str:

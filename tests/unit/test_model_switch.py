@@ -18,9 +18,9 @@ from tests.unit.test_worker_faults import (
     make_batch,
     wait_status,
 )
+from vllm_batch.batches.store_context import StoreContext
+from vllm_batch.batches.validate import validate_batch
 from vllm_batch.engines.manager import EngineManager
-from vllm_batch.runtime import StoreContext
-from vllm_batch.service.validate import validate_batch
 from vllm_batch.worker.context import WorkerContext
 from vllm_batch.worker.loop import Worker
 

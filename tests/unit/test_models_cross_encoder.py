@@ -6,8 +6,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from vllm_batch.model_kinds import ModelKind, detect_kind
-from vllm_batch.models.cross_encoder import make_cross_encoder
+from vllm_batch.models.kinds import ModelKind, detect_kind
+from vllm_batch.weights.cross_encoder import make_cross_encoder
 
 
 def test_same_seed_same_bytes_and_a_one_label_classifier(

@@ -11,7 +11,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from vllm_batch.models.tiny import ASSISTANT_HEADER, make_test_model
+from vllm_batch.weights.tiny import ASSISTANT_HEADER, make_test_model
 
 
 def _sha256(path: Path) -> str:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_batch.model_kinds import ModelKind, detect_kind
-from vllm_batch.models.tiny_whisper import (
+from vllm_batch.models.kinds import ModelKind, detect_kind
+from vllm_batch.weights.tiny_whisper import (
     MAX_SOURCE_POSITIONS,
     NO_TIMESTAMPS,
     TASKS,

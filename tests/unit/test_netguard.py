@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_batch.netguard import AllowList, RefusedURL, check_url
+from vllm_batch.net.guard import AllowList, RefusedURL, check_url
 
 
 def resolver_for(table: dict[str, list[str]]):  # type: ignore[no-untyped-def]

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from tests.conftest import PG_ADMIN_DSN, create_pg_database, drop_pg_database
-from vllm_batch.store import notify
+from vllm_batch.batches.store import notify
 
 
 @pytest.fixture

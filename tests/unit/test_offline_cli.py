@@ -12,7 +12,7 @@ from vllm_batch.cli import app
 from vllm_batch.config import ModelSpec, Settings
 from vllm_batch.engines import vllm_engine
 from vllm_batch.engines.vllm_engine import CPU_PREFIX_BLOCK_SIZE, engine_argv
-from vllm_batch.model_kinds import ModelKind
+from vllm_batch.models.kinds import ModelKind
 from vllm_batch.offline import RunFailed, RunOptions, RunSummary
 from vllm_batch.offline.run_metrics import MetricsAddress
 

@@ -6,13 +6,7 @@ import io
 import json
 from pathlib import Path
 
-from vllm_batch.offline.preflight import (
-    Preflight,
-    describe,
-    line_problem,
-    preflight,
-    strict_errors,
-)
+from vllm_batch.offline.preflight import Preflight, describe, line_problem, preflight, strict_errors
 
 
 def request(custom_id: str, model: str = "tiny", url: str = "/v1/chat/completions") -> str:

@@ -15,7 +15,7 @@ import pytest
 
 from tests.unit.test_offline_io import FileServer
 from vllm_batch.config import ModelSpec, Settings
-from vllm_batch.engines.base import EngineFailure, EngineResult
+from vllm_batch.engines.engine import EngineFailure, EngineResult
 from vllm_batch.engines.vllm_engine import error_result
 from vllm_batch.offline import RunFailed, RunOptions, run_batch
 from vllm_batch.offline.run_metrics import MetricsAddress

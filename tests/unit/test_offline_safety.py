@@ -22,11 +22,11 @@ import pytest
 
 from tests.unit.test_offline_io import FileServer
 from tests.unit.test_offline_runner import Factory, FakeEngine, options, read_lines, write_input
-from vllm_batch.engines.base import EngineResult
+from vllm_batch.engines.engine import EngineResult
 from vllm_batch.offline import RunFailed, run_batch
 from vllm_batch.offline.writer import OrderedWriter
 from vllm_batch.pipeline.dispatch import Dispatcher
-from vllm_batch.pipeline.results import LineResult
+from vllm_batch.pipeline.line_result import LineResult
 
 SECRET = "X-Amz-Signature=s3cr3tsig"
 

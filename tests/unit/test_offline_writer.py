@@ -8,10 +8,10 @@ import random
 
 import pytest
 
-from vllm_batch.engines.base import EngineResult
+from vllm_batch.engines.engine import EngineResult
 from vllm_batch.offline.writer import OrderedWriter, ReorderBuffer
+from vllm_batch.pipeline.line_result import LineResult
 from vllm_batch.pipeline.output import result_line
-from vllm_batch.pipeline.results import LineResult
 
 
 def test_reorder_buffer_releases_in_index_order() -> None:

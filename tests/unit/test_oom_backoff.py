@@ -13,11 +13,11 @@ import orjson
 import pytest
 
 from vllm_batch.config import ModelSpec, Settings
-from vllm_batch.engines.base import EngineOutOfMemory, EngineResult, ResizableEngine, is_cuda_oom
+from vllm_batch.engines.engine import EngineOutOfMemory, EngineResult, ResizableEngine, is_cuda_oom
 from vllm_batch.engines.manager import EngineManager
 from vllm_batch.engines.vllm_engine import VllmEngine, engine_argv, error_result
 from vllm_batch.pipeline.dispatch import Dispatcher, execute_line
-from vllm_batch.pipeline.results import LineResult
+from vllm_batch.pipeline.line_result import LineResult
 
 LINE = orjson.dumps(
     {"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}}

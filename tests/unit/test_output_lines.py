@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from vllm_batch.config import ModelSpec, Settings
-from vllm_batch.engines.base import EngineResult
+from vllm_batch.engines.engine import EngineResult
 from vllm_batch.engines.vllm_engine import engine_argv, error_result
 from vllm_batch.pipeline.output import ErrorShape, failure_line, result_line
 

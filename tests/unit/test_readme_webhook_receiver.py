@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from vllm_batch.handlers.webhook import event_body, new_secret, signed_headers
+from vllm_batch.protocol.webhook_event import event_body, new_secret, signed_headers
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

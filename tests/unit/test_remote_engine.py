@@ -16,13 +16,8 @@ from tests.conftest import free_port
 from tests.fault_proxy import fault_proxy
 from vllm_batch.cli import app
 from vllm_batch.config import ModelSpec, Settings
-from vllm_batch.engines.base import EngineFailure
-from vllm_batch.engines.remote import (
-    EngineLoadFailed,
-    RemoteEngine,
-    upstream_error,
-    usage_counts,
-)
+from vllm_batch.engines.engine import EngineFailure
+from vllm_batch.engines.remote import EngineLoadFailed, RemoteEngine, upstream_error, usage_counts
 from vllm_batch.engines.upstreams import INITIAL_WINDOW, Aimd, retry_after_seconds
 
 CHAT = "/v1/chat/completions"

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from vllm_batch.engines.base import EngineResult
+from vllm_batch.engines.engine import EngineResult
 from vllm_batch.pipeline import dispatch
 from vllm_batch.pipeline.dispatch import execute_line
 from vllm_batch.pipeline.output import ErrorShape

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import exc, text
 
+from vllm_batch.batches.store.db import create_engine, make_sessionmaker
+from vllm_batch.batches.store_context import pool_size
 from vllm_batch.config import Settings
-from vllm_batch.runtime import pool_size
-from vllm_batch.store.db import create_engine, make_sessionmaker
 
 
 def test_setting_reaches_both_pools(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

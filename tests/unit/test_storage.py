@@ -16,7 +16,7 @@ from botocore.exceptions import ClientError, IncompleteReadError, ResponseStream
 
 from tests.s3_fixtures import S3Server, s3_server  # noqa: F401
 from vllm_batch.storage import LocalStorage, S3Storage, open_storage
-from vllm_batch.storage.base import BlobStorage
+from vllm_batch.storage.blob import BlobStorage
 from vllm_batch.storage.s3 import MAX_RESUMES, MIN_PART_SIZE, READ_BUFFER_SIZE
 
 PART = MIN_PART_SIZE  # moto, like S3, rejects smaller non-final parts

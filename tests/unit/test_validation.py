@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from vllm_batch.validation import UploadRejected, copy_upload, iter_lines, plan_batch
+from vllm_batch.pipeline.input import UploadRejected, copy_upload, iter_lines, plan_batch
 
 
 def line(custom_id: str, model: str = "m", url: str = "/v1/chat/completions") -> bytes:

@@ -7,7 +7,13 @@ import json
 
 import pytest
 
-from vllm_batch.validation import MAX_JSON_DEPTH, UploadRejected, copy_upload, plan_batch, too_deep
+from vllm_batch.pipeline.input import (
+    MAX_JSON_DEPTH,
+    UploadRejected,
+    copy_upload,
+    plan_batch,
+    too_deep,
+)
 
 
 def nested_line(custom_id: str, depth: int) -> bytes:

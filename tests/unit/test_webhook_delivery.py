@@ -11,15 +11,9 @@ import pytest
 from standardwebhooks import Webhook
 
 from tests.webhook_receiver import Receiver, webhook_receiver
-from vllm_batch.handlers.webhook import (
-    MAX_RESPONSE_BYTES,
-    check_secret,
-    deliver,
-    display_target,
-    event_body,
-    new_secret,
-)
-from vllm_batch.netguard import AllowList
+from vllm_batch.deliveries.webhook import MAX_RESPONSE_BYTES, deliver, display_target
+from vllm_batch.net.guard import AllowList
+from vllm_batch.protocol.webhook_event import check_secret, event_body, new_secret
 
 LOOPBACK = AllowList(["127.0.0.1"])
 

@@ -25,11 +25,11 @@ from tests.unit.test_worker_faults import (
     make_batch,
     wait_status,
 )
-from vllm_batch.engines.base import EngineFailure, EngineOutOfMemory, EngineResult
+from vllm_batch.batches.store.rows import FileRow
+from vllm_batch.batches.store_context import StoreContext
+from vllm_batch.batches.validate import validate_batch
+from vllm_batch.engines.engine import EngineFailure, EngineOutOfMemory, EngineResult
 from vllm_batch.engines.manager import EngineManager
-from vllm_batch.runtime import StoreContext
-from vllm_batch.service.validate import validate_batch
-from vllm_batch.store.models import FileRow
 from vllm_batch.worker import loop as loop_mod
 from vllm_batch.worker.context import WorkerContext
 from vllm_batch.worker.loop import Worker

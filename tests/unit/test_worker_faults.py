@@ -20,16 +20,16 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import select
 
 from tests.helpers import create_validating_batch
+from vllm_batch.batches.store.db_retry import Backoff, DbHealth, is_db_outage, retry_db
+from vllm_batch.batches.store.rows import BatchRow, ChunkRow, FileRow, ResultRow
+from vllm_batch.batches.store_context import StoreContext, open_store
+from vllm_batch.batches.validate import ValidationSweeper, validate_batch
 from vllm_batch.config import Settings
-from vllm_batch.engines.base import EngineResult
+from vllm_batch.engines.engine import EngineResult
 from vllm_batch.engines.manager import EngineManager
-from vllm_batch.runtime import StoreContext, open_store
-from vllm_batch.service import supervise as supervise_mod
-from vllm_batch.service.validate import ValidationSweeper, validate_batch
-from vllm_batch.store.models import BatchRow, ChunkRow, FileRow, ResultRow
+from vllm_batch.runtime import supervise as supervise_mod
 from vllm_batch.worker import loop as loop_mod
 from vllm_batch.worker.context import WorkerContext
-from vllm_batch.worker.db_retry import Backoff, DbHealth, is_db_outage, retry_db
 from vllm_batch.worker.loop import Worker
 
 

@@ -11,27 +11,30 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from fastapi import Depends, FastAPI
 
 from vllm_batch import __version__
-from vllm_batch.api import batches, files, info, uploads
+from vllm_batch.api import batch_routes as batches
+from vllm_batch.api import file_routes as files
+from vllm_batch.api import info
+from vllm_batch.api import upload_routes as uploads
 from vllm_batch.api.deps import current_principal
 from vllm_batch.api.edge import install_edge
 from vllm_batch.api.errors import install_error_handlers
+from vllm_batch.api.prometheus import install_metrics
 from vllm_batch.api.state import AppContext
+from vllm_batch.api.web import data as dashboard_data
+from vllm_batch.api.web.pages import install_pages
+from vllm_batch.batches.housekeeping import run_housekeeping
+from vllm_batch.batches.store_context import open_pool, open_store
+from vllm_batch.batches.validate import ValidationSweeper
 from vllm_batch.config import ModelSpec, Settings
+from vllm_batch.deliveries.dispatcher import DeliveryDispatcher
 from vllm_batch.engines import make_engine
-from vllm_batch.engines.base import Engine
+from vllm_batch.engines.engine import Engine
 from vllm_batch.engines.manager import EngineFactory, EngineLoadError, EngineManager
-from vllm_batch.handlers.dispatcher import Dispatcher
 from vllm_batch.observability import metrics
-from vllm_batch.observability.endpoint import install_metrics
 from vllm_batch.observability.gpu import NvmlReader, ReadingsSource
 from vllm_batch.observability.gpu_guard import GpuGuard
 from vllm_batch.observability.loop_lag import watch_loop_lag
-from vllm_batch.runtime import open_pool, open_store
-from vllm_batch.service.housekeeping import run_housekeeping
-from vllm_batch.service.supervise import TaskHealth, supervise
-from vllm_batch.service.validate import ValidationSweeper
-from vllm_batch.web import data as dashboard_data
-from vllm_batch.web.pages import install_pages
+from vllm_batch.runtime.supervise import TaskHealth, supervise
 from vllm_batch.worker.context import WorkerContext
 from vllm_batch.worker.loop import Worker
 
@@ -95,7 +98,7 @@ def create_app(
                 ("validation sweeper", lambda: sweeper.run(shutdown)),
             ]
             if settings.deliveries:
-                dispatcher = ctx.dispatcher = Dispatcher(store)
+                dispatcher = ctx.dispatcher = DeliveryDispatcher(store)
                 services.append(("deliveries", lambda: dispatcher.run(shutdown)))
             for name, run in services:
                 health = TaskHealth(name)

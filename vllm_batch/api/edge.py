@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from vllm_batch.api.auth import KeyRing
 from vllm_batch.api.errors import error_response
 from vllm_batch.config import Settings
-from vllm_batch.logs import bound
+from vllm_batch.observability.logs import bound
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("vllm_batch.access")

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vllm_batch.protocol.errors import ErrorDetail, ErrorResponse
+from vllm_batch.protocol.error import ErrorDetail, ErrorResponse
 from vllm_batch.storage.refusal import StorageFull, storage_refusal
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -60,6 +62,18 @@ class APIError(Exception):
 
 def not_found(kind: str, object_id: str) -> APIError:
     return APIError(404, f"No such {kind}: '{object_id}'.", code="not_found")
+
+
+def found(row: T | None, kind: str, object_id: str) -> T:
+    """``row``, or a 404 naming ``kind`` and ``object_id`` when there is none."""
+    if row is None:
+        raise not_found(kind, object_id)
+    return row
+
+
+def invalid(message: str, param: str | None, code: str = "invalid_value") -> APIError:
+    """A 400 for a request field (``param``) that cannot be used."""
+    return APIError(400, message, param=param, code=code)
 
 
 def error_response(

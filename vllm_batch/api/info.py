@@ -27,8 +27,8 @@ from vllm_batch.api.probes import (
     check_storage,
     check_worker,
 )
-from vllm_batch.store import outbox, queries
-from vllm_batch.web.pages import DASHBOARD, prefers_html
+from vllm_batch.api.web.pages import DASHBOARD, prefers_html
+from vllm_batch.batches.store import outbox, queries
 
 router = APIRouter(tags=["service"])
 v1_router = APIRouter(tags=["models"])

@@ -8,18 +8,15 @@ texts go into ``details``, which only a caller with a valid API key gets to see.
 
 from __future__ import annotations
 
-import asyncio
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-from sqlalchemy import text
 
 from vllm_batch.api.state import AppContext
-from vllm_batch.storage.health import read_status
-from vllm_batch.store.db import is_sqlite
+from vllm_batch.batches.store.db import probe_database
+from vllm_batch.storage.blob import read_status
 
 DB_TIMEOUT_SECONDS = 2.0
 
@@ -34,32 +31,12 @@ class Check:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def _sqlite_path(url: str) -> str | None:
-    path = url.split(":///", 1)[-1].split("?", 1)[0]
-    return None if not path or path == ":memory:" else path
-
-
-def _sqlite_write_probe(path: str, timeout: float) -> None:
-    """Take and drop SQLite's write lock: a reader alone would not notice a held lock."""
-    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute("ROLLBACK")
-    finally:
-        conn.close()
-
-
 async def check_database(ctx: AppContext, timeout: float = DB_TIMEOUT_SECONDS) -> Check:
     """The database answers within ``timeout`` (on SQLite: its write lock can be taken)."""
     url = ctx.settings.resolved_database_url
     started = time.monotonic()
     try:
-        path = _sqlite_path(url) if is_sqlite(url) else None
-        if path is not None:
-            await anyio.to_thread.run_sync(_sqlite_write_probe, path, timeout)
-        else:
-            async with asyncio.timeout(timeout), ctx.sessions() as session:
-                await session.execute(text("SELECT 1"))
+        await probe_database(url, ctx.sessions, timeout)
     except Exception as exc:  # report, don't raise: this is a probe
         kind = "timeout" if isinstance(exc, TimeoutError) else exc.__class__.__name__
         return Check(

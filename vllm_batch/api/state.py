@@ -8,10 +8,10 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from vllm_batch.batches.store_context import StoreContext
+from vllm_batch.deliveries.dispatcher import DeliveryDispatcher
 from vllm_batch.engines.manager import EngineManager
-from vllm_batch.handlers.dispatcher import Dispatcher
-from vllm_batch.runtime import StoreContext
-from vllm_batch.service.supervise import TaskHealth
+from vllm_batch.runtime.supervise import TaskHealth
 from vllm_batch.worker.loop import Worker
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ class AppContext(StoreContext):
     worker: Worker | None = None
     worker_health: TaskHealth | None = None
     worker_task: asyncio.Task[None] | None = None
-    dispatcher: Dispatcher | None = None
+    dispatcher: DeliveryDispatcher | None = None
     services: list[TaskHealth] = field(default_factory=list)
     """Supervised background services (housekeeping, validation sweeper)."""
     validating: set[str] = field(default_factory=set)

@@ -4,7 +4,7 @@ OpenAI-compatible upstreams (remote), and a benchmark-only instant engine."""
 from __future__ import annotations
 
 from vllm_batch.config import ModelSpec, Settings
-from vllm_batch.engines.base import Engine
+from vllm_batch.engines.engine import Engine
 
 
 def make_engine(spec: ModelSpec, settings: Settings) -> Engine:

@@ -4,27 +4,33 @@
 when the model supports the ``transcription`` task (Whisper), as for ``vllm serve`` and
 ``vllm run-batch``. A line's body is ``vllm run-batch``'s ``BatchTranscriptionRequest`` or
 ``BatchTranslationRequest``: the audio is at ``file_url``. The body is validated first, then
-the audio is fetched (``file_url.py``: the private-address guard, size and time limits) and
+the audio is fetched (``net/file_url.py``: the private-address guard, size and time limits) and
 handed to the serving object as the upload ``file`` of vLLM's own request type, exactly as
 ``vllm run-batch`` does; the response object is the result body. vLLM is imported lazily.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_batch.engines.base import EngineResult
+import httpx
+
+from vllm_batch.config import Settings
+from vllm_batch.engines.engine import EngineResult
 from vllm_batch.engines.serving import (
     call_serving,
     error_response_result,
     error_result,
     validation_error_result,
 )
-from vllm_batch.file_url import PARAM, FileFetcher, FileURLError
-from vllm_batch.model_kinds import AUDIO_ENDPOINTS
+from vllm_batch.models.kinds import AUDIO_ENDPOINTS
+from vllm_batch.net.file_url import PARAM, FileFetcher, FileURLError
+from vllm_batch.net.guard import AllowList, Resolver, system_resolver
 
 TRANSCRIPTIONS, TRANSLATIONS = AUDIO_ENDPOINTS
 
@@ -117,3 +123,21 @@ async def run_audio(
     if isinstance(response, ErrorResponse):
         return error_response_result(response)
     return EngineResult(status_code=200, body_json=response.model_dump_json())
+
+
+@contextlib.asynccontextmanager
+async def file_fetcher(
+    settings: Settings, resolver: Resolver = system_resolver
+) -> AsyncIterator[FileFetcher]:
+    """A ``FileFetcher`` with the ``audio_*`` settings, its HTTP client open while in use."""
+    timeout = httpx.Timeout(settings.audio_fetch_timeout)
+    async with httpx.AsyncClient(
+        timeout=timeout, follow_redirects=False, trust_env=False
+    ) as client:
+        yield FileFetcher(
+            client=client,
+            allow=AllowList(settings.audio_allowed_hosts),
+            max_bytes=settings.audio_max_bytes,
+            timeout=settings.audio_fetch_timeout,
+            resolver=resolver,
+        )

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from vllm_batch.engines.base import EngineResult
+from vllm_batch.engines.engine import EngineResult
 
 
 class InstantBenchmarkEngine:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vllm_batch.config import ModelSpec
-from vllm_batch.engines.base import Engine, ResizableEngine
+from vllm_batch.engines.engine import Engine, ResizableEngine
 from vllm_batch.observability import metrics
 
 log = logging.getLogger(__name__)

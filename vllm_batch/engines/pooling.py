@@ -14,14 +14,14 @@ from typing import Any
 
 import orjson
 
-from vllm_batch.engines.base import EngineResult
+from vllm_batch.engines.engine import EngineResult
 from vllm_batch.engines.serving import (
     call_serving,
     error_response_result,
     error_result,
     validation_error_result,
 )
-from vllm_batch.model_kinds import JSON_ENCODINGS, POOLING_ENDPOINTS, is_rerank_body
+from vllm_batch.models.kinds import JSON_ENCODINGS, POOLING_ENDPOINTS, is_rerank_body
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from vllm_batch.config import ModelSpec, Settings
-from vllm_batch.engines.base import EngineFailure, EngineResult, MaxNumSeqs
+from vllm_batch.engines.engine import EngineFailure, EngineResult, MaxNumSeqs
 from vllm_batch.engines.ray_cluster import NAMESPACE, RayConnection
 from vllm_batch.engines.ray_replica import EngineReplica, ReplicaInfo
 

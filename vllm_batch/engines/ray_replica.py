@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vllm_batch.config import ModelSpec, Settings
-from vllm_batch.engines.base import (
+from vllm_batch.engines.engine import (
     Engine,
     EngineFailure,
     EngineOutOfMemory,
@@ -47,7 +47,7 @@ class EngineReplica:
 
     def __init__(self, spec: ModelSpec, settings: Settings, max_num_seqs: int | None) -> None:
         from vllm_batch.engines import make_engine
-        from vllm_batch.logs import configure_logging
+        from vllm_batch.observability.logs import configure_logging
 
         configure_logging(settings.log_level, settings.log_format)
         self._engine: Engine = make_engine(spec, replica_settings(settings))

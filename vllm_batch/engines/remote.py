@@ -27,7 +27,7 @@ import httpx
 import orjson
 
 from vllm_batch.config import ModelSpec, Settings
-from vllm_batch.engines.base import EngineFailure, EngineResult
+from vllm_batch.engines.engine import EngineFailure, EngineResult
 from vllm_batch.engines.serving import error_result, streaming_refused
 from vllm_batch.engines.upstreams import (
     NoUpstream,

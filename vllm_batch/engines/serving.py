@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from vllm_batch.engines.base import (
+from vllm_batch.engines.engine import (
     EngineFailure,
     EngineOutOfMemory,
     EngineResult,

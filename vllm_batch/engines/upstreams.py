@@ -24,7 +24,6 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 
@@ -54,23 +53,6 @@ class UpstreamsUnreachable(Exception):
 
 class NoUpstream(Exception):
     """No healthy upstream serving the model had a free slot before the deadline."""
-
-
-def check_base_url(url: str) -> str:
-    """``url`` as an upstream base URL (http(s), a host, no credentials, no trailing ``/``);
-    a bare ``http://host:port`` gets ``/v1``. Raises ``ValueError`` naming the problem."""
-    text = url.strip()
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"engine URL {url!r} must be http(s)://HOST[:PORT]/v1")
-    if parts.username or parts.password:
-        raise ValueError(
-            f"engine URL {parts.hostname!r} must not carry credentials: use --engine-api-key"
-        )
-    if parts.query or parts.fragment:
-        raise ValueError(f"engine URL {url!r} must not have a query or fragment")
-    text = text.rstrip("/")
-    return text if parts.path.strip("/") else f"{text}/v1"
 
 
 def retry_after_seconds(value: str | None, *, now: float | None = None) -> float | None:

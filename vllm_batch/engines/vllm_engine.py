@@ -17,11 +17,10 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
-from vllm_batch.adapters import LoraSpec, max_lora_rank
 from vllm_batch.config import ModelSpec, Settings
-from vllm_batch.engines.audio import AudioServers, is_audio_url, run_audio
-from vllm_batch.engines.base import EngineResult, MaxNumSeqs
+from vllm_batch.engines.audio import AudioServers, file_fetcher, is_audio_url, run_audio
 from vllm_batch.engines.blocking import in_daemon_thread, launch_processes
+from vllm_batch.engines.engine import EngineResult, MaxNumSeqs
 from vllm_batch.engines.pooling import PoolingServers, is_pooling_url, run_pooling
 from vllm_batch.engines.serving import (
     call_serving,
@@ -30,8 +29,8 @@ from vllm_batch.engines.serving import (
     streaming_refused,
 )
 from vllm_batch.engines.structured import ConflictingStructuredOutputs, translate_guided_fields
-from vllm_batch.file_url import file_fetcher
-from vllm_batch.model_kinds import ModelKind, is_pooling
+from vllm_batch.models.adapters import LoraSpec, max_lora_rank
+from vllm_batch.models.kinds import ModelKind, is_pooling
 
 log = logging.getLogger(__name__)
 
@@ -256,23 +255,28 @@ def ok_result(body_json: str, usage: Any) -> EngineResult:
         return EngineResult(status_code=200, body_json=body_json)
     if hasattr(usage, "input_tokens"):  # the Responses API's names
         details = usage.input_tokens_details
-        return EngineResult(
-            status_code=200,
-            body_json=body_json,
-            input_tokens=usage.input_tokens,
-            cached_tokens=(details.cached_tokens or 0) if details else 0,
-            output_tokens=usage.output_tokens or 0,
-            reasoning_tokens=usage.output_tokens_details.reasoning_tokens or 0,
+        counts = (
+            usage.input_tokens,
+            (details.cached_tokens or 0) if details else 0,
+            usage.output_tokens or 0,
+            usage.output_tokens_details.reasoning_tokens or 0,
         )
-    prompt_details = usage.prompt_tokens_details
-    completion_details = usage.completion_tokens_details
+    else:
+        prompt, completion = usage.prompt_tokens_details, usage.completion_tokens_details
+        counts = (
+            usage.prompt_tokens,
+            (prompt.cached_tokens or 0) if prompt else 0,
+            usage.completion_tokens or 0,
+            completion.reasoning_tokens if completion else 0,
+        )
+    input_tokens, cached_tokens, output_tokens, reasoning_tokens = counts
     return EngineResult(
         status_code=200,
         body_json=body_json,
-        input_tokens=usage.prompt_tokens,
-        cached_tokens=(prompt_details.cached_tokens or 0) if prompt_details else 0,
-        output_tokens=usage.completion_tokens or 0,
-        reasoning_tokens=completion_details.reasoning_tokens if completion_details else 0,
+        input_tokens=input_tokens,
+        cached_tokens=cached_tokens,
+        output_tokens=output_tokens,
+        reasoning_tokens=reasoning_tokens,
     )
 
 

@@ -12,7 +12,7 @@ from vllm_batch.handlers.base import ResultHandler
 def make_builtin_handlers(settings: Settings) -> list[ResultHandler]:
     from vllm_batch.handlers.label_studio import LabelStudioHandler
     from vllm_batch.handlers.postgres import PostgresHandler
-    from vllm_batch.handlers.s3 import S3CopyHandler
+    from vllm_batch.handlers.s3_copy import S3CopyHandler
     from vllm_batch.handlers.template import TemplateHandler
 
     return [

@@ -1,1 +1,1 @@
-"""Model preparation helpers: the default SmolLM2 model and a tiny random test model."""
+"""The served models: what each kind serves, and LoRA adapters on top of them."""

@@ -211,33 +211,19 @@ def _text(value: str | bytes) -> str:
 # ------------------------------------------------------------------ metrics
 # Several processes may read the same GPU: readings merge by max among live processes.
 
-GPU_UTILIZATION = Gauge(
-    "vllm_batch_gpu_utilization_percent",
-    "GPU utilisation (percent of time a kernel ran).",
-    ["gpu"],
-    multiprocess_mode="livemax",
+
+def _gpu_gauge(name: str, doc: str) -> Gauge:
+    return Gauge(f"vllm_batch_gpu_{name}", doc, ["gpu"], multiprocess_mode="livemax")
+
+
+GPU_UTILIZATION = _gpu_gauge(
+    "utilization_percent", "GPU utilisation (percent of time a kernel ran)."
 )
-GPU_MEMORY_USED = Gauge(
-    "vllm_batch_gpu_memory_used_bytes", "GPU memory in use.", ["gpu"], multiprocess_mode="livemax"
-)
-GPU_MEMORY_TOTAL = Gauge(
-    "vllm_batch_gpu_memory_total_bytes", "GPU memory in all.", ["gpu"], multiprocess_mode="livemax"
-)
-GPU_TEMPERATURE = Gauge(
-    "vllm_batch_gpu_temperature_celsius",
-    "GPU core temperature.",
-    ["gpu"],
-    multiprocess_mode="livemax",
-)
-GPU_POWER = Gauge(
-    "vllm_batch_gpu_power_watts", "GPU power draw.", ["gpu"], multiprocess_mode="livemax"
-)
-GPU_POWER_LIMIT = Gauge(
-    "vllm_batch_gpu_power_limit_watts",
-    "GPU enforced power limit.",
-    ["gpu"],
-    multiprocess_mode="livemax",
-)
+GPU_MEMORY_USED = _gpu_gauge("memory_used_bytes", "GPU memory in use.")
+GPU_MEMORY_TOTAL = _gpu_gauge("memory_total_bytes", "GPU memory in all.")
+GPU_TEMPERATURE = _gpu_gauge("temperature_celsius", "GPU core temperature.")
+GPU_POWER = _gpu_gauge("power_watts", "GPU power draw.")
+GPU_POWER_LIMIT = _gpu_gauge("power_limit_watts", "GPU enforced power limit.")
 GPU_THROTTLED = Gauge(
     "vllm_batch_gpu_throttled",
     "1 while the GPU's clocks are held down for this reason (NVML clocks-event reasons).",

@@ -27,7 +27,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import psutil
 from prometheus_client import Counter, Gauge, Histogram, values
@@ -35,7 +35,6 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from prometheus_client.registry import Collector
 
 from vllm_batch.config import Settings
-from vllm_batch.pipeline.results import LineResult
 
 log = logging.getLogger(__name__)
 
@@ -402,7 +401,24 @@ class ProcessCollector(Collector):
 # ------------------------------------------------------------------ recording calls
 
 
-def lines_saved(model: str, results: Iterable[LineResult]) -> None:
+class SavedLine(Protocol):
+    """What ``lines_saved`` reads of a finished line (``pipeline``'s ``LineResult``)."""
+
+    @property
+    def is_error(self) -> bool: ...
+    @property
+    def input_tokens(self) -> int: ...
+    @property
+    def cached_tokens(self) -> int: ...
+    @property
+    def output_tokens(self) -> int: ...
+    @property
+    def reasoning_tokens(self) -> int: ...
+    @property
+    def seconds(self) -> float | None: ...
+
+
+def lines_saved(model: str, results: Iterable[SavedLine]) -> None:
     """Lines just saved by a worker: counts, tokens, latency and throughput."""
     m = _metrics
     if m is None:

@@ -23,8 +23,8 @@ from typing import Any, BinaryIO
 import httpx
 import orjson
 
+from vllm_batch.pipeline.input import iter_lines
 from vllm_batch.retry import describe, retrying_sync
-from vllm_batch.validation import iter_lines
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from typing import Any, BinaryIO
 
 import orjson
 
-from vllm_batch.model_kinds import ModelKind
-from vllm_batch.validation import iter_lines, plan_batch
+from vllm_batch.models.kinds import ModelKind
+from vllm_batch.pipeline.input import iter_lines, plan_batch
 
 REQUIRED_FIELDS = ("custom_id", "method", "url", "body")
 MAX_LISTED_ERRORS = 20

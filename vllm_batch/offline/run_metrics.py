@@ -19,10 +19,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from vllm_batch.api.worker_metrics import bind_worker_metrics, serve_worker_metrics
 from vllm_batch.config import Settings
 from vllm_batch.observability import metrics
-from vllm_batch.observability.exposition import bind_worker_metrics, serve_worker_metrics
-from vllm_batch.pipeline.results import LineResult
+from vllm_batch.pipeline.line_result import LineResult
 
 
 class MetricsUnavailable(Exception):

@@ -26,10 +26,10 @@ from typing import Any, BinaryIO
 
 import anyio
 
-from vllm_batch.adapters import adapter_bases
 from vllm_batch.config import ModelSpec, Settings
 from vllm_batch.engines import make_engine
-from vllm_batch.engines.base import Engine, EngineFailure, EngineResult
+from vllm_batch.engines.engine import Engine, EngineFailure, EngineResult
+from vllm_batch.models.adapters import adapter_bases
 from vllm_batch.offline import io
 from vllm_batch.offline.preflight import describe, preflight, strict_errors
 from vllm_batch.offline.progress import Progress, RunStats, make_progress
@@ -41,9 +41,9 @@ from vllm_batch.offline.run_metrics import (
 )
 from vllm_batch.offline.writer import DEFAULT_MAX_BUFFERED, OrderedWriter
 from vllm_batch.pipeline.dispatch import Dispatcher
+from vllm_batch.pipeline.input import iter_lines
+from vllm_batch.pipeline.line_result import LineResult
 from vllm_batch.pipeline.output import ErrorShape
-from vllm_batch.pipeline.results import LineResult
-from vllm_batch.validation import iter_lines
 
 log = logging.getLogger(__name__)
 

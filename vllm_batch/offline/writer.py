@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from typing import BinaryIO, Generic, TypeVar
 
-from vllm_batch.pipeline.results import LineResult
+from vllm_batch.pipeline.line_result import LineResult
 
 T = TypeVar("T")
 

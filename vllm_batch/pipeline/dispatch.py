@@ -26,7 +26,7 @@ from typing import Any
 import anyio
 import orjson
 
-from vllm_batch.engines.base import (
+from vllm_batch.engines.engine import (
     Engine,
     EngineFailure,
     EngineOutOfMemory,
@@ -34,8 +34,8 @@ from vllm_batch.engines.base import (
     is_cuda_oom,
     is_oom_message,
 )
+from vllm_batch.pipeline.line_result import LineResult
 from vllm_batch.pipeline.output import ErrorShape, failure_line, result_line
-from vllm_batch.pipeline.results import LineResult
 from vllm_batch.pipeline.window import FairWindow, Lane
 from vllm_batch.retry import describe, retrying
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from vllm_batch.engines.base import EngineResult
+from vllm_batch.engines.engine import EngineResult
 from vllm_batch.protocol.ids import new_id, new_line_id
 
 

@@ -9,7 +9,7 @@ from vllm_batch.protocol.batch import (
     BatchUsage,
     Errors,
 )
-from vllm_batch.protocol.errors import ErrorDetail, ErrorResponse
+from vllm_batch.protocol.error import ErrorDetail, ErrorResponse
 from vllm_batch.protocol.file import FileDeleted, FileObject, FilePurpose
 from vllm_batch.protocol.page import ListPage
 from vllm_batch.protocol.upload import Upload, UploadPart

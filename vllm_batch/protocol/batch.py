@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, Field
 
-BatchStatus = Literal[
-    "validating",
-    "failed",
-    "in_progress",
-    "finalizing",
-    "completed",
-    "expired",
-    "cancelling",
-    "cancelled",
-]
+
+class BatchStatus(StrEnum):
+    """A batch's status, OpenAI's values (the moves: ``batches/states.py``)."""
+
+    VALIDATING = "validating"  # input file being checked
+    FAILED = "failed"  # the input file was invalid (terminal)
+    IN_PROGRESS = "in_progress"  # chunks queued or running
+    FINALIZING = "finalizing"  # every line done; output files being written
+    COMPLETED = "completed"  # output files written (terminal)
+    EXPIRED = "expired"  # completion window passed; unfinished lines are errors (terminal)
+    CANCELLING = "cancelling"  # cancel requested; waiting for running chunks to stop
+    CANCELLED = "cancelled"  # cancelled; finished lines kept (terminal)
 
 
 class BatchError(BaseModel):

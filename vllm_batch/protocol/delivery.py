@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Literal
 
 from pydantic import BaseModel
+
+
+class DeliveryStatus(StrEnum):
+    """A delivery's status (the moves: ``batches/states.py``)."""
+
+    PENDING = "pending"  # waiting for its next attempt (or running one under a lease)
+    SUCCEEDED = "succeeded"  # an attempt succeeded (terminal)
+    FAILED = "failed"  # refused, or out of retries before ``give_up_at`` (terminal)
+
+
+class DeliveryKind(StrEnum):
+    WEBHOOK = "webhook"  # a signed POST of the batch's event
+    HANDLER = "handler"  # a result handler run on the batch's results
 
 
 class DeliveryAttempt(BaseModel):
@@ -22,10 +36,10 @@ class Delivery(BaseModel):
     batch_id: str
     event_id: str
     event_type: str
-    kind: Literal["webhook", "handler"]
+    kind: DeliveryKind
     target: str
     """The handler's name, or the webhook URL without its query string."""
-    status: Literal["pending", "succeeded", "failed"]
+    status: DeliveryStatus
     attempts: int
     last_status_code: int | None = None
     last_error: str | None = None

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Literal
 
 from pydantic import BaseModel
 
-FilePurpose = Literal[
-    "assistants",
-    "assistants_output",
-    "batch",
-    "batch_output",
-    "fine-tune",
-    "fine-tune-results",
-    "vision",
-    "user_data",
-    "evals",
-]
+
+class FilePurpose(StrEnum):
+    ASSISTANTS = "assistants"
+    ASSISTANTS_OUTPUT = "assistants_output"
+    BATCH = "batch"
+    BATCH_OUTPUT = "batch_output"
+    FINE_TUNE = "fine-tune"
+    FINE_TUNE_RESULTS = "fine-tune-results"
+    VISION = "vision"
+    USER_DATA = "user_data"
+    EVALS = "evals"
+
+
 UPLOAD_PURPOSES: frozenset[str] = frozenset(
     {"assistants", "batch", "fine-tune", "vision", "user_data", "evals"}
 )

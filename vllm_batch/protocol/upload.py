@@ -3,13 +3,21 @@ and the request bodies of ``upload_create_params.py`` and ``upload_complete_para
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
 from vllm_batch.protocol.file import FileObject
 
-UploadStatus = Literal["pending", "completed", "cancelled", "expired"]
+
+class UploadStatus(StrEnum):
+    """An upload's status, OpenAI's values (the moves: ``batches/states.py``)."""
+
+    PENDING = "pending"  # accepting parts
+    COMPLETED = "completed"  # assembled into ``file_id`` (terminal)
+    CANCELLED = "cancelled"  # cancelled by its owner (terminal)
+    EXPIRED = "expired"  # not completed before ``expires_at`` (terminal)
 
 
 class Upload(BaseModel):
@@ -31,7 +39,7 @@ class UploadPart(BaseModel):
     upload_id: str
 
 
-class ExpiresAfter(BaseModel):
+class FileExpiresAfter(BaseModel):
     """When the File made from the Upload expires (as ``expires_after`` on ``/v1/files``)."""
 
     anchor: str
@@ -43,7 +51,7 @@ class UploadCreateRequest(BaseModel):
     filename: str
     mime_type: str
     purpose: str
-    expires_after: ExpiresAfter | None = None
+    expires_after: FileExpiresAfter | None = None
 
 
 MAX_PART_IDS = 10_000  # bounds the IN list of one query (asyncpg: at most 32767 arguments)

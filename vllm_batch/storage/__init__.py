@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vllm_batch.storage.base import BlobStorage
+from vllm_batch.storage.blob import BlobStorage
 from vllm_batch.storage.local import LocalStorage
 from vllm_batch.storage.s3 import S3Storage
 

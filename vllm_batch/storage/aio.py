@@ -9,7 +9,7 @@ from typing import BinaryIO
 
 import anyio
 
-from vllm_batch.storage.base import BlobStorage
+from vllm_batch.storage.blob import BlobStorage
 
 READ_SIZE = 1024 * 1024
 

@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from vllm_batch.observability import metrics
-from vllm_batch.storage.refusal import StorageFull
-
-if TYPE_CHECKING:
-    from vllm_batch.storage.base import BlobStorage
+from vllm_batch.storage.refusal import StorageFull, storage_refusal
 
 FAILURE_HOLD_SECONDS = 60.0
 
@@ -40,6 +36,14 @@ class StorageHealth:
 
     def succeeded(self) -> None:
         self.failed_at = None
+
+    def raise_if_refused(self, exc: BaseException, where: str) -> None:
+        """A write failed with ``exc``: if the storage refused it for lack of space, record
+        that and raise ``StorageFull``; otherwise return (the caller re-raises ``exc``)."""
+        refusal = storage_refusal(exc, where)
+        if refusal is not None:
+            self.refused(refusal)
+            raise refusal from exc
 
 
 @dataclass(frozen=True)
@@ -89,8 +93,3 @@ def storage_status(
         last_error=health.last_error,
         reason="; ".join(reasons) or None,
     )
-
-
-def read_status(storage: BlobStorage, min_free_bytes: int) -> StorageStatus:
-    """``storage_status`` of ``storage`` now; blocking (a stat): call it in a thread."""
-    return storage_status(storage.describe(), storage.usage(), storage.health, min_free_bytes)

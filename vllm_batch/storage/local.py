@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 from vllm_batch.storage.health import StorageHealth
-from vllm_batch.storage.refusal import storage_refusal
 
 TEMP_PREFIX = ".tmp-"
 MKSTEMP_TRIES = 3  # a concurrent prune may remove the directory between mkdir and mkstemp
@@ -68,11 +67,8 @@ class LocalStorage:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
             self._prune(path.parent)
-            refusal = storage_refusal(exc, self.describe())
-            if refusal is None:
-                raise
-            self.health.refused(refusal)
-            raise refusal from exc
+            self.health.raise_if_refused(exc, self.describe())
+            raise
         self.health.succeeded()
 
     def _temporary(self, path: Path) -> tuple[int, str]:

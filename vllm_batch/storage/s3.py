@@ -27,7 +27,6 @@ from botocore.exceptions import (
 )
 
 from vllm_batch.storage.health import StorageHealth
-from vllm_batch.storage.refusal import storage_refusal
 
 DEFAULT_PART_SIZE = 8 * 1024 * 1024
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's minimum for every part but the last
@@ -251,11 +250,8 @@ class S3Storage:
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 writer.abort()
-            refusal = storage_refusal(exc, self.describe())
-            if refusal is None:
-                raise
-            self.health.refused(refusal)
-            raise refusal from exc
+            self.health.raise_if_refused(exc, self.describe())
+            raise
         self.health.succeeded()
 
     def delete(self, key: str) -> None:

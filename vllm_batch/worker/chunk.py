@@ -20,19 +20,21 @@ from typing import Any
 import anyio
 import orjson
 
-from vllm_batch import lifecycle
-from vllm_batch.engines.base import Engine
-from vllm_batch.logs import bound
+from vllm_batch.batches import lifecycle
+from vllm_batch.batches.policy import batch_order
+from vllm_batch.batches.states import IllegalTransition
+from vllm_batch.batches.store import queries
+from vllm_batch.batches.store.db_retry import Backoff, retry_db
+from vllm_batch.batches.store.rows import BatchRow, ChunkRow
+from vllm_batch.engines.engine import Engine
 from vllm_batch.observability import metrics
+from vllm_batch.observability.logs import bound
 from vllm_batch.pipeline.dispatch import Dispatcher
+from vllm_batch.pipeline.input import iter_lines
+from vllm_batch.pipeline.line_result import LineResult
 from vllm_batch.pipeline.output import failure_line
-from vllm_batch.pipeline.results import LineResult
-from vllm_batch.pipeline.window import FairWindow, Lane, batch_order
-from vllm_batch.store import queries
-from vllm_batch.store.models import BatchRow, ChunkRow
-from vllm_batch.validation import iter_lines
+from vllm_batch.pipeline.window import FairWindow, Lane
 from vllm_batch.worker.context import WorkerContext
-from vllm_batch.worker.db_retry import Backoff, retry_db
 
 log = logging.getLogger(__name__)
 SAVE_BACKOFF = Backoff(first=0.1, max=2.0)  # poll a recovering database often
@@ -267,16 +269,17 @@ class _ChunkRunner:
                     shutdown=self.shutdown,
                     backoff=SAVE_BACKOFF,
                 )
+            except IllegalTransition:
+                log.warning("lost the lease on chunk %s", self.chunk.id)
+                if self.outcome is not ChunkOutcome.LOST:
+                    metrics.chunk_lease_lost(self.chunk.model)
+                self.halt(ChunkOutcome.LOST)
+                return
             except BaseException:
                 self.pending[:0] = pending  # keep them for the next attempt
                 raise
         metrics.lines_saved(self.chunk.model, outcome.new)
-        if not outcome.held:
-            log.warning("lost the lease on chunk %s", self.chunk.id)
-            if self.outcome is not ChunkOutcome.LOST:
-                metrics.chunk_lease_lost(self.chunk.model)
-            self.halt(ChunkOutcome.LOST)
-        elif outcome.stop_reason is not None:
+        if outcome.stop_reason is not None:
             log.info(
                 "batch %s is stopping (%s): aborting chunk %s",
                 self.chunk.batch_id,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vllm_batch.batches.store_context import StoreContext
 from vllm_batch.engines.manager import EngineManager
-from vllm_batch.runtime import StoreContext
 
 
 @dataclass(kw_only=True)

@@ -40,19 +40,20 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from vllm_batch import lifecycle
-from vllm_batch.engines.base import Engine, EngineFailure, EngineOutOfMemory
+from vllm_batch.batches import lifecycle
+from vllm_batch.batches.finalize import finalize_batch
+from vllm_batch.batches.states import ChunkStatus, IllegalTransition
+from vllm_batch.batches.store.db_retry import Backoff, DbHealth, retry_db
+from vllm_batch.batches.store.rows import ChunkRow
+from vllm_batch.engines.engine import Engine, EngineFailure, EngineOutOfMemory
 from vllm_batch.engines.manager import EngineLoadError
-from vllm_batch.logs import bound
 from vllm_batch.observability import metrics
 from vllm_batch.observability.gpu import NvmlReader
 from vllm_batch.observability.gpu_guard import GpuGuard
+from vllm_batch.observability.logs import bound
 from vllm_batch.pipeline.window import FairWindow
-from vllm_batch.store.models import ChunkRow
 from vllm_batch.worker.chunk import ChunkOutcome, ChunkRun
 from vllm_batch.worker.context import WorkerContext
-from vllm_batch.worker.db_retry import Backoff, DbHealth, retry_db
-from vllm_batch.worker.finalize import finalize_batch
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -482,21 +483,27 @@ class Worker:
 
     async def _finish(self, chunk: ChunkRow) -> bool:
         """Mark ``chunk`` done if every line has a saved result, else hand it back."""
-        done = await lifecycle.finish_chunk(self.ctx, chunk, self.ctx.worker_id)
-        if not done:
-            log.error("chunk %s is missing results or no longer ours; released it", chunk.id)
-        return done
+        try:
+            status = await lifecycle.finish_chunk(self.ctx, chunk, self.ctx.worker_id)
+        except IllegalTransition:
+            log.error("chunk %s is no longer ours", chunk.id)
+            return False
+        if status is not ChunkStatus.DONE:
+            log.error("chunk %s is missing results; released it", chunk.id)
+        return status is ChunkStatus.DONE
 
     async def _release(self, chunk: ChunkRow, reason: str) -> None:
         """Hand ``chunk`` back to the queue; ``reason`` is a ``chunk_requeues`` label."""
-        released = await self._db(
-            lambda: lifecycle.release_chunk(
-                self.ctx,
-                chunk,
-                self.ctx.worker_id,
-                engine_failure=reason == "engine_failure",
-            ),
-            f"release chunk {chunk.id}",
-        )
-        if released:
-            metrics.chunk_requeued(chunk.model, reason)
+        try:
+            await self._db(
+                lambda: lifecycle.release_chunk(
+                    self.ctx,
+                    chunk,
+                    self.ctx.worker_id,
+                    engine_failure=reason == "engine_failure",
+                ),
+                f"release chunk {chunk.id}",
+            )
+        except IllegalTransition:
+            return  # no longer ours: its new holder runs it
+        metrics.chunk_requeued(chunk.model, reason)

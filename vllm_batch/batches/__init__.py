@@ -1,0 +1,1 @@
+"""The batch domain: every status, every move, and the work that moves them."""

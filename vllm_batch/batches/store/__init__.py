@@ -1,0 +1,1 @@
+"""The database: schema, every SQL statement, migrations, retries and lease identity."""

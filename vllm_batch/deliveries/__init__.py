@@ -1,0 +1,1 @@
+"""The delivery outbox's runner: webhooks and result handlers for finished batches."""

@@ -1,0 +1,1 @@
+"""Outbound HTTP: the URL (SSRF) guard and the audio endpoints' ``file_url`` fetcher."""

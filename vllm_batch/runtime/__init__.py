@@ -1,0 +1,1 @@
+"""Process plumbing: supervised background tasks."""

@@ -1,1 +1,0 @@
-"""Work the API starts in the background: batch input validation."""

@@ -1,0 +1,1 @@
+"""The batch worker: claims chunks, runs their lines on an engine, saves the results."""
