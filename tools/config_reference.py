@@ -211,8 +211,14 @@ def _text(comments: list[str]) -> str:
 
 
 def markdown(text: str) -> str:
-    """A comment as Markdown: rST ``literals`` become `code`, table pipes are escaped."""
-    return text.replace("``", "`").replace("|", "\\|")
+    """A comment as a Markdown sentence: rST ``literals`` become `code`; pipes and angle
+    brackets are escaped (a table cell; ``<key>`` is no HTML tag)."""
+    text = text.replace("``", "`").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+    if text:
+        text = text[0].upper() + text[1:]
+        if text[-1] not in ".)":
+            text += "."
+    return text
 
 
 def sections() -> list[Section]:
@@ -265,6 +271,7 @@ class Flag:
     opts: str
     help: str
     settings: tuple[str, ...]
+    default: str
 
 
 def _sample(param: Any, scratch: Path) -> list[str]:
@@ -345,7 +352,9 @@ def flags() -> list[Flag]:
                     else:
                         raise AssertionError(f"vllm-batch {name} {' '.join(words)} is refused")
                 opts = ", ".join(f"`{o}`" for o in [*param.opts, *param.secondary_opts])
-                found.append(Flag(name, opts, " ".join((param.help or "").split()), changed))
+                default = param.default if param.default not in (None, False) else None
+                shown = "" if default is None else f"`{default}`"
+                found.append(Flag(name, opts, " ".join((param.help or "").split()), changed, shown))
     return found
 
 
@@ -381,8 +390,7 @@ def render() -> str:
                 f"{opts} ({', '.join(commands)})" for opts, commands in given.items()
             )
             out.append(
-                f"| `{s.name}` | {envs} | {flag_text} | {s.type} | {s.default} "
-                f"| {s.description} |"
+                f"| `{s.name}` | {envs} | {flag_text} | {s.type} | {s.default} | {s.description} |"
             )
     unknown = sorted({n for f in all_flags for n in f.settings} - known)
     assert not unknown, f"flags set names that are no settings: {unknown}"
@@ -393,10 +401,10 @@ def render() -> str:
         if not own:
             continue
         out.append(f"\n### `vllm-batch {command}`\n")
-        out.append("| flag | description |")
-        out.append("|---|---|")
+        out.append("| flag | default | description |")
+        out.append("|---|---|---|")
         for f in own:
-            out.append(f"| {f.opts} | {markdown(f.help)} |")
+            out.append(f"| {f.opts} | {f.default} | {markdown(f.help)} |")
     return "\n".join(out) + "\n"
 
 

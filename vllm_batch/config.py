@@ -140,9 +140,9 @@ class Settings(BaseSettings):
     # Bytes a request body may have, except uploads (POST /v1/files: max_upload_bytes) and
     # upload parts (max_upload_part_bytes); counted as bytes arrive, chunked bodies too.
     max_request_body_bytes: int = Field(default=1024 * 1024, ge=1)
-    # Slow clients (api/connections.py). Seconds a connection may take to send a request's
-    # headers (from connecting, or from a kept-alive request's first byte); later: a 408
-    # and the connection is closed.
+    # Seconds a connection may take to send a request's headers (from connecting, or from a
+    # kept-alive request's first byte); later: a 408 and the connection is closed
+    # (api/connections.py).
     header_timeout: float = Field(default=10.0, gt=0)
     # A request body must advance by 1 KiB (or end) every this many seconds, not counting
     # time the server itself is not reading; else the connection is closed (a 408 if no
