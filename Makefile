@@ -11,7 +11,7 @@ MODEL_DIR ?= models/SmolLM2-135M-Instruct
 LS_VENV ?= .venv-label-studio
 LABEL_STUDIO_VERSION := 1.23.2
 # Parasail's openai-batch 0.3.3 next to the pinned 0.3.4 (which closes its own file before
-# reading it): the README's openai-batch snippet is tested on it. Only its own files (--no-deps).
+# reading it): the openai-batch snippet (README.md) is tested on it. Only its own files (--no-deps).
 OPENAI_BATCH_OLD := 0.3.3
 OPENAI_BATCH_OLD_DIR ?= .venv-openai-batch-$(OPENAI_BATCH_OLD)
 # xdist workers for `make test`; vLLM engines alive at once stay within the suite's engine

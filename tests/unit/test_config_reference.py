@@ -48,9 +48,7 @@ def test_every_comment_documents_something() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(Settings.model_fields))
-def test_listed_environment_variables_are_read(
-    name: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_listed_environment_variables_are_read(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each variable the page names for a field sets that field (and nothing else does)."""
     info = Settings.model_fields[name]
     envs = config_reference.env_names(name, info, "VLLM_BATCH_")
