@@ -380,18 +380,16 @@ def render() -> str:
             out.append(f"See also: [{page_title(section.page)}]({section.page}).\n")
         if section.intro:
             out.append(f"{section.intro}\n")
-        out.append("| setting | environment | flag | type | default | description |")
-        out.append("|---|---|---|---|---|---|")
+        out.append("| environment | flag | default | description |")
+        out.append("|---|---|---|---|")
         for s in section.settings:
             known.add(s.name)
-            envs = "<br>".join(f"`{e}`" for e in s.envs)
+            envs = "<br>".join(f"`{e}`" for e in s.envs) + f"<br><small>setting `{s.name}`</small>"
             given = by_setting.get(s.name, {})
             flag_text = "<br>".join(
                 f"{opts} ({', '.join(commands)})" for opts, commands in given.items()
             )
-            out.append(
-                f"| `{s.name}` | {envs} | {flag_text} | {s.type} | {s.default} | {s.description} |"
-            )
+            out.append(f"| {envs} | {flag_text} | {s.default} ({s.type}) | {s.description} |")
     unknown = sorted({n for f in all_flags for n in f.settings} - known)
     assert not unknown, f"flags set names that are no settings: {unknown}"
     out.append("\n## Flags without a setting\n")

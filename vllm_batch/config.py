@@ -69,9 +69,9 @@ class Settings(BaseSettings):
     port: int = Field(default=4080, description="Port of the API server.")
     # The SQLite database (unless database_url says otherwise) and, by default, the files.
     data_dir: Path = Path("./data")
-    # sqlite+aiosqlite:///… or postgresql+asyncpg://… (plain postgresql:// and sqlite:// work
-    # too); unset: from the POSTGRES_* parts if host and database are set, else SQLite in
-    # data_dir.
+    # The database: sqlite+aiosqlite:///… or postgresql+asyncpg://… (plain postgresql:// and
+    # sqlite:// work too); unset: from the POSTGRES_* parts if host and database are set,
+    # else SQLite in data_dir.
     database_url: str | None = Field(
         default=None, validation_alias=_env("VLLM_BATCH_DATABASE_URL", "DATABASE_URL")
     )

@@ -21,8 +21,10 @@ PAGE = config_reference.PAGE
 
 def rows() -> dict[str, str]:
     """The settings tables' rows, by setting name."""
-    found = re.findall(r"^\| `([a-z_0-9]+)` \|(.*)$", PAGE.read_text(), re.M)
-    return dict(found)
+    found = re.findall(
+        r"^\| (`.*?<small>setting `([a-z_0-9]+)`</small>.*)$", PAGE.read_text(), re.M
+    )
+    return {name: row for row, name in found}
 
 
 def test_committed_page_is_current() -> None:

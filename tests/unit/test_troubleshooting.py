@@ -14,6 +14,7 @@ import io
 import json
 import re
 import sqlite3
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +77,8 @@ async def edge_answer(settings: Settings, method: str, path: str, headers: dict[
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}
 
-    async def send(event: dict[str, Any]) -> None:
-        sent.append(event)
+    async def send(event: MutableMapping[str, Any]) -> None:
+        sent.append(dict(event))
 
     await api(scope, receive, send)
     status = sent[0]["status"]
