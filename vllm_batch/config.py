@@ -280,7 +280,7 @@ class Settings(BaseSettings):
     # generative models with prefix caching, else vLLM's choice (16 on GPU).
     block_size: int | None = Field(default=None, ge=1)
     dtype: str = "auto"  # "auto" means float32 on CPU (bf16 is slow and inaccurate there)
-    enforce_eager: bool | None = None  # None: eager on CPU (fast start), graphs on GPU
+    enforce_eager: bool | None = None  # unset: eager on CPU (fast start), graphs on GPU
     tensor_parallel_size: int = 1  # GPUs per engine
     enable_prefix_caching: bool = True  # vLLM prefix caching
     # Submit requests sharing a prompt prefix together: over a whole chunk on the server,
@@ -352,7 +352,8 @@ class Settings(BaseSettings):
     )
     label_studio_page_size: int = Field(default=500, ge=1)  # tasks per import request
     s3_handler_target: str | None = None  # s3://bucket/prefix: the s3 handler copies files there
-    # postgresql://… : the postgres handler writes one row per result there (never logged).
+    # A postgresql://… URL: the postgres handler writes one row per result there (never
+    # logged).
     postgres_handler_dsn: str | None = Field(default=None, repr=False)
     postgres_handler_table: str = "vllm_batch_results"  # the postgres handler's table
     template_handler_template: Path | None = None  # a Jinja2 template file
