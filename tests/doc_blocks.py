@@ -45,7 +45,7 @@ def blocks() -> list[Block]:
     ]
 
 
-def tested_by(test_file: str, language: str | None = None) -> list[Block]:
+def blocks_run_by(test_file: str, language: str | None = None) -> list[Block]:
     """The tested blocks whose marker names ``test_file`` (``tests/...py``), in doc order."""
     return [
         b
@@ -58,5 +58,5 @@ def tested_by(test_file: str, language: str | None = None) -> list[Block]:
 
 def noted(test_file: str, fragment: str) -> Block:
     """The one tested block of ``test_file`` whose note starts with ``(fragment``."""
-    [block] = [b for b in tested_by(test_file) if b.note.startswith(f"{test_file} ({fragment}")]
+    [block] = [b for b in blocks_run_by(test_file) if b.note.startswith(f"{test_file} ({fragment}")]
     return block

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.doc_blocks import CODE_LANGUAGES, ROOT, blocks, tested_by
+from tests.doc_blocks import CODE_LANGUAGES, ROOT, blocks, blocks_run_by
 from tests.doc_blocks import noted as noted_block
 from tests.e2e.conftest import ServerProcess, served
 from vllm_batch.config import DEFAULT_MODEL_NAME
@@ -34,7 +34,7 @@ THIS = "tests/e2e/test_readme_snippets.py"
 
 
 def run_by_this_test(language: str) -> list[str]:
-    return [b.code for b in tested_by(THIS, language)]
+    return [b.code for b in blocks_run_by(THIS, language)]
 
 
 def noted(fragment: str) -> str:

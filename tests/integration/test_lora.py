@@ -21,7 +21,7 @@ from tests.conftest import (
     lora_settings,
     start_server,
 )
-from tests.doc_blocks import tested_by
+from tests.doc_blocks import blocks_run_by
 from tests.helpers import (
     chat_line,
     completion_line,
@@ -147,7 +147,7 @@ def test_unknown_adapter_fails_the_batch_naming_the_line(client: OpenAI) -> None
 def readme_lines(tiny_model: Path) -> list[dict[str, Any]]:
     """The docs' feature lines (docs/api.md) for the tiny model (adapter A plays ``sql-lora``); JSON
     lines ban whitespace tokens, which the random-weight model would pad JSON with."""
-    [block] = tested_by(THIS, "json")
+    [block] = blocks_run_by(THIS, "json")
     text = block.code
     names = {DEFAULT_MODEL_NAME: TINY_NAME, "sql-lora": ADAPTER_A}
     bias = whitespace_bias(tiny_model)

@@ -17,7 +17,7 @@ from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tests.conftest import TINY_NAME, LiveServer, LoopThread, api_only_server
-from tests.doc_blocks import tested_by
+from tests.doc_blocks import blocks_run_by
 from tests.helpers import chat_line, jsonl, parse_jsonl, wait_for_batch
 from tests.s3_fixtures import S3Server, local_or_s3, s3_server  # noqa: F401
 from vllm_batch.protocol.ids import now
@@ -155,7 +155,7 @@ def test_sdk_chunked_upload_runs_as_a_batch(server: LiveServer, tmp_path: Path) 
 
 def readme_snippet() -> str:
     """The Uploads example of docs/api.md."""
-    [block] = tested_by(THIS, "python")
+    [block] = blocks_run_by(THIS, "python")
     return block.code
 
 

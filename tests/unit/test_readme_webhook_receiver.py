@@ -8,14 +8,14 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.doc_blocks import tested_by
+from tests.doc_blocks import blocks_run_by
 from vllm_batch.handlers.webhook import event_body, new_secret, signed_headers
 
 THIS = "tests/unit/test_readme_webhook_receiver.py"
 
 
 def receiver_snippet() -> str:
-    [block] = tested_by(THIS, "python")
+    [block] = blocks_run_by(THIS, "python")
     assert "webhooks.unwrap" in block.code and "FastAPI" in block.code
     return block.code
 
