@@ -141,9 +141,9 @@ RAY_LOCAL_ENV = {
 }
 """Ray on 127.0.0.1 (its switch for one-machine clusters: it would pick, and rewrite
 127.0.0.1 to, the machine's address), no usage reports, and token authentication as the
-README sets it up. Processes that join the test cluster need all of it (a driver finds its
+docs/scaling.md sets it up. Processes that join the test cluster need all of it (a driver finds its
 node by IP, and must present the token). The switch also refuses a second node, so the
-test cluster is one head node: joining nodes is left to the README's commands."""
+test cluster is one head node: joining nodes is left to the commands in docs/scaling.md."""
 RAY_PORT_FLAGS = (
     "--ray-client-server-port",
     "--node-manager-port",

@@ -1,4 +1,5 @@
-"""README's promise: `make serve`, then examples/quickstart.py gets "Paris" from SmolLM2."""
+"""The quick start's promise (README.md): `make serve`, then examples/quickstart.py gets
+"Paris" from SmolLM2."""
 
 from __future__ import annotations
 

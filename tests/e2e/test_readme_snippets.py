@@ -1,10 +1,12 @@
-"""Every README code block is marked tested or untested, and the tested ones run verbatim.
+"""Every code block of the README and the docs is marked tested or untested, and the tested
+ones run verbatim.
 
-One real ``vllm-batch serve`` subprocess serves the tiny model under the README's model
-name (``SmolLM2-135M-Instruct``), so the snippets need no model substitution. The one
-change made to a snippet: the README's port 4080 becomes the test server's free port
-(``localize``). Snippets run in the server's working directory (its data dir is
-``./data``), as a user's shell would after ``make serve``.
+The blocks come from README.md and docs/*.md (``tests/doc_blocks.py``). One real
+``vllm-batch serve`` subprocess serves the tiny model under the quick start's model name
+(``SmolLM2-135M-Instruct``), so the snippets need no model substitution. The one change made
+to a snippet: the docs' port 4080 becomes the test server's free port (``localize``).
+Snippets run in the server's working directory (its data dir is ``./data``), as a user's
+shell would after ``make serve``.
 
 The same server shows the startup banner and the log format of a real process.
 """
@@ -18,62 +20,43 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
 
+from tests.doc_blocks import CODE_LANGUAGES, ROOT, blocks, blocks_run_by
+from tests.doc_blocks import noted as noted_block
 from tests.e2e.conftest import ServerProcess, served
 from vllm_batch.config import DEFAULT_MODEL_NAME
 
-ROOT = Path(__file__).resolve().parents[2]
-README = ROOT / "README.md"
 THIS = "tests/e2e/test_readme_snippets.py"
-BLOCK = re.compile(r"(?:<!-- (tested|untested): ([^\n]*?) -->\n)?```(\w+)\n(.*?)```", re.S)
-CODE_LANGUAGES = {"python", "bash", "sh", "json"}
-
-
-@dataclass
-class Snippet:
-    marker: str | None
-    note: str
-    language: str
-    code: str
-
-
-def snippets() -> list[Snippet]:
-    return [Snippet(*match) for match in BLOCK.findall(README.read_text())]
 
 
 def run_by_this_test(language: str) -> list[str]:
-    return [
-        s.code
-        for s in snippets()
-        if s.marker == "tested" and THIS in s.note and s.language == language
-    ]
+    return [b.code for b in blocks_run_by(THIS, language)]
 
 
 def noted(fragment: str) -> str:
     """The one snippet this test runs whose note mentions ``fragment``."""
-    [code] = [
-        s.code for s in snippets() if s.marker == "tested" and f"{THIS} ({fragment}" in s.note
-    ]
-    return code
+    return noted_block(THIS, fragment).code
 
 
 def localize(code: str, port: int) -> str:
-    """The README's port, 4080, becomes the test server's; nothing else changes."""
+    """The docs' port, 4080, becomes the test server's; nothing else changes."""
     return re.sub(r"\b(127\.0\.0\.1|localhost):4080\b", rf"\1:{port}", code)
 
 
 def test_every_code_block_is_marked() -> None:
-    unmarked = [s.code[:60] for s in snippets() if s.language in CODE_LANGUAGES and not s.marker]
-    assert not unmarked, "mark these README blocks <!-- tested: … --> or <!-- untested: … -->"
-    for snippet in snippets():
-        if snippet.marker == "tested":
-            path = snippet.note.split(" ")[0]
-            assert (ROOT / path).is_file(), path
+    unmarked = [
+        f"{b.path.name}: {b.code[:60]}"
+        for b in blocks()
+        if b.language in CODE_LANGUAGES and not b.marker
+    ]
+    assert not unmarked, "mark these blocks <!-- tested: … --> or <!-- untested: … -->"
+    for block in blocks():
+        if block.marker == "tested":
+            assert (ROOT / block.runner).is_file(), f"{block.path.name}: {block.runner}"
     assert (
         len(run_by_this_test("python")) == 3
         and len(run_by_this_test("bash")) == 3
@@ -240,8 +223,8 @@ def test_parasail_snippet_on_openai_batch_0_3_3(readme_server: ServerProcess) ->
 
 
 def test_parasail_snippet_fails_on_openai_batch_0_3_4(readme_server: ServerProcess) -> None:
-    """Why the README needs a workaround: the same snippet on the pinned 0.3.4 (when a later
-    version passes this, the README's advice is out of date)."""
+    """Why the docs need a workaround: the same snippet on the pinned 0.3.4 (when a later
+    version passes this, the advice in docs/clients.md is out of date)."""
     assert openai_batch_version(readme_server, old=False).startswith("0.3.4 ")
     code = localize(noted("on openai-batch 0.3.3"), port(readme_server))
     result = subprocess.run(

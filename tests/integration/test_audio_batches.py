@@ -49,6 +49,7 @@ from tests.conftest import (
     start_server,
     whisper_settings,
 )
+from tests.doc_blocks import noted
 from tests.helpers import jsonl, parse_jsonl, results, run_options, submit, wait_for_batch
 from tests.webhook_receiver import Receiver, webhook_receiver
 from vllm_batch.config import ModelSpec
@@ -248,10 +249,8 @@ def test_fetch_and_decode_problems_are_error_lines(client: OpenAI, files: Receiv
 
 
 def readme_lines(file_url: str) -> list[dict[str, Any]]:
-    """The README's example line per audio endpoint (model and audio URL are ours here)."""
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    marker = f"<!-- tested: {THIS} (each line run as a batch) -->\n```json\n"
-    block = readme.split(marker, 1)[1].split("```", 1)[0]
+    """The docs' example line per audio endpoint (model and audio URL are ours here)."""
+    block = noted(THIS, "each line run as a batch").code
     block = block.replace('"whisper-large-v3"', f'"{WHISPER_NAME}"')
     return parse_jsonl(block.replace("https://example.com/audio/hello.wav", file_url))
 

@@ -5,7 +5,6 @@ PostgreSQL. Runs on the session's LoRA-enabled engine (``lora_engine``)."""
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from tests.conftest import (
     lora_settings,
     start_server,
 )
+from tests.doc_blocks import blocks_run_by
 from tests.helpers import (
     chat_line,
     completion_line,
@@ -34,7 +34,6 @@ from vllm_batch.config import DEFAULT_MODEL_NAME
 
 ADAPTER_A, ADAPTER_B = LORA_NAMES
 PROMPT = "Tell me a story about the old farmer."
-README = Path(__file__).resolve().parents[2] / "README.md"
 THIS = "tests/integration/test_lora.py"
 
 
@@ -146,10 +145,10 @@ def test_unknown_adapter_fails_the_batch_naming_the_line(client: OpenAI) -> None
 
 
 def readme_lines(tiny_model: Path) -> list[dict[str, Any]]:
-    """The README's feature lines for the tiny model (adapter A plays ``sql-lora``); JSON
+    """The docs' feature lines (docs/api.md) for the tiny model (adapter A plays ``sql-lora``); JSON
     lines ban whitespace tokens, which the random-weight model would pad JSON with."""
-    blocks = re.findall(r"<!-- tested: ([^\n]*?) -->\n```json\n(.*?)```", README.read_text(), re.S)
-    [text] = [code for note, code in blocks if note.split(" ")[0] == THIS]
+    [block] = blocks_run_by(THIS, "json")
+    text = block.code
     names = {DEFAULT_MODEL_NAME: TINY_NAME, "sql-lora": ADAPTER_A}
     bias = whitespace_bias(tiny_model)
     lines = [json.loads(raw) for raw in text.splitlines()]
@@ -167,7 +166,7 @@ def loads(text: str) -> Any:
 
 
 def test_readme_lines(client: OpenAI, tiny_model: Path) -> None:
-    """Each README example line runs; structured outputs parse and follow their schema."""
+    """Each docs example line runs; structured outputs parse and follow their schema."""
     lines = readme_lines(tiny_model)
     bodies: dict[str, dict[str, Any]] = {}
     for url in dict.fromkeys(line["url"] for line in lines):

@@ -29,6 +29,7 @@ from tests.conftest import (
     pooling_settings,
     start_server_lending,
 )
+from tests.doc_blocks import noted
 from tests.helpers import parse_jsonl, results, submit, wait_for_batch
 
 THIS = "tests/integration/test_pooling_batches.py"
@@ -223,7 +224,7 @@ def test_parasail_openai_batch_embedding_score_and_rerank(
 
     def run(kind: str, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         # openai-batch 0.3.4 closes the file add_to_batch wrote before reading it back; the
-        # README's workaround: write it in a `with` block, then submit it by path.
+        # docs' workaround (docs/clients.md): write it in a `with` block, then submit it by path.
         path = tmp_path / f"{kind}.jsonl"
         with ParasailBatch(submission_input_file=path, provider=provider) as writer:
             for request in requests:
@@ -263,10 +264,8 @@ def give_up_after(seconds: float) -> Callable[[Any], None]:
 
 
 def readme_lines() -> list[dict[str, Any]]:
-    """The README's example line per pooling endpoint (its model name is ours here)."""
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    marker = f"<!-- tested: {THIS} (each line run as a batch) -->\n```json\n"
-    block = readme.split(marker, 1)[1].split("```", 1)[0]
+    """The docs' example line per pooling endpoint (its model name is ours here)."""
+    block = noted(THIS, "each line run as a batch").code
     return parse_jsonl(block.replace('"all-MiniLM-L6-v2"', f'"{MINILM_NAME}"'))
 
 

@@ -5,7 +5,6 @@ order given, and every misuse gets an OpenAI-style error."""
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from tests.conftest import (
     engine_settings,
     start_server,
 )
+from tests.doc_blocks import blocks_run_by
 from tests.helpers import chat_line, jsonl, parse_jsonl, wait_for_batch
 from tests.s3_fixtures import S3Server, local_or_s3, s3_server  # noqa: F401
 from vllm_batch.batches.store import queries
@@ -32,7 +32,6 @@ from vllm_batch.batches.store.rows import UploadRow
 from vllm_batch.batches.uploads import part_key, sweep_uploads
 from vllm_batch.protocol.ids import now
 
-README = Path(__file__).resolve().parents[2] / "README.md"
 THIS = "tests/integration/test_uploads.py"
 PART_LIMIT = 4096
 KEYS = {"team-a": "sk-aaaa", "team-b": "sk-bbbb", "ops": "sk-admin"}
@@ -185,23 +184,21 @@ def test_sdk_chunked_upload_runs_as_a_batch(server: LiveServer, tmp_path: Path) 
 
 
 def readme_snippet() -> str:
-    blocks = re.findall(
-        r"<!-- tested: ([^\n]*?) -->\n```python\n(.*?)```", README.read_text(), re.S
-    )
-    [code] = [code for note, code in blocks if note.split(" ")[0] == THIS]
-    return code
+    """The Uploads example of docs/api.md."""
+    [block] = blocks_run_by(THIS, "python")
+    return block.code
 
 
 def test_readme_upload_example(
     server: LiveServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The README's Uploads example, as written (only the port changes)."""
+    """The docs' Uploads example, as written (only the port changes)."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "requests.jsonl").write_bytes(batch_lines(3))
     port = server.url.rsplit(":", 1)[1]
     code = readme_snippet().replace("127.0.0.1:4080", f"127.0.0.1:{port}")
     scope: dict[str, Any] = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    exec(compile(code, "docs/api.md", "exec"), scope)
     client = scope["client"]
     final = wait_for_batch(client, scope["batch"].id, timeout=180)
     assert final.status == "completed" and final.request_counts.completed == 3

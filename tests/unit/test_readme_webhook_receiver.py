@@ -1,23 +1,23 @@
-"""The README's webhook receiver, run as written, accepts our events and rejects forgeries."""
+"""The docs' webhook receiver (docs/webhooks.md), run as written, accepts our events and
+rejects forgeries."""
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.doc_blocks import blocks_run_by
 from vllm_batch.protocol.webhook_event import event_body, new_secret, signed_headers
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+THIS = "tests/unit/test_readme_webhook_receiver.py"
 
 
 def receiver_snippet() -> str:
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    [snippet] = [b for b in blocks if "webhooks.unwrap" in b and "FastAPI" in b]
-    return snippet
+    [block] = blocks_run_by(THIS, "python")
+    assert "webhooks.unwrap" in block.code and "FastAPI" in block.code
+    return block.code
 
 
 def test_readme_receiver_verifies_signed_events(capsys: pytest.CaptureFixture[str]) -> None:
@@ -26,7 +26,7 @@ def test_readme_receiver_verifies_signed_events(capsys: pytest.CaptureFixture[st
     secret = new_secret()
     code = receiver_snippet().replace('SECRET = "whsec_..."', f"SECRET = {secret!r}")
     scope: dict[str, Any] = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    exec(compile(code, "docs/webhooks.md", "exec"), scope)
     client = TestClient(scope["app"], raise_server_exceptions=False)
     body = event_body("evt_1", "batch.completed", 1, "batch_9")
     headers = signed_headers(secret, "evt_1", body, dt.datetime.now(tz=dt.UTC))

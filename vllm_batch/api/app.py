@@ -148,7 +148,7 @@ def create_app(
 
 IGNORED_ENVIRONMENT = {
     "GRAFANA_ENABLED": "Grafana is not part of the server: run it with "
-    "`docker compose --profile monitoring` (README, Operations)",
+    "`docker compose --profile monitoring` (docs/deployment.md, Docker Compose)",
 }
 
 
