@@ -314,9 +314,10 @@ def test_allowed_hosts_env_is_comma_separated(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_docs_on_by_default(api: LiveServer) -> None:
+    # The first /openapi.json builds the whole schema: more than httpx's 5 s on a busy machine.
     for path in ("/docs", "/redoc", "/openapi.json"):
-        assert httpx.get(f"{api.url}{path}").status_code == 200
-    assert "/v1/batches" in httpx.get(f"{api.url}/openapi.json").json()["paths"]
+        assert httpx.get(f"{api.url}{path}", timeout=60).status_code == 200
+    assert "/v1/batches" in httpx.get(f"{api.url}/openapi.json", timeout=60).json()["paths"]
 
 
 def test_docs_can_be_turned_off(open_api: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
