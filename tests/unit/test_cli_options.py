@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -146,3 +147,16 @@ def test_shell_completion_is_on() -> None:
     env = {**env, "COMP_WORDS": "vllm-batch serve --served", "COMP_CWORD": "2"}
     words = runner.invoke(app, [], prog_name="vllm-batch", env=env)
     assert words.output.split() == ["--served-model-name"]
+
+
+def test_api_key_file_sets_the_api_key(started: list[Any], tmp_path: Path) -> None:
+    path = tmp_path / "key"
+    path.write_text("  sk-from-file\n")
+    result = runner.invoke(app, ["serve", "--model", "/m", "--api-key-file", str(path)])
+    assert result.exit_code == 0, result.output
+    assert started[0].api_key == "sk-from-file"
+
+
+def test_run_needs_its_model() -> None:
+    result = runner.invoke(app, ["run", "-i", "in.jsonl", "-o", "out.jsonl"])
+    assert result.exit_code == 2 and "Missing option '--model'" in result.output

@@ -11,6 +11,7 @@ are exactly those flags, so a command lists the flags it takes, never their decl
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -57,6 +58,10 @@ class Flag:
     def annotation(self) -> Any:
         """The ``Annotated`` type typer reads."""
         return Annotated[self.type, self.option]
+
+    def required(self) -> Flag:
+        """The same flag, required (``run`` needs its ``--model``)."""
+        return dataclasses.replace(self, default=inspect.Parameter.empty)
 
     def to_setting(self, value: Any) -> Any:
         """The flag's value as its setting's: enums by value, an empty list as unset."""

@@ -8,7 +8,6 @@ import os
 import sys
 from typing import NoReturn
 
-import click
 import typer
 
 from vllm_batch.cli import options as o
@@ -19,7 +18,8 @@ from vllm_batch.models.kinds import ModelKind
 RUN_FLAGS = (
     o.INPUT_FILE,
     o.OUTPUT_FILE,
-    *o.ENGINE_FLAGS,
+    o.MODEL.required(),
+    *(f for f in o.ENGINE_FLAGS if f is not o.MODEL),
     o.OUTPUT_TMP_DIR,
     o.STRICT,
     o.RESUME,
@@ -49,8 +49,6 @@ def runner_kind(runner: o.Runner, spec: ModelSpec) -> ModelKind | None:
 
 def run_spec(given: o.Given) -> ModelSpec:
     """The one model of the run: the last ``--model`` (as vLLM), renamed and of its runner."""
-    if not given["model"]:
-        raise click.MissingParameter(param_hint="'--model'", param_type="option")
     try:
         spec = ModelSpec.parse(given["model"][-1])
     except ValueError as exc:

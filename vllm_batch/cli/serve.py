@@ -30,12 +30,11 @@ SERVE_FLAGS = (
 @o.command(*SERVE_FLAGS)
 def serve(given: o.Given) -> None:
     """Run the API server (and, by default, an in-process worker)."""
-    api_key = given["api_key"]
     if given["api_key_file"] is not None:
-        if api_key is not None:
+        if given["api_key"] is not None:
             raise typer.BadParameter("give --api-key or --api-key-file, not both")
-        api_key = read_api_key_file(given["api_key_file"])
-    settings = engine_settings(given, api_key=api_key)
+        given.values["api_key"] = read_api_key_file(given["api_key_file"])
+    settings = engine_settings(given)
     from vllm_batch.api.auth import KeyConfigError, KeyRing
 
     try:
