@@ -6,7 +6,8 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from vllm_batch.cli import app, read_api_key_file
+from vllm_batch.cli import app
+from vllm_batch.cli.serve import read_api_key_file
 
 runner = CliRunner()
 

@@ -188,7 +188,8 @@ def test_validation_error_locations_become_parameter_names() -> None:
 
 
 def test_run_runner_flag_sets_the_kind(tmp_path: Path) -> None:
-    from vllm_batch.cli import Runner, runner_kind
+    from vllm_batch.cli.options import Runner
+    from vllm_batch.cli.run import runner_kind
 
     bert = ModelSpec("e", model_dir(tmp_path, "bert", ["BertModel"]))
     cross = ModelSpec("c", model_dir(tmp_path, "cross", ["BertForSequenceClassification"]))
@@ -221,7 +222,8 @@ def test_transcription_models_are_their_own_kind(tmp_path: Path) -> None:
 
 
 def test_run_generate_runner_keeps_a_transcription_model(tmp_path: Path) -> None:
-    from vllm_batch.cli import Runner, runner_kind
+    from vllm_batch.cli.options import Runner
+    from vllm_batch.cli.run import runner_kind
 
     whisper = ModelSpec("w", model_dir(tmp_path, "whisper", ["WhisperForConditionalGeneration"]))
     assert runner_kind(Runner.generate, whisper) is ModelKind.TRANSCRIBE

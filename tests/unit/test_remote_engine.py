@@ -62,7 +62,7 @@ def test_cli_refuses_openai_engine_without_upstreams() -> None:
 
 
 def test_cli_discovers_models_or_says_why(tmp_path: Any) -> None:
-    from vllm_batch.cli import with_upstream_models
+    from vllm_batch.cli.build import with_upstream_models
 
     with fault_proxy(models=["m1", "m2"]) as one, fault_proxy(models=["m2", "m3"]) as two:
         found = with_upstream_models(remote_settings(one.url, two.url))

@@ -1,0 +1,82 @@
+"""``vllm-batch worker``: a worker without the API (scale-out: many workers, one database)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+from vllm_batch.cli import options as o
+from vllm_batch.cli.build import engine_settings, setup_logging
+from vllm_batch.config import Settings
+
+WORKER_FLAGS = (*o.STORE_FLAGS, *o.ENGINE_FLAGS, o.METRICS_PORT, o.METRICS_HOST)
+
+
+@o.command(*WORKER_FLAGS)
+def worker(given: o.Given) -> None:
+    """Run a worker without the API (scale-out: many workers, one database)."""
+    settings = engine_settings(given)
+    setup_logging(settings)
+    asyncio.run(run_worker(settings))
+
+
+async def run_worker(settings: Settings) -> None:
+    """The worker, housekeeping, deliveries and (with --metrics-port) metrics until a signal."""
+    from vllm_batch.api.app import settings_engine_factory
+    from vllm_batch.api.worker_metrics import bind_worker_metrics, serve_worker_metrics
+    from vllm_batch.batches.housekeeping import run_housekeeping
+    from vllm_batch.batches.store_context import open_store
+    from vllm_batch.deliveries.dispatcher import DeliveryDispatcher
+    from vllm_batch.engines.manager import EngineManager
+    from vllm_batch.observability import metrics
+    from vllm_batch.runtime.supervise import TaskHealth, supervise
+    from vllm_batch.worker.context import WorkerContext
+    from vllm_batch.worker.loop import Worker
+
+    metrics.configure(settings)
+    metrics_socket = None
+    if settings.metrics_enabled and settings.metrics_port is not None:
+        try:
+            metrics_socket = bind_worker_metrics(settings)
+        except OSError as exc:
+            message = f"cannot serve metrics on port {settings.metrics_port}: {exc}"
+            raise SystemExit(message) from None
+    async with open_store(settings) as store:
+        engines = EngineManager(settings.model_specs, settings_engine_factory(settings))
+        ctx = WorkerContext(**store.shared(), engines=engines)
+        shutdown = asyncio.Event()
+
+        def stop() -> None:
+            shutdown.set()
+            ctx.notifier.wake()
+            engines.abort_loading()  # a load under way would delay the exit until it ends
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop)
+        worker = Worker(ctx)
+        services = [
+            asyncio.create_task(
+                supervise(
+                    TaskHealth("housekeeping"), lambda: run_housekeeping(ctx, shutdown), shutdown
+                )
+            )
+        ]
+        if settings.deliveries:
+            dispatcher = DeliveryDispatcher(ctx)
+            services.append(
+                asyncio.create_task(
+                    supervise(TaskHealth("deliveries"), lambda: dispatcher.run(shutdown), shutdown)
+                )
+            )
+        if metrics_socket is not None:
+            services.append(
+                asyncio.create_task(serve_worker_metrics(settings, metrics_socket, shutdown))
+            )
+        try:
+            await supervise(TaskHealth("worker"), lambda: worker.run(shutdown), shutdown)
+            await asyncio.gather(*services)
+        finally:
+            for task in services:
+                task.cancel()
+            await engines.close()
