@@ -107,6 +107,7 @@ def others_waiting() -> bool:
 def acquire(label: str, make_room: Callable[[], bool] = lambda: False) -> Slot:
     """Take a free slot, waiting (with ``make_room`` asked to free one of ours) until one is."""
     SLOT_DIR.mkdir(parents=True, exist_ok=True)
+    reap_orphan_groups()
     deadline = time.monotonic() + SLOT_WAIT_SECONDS
     announced = False
     try:
@@ -150,6 +151,7 @@ def budgeted_popen(label: str, *args: Any, **kwargs: Any) -> subprocess.Popen[by
     try:
         kwargs.setdefault("start_new_session", True)
         process: subprocess.Popen[bytes] = subprocess.Popen(*args, **kwargs)
+        track_group(process.pid)
     except BaseException:
         slot.release()
         raise
@@ -280,5 +282,57 @@ def reap_group(pgid: int, timeout: float = 30) -> None:
         if time.monotonic() > deadline:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
-            return
+            break
         _PAUSE.wait(0.2)
+    (GROUPS_DIR / str(pgid)).unlink(missing_ok=True)
+
+
+GROUPS_DIR = SLOT_DIR / "groups"
+"""One file per engine process group a test started, named by its id, holding the pid of
+the xdist worker that started it (and reaps it: ``reap_group``)."""
+
+
+def track_group(pgid: int) -> None:
+    """Note that this process started group ``pgid``. If this process dies before it reaps
+    the group (pytest-timeout ends a hung xdist worker), ``reap_orphan_groups`` kills what
+    is left of it, so its engines neither outlive their slot nor the run."""
+    GROUPS_DIR.mkdir(parents=True, exist_ok=True)
+    (GROUPS_DIR / str(pgid)).write_text(str(os.getpid()))
+
+
+def _running(pid: int) -> bool:
+    import psutil
+
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _of_this_run(pid: int) -> bool:
+    """Whether ``pid`` descends from this pytest run (it inherited the run's xdist id)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+    return f"PYTEST_XDIST_TESTRUNUID={_RUN_ID}".encode() in environ.split(b"\0")
+
+
+def reap_orphan_groups() -> list[int]:
+    """Kill the processes of tracked groups whose xdist worker died without reaping them
+    (only processes of this run: a group id may since have been reused); their pids."""
+    killed: list[int] = []
+    entries = list(GROUPS_DIR.iterdir()) if GROUPS_DIR.is_dir() else []
+    for entry in entries:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            if _running(int(entry.read_text())):
+                continue
+            for pid in group_alive(int(entry.name)):
+                if _of_this_run(pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            entry.unlink(missing_ok=True)
+    if killed:
+        log.warning("killed %d processes left by a crashed xdist worker: %s", len(killed), killed)
+    return killed

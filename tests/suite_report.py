@@ -96,3 +96,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     line = _SAMPLER.stop()
     terminalreporter.write_sep("=", line)
     REPORT_FILE.write_text(line + "\n")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Each xdist worker, as it ends, kills what a crashed worker left running."""
+    if hasattr(session.config, "workerinput"):
+        from tests.engine_budget import reap_orphan_groups
+
+        reap_orphan_groups()

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
-from tests.engine_budget import Slot, engine_slot_acquire, reap_group
+from tests.engine_budget import Slot, engine_slot_acquire, reap_group, track_group
 
 
 @dataclass
@@ -72,6 +72,7 @@ def spawn_server(
             process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
             )
+        track_group(process.pid)
     except BaseException:
         if slot is not None:
             slot.release()

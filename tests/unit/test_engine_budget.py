@@ -3,6 +3,8 @@ budget waits and then names its holders, and a dead holder's slot comes back."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -56,3 +58,34 @@ def test_a_slot_held_by_another_process_is_freed_when_it_dies(budget: Path) -> N
         mine.release()
     finally:
         holder.kill()
+
+
+def test_a_crashed_workers_group_is_killed_and_only_its_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group whose starter died is reaped, but only processes carrying this run's id."""
+    groups = tmp_path / "groups"
+    monkeypatch.setattr(engine_budget, "GROUPS_DIR", groups)
+    monkeypatch.setattr(engine_budget, "_RUN_ID", "run-under-test")
+    ours = subprocess.Popen(["sleep", "60"], start_new_session=True, env={**os.environ, **RUN_ENV})
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    live_starter = subprocess.Popen(["sleep", "60"])
+    kept = subprocess.Popen(["sleep", "60"], start_new_session=True, env={**os.environ, **RUN_ENV})
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        groups.mkdir()
+        for process in (ours, other):
+            (groups / str(process.pid)).write_text(str(dead.pid))  # their starter is gone
+        (groups / str(kept.pid)).write_text(str(live_starter.pid))
+        assert engine_budget.reap_orphan_groups() == [ours.pid]
+        assert ours.wait(10) == -signal.SIGKILL
+        assert other.poll() is None and kept.poll() is None  # not this run's / starter alive
+        assert sorted(p.name for p in groups.iterdir()) == [str(kept.pid)]
+    finally:
+        for process in (ours, other, kept, live_starter):
+            process.kill()
+            process.wait()
+
+
+RUN_ENV = {"PYTEST_XDIST_TESTRUNUID": "run-under-test"}
