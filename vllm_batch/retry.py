@@ -44,63 +44,51 @@ def retrying(
     *, sleep: Callable[[float], Awaitable[None] | None] | None = None, **args: Unpack[RetryArgs]
 ) -> tenacity.AsyncRetrying:
     """An async retrier (``async for attempt in ...: with attempt: ...``)."""
-    return tenacity.AsyncRetrying(sleep=sleep or asyncio.sleep, **_Policy(args).options())
+    return tenacity.AsyncRetrying(sleep=sleep or asyncio.sleep, **_options(args))
 
 
 def retrying_sync(
     *, sleep: Callable[[float], None] | None = None, **args: Unpack[RetryArgs]
 ) -> tenacity.Retrying:
     """The same policy for blocking code (``for attempt in ...: with attempt: ...``)."""
-    return tenacity.Retrying(sleep=sleep or time.sleep, **_Policy(args).options())
+    return tenacity.Retrying(sleep=sleep or time.sleep, **_options(args))
 
 
-class _Policy:
-    """The parts both retriers share: what to retry, when to stop, how long to wait, logging."""
+def _options(args: RetryArgs) -> dict[str, Any]:
+    """The keyword arguments of ``tenacity.Retrying`` and ``AsyncRetrying`` but ``sleep``:
+    what to retry, when to stop, how long to wait, and the log line before each wait."""
+    on, attempts, first_wait = args["on"], args["attempts"], args.get("first_wait", 0.5)
+    if attempts is not None and attempts < 1:
+        raise ValueError("attempts must be at least 1 (or None: retry forever)")
+    stop: tenacity.stop.stop_base = (
+        tenacity.stop_never if attempts is None else tenacity.stop_after_attempt(attempts)
+    )
+    if (deadline := args.get("deadline")) is not None:
+        stop = stop | tenacity.stop_after_delay(deadline)
+    limit = "∞" if attempts is None else str(attempts)
 
-    def __init__(self, args: RetryArgs) -> None:
-        on, attempts, first_wait = args["on"], args["attempts"], args.get("first_wait", 0.5)
-        if attempts is not None and attempts < 1:
-            raise ValueError("attempts must be at least 1 (or None: retry forever)")
-        self.retry: tenacity.retry_base = (
-            tenacity.retry_if_exception_type(on)
-            if isinstance(on, type | tuple)
-            else tenacity.retry_if_exception(on)
-        )
-        self.stop: tenacity.stop.stop_base = (
-            tenacity.stop_never if attempts is None else tenacity.stop_after_attempt(attempts)
-        )
-        if (deadline := args.get("deadline")) is not None:
-            self.stop = self.stop | tenacity.stop_after_delay(deadline)
-        self.wait = tenacity.wait_exponential_jitter(
-            multiplier=first_wait, max=args["max_wait"], jitter=first_wait
-        )
-        self.log = args["log"]
-        self.level = args.get("level", logging.WARNING)
-        self.what = args["what"]
-        self.limit = "∞" if attempts is None else str(attempts)
-
-    def options(self) -> dict[str, Any]:
-        """The keyword arguments of ``tenacity.Retrying`` and ``AsyncRetrying`` but ``sleep``."""
-        return {
-            "retry": self.retry,
-            "stop": self.stop,
-            "wait": self.wait,
-            "before_sleep": self.before_sleep,
-            "reraise": True,
-        }
-
-    def before_sleep(self, state: tenacity.RetryCallState) -> None:
+    def before_sleep(state: tenacity.RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome is not None else None
         wait = state.next_action.sleep if state.next_action is not None else 0.0
-        self.log.log(
-            self.level,
+        args["log"].log(
+            args.get("level", logging.WARNING),
             "%s failed (attempt %d/%s: %s); retrying in %.1fs",
-            self.what,
+            args["what"],
             state.attempt_number,
-            self.limit,
+            limit,
             describe(error),
             wait,
         )
+
+    retry: tenacity.retry_base = (
+        tenacity.retry_if_exception_type(on)
+        if isinstance(on, type | tuple)
+        else tenacity.retry_if_exception(on)
+    )
+    wait = tenacity.wait_exponential_jitter(
+        multiplier=first_wait, max=args["max_wait"], jitter=first_wait
+    )
+    return dict(retry=retry, stop=stop, wait=wait, before_sleep=before_sleep, reraise=True)
 
 
 def describe(error: BaseException | None) -> str:
