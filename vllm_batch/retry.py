@@ -20,101 +20,75 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NotRequired, TypedDict, Unpack
 
 import tenacity
 
 RetryOn = type[BaseException] | tuple[type[BaseException], ...] | Callable[[BaseException], bool]
 
 
+class RetryArgs(TypedDict):
+    """The policy both retriers take as keywords; see the module docstring."""
+
+    on: RetryOn
+    attempts: int | None
+    max_wait: float
+    log: logging.Logger
+    what: str
+    first_wait: NotRequired[float]
+    deadline: NotRequired[float | None]
+    level: NotRequired[int]
+
+
 def retrying(
-    *,
-    on: RetryOn,
-    attempts: int | None,
-    max_wait: float,
-    log: logging.Logger,
-    what: str,
-    first_wait: float = 0.5,
-    deadline: float | None = None,
-    level: int = logging.WARNING,
-    sleep: Callable[[float], Awaitable[None] | None] | None = None,
+    *, sleep: Callable[[float], Awaitable[None] | None] | None = None, **args: Unpack[RetryArgs]
 ) -> tenacity.AsyncRetrying:
     """An async retrier (``async for attempt in ...: with attempt: ...``)."""
-    policy = _Policy(on, attempts, max_wait, log, what, first_wait, deadline, level)
-    return tenacity.AsyncRetrying(sleep=sleep or asyncio.sleep, **policy.options())
+    return tenacity.AsyncRetrying(sleep=sleep or asyncio.sleep, **_options(args))
 
 
 def retrying_sync(
-    *,
-    on: RetryOn,
-    attempts: int | None,
-    max_wait: float,
-    log: logging.Logger,
-    what: str,
-    first_wait: float = 0.5,
-    sleep: Callable[[float], None] | None = None,
+    *, sleep: Callable[[float], None] | None = None, **args: Unpack[RetryArgs]
 ) -> tenacity.Retrying:
     """The same policy for blocking code (``for attempt in ...: with attempt: ...``)."""
-    policy = _Policy(on, attempts, max_wait, log, what, first_wait)
-    return tenacity.Retrying(sleep=sleep or time.sleep, **policy.options())
+    return tenacity.Retrying(sleep=sleep or time.sleep, **_options(args))
 
 
-class _Policy:
-    """The parts both retriers share: what to retry, when to stop, how long to wait, logging."""
+def _options(args: RetryArgs) -> dict[str, Any]:
+    """The keyword arguments of ``tenacity.Retrying`` and ``AsyncRetrying`` but ``sleep``:
+    what to retry, when to stop, how long to wait, and the log line before each wait."""
+    on, attempts, first_wait = args["on"], args["attempts"], args.get("first_wait", 0.5)
+    if attempts is not None and attempts < 1:
+        raise ValueError("attempts must be at least 1 (or None: retry forever)")
+    stop: tenacity.stop.stop_base = (
+        tenacity.stop_never if attempts is None else tenacity.stop_after_attempt(attempts)
+    )
+    if (deadline := args.get("deadline")) is not None:
+        stop = stop | tenacity.stop_after_delay(deadline)
+    limit = "∞" if attempts is None else str(attempts)
 
-    def __init__(
-        self,
-        on: RetryOn,
-        attempts: int | None,
-        max_wait: float,
-        log: logging.Logger,
-        what: str,
-        first_wait: float,
-        deadline: float | None = None,
-        level: int = logging.WARNING,
-    ) -> None:
-        if attempts is not None and attempts < 1:
-            raise ValueError("attempts must be at least 1 (or None: retry forever)")
-        self.retry: tenacity.retry_base = (
-            tenacity.retry_if_exception_type(on)
-            if isinstance(on, type | tuple)
-            else tenacity.retry_if_exception(on)
-        )
-        self.stop: tenacity.stop.stop_base = (
-            tenacity.stop_never if attempts is None else tenacity.stop_after_attempt(attempts)
-        )
-        if deadline is not None:
-            self.stop = self.stop | tenacity.stop_after_delay(deadline)
-        self.wait = tenacity.wait_exponential_jitter(
-            multiplier=first_wait, max=max_wait, jitter=first_wait
-        )
-        self.log = log
-        self.level = level
-        self.what = what
-        self.limit = "∞" if attempts is None else str(attempts)
-
-    def options(self) -> dict[str, Any]:
-        """The keyword arguments of ``tenacity.Retrying`` and ``AsyncRetrying`` but ``sleep``."""
-        return {
-            "retry": self.retry,
-            "stop": self.stop,
-            "wait": self.wait,
-            "before_sleep": self.before_sleep,
-            "reraise": True,
-        }
-
-    def before_sleep(self, state: tenacity.RetryCallState) -> None:
+    def before_sleep(state: tenacity.RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome is not None else None
         wait = state.next_action.sleep if state.next_action is not None else 0.0
-        self.log.log(
-            self.level,
+        args["log"].log(
+            args.get("level", logging.WARNING),
             "%s failed (attempt %d/%s: %s); retrying in %.1fs",
-            self.what,
+            args["what"],
             state.attempt_number,
-            self.limit,
+            limit,
             describe(error),
             wait,
         )
+
+    retry: tenacity.retry_base = (
+        tenacity.retry_if_exception_type(on)
+        if isinstance(on, type | tuple)
+        else tenacity.retry_if_exception(on)
+    )
+    wait = tenacity.wait_exponential_jitter(
+        multiplier=first_wait, max=args["max_wait"], jitter=first_wait
+    )
+    return dict(retry=retry, stop=stop, wait=wait, before_sleep=before_sleep, reraise=True)
 
 
 def describe(error: BaseException | None) -> str:

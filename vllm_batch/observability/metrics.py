@@ -63,15 +63,51 @@ def _gauge(
     return Gauge(PREFIX + name, doc, labels, registry=None, multiprocess_mode=mode)
 
 
+# Counters labelled by model alone, declared at 0 for every served model: name → help.
+MODEL_COUNTERS = {
+    "lines_completed": "Lines saved with a successful response.",
+    "lines_failed": "Lines saved as errors.",
+    "chunk_claims": "Chunks leased by a worker.",
+    "chunk_lease_expiries": "Chunks taken over from an expired lease.",
+    "chunks_done": "Chunks finished (every line saved).",
+    "chunk_leases_lost": "Chunks lost to another worker mid-run.",
+    "chunks_given_up": "Chunks whose lines became errors after engine failures.",
+    "engine_loads": "Engine starts that succeeded.",
+    "engine_restarts": "Engines dropped after an engine failure.",
+    "engine_load_failures": "Engine starts that failed.",
+    # vLLM's own scheduler stats (observability/engine_stats.py)
+    "engine_prefix_cache_queries": "Prompt tokens looked up in the prefix cache.",
+    "engine_prefix_cache_hits": "Prompt tokens found in the prefix cache.",
+    "engine_preemptions": "Requests preempted by the engine's scheduler.",
+}
+# Live gauges labelled by model alone, declared at 0 for every served model.
+MODEL_GAUGES: dict[str, tuple[str, Literal["livesum", "livemax"]]] = {
+    "engine_loaded": ("Live processes with this model's engine loaded.", "livesum"),
+    "engine_running_requests": ("Requests in the engine's running batch.", "livesum"),
+    "engine_waiting_requests": ("Requests waiting in the engine's scheduler.", "livesum"),
+    "engine_kv_cache_usage_ratio": ("KV-cache usage (0-1).", "livemax"),
+    "engine_prefix_cache_hit_rate": (
+        "Prefix-cache hit rate over the last 1000 requests (0-1).",
+        "livemax",
+    ),
+}
+ENGINE_GAUGES = (  # MODEL_GAUGES that follow the engine: zero once it stops
+    "engine_loaded",
+    "engine_running_requests",
+    "engine_waiting_requests",
+    "engine_kv_cache_usage_ratio",
+)
+
+
 class _Metrics:
     """Every process-side metric; built once, after the multiprocess directory is set."""
 
     def __init__(self) -> None:
         m = ("model",)
-        self.lines_completed = _counter(
-            "lines_completed", "Lines saved with a successful response.", m
-        )
-        self.lines_failed = _counter("lines_failed", "Lines saved as errors.", m)
+        self.counters = {name: _counter(name, doc, m) for name, doc in MODEL_COUNTERS.items()}
+        self.gauges = {
+            name: _gauge(name, doc, m, mode) for name, (doc, mode) in MODEL_GAUGES.items()
+        }
         self.tokens = _counter(
             "tokens", "Tokens of saved lines (cached within input).", (*m, "kind")
         )
@@ -95,19 +131,8 @@ class _Metrics:
         self.tokens_per_second = _gauge(
             "tokens_per_second", "Tokens per second (last 30 s).", (*m, "kind"), "livesum"
         )
-        self.chunk_claims = _counter("chunk_claims", "Chunks leased by a worker.", m)
-        self.lease_expiries = _counter(
-            "chunk_lease_expiries", "Chunks taken over from an expired lease.", m
-        )
-        self.chunks_done = _counter("chunks_done", "Chunks finished (every line saved).", m)
         self.requeues = _counter(
             "chunk_requeues", "Chunks handed back to the queue.", (*m, "reason")
-        )
-        self.leases_lost = _counter(
-            "chunk_leases_lost", "Chunks lost to another worker mid-run.", m
-        )
-        self.given_up = _counter(
-            "chunks_given_up", "Chunks whose lines became errors after engine failures.", m
         )
         self.db_retries = _counter("db_retries", "Database calls retried after an outage error.")
         self.storage_refusals = _counter(
@@ -116,16 +141,6 @@ class _Metrics:
         self.finalize_retries = _counter(
             "finalize_storage_retries",
             "Batch finalizations put off because the file storage refused the output.",
-        )
-        self.engine_loads = _counter("engine_loads", "Engine starts that succeeded.", m)
-        self.engine_load_failures = _counter(
-            "engine_load_failures", "Engine starts that failed.", m
-        )
-        self.engine_restarts = _counter(
-            "engine_restarts", "Engines dropped after an engine failure.", m
-        )
-        self.engine_loaded = _gauge(
-            "engine_loaded", "Live processes with this model's engine loaded.", m, "livesum"
         )
         kind = ("kind",)
         self.delivery_attempts = _counter(
@@ -154,59 +169,12 @@ class _Metrics:
             registry=None,
             buckets=LOOP_LAG_BUCKETS,
         )
-        # vLLM's own scheduler stats (observability/engine_stats.py)
-        self.engine_running = _gauge(
-            "engine_running_requests", "Requests in the engine's running batch.", m, "livesum"
-        )
-        self.engine_waiting = _gauge(
-            "engine_waiting_requests", "Requests waiting in the engine's scheduler.", m, "livesum"
-        )
-        self.engine_kv_usage = _gauge(
-            "engine_kv_cache_usage_ratio", "KV-cache usage (0-1).", m, "livemax"
-        )
-        self.engine_hit_rate = _gauge(
-            "engine_prefix_cache_hit_rate",
-            "Prefix-cache hit rate over the last 1000 requests (0-1).",
-            m,
-            "livemax",
-        )
-        self.engine_prefix_queries = _counter(
-            "engine_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", m
-        )
-        self.engine_prefix_hits = _counter(
-            "engine_prefix_cache_hits", "Prompt tokens found in the prefix cache.", m
-        )
-        self.engine_preemptions = _counter(
-            "engine_preemptions", "Requests preempted by the engine's scheduler.", m
-        )
         self.rates = _Rates(self)
 
     def declare_model(self, model: str) -> None:
         """Create the model's series at 0: rates and dashboards see every name from the start."""
-        for counter in (
-            self.lines_completed,
-            self.lines_failed,
-            self.chunk_claims,
-            self.lease_expiries,
-            self.chunks_done,
-            self.leases_lost,
-            self.given_up,
-            self.engine_loads,
-            self.engine_restarts,
-            self.engine_load_failures,
-            self.engine_prefix_queries,
-            self.engine_prefix_hits,
-            self.engine_preemptions,
-        ):
-            counter.labels(model)
-        for gauge in (
-            self.engine_loaded,
-            self.engine_running,
-            self.engine_waiting,
-            self.engine_kv_usage,
-            self.engine_hit_rate,
-        ):
-            gauge.labels(model)
+        for metric in (*self.counters.values(), *self.gauges.values()):
+            metric.labels(model)
         for kind in TOKEN_KINDS:
             self.tokens.labels(model, kind)
         for reason in REQUEUE_REASONS:
@@ -437,10 +405,8 @@ def lines_saved(model: str, results: Iterable[SavedLine]) -> None:
         if result.seconds is not None:
             seconds.append(result.seconds)
     observe_many(m.latency.labels(model), seconds)
-    if ok:
-        m.lines_completed.labels(model).inc(ok)
-    if failed:
-        m.lines_failed.labels(model).inc(failed)
+    _count("lines_completed", model, ok)
+    _count("lines_failed", model, failed)
     for kind, count in (
         ("input", input_tokens),
         ("cached", cached),
@@ -479,8 +445,8 @@ def observe_many(histogram: Histogram, amounts: Sequence[float]) -> None:
 
 def lines_expired(model: str | None, count: int) -> None:
     """Unfinished lines written as errors when a batch expired."""
-    if _metrics is not None and count > 0:
-        _metrics.lines_failed.labels(model or "").inc(count)
+    if count > 0:
+        _count("lines_failed", model or "", count)
 
 
 def batch_finished(model: str | None, status: str, seconds: float) -> None:
@@ -488,16 +454,26 @@ def batch_finished(model: str | None, status: str, seconds: float) -> None:
         _metrics.batch_duration.labels(model or "", status).observe(max(0.0, seconds))
 
 
-def chunk_claimed(model: str, *, lease_expired: bool) -> None:
+def _count(name: str, model: str, amount: int = 1) -> None:
+    """Add ``amount`` (if any) to the model's series of the ``MODEL_COUNTERS`` entry ``name``."""
+    if _metrics is not None and amount:
+        _metrics.counters[name].labels(model).inc(amount)
+
+
+def _set(name: str, model: str, value: float) -> None:
+    """Set the model's series of the ``MODEL_GAUGES`` entry ``name``."""
     if _metrics is not None:
-        _metrics.chunk_claims.labels(model).inc()
-        if lease_expired:
-            _metrics.lease_expiries.labels(model).inc()
+        _metrics.gauges[name].labels(model).set(value)
+
+
+def chunk_claimed(model: str, *, lease_expired: bool) -> None:
+    _count("chunk_claims", model)
+    if lease_expired:
+        _count("chunk_lease_expiries", model)
 
 
 def chunk_done(model: str) -> None:
-    if _metrics is not None:
-        _metrics.chunks_done.labels(model).inc()
+    _count("chunks_done", model)
 
 
 def chunk_requeued(model: str, reason: str) -> None:
@@ -506,13 +482,11 @@ def chunk_requeued(model: str, reason: str) -> None:
 
 
 def chunk_lease_lost(model: str) -> None:
-    if _metrics is not None:
-        _metrics.leases_lost.labels(model).inc()
+    _count("chunk_leases_lost", model)
 
 
 def chunk_given_up(model: str) -> None:
-    if _metrics is not None:
-        _metrics.given_up.labels(model).inc()
+    _count("chunks_given_up", model)
 
 
 def db_retry() -> None:
@@ -531,32 +505,22 @@ def finalize_put_off() -> None:
 
 
 def engine_loaded(model: str) -> None:
-    if _metrics is not None:
-        _metrics.engine_loads.labels(model).inc()
-        _metrics.engine_loaded.labels(model).set(1)
+    _count("engine_loads", model)
+    _set("engine_loaded", model, 1)
 
 
 def engine_unloaded(model: str) -> None:
     """The model's engine stopped: its live engine gauges go to zero."""
-    m = _metrics
-    if m is not None:
-        for gauge in (
-            m.engine_loaded,
-            m.engine_running,
-            m.engine_waiting,
-            m.engine_kv_usage,
-        ):
-            gauge.labels(model).set(0)
+    for name in ENGINE_GAUGES:
+        _set(name, model, 0)
 
 
 def engine_load_failed(model: str) -> None:
-    if _metrics is not None:
-        _metrics.engine_load_failures.labels(model).inc()
+    _count("engine_load_failures", model)
 
 
 def engine_restarted(model: str) -> None:
-    if _metrics is not None:
-        _metrics.engine_restarts.labels(model).inc()
+    _count("engine_restarts", model)
 
 
 def loop_lag(seconds: float) -> None:
@@ -592,20 +556,14 @@ def engine_stats(
     preemptions: int = 0,
 ) -> None:
     """One step of vLLM's scheduler stats for ``model`` (see ``engine_stats.py``)."""
-    m = _metrics
-    if m is None:
-        return
-    for gauge, value in (
-        (m.engine_running, running),
-        (m.engine_waiting, waiting),
-        (m.engine_kv_usage, kv_cache_usage),
-        (m.engine_hit_rate, hit_rate),
+    for name, value in (
+        ("engine_running_requests", running),
+        ("engine_waiting_requests", waiting),
+        ("engine_kv_cache_usage_ratio", kv_cache_usage),
+        ("engine_prefix_cache_hit_rate", hit_rate),
     ):
         if value is not None:
-            gauge.labels(model).set(value)
-    if prefix_queries:
-        m.engine_prefix_queries.labels(model).inc(prefix_queries)
-    if prefix_hits:
-        m.engine_prefix_hits.labels(model).inc(prefix_hits)
-    if preemptions:
-        m.engine_preemptions.labels(model).inc(preemptions)
+            _set(name, model, value)
+    _count("engine_prefix_cache_queries", model, prefix_queries)
+    _count("engine_prefix_cache_hits", model, prefix_hits)
+    _count("engine_preemptions", model, preemptions)

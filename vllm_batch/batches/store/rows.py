@@ -23,7 +23,7 @@ from sqlalchemy import (
     String,
     Text,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, MappedColumn, mapped_column
 
 from vllm_batch.batches.states import (
     BatchStatus,
@@ -53,6 +53,11 @@ def checked(enum: type[StrEnum], name: str, length: int = 16) -> Enum:
     )
 
 
+def owner_column() -> MappedColumn[Any]:
+    """The name of the API key that created the row (``None``: made before keys owned rows)."""
+    return mapped_column(String(64), nullable=True, index=True)
+
+
 class FileRow(Base):
     __tablename__ = "files"
 
@@ -66,8 +71,7 @@ class FileRow(Base):
     expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True, index=True)
     storage_key: Mapped[str] = mapped_column(String(1024))
     line_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    # The API key name that uploaded the file (``None``: created before ownership existed).
-    owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    owner: Mapped[str | None] = owner_column()
 
 
 class UploadRow(Base):
@@ -89,7 +93,7 @@ class UploadRow(Base):
     # Seconds after its creation at which the assembled file expires (``expires_after``).
     file_expires_after: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     file_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    owner: Mapped[str | None] = owner_column()
 
 
 class UploadPartRow(Base):
@@ -147,8 +151,7 @@ class BatchRow(Base):
     finalize_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
     # Seconds after creation at which output/error files expire (``output_expires_after``).
     output_expires_after: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    # The API key name that created the batch (``None``: created before ownership existed).
-    owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    owner: Mapped[str | None] = owner_column()
 
 
 class ChunkRow(Base):

@@ -1,8 +1,4 @@
-"""Finalization lease owner; output file expiry requested at batch creation.
-
-Revision ID: 0002
-Revises: 0001
-"""
+"""Finalization lease owner; output file expiry requested at batch creation."""
 
 from __future__ import annotations
 

@@ -1,8 +1,4 @@
-"""Per-chunk engine failure count; owning API key of files and batches.
-
-Revision ID: 0003
-Revises: 0002
-"""
+"""Per-chunk engine failure count; owning API key of files and batches."""
 
 from __future__ import annotations
 

@@ -1,28 +1,25 @@
-"""Delivery outbox (webhooks and result handlers), its attempts, and server secrets.
-
-Revision ID: 0004
-Revises: 0003
-"""
+"""Delivery outbox (webhooks and result handlers), its attempts, and server secrets."""
 
 from __future__ import annotations
 
 import sqlalchemy as sa
-from alembic import op
+
+from vllm_batch.batches.store.migrations.steps import (
+    create_table,
+    drop_table,
+    id_column,
+    parent_column,
+)
 
 revision = "0004"
 down_revision = "0003"
 
 
 def upgrade() -> None:
-    op.create_table(
+    create_table(
         "deliveries",
-        sa.Column("id", sa.String(64), primary_key=True),
-        sa.Column(
-            "batch_id",
-            sa.String(64),
-            sa.ForeignKey("batches.id", ondelete="CASCADE"),
-            nullable=False,
-        ),
+        id_column(),
+        parent_column("batch_id", "batches"),
         sa.Column("event_id", sa.String(64), nullable=False),
         sa.Column("event_type", sa.String(32), nullable=False),
         sa.Column("kind", sa.String(16), nullable=False),
@@ -38,17 +35,14 @@ def upgrade() -> None:
         sa.Column("finished_at", sa.Float(), nullable=True),
         sa.Column("lease_owner", sa.String(128), nullable=True),
         sa.Column("lease_until", sa.Float(), nullable=True),
+        indexes={
+            "ix_deliveries_batch_id": ["batch_id"],
+            "ix_deliveries_due": ["status", "next_attempt_at"],
+        },
     )
-    op.create_index("ix_deliveries_batch_id", "deliveries", ["batch_id"])
-    op.create_index("ix_deliveries_due", "deliveries", ["status", "next_attempt_at"])
-    op.create_table(
+    create_table(
         "delivery_attempts",
-        sa.Column(
-            "delivery_id",
-            sa.String(64),
-            sa.ForeignKey("deliveries.id", ondelete="CASCADE"),
-            primary_key=True,
-        ),
+        parent_column("delivery_id", "deliveries", primary_key=True),
         sa.Column("number", sa.Integer(), primary_key=True),
         sa.Column("started_at", sa.Float(), nullable=False),
         sa.Column("finished_at", sa.Float(), nullable=False),
@@ -57,7 +51,7 @@ def upgrade() -> None:
         sa.Column("error", sa.Text(), nullable=True),
         sa.Column("owner", sa.String(128), nullable=False),
     )
-    op.create_table(
+    create_table(
         "server_secrets",
         sa.Column("name", sa.String(64), primary_key=True),
         sa.Column("value", sa.Text(), nullable=False),
@@ -66,8 +60,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.drop_table("server_secrets")
-    op.drop_table("delivery_attempts")
-    op.drop_index("ix_deliveries_due", "deliveries")
-    op.drop_index("ix_deliveries_batch_id", "deliveries")
-    op.drop_table("deliveries")
+    drop_table("server_secrets")
+    drop_table("delivery_attempts")
+    drop_table("deliveries", ("ix_deliveries_due", "ix_deliveries_batch_id"))

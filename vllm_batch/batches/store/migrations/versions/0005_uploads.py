@@ -1,22 +1,24 @@
-"""Uploads (OpenAI's Uploads API) and their parts.
-
-Revision ID: 0005
-Revises: 0004
-"""
+"""Uploads (OpenAI's Uploads API) and their parts."""
 
 from __future__ import annotations
 
 import sqlalchemy as sa
-from alembic import op
+
+from vllm_batch.batches.store.migrations.steps import (
+    create_table,
+    drop_table,
+    id_column,
+    parent_column,
+)
 
 revision = "0005"
 down_revision = "0004"
 
 
 def upgrade() -> None:
-    op.create_table(
+    create_table(
         "uploads",
-        sa.Column("id", sa.String(64), primary_key=True),
+        id_column(),
         sa.Column("bytes", sa.BigInteger(), nullable=False),
         sa.Column("created_at", sa.BigInteger(), nullable=False),
         sa.Column("expires_at", sa.BigInteger(), nullable=False),
@@ -27,28 +29,22 @@ def upgrade() -> None:
         sa.Column("file_expires_after", sa.BigInteger(), nullable=True),
         sa.Column("file_id", sa.String(64), nullable=True),
         sa.Column("owner", sa.String(64), nullable=True),
+        indexes={
+            "ix_uploads_owner": ["owner"],
+            "ix_uploads_status_expires_at": ["status", "expires_at"],
+        },
     )
-    op.create_index("ix_uploads_owner", "uploads", ["owner"])
-    op.create_index("ix_uploads_status_expires_at", "uploads", ["status", "expires_at"])
-    op.create_table(
+    create_table(
         "upload_parts",
-        sa.Column("id", sa.String(64), primary_key=True),
-        sa.Column(
-            "upload_id",
-            sa.String(64),
-            sa.ForeignKey("uploads.id", ondelete="CASCADE"),
-            nullable=False,
-        ),
+        id_column(),
+        parent_column("upload_id", "uploads"),
         sa.Column("created_at", sa.BigInteger(), nullable=False),
         sa.Column("bytes", sa.BigInteger(), nullable=False),
         sa.Column("storage_key", sa.String(1024), nullable=False),
+        indexes={"ix_upload_parts_upload_id": ["upload_id"]},
     )
-    op.create_index("ix_upload_parts_upload_id", "upload_parts", ["upload_id"])
 
 
 def downgrade() -> None:
-    op.drop_index("ix_upload_parts_upload_id", "upload_parts")
-    op.drop_table("upload_parts")
-    op.drop_index("ix_uploads_status_expires_at", "uploads")
-    op.drop_index("ix_uploads_owner", "uploads")
-    op.drop_table("uploads")
+    drop_table("upload_parts", ("ix_upload_parts_upload_id",))
+    drop_table("uploads", ("ix_uploads_status_expires_at", "ix_uploads_owner"))

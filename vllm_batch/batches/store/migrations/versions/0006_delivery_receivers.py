@@ -1,8 +1,4 @@
-"""Deliveries name their receiver (webhook host or handler) for per-receiver isolation.
-
-Revision ID: 0006
-Revises: 0005
-"""
+"""Deliveries name their receiver (webhook host or handler) for per-receiver isolation."""
 
 from __future__ import annotations
 

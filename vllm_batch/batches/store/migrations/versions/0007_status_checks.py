@@ -1,8 +1,4 @@
-"""Every status column (and a file's purpose, a delivery's kind) checked by the schema.
-
-Revision ID: 0007
-Revises: 0006
-"""
+"""Every status column (and a file's purpose, a delivery's kind) checked by the schema."""
 
 from __future__ import annotations
 
