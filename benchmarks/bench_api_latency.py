@@ -1,14 +1,15 @@
-"""Does the API answer while the in-process worker saturates the engine?
+"""Does the API answer while the worker saturates the engine?
 
-Starts ``vllm-batch serve`` (in-process worker, real vLLM on the tiny model by default) in a
-subprocess with asyncio's debug mode on (``PYTHONASYNCIODEBUG=1``: every callback that holds
-the event loop longer than 100 ms is logged as ``Executing ... took N seconds``), loads the
-engine, runs a 16-line warm-up batch, then submits one N-line batch (12,000 by default).
-Once the batch is in progress, it calls ``GET /v1/batches/{id}`` and ``GET /v1/files``
-one after the other (sequential, ``--interval`` apart) until the batch is completed, and
-at least ``--probes`` times each. It reports p50/p95/p99/max per route, and the slow
-callbacks the server logged from the batch's submission to its completion (count, max and
-the slowest few).
+Starts ``vllm-batch serve`` (its worker in a child process, or inline with
+``--worker-mode inline``; real vLLM on the tiny model by default) with asyncio's debug mode
+on in serve's own process (``python -X dev``: every callback that holds the API's event loop
+longer than 100 ms is logged as ``Executing ... took N seconds``; the worker process runs
+without it, at full speed). It loads the engine, runs a 16-line warm-up batch, then submits
+one N-line batch (12,000 by default). Once the batch is in progress, it calls
+``GET /v1/batches/{id}`` and ``GET /v1/files`` one after the other (sequential,
+``--interval`` apart) until the batch is completed, and at least ``--probes`` times each.
+It reports p50/p95/p99/max per route, and the slow callbacks serve's loop logged from the
+batch's submission to its completion (count, max and the slowest few).
 
     python benchmarks/bench_api_latency.py                      # tiny model, 12,000 lines
     python benchmarks/bench_api_latency.py -n 2000 --results-name api_latency_quick
@@ -55,6 +56,8 @@ LAG_BUCKET = re.compile(
     r'vllm_batch_event_loop_lag_seconds_bucket\{le="(?P<le>[^"]+)"\} (?P<count>[0-9.e+]+)'
 )
 SLOW_CALLBACK = re.compile(r"Executing (?P<handle>.*?) took (?P<seconds>\d+\.\d+) seconds")
+WORKER_PROCESS = '"process": "worker"'
+"""What the worker process's log lines carry (its own loop is not the API's)."""
 ROUTES = ("GET /v1/batches/{id}", "GET /v1/files")
 
 
@@ -78,15 +81,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--asyncio-debug",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="run the server with PYTHONASYNCIODEBUG=1 and count slow callbacks [on]",
+        help="run serve with python -X dev (asyncio debug) and count slow callbacks [on]",
     )
     add("--py-spy", type=Path, help="sample the server with py-spy (collapsed stacks) into DIR")
+    add("--worker-mode", choices=("process", "inline"), default="process", help="[process]")
     add("--nice-engine", type=int, help="renice the server's child processes (the engine) [no]")
     add("--label", default="", help="a note on the code measured (shown in the results)")
     add("--timeout", type=float, default=1800, help="seconds per wait [%(default)s]")
     add("--workdir", type=Path, help="keep the batch file and server log here")
     add("--results-name", default="api_latency_tiny", help="[%(default)s]")
     return parser.parse_args(argv)
+
+
+WORKER_WHERE = {"process": "in a child process", "inline": "inline, on the API's event loop"}
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -109,7 +116,7 @@ def slow_callbacks(log_path: Path, batch_id: str) -> list[tuple[float, str]]:
     for line in log_path.read_text(errors="replace").splitlines():
         seen = seen or batch_id in line
         match = SLOW_CALLBACK.search(line)
-        if seen and match:
+        if seen and match and WORKER_PROCESS not in line:  # serve's own loop only
             found.append((float(match["seconds"]), match["handle"][:300]))
     return found
 
@@ -197,11 +204,22 @@ def main() -> None:
     warmup = batch_file("warm-up", 16, 999_999, (4, 16))
     env = {**os.environ, **{k: os.environ.get(k, v) for k, v in CPU_ENV.items()}}
     env["PYTHONUNBUFFERED"] = "1"
-    extra_env = {"PYTHONASYNCIODEBUG": "1"} if args.asyncio_debug else {}
+    extra_env = {"VLLM_BATCH_WORKER_MODE": args.worker_mode}
+    if args.asyncio_debug:
+        # -X dev would also put debug hooks on the allocator (slowing serve 3x); not this.
+        extra_env["PYTHONMALLOC"] = "pymalloc"
+    python_flags = ("-X", "dev") if args.asyncio_debug else ()
     spy: subprocess.Popen[bytes] | None = None
     load_before = os.getloadavg()[0]
     with WarmServer(
-        engine, workdir, "server", env, extra_env, args.timeout, warmup_file=warmup
+        engine,
+        workdir,
+        "server",
+        env,
+        extra_env,
+        args.timeout,
+        warmup_file=warmup,
+        python_flags=python_flags,
     ) as server:
         assert server.child is not None
         if args.nice_engine is not None:
@@ -249,7 +267,8 @@ def main() -> None:
             for item in slow_summary["slowest"]
         )
         slow_text = (
-            f"Slow callbacks (asyncio debug, > 100 ms) from submission to completion: "
+            f"Slow callbacks on serve's event loop (asyncio debug, > 100 ms) from submission "
+            f"to completion: "
             f"**{len(slow)}**, max {slow_summary['max_s'] or 0:.3f} s.{slowest}"
         )
     else:
@@ -267,9 +286,10 @@ def main() -> None:
         f"Model `{name}` ({model}); one {args.n}-line chat batch (seed {args.seed}, user "
         f"prompt {args.prompt_words[0]}-{args.prompt_words[1]} words, max_tokens "
         f"{args.max_tokens[0]}-{args.max_tokens[1]} with ignore_eos) on `vllm-batch serve` "
-        f"with its in-process worker (SQLite, local files), engine dtype float32, "
+        f"with its worker {WORKER_WHERE[args.worker_mode]} (SQLite, local files), engine "
+        f"dtype float32, "
         f"max-num-seqs {args.max_num_seqs}, max-model-len {args.max_model_len}; "
-        f"asyncio debug {'on' if args.asyncio_debug else 'off'}. From the batch's first "
+        f"asyncio debug {'on in serve' if args.asyncio_debug else 'off'}. From the batch's first "
         f"result to its completion, one `GET /v1/batches/{{id}}` then one `GET /v1/files` "
         f"every {args.interval} s (sequential, one client on loopback). Batch done "
         f"{done_s:.1f} s after submission; {probed['rounds_while_running']} probe rounds "

@@ -61,7 +61,8 @@ class Finished:
 class WarmServer:
     """``vllm-batch serve`` with the in-process worker, started in ``__enter__``.
 
-    ``extra_env`` is added to the server's environment (``VLLM_BATCH_CHUNK_SIZE`` ...).
+    ``extra_env`` is added to the server's environment (``VLLM_BATCH_CHUNK_SIZE`` ...);
+    ``python_flags`` go to its interpreter (``-X dev``).
     """
 
     def __init__(
@@ -73,6 +74,7 @@ class WarmServer:
         extra_env: dict[str, str],
         timeout: float,
         warmup_file: Path | None = None,
+        python_flags: tuple[str, ...] = (),
     ) -> None:
         self.engine = engine
         self.workdir = workdir
@@ -91,7 +93,7 @@ class WarmServer:
         self.extra_env = extra_env
         self.port = free_port()
         self.data_dir = workdir / f"{label}.data"
-        self.cmd = [PY, *PY_MODULE]
+        self.cmd = [PY, *python_flags, *PY_MODULE]
         self.cmd += ["--model", f"{engine.name}={engine.model}", "--port", str(self.port)]
         self.cmd += ["--data-dir", str(self.data_dir), *ours.flags]
         self.url = f"http://127.0.0.1:{self.port}"

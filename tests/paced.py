@@ -7,18 +7,22 @@ A test therefore knows that a batch cannot finish before it acts, on a fast idle
 as on a loaded one, and needs no sleep that hopes the machine is slow enough.
 
 ``python -m tests.paced serve|worker|run ARGS`` is ``vllm-batch`` with every engine paced
-by the gate named in ``VLLM_BATCH_TEST_GATE``.
+by the gate named in ``VLLM_BATCH_TEST_GATE`` (serve's worker process is started through
+the same module, so it is paced too).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 GATE_ENV = "VLLM_BATCH_TEST_GATE"
 PACED_CLI = "tests.paced"
@@ -45,10 +49,17 @@ class Gate:
             tmp.replace(self.path)
 
     def started(self, pid: int) -> int:
-        """How many requests engine process ``pid`` (or its server) has started."""
+        """How many requests process ``pid`` and its live children (serve's worker
+        process) have started."""
+        pids = [pid]
+        with contextlib.suppress(psutil.Error):
+            pids += [child.pid for child in psutil.Process(pid).children(recursive=True)]
+        return sum(self._started_by(one) for one in pids)
+
+    def _started_by(self, pid: int) -> int:
         try:
             return int(Path(f"{self.path}.started-{pid}").read_text() or 0)
-        except FileNotFoundError:
+        except (FileNotFoundError, ValueError):
             return 0
 
     def wait_started(

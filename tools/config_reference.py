@@ -40,8 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "configuration.md"
 SETTINGS_COMMANDS = ("serve", "worker", "run", "webhook-secret")
 """The commands whose options become settings (each is probed; nothing else runs)."""
-COMMANDS_WITHOUT_SETTINGS = ("bench", "models")
-"""The commands that build no settings: never invoked here (``bench`` execs a script)."""
+COMMANDS_WITHOUT_SETTINGS = ("bench", "models", "embedded-worker")
+"""The commands that build no settings from flags: never invoked here (``bench`` execs a
+script; ``embedded-worker``, hidden, gets serve's settings as JSON on stdin)."""
 HEADER = re.compile(r"^# ---- (?P<title>.*?)(?: \((?P<page>[\w/-]+\.md)\))?$")
 
 INTRO = """\

@@ -162,6 +162,13 @@ class Settings(BaseSettings):
 
     # ---- Processes and engine choice (scaling.md)
     worker: bool = Field(default=True, description="Run an in-process worker in serve.")
+    # Where serve runs that worker: "process", a child process of its own, so that API
+    # requests never wait for the engine's front end (it dies with serve); or "inline", on
+    # the API's own event loop. An app given an engine factory (tests) runs it inline.
+    worker_mode: Literal["process", "inline"] = "process"
+    # The worker process's CPU niceness (and its engine's), 0-19: with few cores, the API
+    # gets the CPU first and answers while the engine's front end is busy.
+    worker_nice: int = Field(default=10, ge=0, le=19)
     # "vllm": an in-process engine per worker; "openai": OpenAI-compatible upstream servers
     # (engine_urls, docs/scaling.md); "instant-benchmark": no inference, benchmarks only.
     engine: Literal["vllm", "openai", "instant-benchmark"] = "vllm"

@@ -91,8 +91,8 @@ def test_1_model_does_not_load_parts_are_ours() -> None:
     assert text.startswith("model SmolLM2-135M-Instruct failed to load (attempt 1): OSError: ")
     manager = ROOT / "vllm_batch" / "engines" / "manager.py"
     assert '"model %s failed to load (attempt %d): %s; retrying in %.0f s"' in manager.read_text()
-    probes = (ROOT / "vllm_batch" / "api" / "probes.py").read_text()
-    assert 'f"engine for {names} cannot load (retrying with backoff)"' in probes
+    status = (ROOT / "vllm_batch" / "worker" / "status.py").read_text()
+    assert 'f"engine for {names} cannot load (retrying with backoff)"' in status
     assert "engine for SmolLM2-135M-Instruct cannot load (retrying with backoff)" in (
         PAGE.read_text()
     )

@@ -35,6 +35,7 @@ from vllm_batch.observability.gpu import NvmlReader, ReadingsSource
 from vllm_batch.observability.gpu_guard import GpuGuard
 from vllm_batch.observability.loop_lag import watch_loop_lag
 from vllm_batch.runtime.supervise import TaskHealth, supervise
+from vllm_batch.runtime.worker_process import WorkerProcess
 from vllm_batch.worker.context import WorkerContext
 from vllm_batch.worker.loop import Worker
 
@@ -51,13 +52,15 @@ def create_app(
     reads its GPUs from ``gpu_source`` (default: NVML)."""
     warn_ignored_environment()
     _ = settings.lora_specs  # a bad LoRA spec fails here, not when the first batch arrives
+    # A worker process makes its own engine: a given factory (tests) keeps the worker inline.
+    child_worker = settings.worker and settings.worker_mode == "process" and not engine_factory
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics.configure(settings)
         engines: EngineManager | None = None
         preload: asyncio.Task[None] | None = None
-        if settings.worker:
+        if settings.worker and not child_worker:
             engines = EngineManager(
                 settings.model_specs, engine_factory or settings_engine_factory(settings)
             )
@@ -92,6 +95,13 @@ def create_app(
                 ctx.worker_task = asyncio.create_task(
                     supervise(ctx.worker_health, lambda: worker.run(shutdown), shutdown)
                 )
+            if child_worker:
+                child = ctx.worker_process = WorkerProcess(settings)
+                ctx.worker_health = child.health
+                ctx.worker_task = asyncio.create_task(
+                    supervise(child.health, lambda: child.run(shutdown), shutdown)
+                )
+                store.notifier.forward(child.wake)
             sweeper = ValidationSweeper(store, ctx.validating)
             services: list[tuple[str, Callable[[], Awaitable[None]]]] = [
                 ("housekeeping", lambda: run_housekeeping(store, shutdown)),
@@ -112,6 +122,8 @@ def create_app(
                 ctx.notifier.wake()
                 if ctx.engines is not None:
                     ctx.engines.abort_loading()  # a load under way would delay the exit
+                if ctx.worker_process is not None:
+                    await ctx.worker_process.stop(SHUTDOWN_GRACE_SECONDS)
                 if ctx.worker_task is not None:
                     try:
                         await asyncio.wait_for(ctx.worker_task, SHUTDOWN_GRACE_SECONDS)

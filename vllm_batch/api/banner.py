@@ -75,7 +75,7 @@ def emit(banner: Banner, fmt: str) -> None:
 
 async def announce_when_ready(app: Any, banner: Banner, fmt: str) -> None:
     """Wait until the in-process worker's engine is loaded (if there is one), then emit."""
-    engines = getattr(app.state.ctx, "engines", None)
-    while engines is not None and engines.loaded_model is None:
+    ctx = app.state.ctx
+    while (status := ctx.worker_status()) is not None and status.loaded_model is None:
         await asyncio.sleep(READY_POLL_SECONDS)
     emit(banner, fmt)

@@ -49,51 +49,11 @@ async def check_database(ctx: AppContext, timeout: float = DB_TIMEOUT_SECONDS) -
 
 
 def check_worker(ctx: AppContext) -> Check:
-    """The worker task runs, sees the database, and its engine is not failing to load."""
-    if ctx.worker is None or ctx.engines is None:
+    """The worker runs, sees the database, and its engine is not failing to load."""
+    status = ctx.worker_status()
+    if status is None:
         return Check(ok=True, state={"enabled": False})
-    worker, engines, health = ctx.worker, ctx.engines, ctx.worker_health
-    state: dict[str, Any] = {
-        "enabled": True,
-        "alive": ctx.worker_alive,
-        "restarts": health.restarts if health else 0,
-        "engine": engines.state,
-        "loaded_model": engines.loaded_model,
-        "busy": worker.current_chunk is not None,
-        "chunks_held": len(worker.held),
-        "chunks_done": worker.chunks_done,
-        "database": "ok" if worker.db.ok else "retrying",
-    }
-    details: dict[str, Any] = {
-        "id": worker.ctx.worker_id,
-        "current_chunk": worker.current_chunk,
-        "current_chunks": worker.current_chunks,
-        "last_error": health.last_error if health else None,
-        "database_error": worker.db.last_error,
-    }
-    reasons = []
-    if not ctx.worker_alive:
-        reasons.append("worker task is not running (restarting)")
-    if not worker.db.ok:
-        assert worker.db.failing_since is not None
-        reasons.append(
-            f"worker cannot reach the database for "
-            f"{time.time() - worker.db.failing_since:.0f} s (retrying)"
-        )
-    upstreams = getattr(engines.current, "upstream_states", None)
-    if callable(upstreams):  # the remote engine: its upstreams (URLs only with details)
-        listed = upstreams()
-        healthy = sum(1 for upstream in listed if upstream["healthy"])
-        state["upstreams"] = {"healthy": healthy, "total": len(listed)}
-        details["upstreams"] = listed
-    if engines.limits:
-        state["oom_limits"] = engines.describe(details=False)["oom_limits"]
-    if engines.failed:
-        state["engine_failures"] = engines.describe(details=False)["failed_models"]
-        details["engine_failures"] = engines.describe(details=True)["failed_models"]
-        names = ", ".join(sorted(engines.failures))
-        reasons.append(f"engine for {names} cannot load (retrying with backoff)")
-    return Check(ok=not reasons, state=state, reason="; ".join(reasons) or None, details=details)
+    return Check(ok=status.ok, state=status.state, reason=status.reason, details=status.details)
 
 
 def check_services(ctx: AppContext) -> Check:
@@ -111,9 +71,10 @@ def check_services(ctx: AppContext) -> Check:
 def check_gpu(ctx: AppContext) -> Check:
     """GPU readings and the guard's state. Never fails readiness: a hot GPU only pauses
     claims (the API still serves), and a host without a GPU is a normal setup."""
-    if ctx.worker is None:
+    status = ctx.worker_status()
+    if status is None:
         return Check(ok=True, state={"guard": "off", "available": False, "reason": "no worker"})
-    state = ctx.worker.gpu.state()
+    state = {**status.gpu, "gpus": [dict(gpu) for gpu in status.gpu.get("gpus", [])]}
     uuids = {str(gpu["index"]): gpu.pop("uuid", None) for gpu in state["gpus"]}
     return Check(ok=True, state=state, details={"uuids": uuids})
 

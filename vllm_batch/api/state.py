@@ -12,7 +12,9 @@ from vllm_batch.batches.store_context import StoreContext
 from vllm_batch.deliveries.dispatcher import DeliveryDispatcher
 from vllm_batch.engines.manager import EngineManager
 from vllm_batch.runtime.supervise import TaskHealth
+from vllm_batch.runtime.worker_process import WorkerProcess
 from vllm_batch.worker.loop import Worker
+from vllm_batch.worker.status import WorkerStatus, worker_status
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,8 @@ class AppContext(StoreContext):
     worker: Worker | None = None
     worker_health: TaskHealth | None = None
     worker_task: asyncio.Task[None] | None = None
+    worker_process: WorkerProcess | None = None
+    """serve's worker in its child process (``worker`` is then None)."""
     dispatcher: DeliveryDispatcher | None = None
     services: list[TaskHealth] = field(default_factory=list)
     """Supervised background services (housekeeping, validation sweeper)."""
@@ -40,9 +44,25 @@ class AppContext(StoreContext):
         """The context background work runs on (``work_store``, else this one)."""
         return self.work_store if self.work_store is not None else self
 
+    def worker_status(self) -> WorkerStatus | None:
+        """This process's worker (inline or child), or None if it has none."""
+        if self.worker_process is not None:
+            return self.worker_process.current_status()
+        if self.worker is None:
+            return None
+        health = self.worker_health
+        return worker_status(
+            self.worker,
+            alive=self.worker_alive,
+            restarts=health.restarts if health else 0,
+            last_error=health.last_error if health else None,
+        )
+
     @property
     def worker_alive(self) -> bool:
         """The worker task runs (not dead, not waiting to be restarted)."""
+        if self.worker_process is not None:
+            return self.worker_process.alive
         return (
             self.worker_task is not None
             and not self.worker_task.done()

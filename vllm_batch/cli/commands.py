@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from vllm_batch.cli.bench import bench
+from vllm_batch.cli.embedded_worker import embedded_worker
 from vllm_batch.cli.models import models_app
 from vllm_batch.cli.run import run, run_and_exit
 from vllm_batch.cli.serve import serve
@@ -59,6 +60,7 @@ def root(
 
 app.command()(serve)
 app.command("worker")(worker)
+app.command("embedded-worker", hidden=True)(embedded_worker)
 app.command("webhook-secret")(webhook_secret)
 app.add_typer(models_app, name="models")
 app.command("run", context_settings=PASS_THROUGH)(run)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -61,7 +63,14 @@ def run_server(settings: Settings, key_required: bool, fmt: str) -> None:
 
     class Server(uvicorn.Server):
         async def startup(self, sockets: Any = None) -> None:
+            if sys.flags.dev_mode or os.environ.get("PYTHONASYNCIODEBUG"):
+                # asyncio's debug mode, as Python documents it (uvicorn turns it off)
+                asyncio.get_running_loop().set_debug(True)
             await super().startup(sockets=sockets)
+            # What start-up made lives as long as the process: keep it out of the garbage
+            # collector's full passes, which otherwise pause every request now and then.
+            gc.collect()
+            gc.freeze()
             if self.started:
                 self.banner_task = asyncio.create_task(announce_when_ready(app, banner, fmt))
 

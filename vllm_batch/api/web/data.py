@@ -156,7 +156,8 @@ async def overview(
     worker = check_worker(ctx)
     local = {**worker.state, **worker.details} if principal.admin else dict(worker.state)
     leases = await dash_queries.active_leases(session, time.time())
-    local_id = ctx.worker.ctx.worker_id if ctx.worker is not None else None
+    status = ctx.worker_status()
+    local_id = status.worker_id or None if status is not None else None
     per_owner: Counter[str] = Counter(owner for owner, _, _ in leases)
     remote = [
         RemoteWorker(

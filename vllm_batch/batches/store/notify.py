@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import text
@@ -36,6 +37,11 @@ class WorkNotifier:
         self._event = asyncio.Event()
         self._conn: Any = None
         self._last_attempt = 0.0
+        self._forward: list[Callable[[], None]] = []
+
+    def forward(self, wake: Callable[[], None]) -> None:
+        """Also call ``wake`` on every local wake-up (a worker in a child process)."""
+        self._forward.append(wake)
 
     async def start(self) -> None:
         if not self._url.startswith("postgresql"):
@@ -73,6 +79,8 @@ class WorkNotifier:
 
     def wake(self) -> None:
         self._event.set()
+        for wake in self._forward:
+            wake()
 
     async def wait(self, timeout: float) -> None:
         """Return when woken or after ``timeout`` seconds."""

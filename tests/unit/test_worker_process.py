@@ -1,0 +1,83 @@
+"""serve's worker process, its parts that need no child: how it is started, what it is
+told (its settings, as JSON) and what the API makes of its status."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+
+from vllm_batch.batches.store.notify import WorkNotifier
+from vllm_batch.config import Settings
+from vllm_batch.runtime.worker_process import WorkerProcess, entry_module
+from vllm_batch.worker.status import WorkerStatus
+
+
+@pytest.mark.parametrize(
+    ("spec_name", "expected"),
+    [
+        (None, "vllm_batch.cli"),  # the vllm-batch console script
+        ("vllm_batch.cli.__main__", "vllm_batch.cli"),  # python -m vllm_batch.cli
+        ("tests.paced", "tests.paced"),  # the tests' paced CLI: its children are paced
+    ],
+)
+def test_the_child_starts_through_the_module_serve_started_from(
+    monkeypatch: pytest.MonkeyPatch, spec_name: str | None, expected: str
+) -> None:
+    main = types.ModuleType("__main__")
+    main.__spec__ = types.SimpleNamespace(name=spec_name) if spec_name else None  # type: ignore[assignment]
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    assert entry_module() == expected
+
+
+def test_settings_reach_the_child_unchanged() -> None:
+    settings = Settings(
+        models=["a=/models/a", "b=/models/b"],
+        api_key="sk-0123456789abcdef",
+        engine_urls=["http://127.0.0.1:9000/v1"],
+        max_num_seqs=7,
+        worker_nice=3,
+        webhook_secret="whsec_c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0",
+    )
+    again = Settings.model_validate_json(settings.model_dump_json())
+    assert again == settings
+    assert again.model_dump() == settings.model_dump()
+
+
+def test_worker_nice_is_bounded() -> None:
+    with pytest.raises(ValueError, match="worker_nice"):
+        Settings(worker_nice=20)
+
+
+def test_status_round_trips_and_a_dead_worker_is_not_ready() -> None:
+    status = WorkerStatus(
+        worker_id="vm/h/1/ab",
+        ok=True,
+        state={"enabled": True, "alive": True, "engine": "ready"},
+        details={"id": "vm/h/1/ab"},
+        gpu={"guard": "off", "gpus": []},
+        loaded_model="tiny",
+    )
+    assert WorkerStatus.from_json(status.to_json()) == status
+    down = status.not_running("worker process is not running (restarting)")
+    assert (down.ok, down.state["alive"], down.loaded_model) == (False, False, None)
+    assert down.reason == "worker process is not running (restarting)"
+
+
+def test_before_its_first_status_the_worker_is_not_ready() -> None:
+    child = WorkerProcess(Settings())
+    status = child.current_status()
+    assert status.ok is False
+    assert status.state["alive"] is False
+    assert status.reason is not None and "worker process" in status.reason
+    assert status.loaded_model is None  # serve's banner waits
+
+
+def test_local_wake_ups_reach_the_worker_process() -> None:
+    woken: list[str] = []
+    notifier = WorkNotifier("sqlite+aiosqlite:///:memory:")
+    notifier.forward(lambda: woken.append("child"))
+    notifier.wake()
+    notifier.wake()
+    assert woken == ["child", "child"]

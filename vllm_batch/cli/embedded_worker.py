@@ -1,0 +1,139 @@
+"""``vllm-batch embedded-worker`` (hidden): ``serve``'s worker, as its child process.
+
+Started by ``runtime/worker_process.py``, never by hand. It reads its settings from the
+first line of stdin, then wake-ups; it writes its status to the descriptor named in
+``VLLM_BATCH_STATUS_FD``. Housekeeping, validation and deliveries stay in serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TextIO
+
+from vllm_batch.config import Settings
+
+if TYPE_CHECKING:
+    from vllm_batch.engines.manager import EngineManager
+    from vllm_batch.runtime.supervise import TaskHealth
+    from vllm_batch.worker.loop import Worker
+
+
+def embedded_worker() -> None:
+    """Run serve's worker (started by serve; reads its settings from stdin)."""
+    from vllm_batch.api.auth import KeyRing
+    from vllm_batch.cli.build import setup_logging
+    from vllm_batch.observability.logs import bound
+    from vllm_batch.runtime.worker_process import STATUS_FD_ENV
+
+    line = sys.stdin.buffer.readline()
+    if not line:
+        raise SystemExit("embedded-worker: no settings on stdin (serve starts this command)")
+    settings = Settings.model_validate_json(line)
+    setup_logging(settings, KeyRing.from_settings(settings).secrets())
+    status = os.fdopen(int(os.environ.pop(STATUS_FD_ENV)), "w", buffering=1)
+    with bound(process="worker"), asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(run_embedded_worker(settings, status))
+    # Drained: chunks handed back, engine stopped. The interpreter's own teardown (vLLM's
+    # and torch's threads) can abort the process; nothing is left for it to do.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+async def run_embedded_worker(settings: Settings, status_out: TextIO) -> None:
+    """The worker until SIGTERM or the end of stdin; its status every ``STATUS_SECONDS``."""
+    from vllm_batch.api.app import settings_engine_factory
+    from vllm_batch.batches.store_context import open_store
+    from vllm_batch.engines.manager import EngineManager
+    from vllm_batch.observability import metrics
+    from vllm_batch.observability.gpu import NvmlReader
+    from vllm_batch.observability.gpu_guard import GpuGuard
+    from vllm_batch.runtime.supervise import TaskHealth, supervise
+    from vllm_batch.worker.context import WorkerContext
+    from vllm_batch.worker.loop import Worker
+
+    metrics.configure(settings)
+    loop = asyncio.get_running_loop()
+    engines = EngineManager(settings.model_specs, settings_engine_factory(settings))
+    # The first model loads while the database opens.
+    preload = asyncio.create_task(_preload(engines))
+    async with open_store(settings) as store:
+        ctx = WorkerContext(**store.shared(), engines=engines)
+        shutdown = asyncio.Event()
+
+        def stop() -> None:
+            shutdown.set()
+            ctx.notifier.wake()
+            engines.abort_loading()  # a load under way would delay the exit until it ends
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop)
+        listen_stdin(loop, ctx.notifier.wake, stop)
+        worker = Worker(ctx, gpu=GpuGuard(NvmlReader(), settings))
+        health = TaskHealth("worker")
+        reporter = asyncio.create_task(_report(worker, health, status_out, shutdown))
+        try:
+            await supervise(health, lambda: worker.run(shutdown), shutdown)
+        finally:
+            reporter.cancel()
+            preload.cancel()
+            await asyncio.gather(reporter, preload, return_exceptions=True)
+            await engines.close()
+
+
+async def _preload(engines: EngineManager) -> None:
+    """Load the first model now; a failure is recorded (the worker retries it)."""
+    from vllm_batch.engines.manager import EngineLoadError
+
+    with contextlib.suppress(EngineLoadError):
+        await engines.get(engines.model_names[0])
+
+
+async def _report(worker: Worker, health: TaskHealth, out: TextIO, shutdown: asyncio.Event) -> None:
+    """Write the worker's status to serve every ``STATUS_SECONDS`` until ``shutdown``."""
+    from vllm_batch.runtime.worker_process import STATUS_SECONDS
+    from vllm_batch.worker.status import worker_status
+
+    while not shutdown.is_set():
+        status = worker_status(
+            worker, alive=health.running, restarts=health.restarts, last_error=health.last_error
+        )
+        try:
+            out.write(json.dumps(status.to_json(), default=str) + "\n")
+        except OSError:  # serve is gone (its end of the pipe closed)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(shutdown.wait(), STATUS_SECONDS)
+
+
+def listen_stdin(
+    loop: asyncio.AbstractEventLoop, wake: Callable[[], None], stop: Callable[[], None]
+) -> None:
+    """Each line on stdin wakes the worker; the end of stdin (serve gone) stops it."""
+
+    def read() -> None:
+        for _ in sys.stdin.buffer:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(wake)
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(stop)
+
+    threading.Thread(target=read, name="serve-stdin", daemon=True).start()
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop where installed (serve's own, through uvicorn), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
