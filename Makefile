@@ -20,6 +20,10 @@ TEST_WORKERS ?= 3
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
 
+# Independent steps run at once (the venvs, chromium; then the model, lint and docs): a
+# fresh machine's `make test` spends minutes less installing. Output stays grouped per step.
+MAKEFLAGS += -j3 --output-sync=target
+
 .PHONY: install install-test label-studio openai-batch-old chromium model serve test lint unit docs bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -91,7 +95,9 @@ docs: $(VENV)/.installed-test
 	$(BIN)/python tools/config_reference.py --check
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
-test: install-test model lint docs
+# model, lint and docs after install-test: its pip reinstalls our package, which they import.
+test: install-test
+	$(MAKE) --no-print-directory model lint docs
 	$(BIN)/pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 bench: install-test model

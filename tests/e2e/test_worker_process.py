@@ -40,9 +40,11 @@ def gone(pid: int) -> bool:
         return True
 
 
-def test_a_dead_worker_process_is_restarted_and_the_batch_completes_once(
+def test_worker_process_restarts_drains_and_dies_with_serve(
     tiny_model: Path, tmp_path: Path
 ) -> None:
+    """One server, three lives of its worker: killed mid-batch (restarted, every line once),
+    drained by serve's SIGTERM; then a second serve killed alone (its worker and engine go)."""
     gate = Gate(tmp_path / "gate")
     gate.allow(60)  # the 200-line batch cannot end before its worker is killed
     env = {"VLLM_BATCH_FLUSH_INTERVAL": "0.2", "VLLM_BATCH_MAX_NUM_SEQS": "16", **gate.env}
@@ -86,17 +88,14 @@ def test_a_dead_worker_process_is_restarted_and_the_batch_completes_once(
     assert gone(second.pid)
     assert f"worker process {second.pid} stopped (exit code 0)" in server.log()
 
-
-def test_kill9_of_serve_takes_its_worker_process_and_engine(
-    tiny_model: Path, tmp_path: Path
-) -> None:
-    args = ["--model", f"{TINY_NAME}={tiny_model}", *ARGS]
-    for server in served(args, tmp_path / "data"):
-        child = worker_child(server.process.pid)
+    # serve killed alone (not its process group): the kernel tells its worker, which stops
+    # its engine instead of leaving it running.
+    for again in served(args, tmp_path / "data"):
+        child = worker_child(again.process.pid)
         family = [child, *child.children(recursive=True)]
         assert len(family) >= 2, family  # the worker and its engine core at least
-        os.kill(server.process.pid, signal.SIGKILL)  # serve alone, not its process group
-        server.process.wait(30)
+        os.kill(again.process.pid, signal.SIGKILL)
+        again.process.wait(30)
         deadline = time.monotonic() + 60
         while alive := [p.pid for p in family if not gone(p.pid)]:
             assert time.monotonic() < deadline, f"still alive 60 s after serve's kill -9: {alive}"

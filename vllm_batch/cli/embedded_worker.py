@@ -34,8 +34,8 @@ def embedded_worker() -> None:
     from vllm_batch.runtime.worker_process import STATUS_FD_ENV
 
     line = sys.stdin.buffer.readline()
-    if not line:
-        raise SystemExit("embedded-worker: no settings on stdin (serve starts this command)")
+    if not line or STATUS_FD_ENV not in os.environ:
+        raise SystemExit("embedded-worker: serve starts this command (settings on stdin)")
     settings = Settings.model_validate_json(line)
     setup_logging(settings, KeyRing.from_settings(settings).secrets())
     status = os.fdopen(int(os.environ.pop(STATUS_FD_ENV)), "w", buffering=1)
