@@ -161,7 +161,7 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
 
     # ---- Processes and engine choice (scaling.md)
-    worker: bool = Field(default=True, description="Run an in-process worker in serve.")
+    worker: bool = Field(default=True, description="Run a worker with serve (worker_mode).")
     # Where serve runs that worker: "process", a child process of its own, so that API
     # requests never wait for the engine's front end (it dies with serve); or "inline", on
     # the API's own event loop. An app given an engine factory (tests) runs it inline.
