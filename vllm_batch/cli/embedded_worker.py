@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -57,27 +56,20 @@ async def run_embedded_worker(settings: Settings, status_out: TextIO) -> None:
     from vllm_batch.observability import metrics
     from vllm_batch.observability.gpu import NvmlReader
     from vllm_batch.observability.gpu_guard import GpuGuard
+    from vllm_batch.runtime.signals import stop_on_signals
     from vllm_batch.runtime.supervise import TaskHealth, supervise
     from vllm_batch.worker.context import WorkerContext
     from vllm_batch.worker.loop import Worker
 
     metrics.configure(settings)
-    loop = asyncio.get_running_loop()
     engines = EngineManager(settings.model_specs, settings_engine_factory(settings))
     # The first model loads while the database opens.
     preload = asyncio.create_task(_preload(engines))
     async with open_store(settings) as store:
         ctx = WorkerContext(**store.shared(), engines=engines)
         shutdown = asyncio.Event()
-
-        def stop() -> None:
-            shutdown.set()
-            ctx.notifier.wake()
-            engines.abort_loading()  # a load under way would delay the exit until it ends
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop)
-        listen_stdin(loop, ctx.notifier.wake, stop)
+        stop = stop_on_signals(ctx, shutdown)
+        listen_stdin(asyncio.get_running_loop(), ctx.notifier.wake, stop)
         worker = Worker(ctx, gpu=GpuGuard(NvmlReader(), settings))
         health = TaskHealth("worker")
         reporter = asyncio.create_task(_report(worker, health, status_out, shutdown))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 
 from vllm_batch.cli import options as o
 from vllm_batch.cli.build import engine_settings, setup_logging
@@ -29,6 +28,7 @@ async def run_worker(settings: Settings) -> None:
     from vllm_batch.deliveries.dispatcher import DeliveryDispatcher
     from vllm_batch.engines.manager import EngineManager
     from vllm_batch.observability import metrics
+    from vllm_batch.runtime.signals import stop_on_signals
     from vllm_batch.runtime.supervise import TaskHealth, supervise
     from vllm_batch.worker.context import WorkerContext
     from vllm_batch.worker.loop import Worker
@@ -45,15 +45,7 @@ async def run_worker(settings: Settings) -> None:
         engines = EngineManager(settings.model_specs, settings_engine_factory(settings))
         ctx = WorkerContext(**store.shared(), engines=engines)
         shutdown = asyncio.Event()
-
-        def stop() -> None:
-            shutdown.set()
-            ctx.notifier.wake()
-            engines.abort_loading()  # a load under way would delay the exit until it ends
-
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop)
+        stop_on_signals(ctx, shutdown)
         worker = Worker(ctx)
         services = [
             asyncio.create_task(
