@@ -100,7 +100,8 @@ test: install-test
 	$(MAKE) --no-print-directory model lint docs
 	$(BIN)/pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
-bench: install-test model
+bench: install-test
+	$(MAKE) --no-print-directory model
 	$(BIN)/python benchmarks/bench_batch.py
 
 clean:
