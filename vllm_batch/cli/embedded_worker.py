@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, TextIO
 from vllm_batch.config import Settings
 
 if TYPE_CHECKING:
-    from vllm_batch.engines.manager import EngineManager
     from vllm_batch.runtime.supervise import TaskHealth
     from vllm_batch.worker.loop import Worker
 
@@ -50,7 +49,7 @@ def embedded_worker() -> None:
 
 async def run_embedded_worker(settings: Settings, status_out: TextIO) -> None:
     """The worker until SIGTERM or the end of stdin; its status every ``STATUS_SECONDS``."""
-    from vllm_batch.api.app import settings_engine_factory
+    from vllm_batch.api.app import preload_first_model, settings_engine_factory
     from vllm_batch.batches.store_context import open_store
     from vllm_batch.engines.manager import EngineManager
     from vllm_batch.observability import metrics
@@ -64,7 +63,7 @@ async def run_embedded_worker(settings: Settings, status_out: TextIO) -> None:
     metrics.configure(settings)
     engines = EngineManager(settings.model_specs, settings_engine_factory(settings))
     # The first model loads while the database opens.
-    preload = asyncio.create_task(_preload(engines))
+    preload = asyncio.create_task(preload_first_model(engines))
     async with open_store(settings) as store:
         ctx = WorkerContext(**store.shared(), engines=engines)
         shutdown = asyncio.Event()
@@ -80,14 +79,6 @@ async def run_embedded_worker(settings: Settings, status_out: TextIO) -> None:
             preload.cancel()
             await asyncio.gather(reporter, preload, return_exceptions=True)
             await engines.close()
-
-
-async def _preload(engines: EngineManager) -> None:
-    """Load the first model now; a failure is recorded (the worker retries it)."""
-    from vllm_batch.engines.manager import EngineLoadError
-
-    with contextlib.suppress(EngineLoadError):
-        await engines.get(engines.model_names[0])
 
 
 async def _report(worker: Worker, health: TaskHealth, out: TextIO, shutdown: asyncio.Event) -> None:

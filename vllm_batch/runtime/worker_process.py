@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import json
 import logging
 import os
@@ -76,9 +77,11 @@ class WorkerProcess:
                 state={"enabled": True, "alive": self.alive, "engine": "idle"},
                 reason="worker process is starting",
             )
-        status.state["restarts"] = self.health.restarts
-        status.details["last_error"] = self.health.last_error
-        status.details["pid"] = self.pid
+        status = dataclasses.replace(
+            status,
+            state={**status.state, "restarts": self.health.restarts},
+            details={**status.details, "last_error": self.health.last_error, "pid": self.pid},
+        )
         if not self.alive:
             return status.not_running("worker process is not running (restarting)")
         return status
