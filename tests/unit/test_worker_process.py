@@ -81,3 +81,16 @@ def test_local_wake_ups_reach_the_worker_process() -> None:
     notifier.wake()
     notifier.wake()
     assert woken == ["child", "child"]
+
+
+def test_embedded_worker_run_by_hand_says_who_starts_it() -> None:
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-m", "vllm_batch.cli", "embedded-worker"],
+        input=b"",
+        capture_output=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert b"embedded-worker: serve starts this command (settings on stdin)" in done.stderr
