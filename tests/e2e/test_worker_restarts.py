@@ -147,27 +147,31 @@ def test_engine_that_cannot_load_fails_nothing_and_recovers(
     try:
         client = OpenAI(base_url=server.base_url, api_key="x", max_retries=5)
         batch_id = submit(client, lines)
-        watched_until = time.monotonic() + 40
+        # Watch until the load failed twice (retried) and /ready reported it several times;
+        # how long that takes depends on the machine, so the deadline is only a hang guard.
+        deadline = time.monotonic() + 300
         seen_503 = 0
-        while time.monotonic() < watched_until:
+        while seen_503 < 5 or server.log().count(f"model {TINY_NAME} failed to load") < 2:
+            assert time.monotonic() < deadline, (
+                f"/ready reported the failed engine {seen_503} times in 300 s; "
+                f"log: {server.log()[-3000:]}"
+            )
             assert server.process.poll() is None, server.log()[-3000:]
             code, body = ready(server.url)
             batch = client.batches.retrieve(batch_id)
             assert batch.request_counts is not None and batch.request_counts.failed == 0, batch
             assert batch.error_file_id is None
-            if body["worker"].get("engine") == "failed":
+            if "engine_failures" in body["worker"]:  # failed, or loading again after backoff
                 assert code == 503, body
                 assert TINY_NAME in body["reasons"]["worker"], body
                 assert TINY_NAME in body["worker"]["engine_failures"], body
                 seen_503 += 1
             time.sleep(1)
-        assert seen_503 >= 10, "the failed engine was not reported by /ready"
         batch = client.batches.retrieve(batch_id)
         assert batch.status == "in_progress", batch
         assert batch.request_counts is not None
         assert batch.request_counts.completed == 0 and batch.request_counts.failed == 0
         log = server.log()
-        assert log.count(f"model {TINY_NAME} failed to load") >= 2, "load not retried"
         assert "took chunk" not in log, "a chunk was claimed for a model that cannot load"
         # Repair the model in place: the running server's next load retry succeeds.
         shutil.copy(tiny_model / "config.json", broken_model / "config.json")

@@ -115,3 +115,21 @@ def test_open_receivers_lists_only_open_breakers() -> None:
     assert gate.open_receivers() == ["webhook:a", "webhook:b"]
     clock.now += 10  # half-open: a probe may start
     assert gate.open_receivers() == []
+
+
+def test_after_a_failure_no_more_in_flight_than_it_takes_to_open() -> None:
+    """Two slots, opens at 2: the first fails while the second still runs; a third may
+    start only once the second proved the receiver alive, so a dead one gets exactly 2."""
+    gate = ReceiverGate(per_receiver=2, failures_to_open=2, cooldown=60, clock=Clock())
+    gate.started("webhook:h")
+    gate.started("webhook:h")
+    assert gate.finished("webhook:h", TIMEOUT) is False
+    assert gate.room("webhook:h") == 0 and gate.limits().blocked == {"webhook:h"}
+    assert gate.finished("webhook:h", OK) is False  # alive: both slots back
+    assert gate.room("webhook:h") == 2
+    gate.started("webhook:h")
+    assert gate.finished("webhook:h", TIMEOUT) is False
+    assert gate.limits().room == {"webhook:h": 1}  # one failure counted, none in flight
+    gate.started("webhook:h")
+    assert gate.finished("webhook:h", TIMEOUT) is True
+    assert gate.room("webhook:h") == 0

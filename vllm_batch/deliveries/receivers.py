@@ -7,7 +7,9 @@ the result handler it runs (``handler:s3``). Each dispatcher keeps, per receiver
   accepts connections and never answers holds only that many of the process's slots;
 - a circuit breaker. ``closed``: attempts run, consecutive failures are counted (a
   timeout, a connection error, HTTP 429 or 5xx, a handler that fails; any other answer
-  proves the host alive). After ``VLLM_BATCH_DELIVERY_BREAKER_FAILURES`` in a row it is
+  proves the host alive). While failures are counted, no more attempts are in flight than
+  it would take to open it, so a dead receiver gets exactly that many before it opens.
+  After ``VLLM_BATCH_DELIVERY_BREAKER_FAILURES`` in a row it is
   ``open`` for ``VLLM_BATCH_DELIVERY_BREAKER_COOLDOWN`` seconds: nothing is sent there, and
   its due deliveries wait without an attempt being counted (their 72 h horizon still
   runs: one that passes it meanwhile ends ``failed``). Then ``half_open``: one probe
@@ -108,13 +110,15 @@ class ReceiverGate:
         state = self.state(receiver)
         if state is BreakerState.OPEN:
             return 0
-        cap = 1 if state is BreakerState.HALF_OPEN else self.per_receiver
+        if state is BreakerState.HALF_OPEN:
+            cap = 1
+        else:  # after a failure, no more in flight than failures it would take to open
+            failures = self.breakers[receiver].failures if receiver in self.breakers else 0
+            cap = min(self.per_receiver, self.failures_to_open - failures)
         return max(0, cap - running)
 
     def limits(self) -> Limits:
-        busy = set(self.in_flight) | {
-            name for name, b in self.breakers.items() if b.opened_at is not None
-        }
+        busy = set(self.in_flight) | set(self.breakers)
         room = {name: self.room(name) for name in busy}
         return Limits(
             blocked=frozenset(name for name, left in room.items() if left <= 0),
