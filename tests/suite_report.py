@@ -13,6 +13,9 @@ import pytest
 
 SAMPLE_SECONDS = 0.5
 REPORT_FILE = Path(".pytest-suite-report.txt")
+DURATIONS_FILE = Path(".pytest-durations.tsv")
+"""Every phase of every test: start (s into the run), duration, xdist worker, outcome, id."""
+_PHASES: list[tuple[float, float, str, str, str, str]] = []
 
 
 def used_bytes() -> int:
@@ -27,6 +30,7 @@ def used_bytes() -> int:
 class MemorySampler:
     def __init__(self) -> None:
         self.started = time.monotonic()
+        self.started_wall = time.time()
         self.baseline = used_bytes()
         self.peak = self.baseline
         self.peak_at = 0.0
@@ -90,12 +94,33 @@ def pytest_configure(config: pytest.Config) -> None:
         _SAMPLER = MemorySampler()
 
 
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if _SAMPLER is not None:  # the controller: reports from every worker
+        worker = getattr(report, "node", None)
+        name = getattr(worker, "gateway", None)
+        _PHASES.append(
+            (
+                report.start - _SAMPLER.started_wall,
+                report.duration,
+                getattr(name, "id", "-"),
+                report.when or "-",
+                report.outcome,
+                report.nodeid,
+            )
+        )
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if _SAMPLER is None:
         return
     line = _SAMPLER.stop()
     terminalreporter.write_sep("=", line)
     REPORT_FILE.write_text(line + "\n")
+    rows = sorted(_PHASES)
+    DURATIONS_FILE.write_text(
+        "start\tseconds\tworker\tphase\toutcome\ttest\n"
+        + "".join(f"{a:.1f}\t{d:.2f}\t{w}\t{p}\t{o}\t{t}\n" for a, d, w, p, o, t in rows)
+    )
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
