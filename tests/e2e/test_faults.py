@@ -162,7 +162,7 @@ def run_outage_test(
     try:
         client = OpenAI(base_url=server.base_url, api_key="x", max_retries=5)
         assert ready(server.url)[0] == 200
-        batch_id = submit(client, lines, max_tokens=96)
+        batch_id = submit(client, lines, max_tokens=32)
         wait_mid_chunk(client, batch_id)
         started = time.monotonic()
         start_outage()

@@ -47,7 +47,7 @@ from tests.engine_budget import budgeted_popen
 from tests.helpers import chat_line, jsonl, parse_jsonl, wait_for_batch
 from tests.paced import PACED_CLI, Gate
 
-COUNT = 400
+COUNT = 160
 MAX_TOKENS = 24
 ENV = {
     **os.environ,
@@ -163,7 +163,7 @@ def test_killed_replica_lines_come_out_once_and_unchanged(
     setup: Setup, reference: list[Any]
 ) -> None:
     first = replica_pid(setup.worker)
-    # The worker may start 40 more requests: the batch (400) cannot end before the kill.
+    # The worker may start 40 more requests: the batch (160) cannot end before the kill.
     setup.gate.allow(setup.gate.started(setup.worker.process.pid) + 40)
     client = OpenAI(base_url=setup.api.base_url, api_key="x", max_retries=3)
     upload = client.files.create(file=("in.jsonl", setup.input_file.read_bytes()), purpose="batch")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.conftest import TINY_NAME
+from tests.conftest import PRODUCT_TOPOLOGY, TINY_NAME
 from tests.e2e.conftest import spawn_server, stop_server
 from tests.engine_budget import budgeted_popen
 
@@ -81,6 +81,7 @@ def test_serve_stops_promptly_on_sigterm_while_its_engine_loads(
     server = spawn_server(
         ["--model", f"{TINY_NAME}={tiny_model}", "--max-model-len", "512"],
         tmp_path / "data",
+        env=PRODUCT_TOPOLOGY,  # vLLM's CPU default: its worker process must go too
         wait_engine=False,
     )
     try:
@@ -109,7 +110,7 @@ def test_worker_stops_promptly_on_sigterm_while_its_engine_loads(
             [sys.executable, "-m", "vllm_batch.cli", "worker", *args, "--database-url", db_url],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "VLLM_BATCH_DATA_DIR": str(tmp_path / "data")},
+            env={**os.environ, **PRODUCT_TOPOLOGY, "VLLM_BATCH_DATA_DIR": str(tmp_path / "data")},
         )
     try:
         children = wait_for_engine_process(worker.pid, log_path)

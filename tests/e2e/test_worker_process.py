@@ -17,7 +17,7 @@ import httpx
 import psutil
 from openai import OpenAI
 
-from tests.conftest import TINY_NAME
+from tests.conftest import PRODUCT_TOPOLOGY, TINY_NAME
 from tests.e2e.conftest import served, spawn_server, stop_server
 from tests.helpers import chat_line, jsonl, parse_jsonl, wait_for_batch
 from tests.paced import PACED_CLI, Gate
@@ -47,7 +47,12 @@ def test_worker_process_restarts_drains_and_dies_with_serve(
     drained by serve's SIGTERM; then a second serve killed alone (its worker and engine go)."""
     gate = Gate(tmp_path / "gate")
     gate.allow(60)  # the 200-line batch cannot end before its worker is killed
-    env = {"VLLM_BATCH_FLUSH_INTERVAL": "0.2", "VLLM_BATCH_MAX_NUM_SEQS": "16", **gate.env}
+    env = {
+        "VLLM_BATCH_FLUSH_INTERVAL": "0.2",
+        "VLLM_BATCH_MAX_NUM_SEQS": "16",
+        **gate.env,
+        **PRODUCT_TOPOLOGY,  # vLLM's own worker process too: it must die with serve
+    }
     args = ["--model", f"{TINY_NAME}={tiny_model}", *ARGS]
     server = spawn_server(args, tmp_path / "data", env=env, cli=PACED_CLI)
     try:

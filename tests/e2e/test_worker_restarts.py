@@ -72,7 +72,7 @@ def test_graceful_worker_restarts_fail_no_line(tiny_model: Path, tmp_path: Path)
     db_url = create_pg_database()
     data_dir = tmp_path / "data"
     gate = Gate(tmp_path / "gate")
-    lines = 400
+    lines = 120  # one chunk: both worker lives run it
     api: ServerProcess | None = None
     worker: subprocess.Popen[bytes] | None = None
     try:
@@ -85,7 +85,7 @@ def test_graceful_worker_restarts_fail_no_line(tiny_model: Path, tmp_path: Path)
             wait_engine=False,
         )
         client = OpenAI(base_url=api.base_url, api_key="x", max_retries=5)
-        batch_id = submit(client, lines, max_tokens=48)
+        batch_id = submit(client, lines, max_tokens=16)
         stops = []
         for n in range(RESTARTS):
             log_path = data_dir / f"worker{n}.log"
