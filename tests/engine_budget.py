@@ -30,7 +30,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-ENGINE_BUDGET = int(os.environ.get("VLLM_BATCH_TEST_ENGINES", "4"))
+ENGINE_BUDGET = int(os.environ.get("VLLM_BATCH_TEST_ENGINES", "5"))
 """At most this many vLLM engines alive at once in the whole run (all xdist workers)."""
 SLOT_WAIT_SECONDS = 900.0
 EVICT_AFTER = 2.0
@@ -41,6 +41,18 @@ _PAUSE = threading.Event()
 """Never set: ``_PAUSE.wait(s)`` sleeps without ``time.sleep``, which tests may replace."""
 
 
+EVENTS_FILE = Path(".pytest-engines.tsv").absolute()
+"""Every slot taken and given back (time, pid, event, seconds waited or held, label): how
+many engines the run started, and how long tests waited for one. Started afresh by the
+controller (``tests/suite_report.py``)."""
+
+
+def record(event: str, seconds: float, label: str) -> None:
+    line = f"{time.time():.1f}\t{os.getpid()}\t{event}\t{seconds:.1f}\t{label}\n"
+    with contextlib.suppress(OSError), open(EVENTS_FILE, "a") as events:
+        events.write(line)
+
+
 @dataclass
 class Slot:
     """One held slot: an open file with an exclusive lock on it."""
@@ -48,12 +60,14 @@ class Slot:
     index: int
     label: str
     _fd: int | None = field(default=None, repr=False)
+    taken_at: float = field(default_factory=time.monotonic)
 
     def release(self) -> None:
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+            record("release", time.monotonic() - self.taken_at, self.label)
 
 
 def _try_slot(index: int, label: str) -> Slot | None:
@@ -108,13 +122,15 @@ def acquire(label: str, make_room: Callable[[], bool] = lambda: False) -> Slot:
     """Take a free slot, waiting (with ``make_room`` asked to free one of ours) until one is."""
     SLOT_DIR.mkdir(parents=True, exist_ok=True)
     reap_orphan_groups()
-    deadline = time.monotonic() + SLOT_WAIT_SECONDS
+    started = time.monotonic()
+    deadline = started + SLOT_WAIT_SECONDS
     announced = False
     try:
         while True:
             for index in range(ENGINE_BUDGET):
                 slot = _try_slot(index, label)
                 if slot is not None:
+                    record("acquire", time.monotonic() - started, label)
                     return slot
             if make_room():
                 continue
@@ -237,6 +253,7 @@ class EngineShelf:
             key = min(idle)[1]
             entry = self._engines.pop(key)
         log.info("engine budget: stopping idle engine %s", key)
+        record("evict", time.monotonic() - entry.last_used, key)
         try:
             assert self._run is not None
             self._run(entry.engine.stop())

@@ -92,6 +92,9 @@ def pytest_configure(config: pytest.Config) -> None:
     global _SAMPLER
     if not hasattr(config, "workerinput") and _SAMPLER is None:  # the controller only
         _SAMPLER = MemorySampler()
+        from tests.engine_budget import EVENTS_FILE
+
+        EVENTS_FILE.unlink(missing_ok=True)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

@@ -27,26 +27,26 @@ def engine_core(server_pid: int) -> psutil.Process:
 def test_engine_crash_restarts_and_resumes(tiny_model: Path, tmp_path: Path) -> None:
     args = ["--model", f"{TINY_NAME}={tiny_model}", "--max-model-len", "512"]
     gate = Gate(tmp_path / "gate")
-    gate.allow(100)  # the batch (400 lines) cannot end before the engine dies
+    gate.allow(60)  # the batch (200 lines) cannot end before the engine dies
     env = {"VLLM_BATCH_FLUSH_INTERVAL": "0.2", "VLLM_BATCH_MAX_NUM_SEQS": "16", **gate.env}
     for server in served(args, tmp_path / "data", env=env, cli=PACED_CLI):
         client = OpenAI(base_url=server.base_url, api_key="x")
-        lines = [chat_line(i, TINY_NAME, max_tokens=32, ignore_eos=True) for i in range(400)]
+        lines = [chat_line(i, TINY_NAME, max_tokens=16, ignore_eos=True) for i in range(200)]
         upload = client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
         batch = client.batches.create(
             input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
         )
         deadline = time.monotonic() + 120
-        while (done := client.batches.retrieve(batch.id).request_counts.completed) < 40:
-            assert time.monotonic() < deadline, f"{done} lines done in 120 s, waited for 40"
+        while (done := client.batches.retrieve(batch.id).request_counts.completed) < 30:
+            assert time.monotonic() < deadline, f"{done} lines done in 120 s, waited for 30"
             time.sleep(0.2)
         first_core = engine_core(server.process.pid)
         first_core.kill()
         gate.allow(None)
         final = wait_for_batch(client, batch.id, timeout=300)
         assert final.status == "completed", server.log()[-3000:]
-        assert final.request_counts.model_dump() == {"total": 400, "completed": 400, "failed": 0}
+        assert final.request_counts.model_dump() == {"total": 200, "completed": 200, "failed": 0}
         ids = [r["custom_id"] for r in parse_jsonl(client.files.content(final.output_file_id).text)]
-        assert ids == [f"request-{i}" for i in range(400)]
+        assert ids == [f"request-{i}" for i in range(200)]
         assert engine_core(server.process.pid).pid != first_core.pid  # a new engine
         assert "restarting it" in server.log()

@@ -22,7 +22,7 @@ from tests.conftest import TINY_NAME, LiveServer, LoopThread, api_only_server
 from tests.helpers import chat_line, jsonl
 
 FUZZ_KEY = "sk-fuzz-key"
-MAX_EXAMPLES = 80
+MAX_EXAMPLES = 50
 
 
 @pytest.fixture(scope="module", params=["with-key", "without-key"])
