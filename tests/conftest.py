@@ -45,9 +45,9 @@ os.environ.setdefault(MULTIPROCESSING_ENV, "0")
 vLLM does by default on one GPU) instead of a third process, which vLLM's CPU platform
 otherwise forces. Measured on the 2-core machine: a server's start takes 28 instead of 32
 CPU-seconds idle and about 0.6 GB less memory, and under the suite's load its wall time fell
-from 53 to 32 s. ``AsyncLLM`` still runs its EngineCore in a process of its own. The tests that every
-process of serve's tree dies with it (worker process, shutdown while loading) use the CPU
-default, ``PRODUCT_TOPOLOGY``."""
+from 53 to 32 s. ``AsyncLLM`` still runs its EngineCore in a process of its own. The tests
+that every process of serve's tree dies with it (worker process, shutdown while loading) use
+the CPU default, ``PRODUCT_TOPOLOGY``."""
 PRODUCT_TOPOLOGY = {MULTIPROCESSING_ENV: "1"}
 
 
