@@ -7,10 +7,11 @@ the result handler it runs (``handler:s3``). Each dispatcher keeps, per receiver
   accepts connections and never answers holds only that many of the process's slots;
 - a circuit breaker. ``closed``: attempts run, consecutive failures are counted (a
   timeout, a connection error, HTTP 429 or 5xx, a handler that fails; any other answer
-  proves the host alive). While failures are counted, no more attempts are in flight than
-  it would take to open it, so a dead receiver gets exactly that many before it opens.
-  After ``VLLM_BATCH_DELIVERY_BREAKER_FAILURES`` in a row it is
-  ``open`` for ``VLLM_BATCH_DELIVERY_BREAKER_COOLDOWN`` seconds: nothing is sent there, and
+  proves the host alive). Once one has failed, no more attempts are in flight than
+  failures it would still take to open it: a dead receiver gets at most the larger of the
+  two settings' attempts before it opens. After ``VLLM_BATCH_DELIVERY_BREAKER_FAILURES``
+  in a row it is ``open`` for ``VLLM_BATCH_DELIVERY_BREAKER_COOLDOWN`` seconds: nothing is
+  sent there, and
   its due deliveries wait without an attempt being counted (their 72 h horizon still
   runs: one that passes it meanwhile ends ``failed``). Then ``half_open``: one probe
   attempt; success closes the breaker, failure opens it for another cool-down.
