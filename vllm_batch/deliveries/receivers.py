@@ -11,10 +11,9 @@ the result handler it runs (``handler:s3``). Each dispatcher keeps, per receiver
   failures it would still take to open it: a dead receiver gets at most the larger of the
   two settings' attempts before it opens. After ``VLLM_BATCH_DELIVERY_BREAKER_FAILURES``
   in a row it is ``open`` for ``VLLM_BATCH_DELIVERY_BREAKER_COOLDOWN`` seconds: nothing is
-  sent there, and
-  its due deliveries wait without an attempt being counted (their 72 h horizon still
-  runs: one that passes it meanwhile ends ``failed``). Then ``half_open``: one probe
-  attempt; success closes the breaker, failure opens it for another cool-down.
+  sent there, and its due deliveries wait without an attempt being counted (their 72 h
+  horizon still runs: one that passes it meanwhile ends ``failed``). Then ``half_open``:
+  one probe attempt; success closes the breaker, failure opens it for another cool-down.
 
 Pure bookkeeping, no I/O: the dispatcher asks :meth:`ReceiverGate.limits` before it
 claims and reports every attempt's start and end.
