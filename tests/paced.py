@@ -107,16 +107,16 @@ class PacedEngine:
 
 def main() -> None:
     """``vllm-batch`` with paced engines (the gate from ``VLLM_BATCH_TEST_GATE``)."""
-    import vllm_batch.api.app
     import vllm_batch.offline.runner
     from vllm_batch import cli, engines
 
     gate = Path(os.environ[GATE_ENV])
+    make_engine = engines.make_engine
 
     def paced(spec: Any, settings: Any) -> Any:
-        return PacedEngine(engines.make_engine(spec, settings), gate)
+        return PacedEngine(make_engine(spec, settings), gate)
 
-    vllm_batch.api.app.make_engine = paced  # type: ignore[assignment]
+    engines.make_engine = paced  # type: ignore[assignment]  # engines.engine_factory's
     vllm_batch.offline.runner.make_engine = paced  # type: ignore[assignment]
     sys.argv[0] = "vllm-batch"
     cli.main()

@@ -50,8 +50,10 @@ from tests.integration.test_batches_engine import (  # the same tests, on the re
     test_sampling_parameters_are_applied,
     test_temperature_zero_is_deterministic,
 )
+from tests.paced import Gate, PacedEngine
 from tests.vllm_upstream import VllmUpstream
-from vllm_batch.config import Settings
+from vllm_batch.config import ModelSpec, Settings
+from vllm_batch.engines import make_engine
 
 __all__ = [
     "client",
@@ -66,6 +68,7 @@ __all__ = [
     "test_temperature_zero_is_deterministic",
 ]
 FAULT_LINES = 160
+PACED_LINES = 60  # requests the fault test lets start before it kills the upstream
 live_server = contextlib.contextmanager(start_server)
 
 
@@ -223,9 +226,17 @@ def test_upstream_killed_mid_batch_and_restarted(
     undisturbed: dict[str, str],
 ) -> None:
     settings = fault_settings(tiny_model, [upstream.url], tmp_path)
+    # The engine starts at most PACED_LINES requests before the kill (fewer than the file
+    # has), so the batch cannot end before the upstream dies, however fast the machine.
+    gate = Gate(tmp_path / "gate")
+    gate.allow(PACED_LINES)
+
+    def paced(spec: ModelSpec) -> Any:
+        return PacedEngine(make_engine(spec, settings), gate.path)
+
     try:
         with (
-            live_server(loop_thread, settings, None) as live,
+            live_server(loop_thread, settings, None, engine_factory=paced) as live,
             OpenAI(base_url=live.base_url, api_key="x", max_retries=0) as client,
         ):
             batch_id = submit_file(client, fault_input())
@@ -234,6 +245,7 @@ def test_upstream_killed_mid_batch_and_restarted(
                 assert time.monotonic() < deadline, "the batch never started"
                 time.sleep(0.05)
             upstream.kill()
+            gate.allow(None)  # the rest waits for an upstream, not for the gate
             time.sleep(2)  # no upstream: requests wait for one, none fails
             assert client.batches.retrieve(batch_id).status == "in_progress"
             worker = httpx.get(f"{live.url}/ready").json()["worker"]

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 from fastapi import Depends, FastAPI
 
@@ -22,22 +22,22 @@ from vllm_batch.api.prometheus import install_metrics
 from vllm_batch.api.state import AppContext
 from vllm_batch.api.web import data as dashboard_data
 from vllm_batch.api.web.pages import install_pages
-from vllm_batch.batches.housekeeping import run_housekeeping
 from vllm_batch.batches.store_context import open_pool, open_store
-from vllm_batch.batches.validate import ValidationSweeper
-from vllm_batch.config import ModelSpec, Settings
-from vllm_batch.deliveries.dispatcher import DeliveryDispatcher
-from vllm_batch.engines import make_engine
-from vllm_batch.engines.engine import Engine
-from vllm_batch.engines.manager import EngineFactory, EngineLoadError, EngineManager
+from vllm_batch.config import Settings
+from vllm_batch.engines.manager import EngineFactory, EngineManager
 from vllm_batch.observability import metrics
-from vllm_batch.observability.gpu import NvmlReader, ReadingsSource
-from vllm_batch.observability.gpu_guard import GpuGuard
+from vllm_batch.observability.gpu import ReadingsSource
 from vllm_batch.observability.loop_lag import watch_loop_lag
+from vllm_batch.runtime.process import (
+    Services,
+    make_engines,
+    make_worker,
+    preloading,
+    start_background,
+    stop_worker,
+)
 from vllm_batch.runtime.supervise import TaskHealth, supervise
 from vllm_batch.runtime.worker_process import WorkerProcess
-from vllm_batch.worker.context import WorkerContext
-from vllm_batch.worker.loop import Worker
 
 log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_SECONDS = 30.0
@@ -58,25 +58,16 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics.configure(settings)
-        engines: EngineManager | None = None
-        preload: asyncio.Task[None] | None = None
-        if settings.worker and not child_worker:
-            engines = EngineManager(
-                settings.model_specs, engine_factory or settings_engine_factory(settings)
-            )
-            # The worker's first model loads while the database migrates and the app starts.
-            preload = asyncio.create_task(preload_first_model(engines))
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            engines: EngineManager | None = None
+            if settings.worker and not child_worker:
+                # The worker's first model loads while the database migrates and the app
+                # starts; the engines are closed last, also when the store never opened.
+                engines = await stack.enter_async_context(
+                    preloading(make_engines(settings, engine_factory))
+                )
             async with serving(app, engines):
                 yield
-        finally:
-            if engines is not None:
-                engines.abort_loading()
-            if preload is not None:
-                preload.cancel()
-                await asyncio.gather(preload, return_exceptions=True)
-            if engines is not None:  # also when the store never opened
-                await engines.close()
 
     @contextlib.asynccontextmanager
     async def serving(app: FastAPI, engines: EngineManager | None) -> AsyncIterator[None]:
@@ -86,11 +77,10 @@ def create_app(
             ctx = AppContext(**{**store.shared(), **api.context_fields()}, work_store=store)
             app.state.ctx = ctx
             shutdown = asyncio.Event()
+            services = Services(shutdown)
             if engines is not None:
                 ctx.engines = engines
-                guard = GpuGuard(gpu_source or NvmlReader(), settings)
-                worker = Worker(WorkerContext(**store.shared(), engines=ctx.engines), gpu=guard)
-                ctx.worker = worker
+                worker = ctx.worker = make_worker(store, engines, gpu_source)
                 ctx.worker_health = TaskHealth("worker")
                 ctx.worker_task = asyncio.create_task(
                     supervise(ctx.worker_health, lambda: worker.run(shutdown), shutdown)
@@ -102,19 +92,9 @@ def create_app(
                     supervise(child.health, lambda: child.run(shutdown), shutdown)
                 )
                 store.notifier.forward(child.wake)
-            sweeper = ValidationSweeper(store, ctx.validating)
-            services: list[tuple[str, Callable[[], Awaitable[None]]]] = [
-                ("housekeeping", lambda: run_housekeeping(store, shutdown)),
-                ("validation sweeper", lambda: sweeper.run(shutdown)),
-            ]
-            if settings.deliveries:
-                dispatcher = ctx.dispatcher = DeliveryDispatcher(store)
-                services.append(("deliveries", lambda: dispatcher.run(shutdown)))
-            for name, run in services:
-                health = TaskHealth(name)
-                ctx.services.append(health)
-                ctx.spawn(supervise(health, run, shutdown))
-            ctx.spawn(watch_loop_lag(shutdown))
+            ctx.dispatcher = start_background(services, store, validating=ctx.validating)
+            ctx.services = services.health
+            services.add(asyncio.create_task(watch_loop_lag(shutdown)))
             try:
                 yield
             finally:
@@ -124,13 +104,10 @@ def create_app(
                     ctx.engines.abort_loading()  # a load under way would delay the exit
                 if ctx.worker_process is not None:
                     await ctx.worker_process.stop(SHUTDOWN_GRACE_SECONDS)
-                if ctx.worker_task is not None:
-                    try:
-                        await asyncio.wait_for(ctx.worker_task, SHUTDOWN_GRACE_SECONDS)
-                    except Exception:
-                        log.exception("worker did not stop cleanly")
+                await stop_worker(ctx.worker_task, SHUTDOWN_GRACE_SECONDS)
                 if ctx.engines is not None:
                     await ctx.engines.close()
+                await services.cancel()
                 for task in list(ctx.background):
                     task.cancel()
                 await asyncio.gather(*ctx.background, return_exceptions=True)
@@ -169,18 +146,3 @@ def warn_ignored_environment() -> None:
     for name, advice in IGNORED_ENVIRONMENT.items():
         if name in os.environ:
             log.warning("%s is set but not a server setting: %s", name, advice)
-
-
-async def preload_first_model(engines: EngineManager) -> None:
-    """Load the worker's first model now; a failure is recorded (the worker retries it)."""
-    with contextlib.suppress(EngineLoadError):
-        await engines.get(engines.model_names[0])
-
-
-def settings_engine_factory(settings: Settings) -> EngineFactory:
-    """The engine for ``settings.engine``: real vLLM (imported lazily) unless benchmarking."""
-
-    def factory(spec: ModelSpec) -> Engine:
-        return make_engine(spec, settings)
-
-    return factory

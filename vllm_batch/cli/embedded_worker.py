@@ -49,36 +49,26 @@ def embedded_worker() -> None:
 
 async def run_embedded_worker(settings: Settings, status_out: TextIO) -> None:
     """The worker until SIGTERM or the end of stdin; its status every ``STATUS_SECONDS``."""
-    from vllm_batch.api.app import preload_first_model, settings_engine_factory
     from vllm_batch.batches.store_context import open_store
-    from vllm_batch.engines.manager import EngineManager
     from vllm_batch.observability import metrics
-    from vllm_batch.observability.gpu import NvmlReader
-    from vllm_batch.observability.gpu_guard import GpuGuard
+    from vllm_batch.runtime.process import make_engines, make_worker, preloading
     from vllm_batch.runtime.signals import stop_on_signals
     from vllm_batch.runtime.supervise import TaskHealth, supervise
-    from vllm_batch.worker.context import WorkerContext
-    from vllm_batch.worker.loop import Worker
 
     metrics.configure(settings)
-    engines = EngineManager(settings.model_specs, settings_engine_factory(settings))
     # The first model loads while the database opens.
-    preload = asyncio.create_task(preload_first_model(engines))
-    async with open_store(settings) as store:
-        ctx = WorkerContext(**store.shared(), engines=engines)
+    async with preloading(make_engines(settings)) as engines, open_store(settings) as store:
+        worker = make_worker(store, engines)
         shutdown = asyncio.Event()
-        stop = stop_on_signals(ctx, shutdown)
-        listen_stdin(asyncio.get_running_loop(), ctx.notifier.wake, stop)
-        worker = Worker(ctx, gpu=GpuGuard(NvmlReader(), settings))
+        stop = stop_on_signals(worker.ctx, shutdown)
+        listen_stdin(asyncio.get_running_loop(), worker.ctx.notifier.wake, stop)
         health = TaskHealth("worker")
         reporter = asyncio.create_task(_report(worker, health, status_out, shutdown))
         try:
             await supervise(health, lambda: worker.run(shutdown), shutdown)
         finally:
             reporter.cancel()
-            preload.cancel()
-            await asyncio.gather(reporter, preload, return_exceptions=True)
-            await engines.close()
+            await asyncio.gather(reporter, return_exceptions=True)
 
 
 async def _report(worker: Worker, health: TaskHealth, out: TextIO, shutdown: asyncio.Event) -> None:

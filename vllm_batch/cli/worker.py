@@ -21,17 +21,12 @@ def worker(given: o.Given) -> None:
 
 async def run_worker(settings: Settings) -> None:
     """The worker, housekeeping, deliveries and (with --metrics-port) metrics until a signal."""
-    from vllm_batch.api.app import settings_engine_factory
     from vllm_batch.api.worker_metrics import bind_worker_metrics, serve_worker_metrics
-    from vllm_batch.batches.housekeeping import run_housekeeping
     from vllm_batch.batches.store_context import open_store
-    from vllm_batch.deliveries.dispatcher import DeliveryDispatcher
-    from vllm_batch.engines.manager import EngineManager
     from vllm_batch.observability import metrics
+    from vllm_batch.runtime.process import Services, make_engines, make_worker, start_background
     from vllm_batch.runtime.signals import stop_on_signals
     from vllm_batch.runtime.supervise import TaskHealth, supervise
-    from vllm_batch.worker.context import WorkerContext
-    from vllm_batch.worker.loop import Worker
 
     metrics.configure(settings)
     metrics_socket = None
@@ -42,33 +37,19 @@ async def run_worker(settings: Settings) -> None:
             message = f"cannot serve metrics on port {settings.metrics_port}: {exc}"
             raise SystemExit(message) from None
     async with open_store(settings) as store:
-        engines = EngineManager(settings.model_specs, settings_engine_factory(settings))
-        ctx = WorkerContext(**store.shared(), engines=engines)
+        engines = make_engines(settings)
+        worker = make_worker(store, engines)
         shutdown = asyncio.Event()
-        stop_on_signals(ctx, shutdown)
-        worker = Worker(ctx)
-        services = [
-            asyncio.create_task(
-                supervise(
-                    TaskHealth("housekeeping"), lambda: run_housekeeping(ctx, shutdown), shutdown
-                )
-            )
-        ]
-        if settings.deliveries:
-            dispatcher = DeliveryDispatcher(ctx)
-            services.append(
-                asyncio.create_task(
-                    supervise(TaskHealth("deliveries"), lambda: dispatcher.run(shutdown), shutdown)
-                )
-            )
+        stop_on_signals(worker.ctx, shutdown)
+        services = Services(shutdown)
+        start_background(services, store)
         if metrics_socket is not None:
-            services.append(
+            services.add(
                 asyncio.create_task(serve_worker_metrics(settings, metrics_socket, shutdown))
             )
         try:
             await supervise(TaskHealth("worker"), lambda: worker.run(shutdown), shutdown)
-            await asyncio.gather(*services)
+            await services.wait()
         finally:
-            for task in services:
-                task.cancel()
+            await services.cancel()
             await engines.close()

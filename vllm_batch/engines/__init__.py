@@ -3,6 +3,8 @@ OpenAI-compatible upstreams (remote), and a benchmark-only instant engine."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from vllm_batch.config import ModelSpec, Settings
 from vllm_batch.engines.engine import Engine
 
@@ -25,3 +27,12 @@ def make_engine(spec: ModelSpec, settings: Settings) -> Engine:
     from vllm_batch.engines.vllm_engine import VllmEngine
 
     return VllmEngine(spec, settings)
+
+
+def engine_factory(settings: Settings) -> Callable[[ModelSpec], Engine]:
+    """``make_engine`` with ``settings``: how every process's engine manager builds engines."""
+
+    def factory(spec: ModelSpec) -> Engine:
+        return make_engine(spec, settings)
+
+    return factory

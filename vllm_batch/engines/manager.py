@@ -13,6 +13,7 @@ for it (``claimable_models``) and retries the load itself (``due_retries``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -238,6 +239,11 @@ class EngineManager:
             await self._starting
         finally:
             self._starting = None
+
+    async def preload(self) -> None:
+        """Load the first model now; a failure is recorded (the worker retries it)."""
+        with contextlib.suppress(EngineLoadError):
+            await self.get(self.model_names[0])
 
     def abort_loading(self) -> None:
         """Shutdown: stop an engine load under way (its processes are terminated) and
