@@ -1,5 +1,5 @@
 """Load benchmark (issue 19): a real ``vllm-batch serve`` subprocess on loopback, with its
-in-process worker on a real engine, under
+worker (serve's default: a child process) on a real engine, under
 
 1. a burst of 80 concurrent ``POST /v1/batches`` from 4 API keys (httpx), then
 2. Locust headless: 40 users for 2 minutes, each doing upload → create → poll every
@@ -326,12 +326,12 @@ def report(db: str, model: str, burst: dict[str, Any], load: dict[str, Any], cmd
     )  # fmt: skip
     return (
         f"`{cmd}`\n\n"
-        f"A `vllm-batch serve` subprocess (API + in-process worker, model `{model}` on the "
+        f"A `vllm-batch serve` subprocess (API, its worker in serve's default child process, model "
+        f"`{model}` on the "
         f"CPU vLLM engine, 4 API keys, default pool sizes: {pools()}) on 127.0.0.1, "
         f"database: {db}. "
         "The load generators run on the same 2 cores; the machine's 1-minute load average "
-        f"was {load['load_avg'][0]} before the burst and {load['load_avg'][1]} after Locust "
-        "(the machine is shared).\n\n"
+        f"was {load['load_avg'][0]} before the burst and {load['load_avg'][1]} after Locust.\n\n"
         "## 80 concurrent `POST /v1/batches` from 4 keys (2-line files)\n\n"
         f"{burst_table}\n\n"
         "## Locust: 40 users, 2 minutes, upload → create → poll every 1 s → download\n\n"
