@@ -19,6 +19,7 @@ from vllm_batch.cli.run import run, run_and_exit
 from vllm_batch.cli.serve import serve
 from vllm_batch.cli.webhook_secret import webhook_secret
 from vllm_batch.cli.worker import worker
+from vllm_batch.engines.start_method import allow_fork
 
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -67,6 +68,10 @@ app.command("run", context_settings=PASS_THROUGH)(run)
 app.command(context_settings=PASS_THROUGH, add_help_option=False)(bench)
 
 
+ENGINE_COMMANDS = frozenset({"serve", "worker", "embedded-worker", "run"})
+"""The commands that start vLLM engines in their own process."""
+
+
 def main() -> None:
     """The ``vllm-batch`` console script (and ``python -m vllm_batch.cli``)."""
     # vLLM accepts ``--max_num_seqs`` as well as ``--max-num-seqs``; so do we.
@@ -74,6 +79,8 @@ def main() -> None:
         arg.replace("_", "-") if arg.startswith("--") and "=" not in arg else arg
         for arg in sys.argv[1:]
     ]
+    if sys.argv[1:2] and sys.argv[1] in ENGINE_COMMANDS:
+        allow_fork()  # this process has run no torch work: its first engine may fork
     if sys.argv[1:2] == ["run"]:
         run_and_exit(app)
     app()

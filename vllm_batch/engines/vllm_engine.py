@@ -28,6 +28,7 @@ from vllm_batch.engines.serving import (
     error_result,
     streaming_refused,
 )
+from vllm_batch.engines.start_method import chosen_method, engine_start
 from vllm_batch.engines.structured import ConflictingStructuredOutputs, translate_guided_fields
 from vllm_batch.models.adapters import LoraSpec, max_lora_rank
 from vllm_batch.models.kinds import ModelKind, is_pooling
@@ -294,17 +295,20 @@ async def open_client(args: Any, *, with_stats: bool) -> AsyncIterator[Any]:
     from vllm_batch.observability.engine_stats import stat_logger_class
 
     engine_args = AsyncEngineArgs.from_cli_args(args)
+    user_method = chosen_method()  # before vLLM's platform sets its own
     vllm_config = engine_args.create_engine_config(usage_context=UsageContext.LLM_CLASS)
 
     def launch() -> Any:
         # Built outside the event loop, AsyncLLM starts its output tasks on first use.
-        return AsyncLLM.from_vllm_config(
-            vllm_config=vllm_config,
-            usage_context=UsageContext.LLM_CLASS,
-            stat_loggers=[stat_logger_class()] if with_stats else None,
-            enable_log_requests=engine_args.enable_log_requests,
-            disable_log_stats=engine_args.disable_log_stats,
-        )
+        with engine_start(user_method) as method:
+            log.info("starting engine processes (%s)", method or "vLLM's default method")
+            return AsyncLLM.from_vllm_config(
+                vllm_config=vllm_config,
+                usage_context=UsageContext.LLM_CLASS,
+                stat_loggers=[stat_logger_class()] if with_stats else None,
+                enable_log_requests=engine_args.enable_log_requests,
+                disable_log_stats=engine_args.disable_log_stats,
+            )
 
     client = await launch_processes(
         launch, "vllm-engine-launch", lambda built: built.shutdown(timeout=0)

@@ -1,0 +1,57 @@
+"""engines/start_method.py: when vLLM's engine processes are forked instead of spawned
+(pure logic; the commands' real engines fork in every end-to-end test that starts one)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from vllm_batch.engines import start_method
+from vllm_batch.engines.start_method import METHOD_ENV, allow_fork, chosen_method, engine_start
+
+
+@pytest.fixture(autouse=True)
+def fresh_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """As a new process: fork not allowed yet, no method in the environment."""
+    monkeypatch.setattr(start_method, "_may_fork", False)
+    monkeypatch.delenv(METHOD_ENV, raising=False)
+    yield
+
+
+def platform_asks_spawn(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(METHOD_ENV, "spawn")  # what vLLM's CPU platform does
+
+
+def test_a_command_forks_its_first_engine_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    allow_fork()
+    user = chosen_method()
+    platform_asks_spawn(monkeypatch)
+    with engine_start(user) as method:
+        assert method == "fork"
+        assert os.environ[METHOD_ENV] == "fork"
+    assert os.environ[METHOD_ENV] == "spawn"  # restored for vLLM
+    with engine_start(user) as method:  # a restart or a swap: requests have run since
+        assert method == "spawn" and os.environ[METHOD_ENV] == "spawn"
+
+
+def test_without_allow_fork_vllm_spawns(monkeypatch: pytest.MonkeyPatch) -> None:
+    user = chosen_method()
+    platform_asks_spawn(monkeypatch)
+    with engine_start(user) as method:
+        assert method == "spawn"
+
+
+def test_a_method_the_user_set_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    allow_fork()
+    monkeypatch.setenv(METHOD_ENV, "spawn")
+    user = chosen_method()
+    with engine_start(user) as method:
+        assert method == "spawn"
+
+
+def test_off_cpu_vllm_keeps_its_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    allow_fork()
+    with engine_start(chosen_method()) as method:  # no platform override (a GPU)
+        assert method is None
