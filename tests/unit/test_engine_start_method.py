@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -55,3 +57,50 @@ def test_off_cpu_vllm_keeps_its_default(monkeypatch: pytest.MonkeyPatch) -> None
     allow_fork()
     with engine_start(chosen_method()) as method:  # no platform override (a GPU)
         assert method is None
+
+
+class SlowStream:
+    """A log stream whose write holds its own lock until ``go`` is set."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.writing = threading.Event()
+        self.go = threading.Event()
+
+    def write(self, text: str) -> None:
+        with self.lock:
+            self.writing.set()
+            self.go.wait(10)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_no_thread_is_mid_write_to_a_log_stream_when_vllm_forks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stream = SlowStream()
+    handler = logging.StreamHandler(stream)  # type: ignore[arg-type]
+    logger = logging.getLogger("fork-test")
+    logger.addHandler(handler)
+    try:
+        allow_fork()
+        platform_asks_spawn(monkeypatch)
+        writer = threading.Thread(target=logger.warning, args=("a line",))
+        writer.start()
+        assert stream.writing.wait(5)  # the other thread is inside the stream's write
+        threading.Timer(0.3, stream.go.set).start()
+        with engine_start(None):
+            read, write = os.pipe()
+            pid = os.fork()  # waits for the write to end: the handler's lock is taken first
+            if pid == 0:
+                os.write(write, b"1" if stream.lock.acquire(timeout=2) else b"0")
+                os._exit(0)
+            os.close(write)
+            assert os.read(read, 1) == b"1", "the child inherited a held stream lock"
+            os.waitpid(pid, 0)
+        writer.join(5)
+        assert handler.lock is not None and handler.lock.acquire(blocking=False)  # released
+        handler.lock.release()
+    finally:
+        logger.removeHandler(handler)

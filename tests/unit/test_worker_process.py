@@ -3,6 +3,7 @@ told (its settings, as JSON) and what the API makes of its status."""
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 
@@ -94,3 +95,15 @@ def test_embedded_worker_run_by_hand_says_who_starts_it() -> None:
     )
     assert done.returncode == 1
     assert b"embedded-worker: serve starts this command (settings on stdin)" in done.stderr
+
+
+def test_raw_lines_read_the_settings_line_then_each_wake_up() -> None:
+    from vllm_batch.cli.embedded_worker import RawLines
+
+    read, write = os.pipe()
+    os.write(write, b'{"settings": 1}\nwake\nwake\npartial')
+    os.close(write)
+    lines = RawLines(read)
+    assert lines.readline() == b'{"settings": 1}\n'
+    assert [lines.readline() for _ in range(4)] == [b"wake\n", b"wake\n", b"partial", b""]
+    os.close(read)

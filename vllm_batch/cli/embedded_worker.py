@@ -31,14 +31,15 @@ def embedded_worker() -> None:
     from vllm_batch.observability.logs import bound
     from vllm_batch.runtime.worker_process import STATUS_FD_ENV
 
-    line = sys.stdin.buffer.readline()
+    stdin = RawLines(sys.stdin.fileno())
+    line = stdin.readline()
     if not line or STATUS_FD_ENV not in os.environ:
         raise SystemExit("embedded-worker: serve starts this command (settings on stdin)")
     settings = Settings.model_validate_json(line)
     setup_logging(settings, KeyRing.from_settings(settings).secrets())
     status = os.fdopen(int(os.environ.pop(STATUS_FD_ENV)), "w", buffering=1)
     with bound(process="worker"), asyncio.Runner(loop_factory=loop_factory()) as runner:
-        runner.run(run_embedded_worker(settings, status))
+        runner.run(run_embedded_worker(settings, status, stdin))
     # Drained: chunks handed back, engine stopped. The interpreter's own teardown (vLLM's
     # and torch's threads) can abort the process; nothing is left for it to do.
     logging.shutdown()
@@ -47,7 +48,7 @@ def embedded_worker() -> None:
     os._exit(0)
 
 
-async def run_embedded_worker(settings: Settings, status_out: TextIO) -> None:
+async def run_embedded_worker(settings: Settings, status_out: TextIO, stdin: RawLines) -> None:
     """The worker until SIGTERM or the end of stdin; its status every ``STATUS_SECONDS``."""
     from vllm_batch.batches.store_context import open_store
     from vllm_batch.observability import metrics
@@ -61,7 +62,7 @@ async def run_embedded_worker(settings: Settings, status_out: TextIO) -> None:
         worker = make_worker(store, engines)
         shutdown = asyncio.Event()
         stop = stop_on_signals(worker.ctx, shutdown)
-        listen_stdin(asyncio.get_running_loop(), worker.ctx.notifier.wake, stop)
+        listen_stdin(stdin, asyncio.get_running_loop(), worker.ctx.notifier.wake, stop)
         health = TaskHealth("worker")
         reporter = asyncio.create_task(_report(worker, health, status_out, shutdown))
         try:
@@ -88,13 +89,37 @@ async def _report(worker: Worker, health: TaskHealth, out: TextIO, shutdown: asy
             await asyncio.wait_for(shutdown.wait(), STATUS_SECONDS)
 
 
+class RawLines:
+    """Lines read from a descriptor with ``os.read``: no Python file object, so no lock
+    that a thread blocked in a read holds when vLLM forks its engine processes (a forked
+    child closes ``sys.stdin`` and would wait for that lock for ever)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.pending = b""
+
+    def readline(self) -> bytes:
+        """The next line with its newline; what is left at the end; b"" at the end."""
+        while b"\n" not in self.pending:
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                line, self.pending = self.pending, b""
+                return line
+            self.pending += chunk
+        line, _, self.pending = self.pending.partition(b"\n")
+        return line + b"\n"
+
+
 def listen_stdin(
-    loop: asyncio.AbstractEventLoop, wake: Callable[[], None], stop: Callable[[], None]
+    stdin: RawLines,
+    loop: asyncio.AbstractEventLoop,
+    wake: Callable[[], None],
+    stop: Callable[[], None],
 ) -> None:
     """Each line on stdin wakes the worker; the end of stdin (serve gone) stops it."""
 
     def read() -> None:
-        for _ in sys.stdin.buffer:
+        while stdin.readline():
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(wake)
         with contextlib.suppress(RuntimeError):

@@ -10,17 +10,24 @@ region. So only a command whose process has run no torch work yet (``serve``, ``
 serve's worker child, ``run``: they call ``allow_fork`` first) forks, and only at its first
 engine start; a restart or a model swap spawns, as vLLM does. A method the user set is
 always kept, and vLLM still spawns where it must (in a Ray actor, after CUDA is set up).
+
+A fork copies only the forking thread: a lock another thread held stays held in the child.
+So the log handlers' locks are taken around the fork (no thread is half-way through
+writing a log line to stderr), and the commands read stdin without a Python file object.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 
 METHOD_ENV = "VLLM_WORKER_MULTIPROC_METHOD"
 _may_fork = False
 """This process has run no torch work, and has started no engine yet."""
+_forking = False
+_held: list[logging.Handler] = []
 
 
 def allow_fork() -> None:
@@ -45,8 +52,43 @@ def engine_start(user_method: str | None) -> Iterator[str | None]:
     if not fork:
         yield platform_method
         return
+    global _forking
     os.environ[METHOD_ENV] = "fork"
+    _forking = True
     try:
         yield "fork"
     finally:
+        _forking = False
         os.environ[METHOD_ENV] = "spawn"
+
+
+def _log_handlers() -> list[logging.Handler]:
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    found: dict[int, logging.Handler] = {}
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):
+            found[id(handler)] = handler
+    return list(found.values())
+
+
+def _before_fork() -> None:
+    if _forking:
+        for handler in _log_handlers():
+            handler.acquire()
+            _held.append(handler)
+
+
+def _after_fork_in_parent() -> None:
+    while _held:
+        _held.pop().release()
+
+
+def _after_fork_in_child() -> None:
+    _held.clear()  # logging has made the child's handler locks anew
+
+
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)
