@@ -3,6 +3,7 @@ model when the other has work (one engine at a time), and /ready shows which is 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import httpx
@@ -10,6 +11,16 @@ from openai import OpenAI
 
 from tests.e2e.conftest import served
 from tests.helpers import chat_line, jsonl, parse_jsonl, wait_for_batch
+
+
+def wait_loaded(url: str, model: str, timeout: float = 10) -> str | None:
+    """``/ready``'s loaded model once it is ``model``, or as it is after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while (loaded := httpx.get(f"{url}/ready").json()["worker"]["loaded_model"]) != model:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    return loaded
 
 
 def test_worker_swaps_models_on_demand(tiny_model: Path, tmp_path: Path) -> None:
@@ -41,8 +52,9 @@ def test_worker_swaps_models_on_demand(tiny_model: Path, tmp_path: Path) -> None
             results = parse_jsonl(client.files.content(final.output_file_id).text)
             assert {r["response"]["body"]["model"] for r in results} == {model}
             outputs[model] = results[0]["response"]["body"]["choices"][0]["message"]["content"]
-            ready = httpx.get(f"{server.url}/ready").json()
-            assert ready["worker"]["loaded_model"] == model
+            # serve's worker process reports its status every STATUS_SECONDS (0.5 s)
+            loaded = wait_loaded(server.url, model)
+            assert loaded == model
         assert outputs["tiny-a"] != outputs["tiny-b"]  # really two different models
         log = server.log()
         assert "unloading model tiny-a" in log

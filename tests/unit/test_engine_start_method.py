@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import socket
 import threading
 from collections.abc import Iterator
 
@@ -104,3 +106,30 @@ def test_no_thread_is_mid_write_to_a_log_stream_when_vllm_forks(
         handler.lock.release()
     finally:
         logger.removeHandler(handler)
+
+
+def test_the_child_does_not_share_the_parents_signal_wakeup(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A signal to the engine process must not reach the parent's event loop."""
+    wakeup_read, wakeup_write = socket.socketpair()
+    wakeup_write.setblocking(False)
+    previous = signal.set_wakeup_fd(wakeup_write.fileno())
+    try:
+        allow_fork()
+        platform_asks_spawn(monkeypatch)
+        with engine_start(None):
+            read, write = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                inherited = signal.set_wakeup_fd(-1)
+                os.write(write, b"1" if inherited == -1 else b"0")
+                os._exit(0)
+            os.close(write)
+            assert os.read(read, 1) == b"1", "the child kept the parent's wakeup descriptor"
+            os.waitpid(pid, 0)
+        assert signal.set_wakeup_fd(wakeup_write.fileno()) == wakeup_write.fileno()
+    finally:
+        signal.set_wakeup_fd(previous)
+        wakeup_read.close()
+        wakeup_write.close()

@@ -14,6 +14,7 @@ always kept, and vLLM still spawns where it must (in a Ray actor, after CUDA is 
 A fork copies only the forking thread: a lock another thread held stays held in the child.
 So the log handlers' locks are taken around the fork (no thread is half-way through
 writing a log line to stderr), and the commands read stdin without a Python file object.
+The child drops the parent's signal wakeup descriptor, which it would otherwise share.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 from collections.abc import Iterator
 
 METHOD_ENV = "VLLM_WORKER_MULTIPROC_METHOD"
@@ -85,6 +87,11 @@ def _after_fork_in_parent() -> None:
 
 def _after_fork_in_child() -> None:
     _held.clear()  # logging has made the child's handler locks anew
+    if _forking:
+        # The parent's event loop reads signals from a wakeup descriptor the child shares:
+        # a SIGTERM sent to the engine process (vLLM stops it so) would stop the parent.
+        with contextlib.suppress(ValueError):
+            signal.set_wakeup_fd(-1)
 
 
 os.register_at_fork(
