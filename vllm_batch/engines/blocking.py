@@ -14,6 +14,8 @@ import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+import psutil
+
 T = TypeVar("T")
 
 REAP_INTERVAL = 0.1
@@ -61,7 +63,7 @@ async def in_daemon_thread(fn: Callable[[], T], name: str) -> T:
 async def launch_processes(fn: Callable[[], T], name: str, on_abandon: Callable[[T], None]) -> T:
     """``fn()`` (which starts child processes) in a daemon thread, stoppable mid-way.
 
-    If the caller is cancelled, the child processes ``fn`` started are terminated until
+    If the caller is cancelled, the child processes ``fn`` started are killed until
     ``fn`` returns (it fails once they are gone); if it succeeded anyway, ``on_abandon``
     gets its result to release it. Then the cancellation goes on.
     """
@@ -72,8 +74,22 @@ async def launch_processes(fn: Callable[[], T], name: str, on_abandon: Callable[
     except asyncio.CancelledError:
         while not call.done.is_set():
             for proc in set(multiprocessing.active_children()) - before:
-                proc.terminate()
+                kill_tree(proc.pid)
             await asyncio.sleep(REAP_INTERVAL)
         if call.error is None and call.value is not None:
             on_abandon(call.value)
         raise
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL process ``pid`` and its descendants. An engine process abandoned mid-start
+    is killed, not asked: vLLM's engine core only logs a SIGTERM until it is built (a
+    spawned one used to die of it while still importing; a forked one is past that)."""
+    try:
+        root = psutil.Process(pid)
+        doomed = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for proc in doomed:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
