@@ -74,7 +74,8 @@ async def launch_processes(fn: Callable[[], T], name: str, on_abandon: Callable[
     except asyncio.CancelledError:
         while not call.done.is_set():
             for proc in set(multiprocessing.active_children()) - before:
-                kill_tree(proc.pid)
+                if proc.pid is not None:
+                    kill_tree(proc.pid)
             await asyncio.sleep(REAP_INTERVAL)
         if call.error is None and call.value is not None:
             on_abandon(call.value)
