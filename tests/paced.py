@@ -107,7 +107,6 @@ class PacedEngine:
 
 def main() -> None:
     """``vllm-batch`` with paced engines (the gate from ``VLLM_BATCH_TEST_GATE``)."""
-    import vllm_batch.offline.runner
     from vllm_batch import cli, engines
 
     gate = Path(os.environ[GATE_ENV])
@@ -116,8 +115,7 @@ def main() -> None:
     def paced(spec: Any, settings: Any) -> Any:
         return PacedEngine(make_engine(spec, settings), gate)
 
-    engines.make_engine = paced  # type: ignore[assignment]  # engines.engine_factory's
-    vllm_batch.offline.runner.make_engine = paced  # type: ignore[assignment]
+    engines.make_engine = paced  # type: ignore[assignment]  # every process's engines
     sys.argv[0] = "vllm-batch"
     cli.main()
 

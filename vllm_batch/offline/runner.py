@@ -26,8 +26,8 @@ from typing import Any, BinaryIO
 
 import anyio
 
+from vllm_batch import engines
 from vllm_batch.config import ModelSpec, Settings
-from vllm_batch.engines import make_engine
 from vllm_batch.engines.engine import Engine, EngineFailure, EngineResult
 from vllm_batch.models.adapters import adapter_bases
 from vllm_batch.offline import io
@@ -135,7 +135,7 @@ class ServedModelGuard:
 
 
 def default_engine_factory(spec: ModelSpec, settings: Settings) -> Engine:
-    return make_engine(spec, settings)
+    return engines.make_engine(spec, settings)
 
 
 def iter_requests(path: Path, start: int) -> Generator[tuple[int, bytes], None, None]:
