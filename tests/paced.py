@@ -26,6 +26,7 @@ import psutil
 
 GATE_ENV = "VLLM_BATCH_TEST_GATE"
 PACED_CLI = "tests.paced"
+VLLM_BATCH_CLI = True  # serve started here starts its worker child here too (entry_module)
 POLL_SECONDS = 0.05
 
 

@@ -17,6 +17,7 @@ from tests.helpers import create_validating_batch, jsonl
 from tests.webhook_receiver import silent_receiver, webhook_receiver
 from vllm_batch.batches.states import BatchStatus
 from vllm_batch.batches.store import outbox
+from vllm_batch.batches.store.db import is_sqlite
 from vllm_batch.batches.store.outbox import Limits
 from vllm_batch.batches.store.rows import DeliveryRow
 from vllm_batch.batches.store_context import StoreContext, open_store
@@ -58,7 +59,7 @@ async def dispatching(store: StoreContext) -> AsyncIterator[DeliveryDispatcher]:
         yield dispatcher
     finally:
         shutdown.set()
-        await asyncio.wait_for(task, 10)
+        await asyncio.wait_for(task, 60)  # a loaded machine's shutdown, not a hang
 
 
 async def _wait(what: str, done: Any, timeout: float = 30) -> None:
@@ -70,6 +71,11 @@ async def _wait(what: str, done: Any, timeout: float = 30) -> None:
 
 
 def _settings(database_url: str, tmp_path: Path, **extra: Any) -> Settings:
+    """On SQLite each test gets its own file. Once, under a full suite's load, one test's
+    dispatcher waited out the busy timeout and the file stayed locked for the next two
+    tests (cause not found; each test has its own event loop, which ends with it)."""
+    if is_sqlite(database_url):
+        database_url = f"sqlite+aiosqlite:///{tmp_path / 'deliveries.db'}"
     return Settings(
         database_url=database_url,
         data_dir=tmp_path,

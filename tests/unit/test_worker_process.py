@@ -11,25 +11,37 @@ import pytest
 
 from vllm_batch.batches.store.notify import WorkNotifier
 from vllm_batch.config import Settings
-from vllm_batch.runtime.worker_process import WorkerProcess, entry_module
+from vllm_batch.runtime.worker_process import CLI_ENTRY_MARK, WorkerProcess, entry_module
 from vllm_batch.worker.status import WorkerStatus
 
 
 @pytest.mark.parametrize(
-    ("spec_name", "expected"),
+    ("spec_name", "cli", "expected"),
     [
-        (None, "vllm_batch.cli"),  # the vllm-batch console script
-        ("vllm_batch.cli.__main__", "vllm_batch.cli"),  # python -m vllm_batch.cli
-        ("tests.paced", "tests.paced"),  # the tests' paced CLI: its children are paced
+        (None, False, "vllm_batch.cli"),  # the vllm-batch console script
+        ("vllm_batch.cli.__main__", True, "vllm_batch.cli"),  # python -m vllm_batch.cli
+        ("tests.paced", True, "tests.paced"),  # the tests' paced CLI: its children are paced
+        ("pytest", False, "vllm_batch.cli"),  # python -m pytest: not a vllm-batch command
+        ("uvicorn.__main__", False, "vllm_batch.cli"),  # python -m uvicorn vllm_batch...
     ],
 )
 def test_the_child_starts_through_the_module_serve_started_from(
-    monkeypatch: pytest.MonkeyPatch, spec_name: str | None, expected: str
+    monkeypatch: pytest.MonkeyPatch, spec_name: str | None, cli: bool, expected: str
 ) -> None:
     main = types.ModuleType("__main__")
     main.__spec__ = types.SimpleNamespace(name=spec_name) if spec_name else None  # type: ignore[assignment]
+    if cli:
+        setattr(main, CLI_ENTRY_MARK, True)
     monkeypatch.setitem(sys.modules, "__main__", main)
     assert entry_module() == expected
+
+
+def test_the_real_cli_modules_carry_the_mark() -> None:
+    import tests.paced
+    import vllm_batch.cli.__main__ as cli_main  # guarded: importing it runs nothing
+
+    assert getattr(cli_main, CLI_ENTRY_MARK) is True
+    assert getattr(tests.paced, CLI_ENTRY_MARK) is True
 
 
 def test_settings_reach_the_child_unchanged() -> None:

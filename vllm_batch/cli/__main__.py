@@ -2,4 +2,7 @@
 
 from vllm_batch.cli.commands import main
 
-main()
+VLLM_BATCH_CLI = True  # serve's worker child is started through this module too
+
+if __name__ == "__main__":
+    main()

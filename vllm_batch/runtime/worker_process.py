@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 STATUS_FD_ENV = "VLLM_BATCH_STATUS_FD"
 STATUS_SECONDS = 0.5
 COMMAND = "embedded-worker"
+# A module-level flag in a ``__main__`` module that runs the vllm-batch CLI (``entry_module``).
+CLI_ENTRY_MARK = "VLLM_BATCH_CLI"
 PR_SET_PDEATHSIG = 1
 
 
@@ -165,10 +167,13 @@ class WorkerProcess:
 
 
 def entry_module() -> str:
-    """The module this process was started as (``python -m X``), else the CLI's."""
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    name = getattr(spec, "name", None)
-    if not name or name == "__main__":
+    """The module to start serve's worker child with: the one this process was started as
+    (``python -m X``) if it is a vllm-batch command line (it sets ``CLI_ENTRY_MARK``, as
+    ``python -m vllm_batch.cli`` and a wrapper such as the tests' paced CLI do), else the
+    CLI's. ``python -m pytest`` or ``python -m uvicorn`` are not re-run as the worker."""
+    main = sys.modules.get("__main__")
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if not name or name == "__main__" or not getattr(main, CLI_ENTRY_MARK, False):
         return "vllm_batch.cli"
     return str(name).removesuffix(".__main__")
 
