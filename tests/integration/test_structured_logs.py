@@ -110,7 +110,11 @@ def run_batch(api: LiveServer) -> str:
 
 def test_real_run_logs_carry_ids_and_no_secrets(api: LiveServer, captured: io.StringIO) -> None:
     batch_id = run_batch(api)
-    time.sleep(0.5)  # the finalizer's last line
+    done_line = f'"batch {batch_id} completed'
+    deadline = time.monotonic() + 30  # the finalizer logs just after the status is saved
+    while done_line not in captured.getvalue():
+        assert time.monotonic() < deadline, f"no '{done_line[1:]}' log line 30 s after it"
+        time.sleep(0.05)
     output = captured.getvalue()
     records = [json.loads(line) for line in output.splitlines()]
     assert all({"timestamp", "level", "logger", "message"} <= set(r) for r in records)
