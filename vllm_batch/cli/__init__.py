@@ -1,4 +1,5 @@
-"""``vllm-batch``: serve, worker, run, webhook-secret, models, bench.
+"""``vllm-batch``: serve, worker, run, webhook-secret, models, bench; and the client commands
+``batches`` and ``files`` (``client_*.py``: any OpenAI-compatible Batch API).
 
 ``commands.py`` is the typer app and ``main``; ``options.py`` the one options model (each flag
 declared once); one module per command.

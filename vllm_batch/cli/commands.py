@@ -13,6 +13,8 @@ from typing import Annotated
 import typer
 
 from vllm_batch.cli.bench import bench
+from vllm_batch.cli.client_batches import batches_app
+from vllm_batch.cli.client_files import files_app
 from vllm_batch.cli.embedded_worker import embedded_worker
 from vllm_batch.cli.models import models_app
 from vllm_batch.cli.run import run, run_and_exit
@@ -64,6 +66,8 @@ app.command("worker")(worker)
 app.command("embedded-worker", hidden=True)(embedded_worker)
 app.command("webhook-secret")(webhook_secret)
 app.add_typer(models_app, name="models")
+app.add_typer(batches_app, name="batches")
+app.add_typer(files_app, name="files")
 app.command("run", context_settings=PASS_THROUGH)(run)
 app.command(context_settings=PASS_THROUGH, add_help_option=False)(bench)
 
