@@ -40,9 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "configuration.md"
 SETTINGS_COMMANDS = ("serve", "worker", "run", "webhook-secret")
 """The commands whose options become settings (each is probed; nothing else runs)."""
-COMMANDS_WITHOUT_SETTINGS = ("bench", "models", "embedded-worker")
+COMMANDS_WITHOUT_SETTINGS = ("bench", "models", "embedded-worker", "batches", "files")
 """The commands that build no settings from flags: never invoked here (``bench`` execs a
-script; ``embedded-worker``, hidden, gets serve's settings as JSON on stdin)."""
+script; ``embedded-worker``, hidden, gets serve's settings as JSON on stdin; ``batches``
+and ``files`` are API clients, configured as the ``openai`` SDK is: docs/client.md)."""
 HEADER = re.compile(r"^# ---- (?P<title>.*?)(?: \((?P<page>[\w/-]+\.md)\))?$")
 
 INTRO = """\

@@ -394,6 +394,8 @@ class Settings(BaseSettings):
     # ``vllm-batch worker`` only: serve /metrics on this port (off when unset).
     metrics_port: int | None = None
     metrics_host: str | None = None  # the worker's /metrics bind address; unset: ``host``
+    # Seconds between the dashboard's history samples (its charts keep one hour of them).
+    dashboard_history_interval: float = Field(default=5.0, gt=0, le=3600)
 
     @field_validator(
         "models",

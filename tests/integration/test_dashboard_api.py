@@ -47,6 +47,7 @@ def api(
         database_url,
         tmp_path_factory,
         chunk_size=CHUNK,
+        dashboard_history_interval=0.2,
         api_keys=[
             f"team-a:{KEYS['team-a']}",
             f"team-b:{KEYS['team-b']}",
@@ -142,7 +143,15 @@ def test_browser_follows_to_the_page_without_a_key(api: LiveServer, team_a_batch
 
 
 @pytest.mark.parametrize(
-    "path", ["/overview", "/batches", "/batches/batch_x", "/batches/batch_x/chunks"]
+    "path",
+    [
+        "/overview",
+        "/batches",
+        "/batches/batch_x",
+        "/batches/batch_x/chunks",
+        "/history",
+        "/batches/batch_x/history",
+    ],
 )
 @pytest.mark.parametrize("key", [None, "sk-wrong"])
 def test_data_needs_a_key(api: LiveServer, path: str, key: str | None) -> None:
@@ -239,6 +248,83 @@ def test_owners_and_workers_only_for_admins(api: LiveServer, team_a_batch: str) 
         ]
         listed = {x["id"]: x for x in a.get("/v1/dashboard/batches").json()["data"]}
         assert listed[team_a_batch]["first_errors"] == batch["first_errors"]
+
+
+def history_of(api: LiveServer, name: str, path: str = "/v1/dashboard/history") -> Any:
+    with http(api, name) as client:
+        response = client.get(path)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+
+def test_history_is_per_key(api: LiveServer, team_a_batch: str) -> None:
+    """Team A's queued lines and failed line are in its history and the admin's, not B's."""
+    if not claimed(api, team_a_batch):  # run alone: not yet done by the test above
+        claim_and_fail_one_line(api, team_a_batch)
+    deadline = time.monotonic() + 30
+    while True:
+        own = history_of(api, "team-a")
+        if own["failed_lines"] and own["failed_lines"][-1] >= 1 and len(own["t"]) >= 3:
+            break
+        assert time.monotonic() < deadline, own
+        time.sleep(0.2)
+    assert own["scope"] == "own" and own["interval"] == 0.2 and own["window"] == 3600
+    assert max(own["queued_lines"]) + max(own["running_lines"]) >= 9  # 10 lines, 1 saved
+    assert own["t"] == sorted(own["t"]) and own["lines_per_second"][0] is None
+    assert {len(own[k]) for k in ("t", "tokens_per_second", "completed_lines")} == {len(own["t"])}
+    other = history_of(api, "team-b")
+    assert other["scope"] == "own" and max(other["queued_lines"] + other["running_lines"]) == 0
+    admin = history_of(api, "ops")
+    assert admin["scope"] == "all" and admin["failed_lines"][-1] >= own["failed_lines"][-1]
+    # The batch's own series: from zero when it started, up to its failed line.
+    points = history_of(api, "team-a", f"/v1/dashboard/batches/{team_a_batch}/history")
+    assert points["batch_id"] == team_a_batch and points["total"] == 10 and points["sampled"]
+    assert points["completed"][0] == points["failed"][0] == 0 and points["failed"][-1] == 1
+    with http(api, "team-b") as b:
+        missing = b.get(f"/v1/dashboard/batches/{team_a_batch}/history")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+def claimed(api: LiveServer, batch_id: str) -> bool:
+    with http(api, "ops") as ops:
+        return bool(ops.get(f"/v1/dashboard/batches/{batch_id}").json()["request_counts"]["failed"])
+
+
+def test_openapi_declares_bearer_auth(api: LiveServer) -> None:
+    """The schema asks for the key on every /v1 operation; the edge's 401 is unchanged."""
+    schema = httpx.get(f"{api.url}/openapi.json", timeout=60).json()
+    assert schema["components"]["securitySchemes"] == {
+        "bearerAuth": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "An API key: `Authorization: Bearer <key>`.",
+        }
+    }
+    for path, operations in schema["paths"].items():
+        for operation in operations.values():
+            required = operation.get("security")
+            assert required == ([{"bearerAuth": []}] if path.startswith("/v1/") else None), path
+    assert "/v1/dashboard/history" in schema["paths"]
+    refused = httpx.get(f"{api.url}/v1/batches")
+    assert refused.status_code == 401
+    assert refused.json() == {
+        "error": {
+            "message": "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "invalid_api_key",
+        }
+    }
+
+
+def test_docs_page_is_served_locally(api: LiveServer) -> None:
+    page = httpx.get(f"{api.url}/docs", timeout=30)
+    assert page.status_code == 200
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert "cdn" not in page.text.lower() and "<script>" not in page.text
+    assert '<script src="/dashboard/static/swagger-ui-bundle.js' in page.text
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css", "uPlot.iife.min.js", "api-docs.js"):
+        assert httpx.get(f"{api.url}/dashboard/static/{asset}").status_code == 200, asset
 
 
 def test_validation_errors_are_first_errors(api: LiveServer) -> None:

@@ -5,13 +5,20 @@ A live server with an API key and the session's tiny engine: the browser opens `
 batch made through the API progress to completed, opens its detail page (timeline,
 chunks with their owners, deliveries), and downloads the output and error files, which
 must equal the API's file contents. Screenshots go to ``test-artifacts/``; with
-``VLLM_BATCH_UPDATE_SCREENSHOTS=1`` the overview also refreshes ``docs/img/dashboard.png``.
+``VLLM_BATCH_UPDATE_SCREENSHOTS=1`` the overview also refreshes ``docs/img/dashboard.png``
+and the charts ``docs/img/dashboard-charts.png``.
+
+Acting in the page (same server): a file uploaded through the file picker (and one dropped
+on the drop zone) becomes a batch, whose charts and progress move as the server samples it;
+a second batch is cancelled from the list, a third from its page; the output downloads
+byte-identical. ``/docs`` (the vendored Swagger UI) sends the key once it is authorized.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -33,6 +40,9 @@ CHROMIUM = "/usr/bin/chromium"
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
 README_IMAGE = REPO / "docs" / "img" / "dashboard.png"
+CHARTS_IMAGE = REPO / "docs" / "img" / "dashboard-charts.png"
+HISTORY_INTERVAL = 0.5  # seconds between the server's history samples (default 5)
+FIRST_LINES = 120  # the batch made in the page: three chunks, long enough to watch
 LINES, CHUNK, BAD_LINE = 240, 40, 5  # six chunks, long enough to watch (several polls)
 # What /ready's ``gpu`` section holds on a GPU host (there is none here) while the guard
 # pauses claims: the dashboard must render readings and the pause.
@@ -86,6 +96,7 @@ def live(
         delivery_backoff_base=0.2,
         delivery_backoff_max=0.5,
         delivery_poll_interval=0.1,
+        dashboard_history_interval=HISTORY_INTERVAL,
     )
     yield from start_server(loop_thread, settings, tiny_engine)
 
@@ -266,5 +277,219 @@ def test_gpu_section(live: LiveServer, browser: Browser, gpu: dict[str, Any]) ->
             )
         else:
             expect(page.locator("#gpu")).to_have_text("no GPU (no NVIDIA driver)")
+    finally:
+        context.close()
+
+
+# ------------------------------------------------------------------ acting in the dashboard
+
+
+def keyed_page(browser: Browser) -> tuple[Any, Page, list[str]]:
+    """A context whose page has the key saved, and the console errors it logs."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    context.add_init_script(f"localStorage.setItem('vllm-batch:api-key', {json.dumps(KEY)})")
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    return context, page, errors
+
+
+def batch_file(count: int, max_tokens: int = 64) -> bytes:
+    lines = [chat_line(i, TINY_NAME, max_tokens=max_tokens, ignore_eos=True) for i in range(count)]
+    return jsonl(lines)
+
+
+def batch_status(batch_id: str, live: LiveServer) -> str:
+    return OpenAI(base_url=live.base_url, api_key=KEY).batches.retrieve(batch_id).status
+
+
+def create_from_form(page: Page, endpoint: str = "/v1/chat/completions") -> str:
+    """Create a batch from the uploaded file with ``endpoint`` and the default window."""
+    expect(page.locator("#create-batch")).to_be_enabled(timeout=30_000)
+    page.select_option("#endpoint", endpoint)
+    assert page.input_value("#completion-window") == "24h"
+    page.click("#create-batch")
+    created = page.locator("#created-batch")
+    expect(created).to_be_visible(timeout=30_000)
+    return created.inner_text()
+
+
+def drop_file(page: Page, name: str, content: bytes) -> None:
+    """Drag ``content`` as a file onto the drop zone (a DataTransfer made in the page)."""
+    page.evaluate(
+        """([name, text]) => {
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([text], name, { type: "application/jsonl" }));
+            const zone = document.getElementById("drop-zone");
+            for (const type of ["dragenter", "dragover", "drop"]) {
+                zone.dispatchEvent(new DragEvent(type, { dataTransfer: transfer, bubbles: true,
+                    cancelable: true }));
+            }
+        }""",
+        [name, content.decode()],
+    )
+
+
+def grows(page: Page, read: str, times: int = 2, deadline_s: float = 60) -> list[float]:
+    """Values of the JS expression ``read`` until it has increased ``times`` times."""
+    seen: list[float] = []
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        value = float(page.evaluate(read))
+        if not seen or value != seen[-1]:
+            seen.append(value)
+        if len(seen) > times and seen == sorted(seen):
+            return seen
+        time.sleep(0.1)
+    raise AssertionError(f"{read} did not grow: {seen}")
+
+
+def test_act_in_the_dashboard(live: LiveServer, browser: Browser) -> None:
+    """Upload (picker and drop), create, watch the charts move, cancel twice, download."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    context, page, console_errors = keyed_page(browser)
+    page.on("dialog", lambda dialog: dialog.accept())
+    try:
+        page.goto(f"{live.url}/dashboard")
+        expect(page.locator("#viewer")).to_have_text("key “default” (admin)", timeout=30_000)
+        expect(page.locator("#endpoint option")).not_to_have_count(0, timeout=30_000)
+        endpoints = page.locator("#endpoint option").all_inner_texts()
+        assert "/v1/chat/completions" in endpoints and "/v1/embeddings" not in endpoints
+
+        # Not a batch file: the API's error message shows inline, no batch is made.
+        page.set_input_files(
+            "#file-input", {"name": "bad.jsonl", "mimeType": "text/plain", "buffer": b"\x00"}
+        )
+        expect(page.locator("#action-error")).to_be_visible(timeout=30_000)
+        assert page.locator("#action-error").inner_text().startswith("400: ")
+        expect(page.locator("#create-batch")).to_be_disabled()
+        assert [e for e in console_errors if "400" in e] == console_errors  # that refusal only
+        console_errors.clear()
+
+        # The file picker: uploaded with progress, then a batch made from it.
+        first = batch_file(FIRST_LINES)
+        page.set_input_files(
+            "#file-input", {"name": "first.jsonl", "mimeType": "text/plain", "buffer": first}
+        )
+        expect(page.locator("#upload-state")).to_contain_text("Uploaded first.jsonl")
+        expect(page.locator("#action-error")).to_be_hidden()
+        assert page.locator("#upload-progress").evaluate("el => el.value") == 100
+        first_id = create_from_form(page)
+        row = page.locator(f'tr[data-batch-id="{first_id}"]')
+        expect(row).to_be_visible(timeout=30_000)
+
+        # The charts are the server's samples: more points arrive, the queue is drawn.
+        expect(page.locator("#chart-rate canvas")).to_have_count(1, timeout=30_000)
+        expect(page.locator("#chart-queue canvas")).to_have_count(1)
+        points = grows(page, "document.getElementById('chart-rate').dataset.points")
+        assert points[-1] > points[0], points
+
+        # A dropped file becomes a second batch, cancelled from the list (confirmed).
+        drop_file(page, "second.jsonl", batch_file(80))
+        expect(page.locator("#upload-state")).to_contain_text("Uploaded second.jsonl")
+        second_id = create_from_form(page)
+        cancel = page.locator(f'tr[data-batch-id="{second_id}"] button[data-action="cancel"]')
+        cancel.click(timeout=30_000)
+        deadline = time.monotonic() + 60
+        while batch_status(second_id, live) not in ("cancelling", "cancelled"):
+            assert time.monotonic() < deadline, batch_status(second_id, live)
+            time.sleep(0.2)
+        expect(page.locator(f'tr[data-batch-id="{second_id}"]')).to_have_attribute(
+            "data-status", re.compile("cancell"), timeout=30_000
+        )
+
+        # A third one, cancelled from its page: dismissing the confirm changes nothing.
+        client = OpenAI(base_url=live.base_url, api_key=KEY)
+        upload = client.files.create(file=("third.jsonl", batch_file(40)), purpose="batch")
+        third = client.batches.create(
+            input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        third_page = context.new_page()
+        third_page.goto(f"{live.url}/dashboard/batches/{third.id}")
+        third_page.once("dialog", lambda dialog: dialog.dismiss())
+        third_page.click("#cancel-batch", timeout=30_000)
+        assert batch_status(third.id, live) in ("validating", "in_progress")
+        third_page.once("dialog", lambda dialog: dialog.accept())
+        third_page.click("#cancel-batch", timeout=30_000)
+        expect(third_page.locator("#status")).to_have_text(re.compile("cancell"), timeout=30_000)
+        expect(third_page.locator("#cancel-batch")).to_be_hidden()
+        third_page.close()
+
+        # The first batch's page: its progress chart and count move while it runs.
+        page.goto(f"{live.url}/dashboard/batches/{first_id}")
+        expect(page.locator("#chart-progress canvas")).to_have_count(1, timeout=30_000)
+        if batch_status(first_id, live) == "in_progress":
+            read = "document.getElementById('chart-progress').dataset.completed"
+            done = grows(page, read, times=1, deadline_s=120)
+            assert done[-1] > done[0], done
+        expect(page.locator("#status")).to_have_text("completed", timeout=120_000)
+        expect(page.locator("#chart-progress")).to_have_attribute(
+            "data-completed", str(FIRST_LINES), timeout=30_000
+        )
+        batch = client.batches.retrieve(first_id)
+        assert batch.output_file_id and batch.request_counts
+        assert batch.request_counts.completed == FIRST_LINES
+        assert download(page, "#download-output") == api_file(live, batch.output_file_id)
+        expect(page.locator("#cancel-batch")).to_be_hidden()
+        page.screenshot(path=str(ARTIFACTS / "dashboard-batch-progress.png"), full_page=True)
+
+        # The overview's charts hold the whole run (a page opened late sees it too).
+        late = context.new_page()
+        late.goto(f"{live.url}/dashboard")
+        expect(late.locator("#chart-rate canvas")).to_have_count(1, timeout=30_000)
+        history = httpx.get(
+            f"{live.base_url}/dashboard/history", headers={"Authorization": f"Bearer {KEY}"}
+        ).json()
+        assert max(r or 0 for r in history["lines_per_second"]) > 0, history
+        assert max(history["queued_lines"]) + max(history["running_lines"]) > 0, history
+        assert int(late.locator("#chart-rate").get_attribute("data-points") or 0) > 3
+        late.locator("section.wide").nth(1).screenshot(path=str(ARTIFACTS / "dashboard-charts.png"))
+        if os.environ.get("VLLM_BATCH_UPDATE_SCREENSHOTS") == "1":
+            CHARTS_IMAGE.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(ARTIFACTS / "dashboard-charts.png", CHARTS_IMAGE)
+        assert not console_errors, console_errors
+    finally:
+        context.close()
+
+
+def test_swagger_ui_sends_the_key(live: LiveServer, browser: Browser) -> None:
+    """``/docs`` loads from the server (strict CSP, no CDN); "Try it out" on ``GET
+    /v1/batches`` gets 401 until the key is given to "Authorize", then 200."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    console_errors: list[str] = []
+    page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+    outside: list[str] = []
+    page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(live.url) else None)
+    try:
+        response = page.goto(f"{live.url}/docs")
+        assert (
+            response is not None
+            and "script-src 'self'" in response.headers["content-security-policy"]
+        )
+        path = page.locator('.opblock-summary-path[data-path="/v1/batches"]')
+        block = page.locator(".opblock-get").filter(has=path)
+        expect(block).to_have_count(1, timeout=60_000)
+        block.locator(".opblock-summary").click()
+        block.locator(".try-out__btn").click()
+
+        def execute() -> str:
+            block.locator(".execute").click()
+            status = block.locator(".live-responses-table .response .response-col_status")
+            expect(status).to_be_visible(timeout=30_000)
+            text = status.first.inner_text().split()[0]
+            block.locator(".btn-clear").click()
+            return text
+
+        assert execute() == "401"
+        page.locator(".auth-wrapper .authorize").click()
+        modal = page.locator(".modal-ux")
+        modal.locator("input").fill(KEY)
+        modal.locator("button.authorize").click()
+        modal.locator("button.btn-done").click()
+        assert execute() == "200"
+        assert not outside, outside
+        # The only console errors: the 401 of the first try.
+        assert all("401" in e for e in console_errors), console_errors
     finally:
         context.close()

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import Depends, FastAPI
 
@@ -21,12 +22,14 @@ from vllm_batch.api.errors import install_error_handlers
 from vllm_batch.api.prometheus import install_metrics
 from vllm_batch.api.state import AppContext
 from vllm_batch.api.web import data as dashboard_data
+from vllm_batch.api.web.history_sampler import run_history
 from vllm_batch.api.web.pages import install_pages
 from vllm_batch.batches.store_context import open_pool, open_store
 from vllm_batch.config import Settings
 from vllm_batch.engines.manager import EngineFactory, EngineManager
 from vllm_batch.observability import metrics
 from vllm_batch.observability.gpu import ReadingsSource
+from vllm_batch.observability.history import History
 from vllm_batch.observability.loop_lag import watch_loop_lag
 from vllm_batch.runtime.process import (
     Services,
@@ -95,6 +98,8 @@ def create_app(
             ctx.dispatcher = start_background(services, store, validating=ctx.validating)
             ctx.services = services.health
             services.add(asyncio.create_task(watch_loop_lag(shutdown)))
+            ctx.history = History(settings.dashboard_history_interval)
+            services.add(asyncio.create_task(run_history(ctx.history, ctx.for_work, shutdown)))
             try:
                 yield
             finally:
@@ -117,7 +122,7 @@ def create_app(
         title="vLLM Batch Server",
         version=__version__,
         lifespan=lifespan,
-        docs_url="/docs" if docs else None,
+        docs_url=None,  # /docs: the vendored Swagger UI (install_pages), not the CDN's
         redoc_url="/redoc" if docs else None,
         openapi_url="/openapi.json" if docs else None,
     )
@@ -129,10 +134,39 @@ def create_app(
     app.include_router(info.v1_router, prefix="/v1", dependencies=v1)
     app.include_router(dashboard_data.router, prefix="/v1", dependencies=v1)
     app.include_router(info.router)
-    install_pages(app)
+    install_pages(app, docs=docs)
+    declare_bearer_auth(app)
     install_metrics(app, settings)
     install_edge(app, settings)
     return app
+
+
+def declare_bearer_auth(app: FastAPI) -> None:
+    """Publish the API key in the OpenAPI schema: a ``bearerAuth`` scheme that every ``/v1``
+    operation requires, so ``/docs`` can send it. Only the schema changes: the edge still
+    checks keys (and answers 401 in OpenAI's error shape) exactly as before."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An API key: `Authorization: Bearer <key>`.",
+                }
+            }
+            for path, operations in schema.get("paths", {}).items():
+                if path.startswith("/v1/"):
+                    for operation in operations.values():
+                        operation["security"] = [{"bearerAuth": []}]
+                        operation.setdefault("responses", {}).setdefault(
+                            "401", {"description": "No API key, or a wrong one."}
+                        )
+        return app.openapi_schema or build()
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 IGNORED_ENVIRONMENT = {

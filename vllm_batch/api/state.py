@@ -11,6 +11,7 @@ from typing import Any
 from vllm_batch.batches.store_context import StoreContext
 from vllm_batch.deliveries.dispatcher import DeliveryDispatcher
 from vllm_batch.engines.manager import EngineManager
+from vllm_batch.observability.history import History
 from vllm_batch.runtime.supervise import TaskHealth
 from vllm_batch.runtime.worker_process import WorkerProcess
 from vllm_batch.worker.loop import Worker
@@ -38,6 +39,8 @@ class AppContext(StoreContext):
     work_store: StoreContext | None = None
     """The same store on the background pool: the worker, services and the tasks routes
     start (validation, finalization) use it, so API requests never starve them."""
+    history: History | None = None
+    """The dashboard's last hour of samples (``observability/history.py``)."""
 
     @property
     def for_work(self) -> StoreContext:

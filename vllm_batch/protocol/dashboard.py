@@ -79,6 +79,8 @@ class RemoteWorker(BaseModel):
 class Overview(BaseModel):
     viewer: Viewer
     models: list[str]
+    endpoints: list[str] = Field(default_factory=list)
+    """Batch endpoints some served model supports (the dashboard's endpoint choices)."""
     batches: dict[str, int]
     queue: list[QueueEntry]
     this_process: dict[str, Any]
@@ -86,3 +88,39 @@ class Overview(BaseModel):
     workers: list[RemoteWorker]
     active_workers: int
     """Distinct owners of live chunk leases, this process's worker included."""
+
+
+class DashboardHistory(BaseModel):
+    """The last hour as this process sampled it, one column per quantity, oldest first.
+
+    Admin callers see every batch's numbers, other keys their own batches' only. Rates are
+    per second since the previous sample (None for the first); ``completed_lines`` and
+    ``failed_lines`` count from the first sample shown.
+    """
+
+    object: str = "dashboard.history"
+    scope: str
+    """``all`` (admin callers) or ``own`` (the key's own batches)."""
+    interval: float
+    window: float
+    t: list[float]
+    lines_per_second: list[float | None]
+    tokens_per_second: list[float | None]
+    completed_lines: list[int]
+    failed_lines: list[int]
+    queued_lines: list[int]
+    running_lines: list[int]
+
+
+class BatchHistory(BaseModel):
+    """One batch's progress over time: completed and failed lines at each point."""
+
+    object: str = "dashboard.batch_history"
+    batch_id: str
+    total: int
+    sampled: bool
+    """False when this process never sampled the batch moving (e.g. it ran more than an
+    hour ago): the points are then its start and end from the batch's timestamps."""
+    t: list[float]
+    completed: list[int]
+    failed: list[int]

@@ -2,7 +2,9 @@
 
 Mounted under ``/v1``, so the edge checks the API key before anything runs. Batches are
 the caller's own (every batch for admin keys); worker identities and chunk lease owners
-only for admin callers, which includes every caller when no key is configured.
+only for admin callers, which includes every caller when no key is configured. The
+history (``/history``, ``/batches/{id}/history``) is this process's in-memory samples
+(``observability/history.py``), scoped the same way.
 """
 
 from __future__ import annotations
@@ -24,10 +26,15 @@ from vllm_batch.batches.states import BatchStatus
 from vllm_batch.batches.store import overview as dash_queries
 from vllm_batch.batches.store import queries
 from vllm_batch.batches.store.rows import BatchRow
+from vllm_batch.models.kinds import kind_serves
+from vllm_batch.observability.history import ALL, History
+from vllm_batch.pipeline.input import SUPPORTED_ENDPOINTS
 from vllm_batch.protocol.dashboard import (
+    BatchHistory,
     ChunkInfo,
     ChunkList,
     DashboardBatch,
+    DashboardHistory,
     LineError,
     Overview,
     QueueEntry,
@@ -38,6 +45,7 @@ from vllm_batch.protocol.page import ListPage
 
 router = APIRouter(prefix="/dashboard", tags=["dashboard"])
 TERMINAL = {BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.CANCELLED, BatchStatus.EXPIRED}
+RUNNING_LINES = {BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING}
 LIST_ERRORS, DETAIL_ERRORS = 3, 10
 
 
@@ -147,6 +155,12 @@ async def batch_chunks(
     )
 
 
+def served_endpoints(ctx: AppContext) -> list[str]:
+    """The batch endpoints at least one served model supports, in the API's order."""
+    kinds = ctx.settings.model_kinds.values()
+    return [e for e in SUPPORTED_ENDPOINTS if any(kind_serves(kind, e) for kind in kinds)]
+
+
 @router.get("/overview", response_model=Overview)
 async def overview(
     ctx: CtxDep, request: Request, session: ReadSessionDep, principal: PrincipalDep
@@ -178,9 +192,68 @@ async def overview(
             keys_required=keys.enabled,
         ),
         models=ctx.settings.served_model_names,
+        endpoints=served_endpoints(ctx),
         batches=await queries.count_batches_by_status(session, owner=principal.scope),
         queue=[QueueEntry(**vars(q)) for q in queue],
         this_process=local,
         workers=remote if principal.admin else [],
         active_workers=active,
+    )
+
+
+def sampled(ctx: AppContext) -> History:
+    """This process's history (an empty one before the lifespan started the sampler)."""
+    return (
+        ctx.history if ctx.history is not None else History(ctx.settings.dashboard_history_interval)
+    )
+
+
+@router.get("/history", response_model=DashboardHistory)
+async def history(ctx: CtxDep, principal: PrincipalDep) -> DashboardHistory:
+    """Lines/s, tokens/s, queued and running lines over the last hour (yours; all for admins)."""
+    ring = sampled(ctx)
+    series = ring.series(ALL if principal.admin else principal.name)
+    return DashboardHistory(
+        scope="all" if principal.admin else "own",
+        interval=ring.interval,
+        window=ring.window,
+        **vars(series),
+    )
+
+
+def batch_end(row: BatchRow) -> int | None:
+    """When the batch stopped running lines (None while it may still run some)."""
+    ends = (row.finalizing_at, row.cancelled_at, row.expired_at, row.failed_at, row.completed_at)
+    return next((t for t in ends if t), None) if row.status not in RUNNING_LINES else None
+
+
+@router.get("/batches/{batch_id}/history", response_model=BatchHistory)
+async def batch_history(
+    ctx: CtxDep, session: ReadSessionDep, principal: PrincipalDep, batch_id: str
+) -> BatchHistory:
+    """The batch's completed and failed lines over time, from this process's samples.
+
+    The series starts at zero when the batch started; a batch this process never saw move
+    gets two points from its timestamps (start and end, or now).
+    """
+    row = await load_batch(session, principal, batch_id)
+    points = sampled(ctx).batch_points(row.id)
+    was_sampled = bool(points)
+    start = row.in_progress_at
+    if (
+        start is not None
+        and (not points or points[0][0] > start)
+        and (not points or points[0][1:] != (0, 0))
+    ):
+        points.insert(0, (float(start), 0, 0))
+    if not was_sampled and start is not None:
+        end = batch_end(row)
+        points.append((float(end if end is not None else time.time()), row.completed, row.failed))
+    return BatchHistory(
+        batch_id=row.id,
+        total=row.total,
+        sampled=was_sampled,
+        t=[round(t, 3) for t, _, _ in points],
+        completed=[done for _, done, _ in points],
+        failed=[bad for _, _, bad in points],
     )

@@ -1,5 +1,13 @@
-"""The dashboard's HTML shell and static files. They hold no data, so they need no API key:
-the page's script asks ``/v1`` for everything, with the key the user entered."""
+"""The dashboard's HTML shell and static files, and the Swagger UI at ``/docs``. They hold
+no data, so they need no API key: the pages' scripts ask ``/v1`` for everything, with the
+key the user entered.
+
+Third-party code is served from ``static/`` (no CDN, so the strict CSP holds and the pages
+work offline): uPlot 1.6.32 (``uPlot.iife.min.js``, ``uPlot.min.css``, MIT:
+``uPlot.LICENSE``) for the charts and swagger-ui-dist 5.36.0 (``swagger-ui-bundle.js``,
+``swagger-ui.css``, Apache-2.0: ``swagger-ui.LICENSE``, ``swagger-ui.NOTICE``), both
+copied unchanged from their npm packages.
+"""
 
 from __future__ import annotations
 
@@ -59,7 +67,7 @@ def prefers_html(accept: str) -> bool:
 
 def render(request: Request, view: str, title: str, batch_id: str = "") -> HTMLResponse:
     template = TEMPLATES.get_template("dashboard.html")
-    docs = bool(request.app.docs_url)
+    docs = bool(request.app.openapi_url)
     html = template.render(
         view=view, title=title, batch_id=batch_id, version=__version__, static=STATIC, docs=docs
     )
@@ -81,7 +89,20 @@ async def batch_page(request: Request, batch_id: str) -> HTMLResponse:
     return render(request, "batch", f"Batch {batch_id[:64]}", batch_id[:64])
 
 
-def install_pages(app: FastAPI) -> None:
-    """Serve the dashboard shell and its static files on ``app``."""
+async def api_docs(request: Request) -> HTMLResponse:
+    """Swagger UI for ``/openapi.json``, from the vendored copy under the dashboard's CSP."""
+    html = TEMPLATES.get_template("docs.html").render(
+        title=request.app.title,
+        version=__version__,
+        static=STATIC,
+        openapi_url=request.app.openapi_url,
+    )
+    return HTMLResponse(html, headers=SECURITY_HEADERS)
+
+
+def install_pages(app: FastAPI, *, docs: bool = False) -> None:
+    """Serve the dashboard shell and its static files on ``app`` (and ``/docs`` if ``docs``)."""
     app.include_router(router)
+    if docs:
+        app.add_api_route("/docs", api_docs, methods=["GET"], include_in_schema=False)
     app.mount(STATIC, StaticFiles(directory=HERE / "static"), name="dashboard-static")

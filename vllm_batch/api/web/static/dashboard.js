@@ -1,5 +1,7 @@
 // vLLM Batch dashboard: polls /v1 with the API key kept in localStorage and renders
-// the overview (/dashboard) or one batch (/dashboard/batches/<id>). No dependencies.
+// the overview (/dashboard) or one batch (/dashboard/batches/<id>). It also acts: upload a
+// file and create a batch, cancel one. Charts use the vendored uPlot (uPlot.iife.min.js,
+// loaded before this script); the data is the server's own history (/v1/dashboard/history).
 "use strict";
 
 (() => {
@@ -107,6 +109,70 @@
 
   const getJSON = async (path) => (await api(path)).json();
 
+  /** The ``error.message`` of an OpenAI-shaped error body, else ``fallback``. */
+  function errorMessage(text, fallback) {
+    try {
+      return JSON.parse(text).error.message || fallback;
+    } catch (_) {
+      return fallback;
+    }
+  }
+
+  /** POST ``body`` as JSON (or nothing) with the key; the parsed answer or an HttpError. */
+  async function postJSON(path, body) {
+    const headers = { Accept: "application/json" };
+    const key = getKey();
+    if (key) headers.Authorization = `Bearer ${key}`;
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    const res = await fetch(path, {
+      method: "POST", headers, cache: "no-store",
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    const text = await res.text();
+    if (!res.ok) throw new HttpError(res.status, errorMessage(text, res.statusText));
+    return JSON.parse(text);
+  }
+
+  /** POST /v1/files (purpose "batch") with XMLHttpRequest, reporting upload progress. */
+  function uploadFile(file, onProgress) {
+    return new Promise((resolve, reject) => {
+      const xhr = new XMLHttpRequest();
+      xhr.open("POST", "/v1/files");
+      xhr.setRequestHeader("Accept", "application/json");
+      const key = getKey();
+      if (key) xhr.setRequestHeader("Authorization", `Bearer ${key}`);
+      xhr.upload.addEventListener("progress", (event) => {
+        if (event.lengthComputable) onProgress(event.loaded / event.total);
+      });
+      xhr.addEventListener("load", () => {
+        if (xhr.status >= 200 && xhr.status < 300) {
+          try {
+            resolve(JSON.parse(xhr.responseText));
+          } catch (err) {
+            reject(err);
+          }
+        } else {
+          reject(new HttpError(xhr.status, errorMessage(xhr.responseText, xhr.statusText || "upload failed")));
+        }
+      });
+      xhr.addEventListener("error", () => reject(new Error("the upload could not reach the server")));
+      xhr.addEventListener("abort", () => reject(new Error("the upload was aborted")));
+      const form = new FormData();
+      form.append("purpose", "batch");
+      form.append("file", file, file.name);
+      xhr.send(form);
+    });
+  }
+
+  const describe = (err) => (err instanceof HttpError ? `${err.status}: ${err.message}` : err.message);
+
+  function inlineError(id, err) {
+    const el = $(id);
+    if (!el) return;
+    el.hidden = !err;
+    el.textContent = err ? describe(err) : "";
+  }
+
   /** Fetch a file with the key (plain links cannot carry it) and save it as ``name``. */
   async function download(fileId, name) {
     try {
@@ -203,6 +269,228 @@
     return out.length ? out : [h("span", { class: "muted" }, "–")];
   }
 
+  // ------------------------------------------------------------------ cancelling
+
+  const CANCELLABLE = new Set(["validating", "in_progress"]);
+  const rowErrors = new Map(); // batch id -> the last cancel error, shown in its row
+
+  /** Cancel ``id`` after a confirmation; true if the server accepted it. */
+  async function cancelBatch(id, onError) {
+    if (!window.confirm(`Cancel batch ${id}? Lines not yet run are skipped.`)) return false;
+    try {
+      await postJSON(`/v1/batches/${encodeURIComponent(id)}/cancel`);
+      onError(null);
+      return true;
+    } catch (err) {
+      onError(err);
+      return false;
+    } finally {
+      tick();
+    }
+  }
+
+  // ------------------------------------------------------------------ charts (uPlot)
+
+  const CHART_HEIGHT = 200;
+  const charts = new Map(); // element id -> uPlot
+
+  const chartWidth = (el) => Math.max(260, Math.floor(el.getBoundingClientRect().width) || 600);
+  const fmtAxis = (digits) => (u, values) => values.map((v) => (v === null ? "" : Number(v).toFixed(digits)));
+
+  /** Draw ``data`` (uPlot columns, x in seconds) in ``#id``, made once with ``options``. */
+  function plot(id, options, data) {
+    const el = $(id);
+    if (!el || typeof uPlot === "undefined") return;
+    let chart = charts.get(id);
+    if (!chart) {
+      el.replaceChildren();
+      chart = new uPlot({ ...options, width: chartWidth(el), height: CHART_HEIGHT }, data, el);
+      charts.set(id, chart);
+    } else {
+      chart.setData(data);
+    }
+    el.dataset.points = String(data[0].length);
+  }
+
+  function clearCharts() {
+    for (const [id, chart] of charts) {
+      chart.destroy();
+      const el = $(id);
+      if (el) el.dataset.points = "0";
+    }
+    charts.clear();
+  }
+
+  const line = (label, stroke, extra) => ({ label, stroke, width: 2, points: { show: false }, ...extra });
+  const numberValue = (digits) => (u, v) => (v === null || v === undefined ? "–" : Number(v).toFixed(digits));
+
+  const RATE_CHART = {
+    scales: { x: { time: true }, lines: { auto: true }, tokens: { auto: true } },
+    series: [
+      {},
+      line("lines/s", "#2f6fed", { scale: "lines", value: numberValue(1) }),
+      line("tokens/s", "#1a7f37", { scale: "tokens", value: numberValue(0) }),
+    ],
+    axes: [
+      {},
+      { scale: "lines", label: "lines/s", values: fmtAxis(1), size: 50 },
+      { scale: "tokens", label: "tokens/s", side: 1, grid: { show: false }, values: fmtAxis(0), size: 60 },
+    ],
+  };
+  const QUEUE_CHART = {
+    scales: { x: { time: true }, y: { auto: true, range: (u, min, max) => [0, Math.max(1, max)] } },
+    series: [
+      {},
+      line("queued lines", "#b7791f", { fill: "rgba(183,121,31,.12)", value: numberValue(0) }),
+      line("running lines", "#2f6fed", { fill: "rgba(47,111,237,.12)", value: numberValue(0) }),
+    ],
+    axes: [{}, { label: "lines", size: 50 }],
+  };
+
+  const SMOOTH_S = 30;
+
+  /** Per-sample rates averaged over the trailing ``SMOOTH_S`` seconds (saves come in
+   * groups of lines, so raw rates jump between zero and a spike). */
+  function smooth(t, rates) {
+    const out = [];
+    for (let i = 0; i < t.length; i++) {
+      let amount = 0;
+      let span = 0;
+      for (let k = i; k > 0 && t[i] - t[k - 1] <= SMOOTH_S + 1e-6; k--) {
+        if (rates[k] === null) break;
+        amount += rates[k] * (t[k] - t[k - 1]);
+        span += t[k] - t[k - 1];
+      }
+      out.push(span > 0 ? amount / span : null);
+    }
+    return out;
+  }
+
+  function renderHistory(history) {
+    const t = history.t;
+    plot("chart-rate", RATE_CHART, [t, smooth(t, history.lines_per_second), smooth(t, history.tokens_per_second)]);
+    plot("chart-queue", QUEUE_CHART, [history.t, history.queued_lines, history.running_lines]);
+    const scope = history.scope === "all" ? "all keys" : "your batches";
+    $("history-note").textContent =
+      `${scope} · a sample every ${history.interval}s · ${history.t.length} samples`;
+  }
+
+  function renderProgressChart(hist) {
+    const total = Math.max(1, hist.total);
+    plot("chart-progress", {
+      scales: { x: { time: true }, y: { range: () => [0, total] } },
+      series: [
+        {},
+        line("completed", "#1a7f37", { fill: "rgba(26,127,55,.10)", value: numberValue(0) }),
+        line("failed", "#c62828", { value: numberValue(0) }),
+      ],
+      axes: [{}, { label: "lines", size: 50 }],
+    }, [hist.t, hist.completed, hist.failed]);
+    const el = $("chart-progress");
+    const last = hist.t.length - 1;
+    el.dataset.completed = String(last >= 0 ? hist.completed[last] : 0);
+    el.dataset.failed = String(last >= 0 ? hist.failed[last] : 0);
+    $("progress-note").textContent = hist.sampled
+      ? `${hist.t.length} points`
+      : "not sampled by this server: start and end only";
+  }
+
+  window.addEventListener("resize", () => {
+    for (const [id, chart] of charts) {
+      const el = $(id);
+      if (el) chart.setSize({ width: chartWidth(el), height: CHART_HEIGHT });
+    }
+  });
+
+  // ------------------------------------------------------------------ new batch (upload)
+
+  const draft = { fileId: null, uploading: false, endpoints: null };
+
+  function setEndpoints(endpoints) {
+    const select = $("endpoint");
+    const key = endpoints.join(",");
+    if (!select || draft.endpoints === key) return;
+    draft.endpoints = key;
+    const chosen = select.value;
+    select.replaceChildren(...endpoints.map((e) => h("option", { value: e }, e)));
+    if (endpoints.includes(chosen)) select.value = chosen;
+  }
+
+  async function takeFile(file) {
+    if (!file || draft.uploading) return;
+    inlineError("action-error", null);
+    $("action-result").hidden = true;
+    draft.fileId = null;
+    draft.uploading = true;
+    $("create-batch").disabled = true;
+    const bar = $("upload-progress");
+    const state = $("upload-state");
+    bar.hidden = false;
+    bar.value = 0;
+    state.textContent = `Uploading ${file.name} (${fmtNum(file.size)} bytes)…`;
+    try {
+      const uploaded = await uploadFile(file, (fraction) => {
+        bar.value = Math.round(100 * fraction);
+      });
+      bar.value = 100;
+      draft.fileId = uploaded.id;
+      state.replaceChildren(`Uploaded ${file.name} (${fmtNum(uploaded.bytes)} bytes) as `, h("code", { id: "uploaded-file" }, uploaded.id));
+      $("create-batch").disabled = false;
+    } catch (err) {
+      bar.hidden = true;
+      state.textContent = "";
+      inlineError("action-error", err);
+    } finally {
+      draft.uploading = false;
+      $("file-input").value = "";
+    }
+  }
+
+  async function createBatch(event) {
+    event.preventDefault();
+    if (!draft.fileId) return;
+    const button = $("create-batch");
+    button.disabled = true;
+    inlineError("action-error", null);
+    try {
+      const batch = await postJSON("/v1/batches", {
+        input_file_id: draft.fileId,
+        endpoint: $("endpoint").value,
+        completion_window: $("completion-window").value,
+      });
+      draft.fileId = null;
+      $("upload-progress").hidden = true;
+      $("upload-state").textContent = "";
+      const result = $("action-result");
+      result.hidden = false;
+      result.replaceChildren("Created ", h("a", { id: "created-batch", href: `/dashboard/batches/${encodeURIComponent(batch.id)}` }, batch.id), ".");
+      tick();
+    } catch (err) {
+      button.disabled = false;
+      inlineError("action-error", err);
+    }
+  }
+
+  function setupNewBatch() {
+    const zone = $("drop-zone");
+    if (!zone) return;
+    $("file-input").addEventListener("change", (event) => takeFile(event.target.files[0]));
+    for (const name of ["dragenter", "dragover"]) {
+      zone.addEventListener(name, (event) => {
+        event.preventDefault();
+        zone.classList.add("over");
+      });
+    }
+    zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+    zone.addEventListener("drop", (event) => {
+      event.preventDefault();
+      zone.classList.remove("over");
+      const files = event.dataTransfer ? event.dataTransfer.files : null;
+      if (files && files.length) takeFile(files[0]);
+    });
+    $("batch-form").addEventListener("submit", createBatch);
+  }
+
   // ------------------------------------------------------------------ overview page
 
   const overview = { after: null, extra: [] };
@@ -226,6 +514,15 @@
       h("td", { class: "small" }, fmtTime(b.created_at)),
       h("td", { class: "small" }, errorList(b.first_errors) || h("span", { class: "muted" }, "–")),
       h("td", { class: "files-cell" }, fileButtons(b)),
+      h("td", { class: "actions-cell" },
+        CANCELLABLE.has(b.status)
+          ? h("button", { type: "button", class: "cancel danger", "data-action": "cancel",
+            onclick: () => cancelBatch(b.id, (err) => {
+              if (err) rowErrors.set(b.id, describe(err));
+              else rowErrors.delete(b.id);
+            }) }, "Cancel")
+          : h("span", { class: "muted" }, "–"),
+        rowErrors.has(b.id) ? h("span", { class: "row-error", role: "alert" }, rowErrors.get(b.id)) : null),
     );
   }
 
@@ -350,12 +647,15 @@
   }
 
   async function pollOverview() {
-    const [info, list, ready] = await Promise.all([
+    const [info, list, ready, history] = await Promise.all([
       getJSON("/v1/dashboard/overview"),
       getJSON("/v1/dashboard/batches?limit=50"),
       getJSON("/ready").catch(() => null), // 503 while not ready: render without it
+      getJSON("/v1/dashboard/history"),
     ]);
     showViewer(info.viewer);
+    setEndpoints(info.endpoints || []);
+    renderHistory(history);
     renderCounts(info.batches);
     renderBatches([...list.data, ...overview.extra.filter((b) => !list.data.some((x) => x.id === b.id))]);
     if (!overview.extra.length) overview.after = list.has_more ? list.last_id : null;
@@ -410,6 +710,9 @@
       button.hidden = !fileId;
       button.onclick = fileId ? () => download(fileId, `${b.id}_${what}.jsonl`) : null;
     }
+    const cancel = $("cancel-batch");
+    cancel.hidden = !CANCELLABLE.has(b.status);
+    cancel.onclick = () => cancelBatch(b.id, (err) => inlineError("batch-action-error", err));
     const stamps = STAMPS.filter(([field]) => b[field]).map(([field, label]) => [b[field], label]);
     stamps.sort((x, y) => x[0] - y[0]);
     $("timeline").replaceChildren(
@@ -462,14 +765,16 @@
 
   async function pollBatch() {
     const id = encodeURIComponent(document.body.dataset.batchId);
-    const [batch, chunks, deliveries, info] = await Promise.all([
+    const [batch, chunks, deliveries, info, history] = await Promise.all([
       getJSON(`/v1/dashboard/batches/${id}`),
       getJSON(`/v1/dashboard/batches/${id}/chunks`),
       getJSON(`/v1/batches/${id}/deliveries`),
       viewerShown ? null : getJSON("/v1/dashboard/overview"),
+      getJSON(`/v1/dashboard/batches/${id}/history`),
     ]);
     if (info) showViewer(info.viewer);
     renderSummary(batch);
+    renderProgressChart(history);
     renderChunks(chunks);
     renderDeliveries(deliveries);
   }
@@ -504,6 +809,7 @@
         for (const el of document.querySelectorAll("main tbody, #counts, #workers, #gpu, #summary, #timeline, #errors")) {
           el.replaceChildren(); // a forgotten or refused key shows nothing
         }
+        clearCharts();
         viewerShown = false;
         stopped = true; // until a key is saved
         return;
@@ -532,6 +838,7 @@
       viewerShown = false;
       tick();
     });
+    setupNewBatch();
     const more = $("more");
     if (more) more.addEventListener("click", () => loadMore().then(tick));
     document.addEventListener("visibilitychange", () => {
