@@ -20,19 +20,24 @@ from vllm_batch.cli.client_common import (
     ApiKey,
     BaseUrl,
     JsonOut,
+    Limit,
+    PartSize,
     Poll,
     Timeout,
+    UploadThreshold,
     connect,
     download_file,
     echo,
+    emit,
+    first,
     local_time,
     note,
-    parse_size,
     print_json,
     print_table,
     show_progress,
     stderr,
     upload_file,
+    upload_sizes,
 )
 
 if TYPE_CHECKING:
@@ -227,16 +232,8 @@ def submit(
         bool, typer.Option("--wait", help="Follow the batch until it ends; exit by its status.")
     ] = False,
     download: Download = None,
-    upload_threshold: Annotated[
-        str,
-        typer.Option(
-            "--upload-threshold",
-            help="Files this big or bigger go through the Uploads API, in parts.",
-        ),
-    ] = DEFAULT_UPLOAD_THRESHOLD,
-    part_size: Annotated[
-        str, typer.Option("--part-size", help="The Uploads API's part size.")
-    ] = DEFAULT_PART_SIZE,
+    upload_threshold: UploadThreshold = DEFAULT_UPLOAD_THRESHOLD,
+    part_size: PartSize = DEFAULT_PART_SIZE,
     poll: Poll = DEFAULT_POLL,
     timeout: Timeout = None,
     base_url: BaseUrl = None,
@@ -244,9 +241,7 @@ def submit(
     json_out: JsonOut = False,
 ) -> None:
     """Upload FILE and create a batch from it (then, with --wait, follow it to its end)."""
-    threshold, part = parse_size(upload_threshold), parse_size(part_size)
-    if part < 1:
-        raise typer.BadParameter("must be at least 1 byte", param_hint="--part-size")
+    threshold, part = upload_sizes(upload_threshold, part_size)
     meta = parse_metadata(metadata or [])
     code = EXIT_OK
     with connect(base_url, api_key) as client:
@@ -272,7 +267,7 @@ def submit(
 
 @batches_app.command("list")
 def list_batches(
-    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many.")] = 20,
+    limit: Limit = 20,
     after: Annotated[
         str | None, typer.Option("--after", help="Start after this batch id.", show_default=False)
     ] = None,
@@ -284,12 +279,7 @@ def list_batches(
     from openai import omit
 
     with connect(base_url, api_key) as client:
-        page = client.batches.list(limit=min(limit, 100), after=after or omit)
-        found: list[Batch] = []
-        for batch in page:
-            found.append(batch)
-            if len(found) >= limit:
-                break
+        found = first(client.batches.list(limit=min(limit, 100), after=after or omit), limit)
     if json_out:
         print_json(found)
         return
@@ -325,10 +315,7 @@ def get(
     """Show a batch."""
     with connect(base_url, api_key) as client:
         batch = client.batches.retrieve(batch_id)
-    if json_out:
-        print_json(batch)
-    else:
-        show_batch(batch)
+    emit(batch, json_out, lambda: show_batch(batch))
 
 
 @batches_app.command("cancel")
@@ -341,10 +328,7 @@ def cancel(
     """Cancel a batch (it goes cancelling, then cancelled; its finished lines are kept)."""
     with connect(base_url, api_key) as client:
         batch = client.batches.cancel(batch_id)
-    if json_out:
-        print_json(batch)
-    else:
-        echo(f"{batch.id} {batch.status}")
+    emit(batch, json_out, lambda: echo(f"{batch.id} {batch.status}"))
 
 
 @batches_app.command("wait")

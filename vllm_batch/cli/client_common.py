@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Annotated, Any, NoReturn, cast
+from typing import IO, TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar, cast
 
 import typer
 from rich.console import Console
@@ -54,6 +55,8 @@ DEFAULT_UPLOAD_THRESHOLD = "100MB"
 DEFAULT_PART_SIZE = "64MiB"
 """The SDK's own part size (``upload_file_chunked``), OpenAI's largest part."""
 DOWNLOAD_CHUNK = 1024 * 1024
+
+T = TypeVar("T")
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -92,6 +95,15 @@ Timeout = Annotated[
     ),
 ]
 
+UploadThreshold = Annotated[
+    str,
+    typer.Option(
+        "--upload-threshold", help="Files this big or bigger go through the Uploads API, in parts."
+    ),
+]
+PartSize = Annotated[str, typer.Option("--part-size", help="The Uploads API's part size.")]
+Limit = Annotated[int, typer.Option("--limit", min=1, help="At most this many.")]
+
 
 def parse_size(text: str) -> int:
     """``"100MB"`` → 100_000_000, ``"64MiB"`` → 67_108_864, ``"4096"`` → 4096."""
@@ -100,6 +112,14 @@ def parse_size(text: str) -> int:
     if match is None:
         raise typer.BadParameter(f"{text!r} is not a size (e.g. 4096, 100MB, 64MiB)")
     return int(float(match.group(1)) * units[match.group(2) or ""])
+
+
+def upload_sizes(upload_threshold: str, part_size: str) -> tuple[int, int]:
+    """``--upload-threshold`` and ``--part-size`` in bytes (a part is at least 1 byte)."""
+    threshold, part = parse_size(upload_threshold), parse_size(part_size)
+    if part < 1:
+        raise typer.BadParameter("must be at least 1 byte", param_hint="--part-size")
+    return threshold, part
 
 
 def fail(message: str, code: int = EXIT_API_ERROR) -> NoReturn:
@@ -179,6 +199,19 @@ def print_json(value: Any) -> None:
     """``value`` (SDK objects, lists of them, or plain data) as JSON on stdout."""
     sys.stdout.write(json.dumps(dump(value), indent=2) + "\n")
     sys.stdout.flush()
+
+
+def first(items: Iterable[T], limit: int) -> list[T]:
+    """The first ``limit`` items of an SDK page (fetching further pages as needed)."""
+    return list(itertools.islice(items, limit))
+
+
+def emit(value: Any, json_out: bool, text: Callable[[], None]) -> None:
+    """``value`` as JSON on stdout with ``--json``; else ``text()`` prints it for a person."""
+    if json_out:
+        print_json(value)
+    else:
+        text()
 
 
 def local_time(stamp: int) -> str:

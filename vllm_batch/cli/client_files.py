@@ -15,15 +15,19 @@ from vllm_batch.cli.client_common import (
     ApiKey,
     BaseUrl,
     JsonOut,
+    Limit,
+    PartSize,
+    UploadThreshold,
     connect,
     download_file,
     echo,
+    emit,
+    first,
     local_time,
     note,
-    parse_size,
-    print_json,
     print_table,
     upload_file,
+    upload_sizes,
 )
 
 if TYPE_CHECKING:
@@ -52,30 +56,17 @@ def upload(
         typer.Argument(exists=True, dir_okay=False, readable=True, help="The file to upload."),
     ],
     purpose: Annotated[str, typer.Option("--purpose", help="The file's purpose.")] = "batch",
-    upload_threshold: Annotated[
-        str,
-        typer.Option(
-            "--upload-threshold",
-            help="Files this big or bigger go through the Uploads API, in parts.",
-        ),
-    ] = DEFAULT_UPLOAD_THRESHOLD,
-    part_size: Annotated[
-        str, typer.Option("--part-size", help="The Uploads API's part size.")
-    ] = DEFAULT_PART_SIZE,
+    upload_threshold: UploadThreshold = DEFAULT_UPLOAD_THRESHOLD,
+    part_size: PartSize = DEFAULT_PART_SIZE,
     base_url: BaseUrl = None,
     api_key: ApiKey = None,
     json_out: JsonOut = False,
 ) -> None:
     """Upload FILE (through the Uploads API from --upload-threshold up); prints its id."""
-    threshold, part = parse_size(upload_threshold), parse_size(part_size)
-    if part < 1:
-        raise typer.BadParameter("must be at least 1 byte", param_hint="--part-size")
+    threshold, part = upload_sizes(upload_threshold, part_size)
     with connect(base_url, api_key) as client:
         uploaded = upload_file(client, file, purpose=purpose, threshold=threshold, part_size=part)
-    if json_out:
-        print_json(uploaded)
-    else:
-        echo(uploaded.id)
+    emit(uploaded, json_out, lambda: echo(uploaded.id))
 
 
 @files_app.command("list")
@@ -83,7 +74,7 @@ def list_files(
     purpose: Annotated[
         str | None, typer.Option("--purpose", help="Only files of this purpose.")
     ] = None,
-    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many.")] = 20,
+    limit: Limit = 20,
     base_url: BaseUrl = None,
     api_key: ApiKey = None,
     json_out: JsonOut = False,
@@ -92,16 +83,8 @@ def list_files(
     from openai import omit
 
     with connect(base_url, api_key) as client:
-        page = client.files.list(limit=min(limit, 100), purpose=purpose or omit)
-        found: list[FileObject] = []
-        for f in page:
-            found.append(f)
-            if len(found) >= limit:
-                break
-    if json_out:
-        print_json(found)
-    else:
-        print_table(file_table(found))
+        found = first(client.files.list(limit=min(limit, 100), purpose=purpose or omit), limit)
+    emit(found, json_out, lambda: print_table(file_table(found)))
 
 
 @files_app.command("get")
@@ -114,10 +97,7 @@ def get(
     """Show a file."""
     with connect(base_url, api_key) as client:
         found = client.files.retrieve(file_id)
-    if json_out:
-        print_json(found)
-    else:
-        print_table(file_table([found]))
+    emit(found, json_out, lambda: print_table(file_table([found])))
 
 
 @files_app.command("download")
@@ -144,10 +124,7 @@ def download(
             target = target / name
         size = download_file(client, file_id, target)
     note(f"wrote {target} ({size} bytes)", json_out)
-    if json_out:
-        print_json(found)
-    else:
-        echo(str(target))
+    emit(found, json_out, lambda: echo(str(target)))
 
 
 @files_app.command("rm")
@@ -160,7 +137,4 @@ def rm(
     """Delete a file."""
     with connect(base_url, api_key) as client:
         deleted = client.files.delete(file_id)
-    if json_out:
-        print_json(deleted)
-    else:
-        echo(f"{deleted.id} deleted")
+    emit(deleted, json_out, lambda: echo(f"{deleted.id} deleted"))
