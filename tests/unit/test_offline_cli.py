@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
 import vllm_batch.offline as offline
-from vllm_batch.cli import app
+from vllm_batch.cli import app, commands, main
+from vllm_batch.cli.commands import dashed
 from vllm_batch.config import ModelSpec, Settings
 from vllm_batch.engines import vllm_engine
 from vllm_batch.engines.vllm_engine import CPU_PREFIX_BLOCK_SIZE, engine_argv
@@ -162,3 +164,31 @@ def test_run_batch_frontend_flags_are_refused_with_a_reason(
     assert f"unsupported option(s) for `vllm-batch run`: {' '.join(args)}" in result.output
     assert reason in result.output
     assert "supported vLLM flags: --model, --served-model-name" in result.output
+
+
+@pytest.mark.parametrize(
+    ("given", "seen"),
+    [
+        ("--max_num_seqs", "--max-num-seqs"),
+        ("--max_num_seqs=4", "--max-num-seqs=4"),
+        ("--served_model_name=my_model", "--served-model-name=my_model"),
+        ("--model=/models/my_tiny", "--model=/models/my_tiny"),
+        ("my_value", "my_value"),
+        ("-i", "-i"),
+    ],
+)
+def test_flags_take_underscores_as_vllm_does(given: str, seen: str) -> None:
+    """``main`` rewrites only a long flag's name, never its value or a positional."""
+    assert dashed(given) == seen
+
+
+def test_underscored_flag_with_a_value_reaches_the_engine(
+    calls: list[RunOptions], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv = ["vllm-batch", "run", "-i", "in.jsonl", "-o", "out.jsonl", "--model=/models/tiny"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--max_num_seqs=4", "--max_model_len", "256"])
+    monkeypatch.setattr(commands, "run_and_exit", lambda app: app())  # not os._exit
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 0
+    assert calls[0].settings.max_num_seqs == 4 and calls[0].settings.max_model_len == 256

@@ -76,13 +76,18 @@ ENGINE_COMMANDS = frozenset({"serve", "worker", "embedded-worker", "run"})
 """The commands that start vLLM engines in their own process."""
 
 
+def dashed(arg: str) -> str:
+    """``--max_num_seqs`` and ``--max_num_seqs=4`` as ``--max-num-seqs`` (``=4``): vLLM takes
+    both spellings of a flag, so do we. Values, and anything not a long flag, stay as given."""
+    if not arg.startswith("--"):
+        return arg
+    name, eq, value = arg.partition("=")
+    return name.replace("_", "-") + eq + value
+
+
 def main() -> None:
     """The ``vllm-batch`` console script (and ``python -m vllm_batch.cli``)."""
-    # vLLM accepts ``--max_num_seqs`` as well as ``--max-num-seqs``; so do we.
-    sys.argv[1:] = [
-        arg.replace("_", "-") if arg.startswith("--") and "=" not in arg else arg
-        for arg in sys.argv[1:]
-    ]
+    sys.argv[1:] = [dashed(arg) for arg in sys.argv[1:]]
     if sys.argv[1:2] and sys.argv[1] in ENGINE_COMMANDS:
         allow_fork()  # this process has run no torch work: its first engine may fork
     if sys.argv[1:2] == ["run"]:
