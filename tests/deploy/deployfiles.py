@@ -17,6 +17,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 COMPOSE_CPU_FILE = REPO / "docker-compose.cpu.yml"  # override: the stack without a GPU
+COMPOSE_GPUS_SCRIPT = REPO / "deploy" / "compose" / "gpus.py"  # override: a worker per GPU
 DOCKERFILES = [REPO / "Dockerfile", REPO / "Dockerfile.cpu"]
 K8S_DIR = REPO / "deploy" / "kubernetes"
 PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"

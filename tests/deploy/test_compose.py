@@ -7,13 +7,21 @@ Compose specification, interpolates and normalises the file offline.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 
-from tests.deploy.deployfiles import COMPOSE_CPU_FILE, COMPOSE_FILE, compose_config, run_compose
+from tests.deploy.deployfiles import (
+    COMPOSE_CPU_FILE,
+    COMPOSE_FILE,
+    COMPOSE_GPUS_SCRIPT,
+    compose_config,
+    run_compose,
+)
 from vllm_batch.config import Settings
 
 CORE = {"postgres", "server", "worker"}
@@ -54,7 +62,7 @@ def test_the_validator_rejects_a_broken_file(tmp_path: Path) -> None:
     broken.write_text(text.replace('    command: ["worker"', '    comand: ["worker"', 1))
     result = run_compose("config", "--quiet", file=broken)
     assert result.returncode != 0 and "comand" in result.stderr
-    broken.write_text(text.replace("count: 1", "count: lots", 1))
+    broken.write_text(text.replace('device_ids: ["0"]', "count: lots", 1))
     result = run_compose("config", "--quiet", file=broken)
     assert result.returncode != 0 and "count" in result.stderr
 
@@ -62,7 +70,8 @@ def test_the_validator_rejects_a_broken_file(tmp_path: Path) -> None:
 def test_worker_reserves_an_nvidia_gpu_and_server_runs_the_api_only() -> None:
     services = compose_config()["services"]
     devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
-    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    # pinned to GPU 0: `count: 1` would give every replica of the service the same GPU
+    assert devices == [{"driver": "nvidia", "device_ids": ["0"], "capabilities": ["gpu"]}]
     assert services["server"]["command"][:1] == ["serve"]
     assert "--no-worker" in services["server"]["command"]
     assert services["worker"]["command"][:1] == ["worker"]
@@ -197,3 +206,84 @@ def test_monitoring_mounts_the_configs_in_this_repo() -> None:
     # the API key reaches Prometheus as a file, never in the scrape config
     (secret,) = services["prometheus"]["configs"]
     assert config["configs"][secret["source"]]["content"] == "k-123"
+
+
+# ------------------------------------------------------------------ one worker per GPU
+
+
+def _gpus_override(tmp_path: Path, *args: str) -> Path:
+    """``python3 deploy/compose/gpus.py ARGS -o FILE`` run where a user runs it (next to
+    docker-compose.yml), FILE in ``tmp_path``: its ``extends`` finds docker-compose.yml."""
+    out = tmp_path / "docker-compose.gpus.yml"
+    result = subprocess.run(
+        [sys.executable, str(COMPOSE_GPUS_SCRIPT), *args, "-o", str(out)],
+        cwd=COMPOSE_FILE.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0 and result.stdout == "", result.stderr
+    return out
+
+
+def _workers(services: dict[str, Any]) -> dict[str, list[str]]:
+    """Each worker service's reserved GPU ids (its only device reservation)."""
+    workers = {}
+    for name, service in services.items():
+        if (service.get("command") or [None])[0] != "worker":
+            continue
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+        assert "count" not in device, f"{name} reserves any GPU, not its own"
+        workers[name] = device["device_ids"]
+    return workers
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 4])
+def test_gpus_override_gives_each_gpu_its_own_worker(gpus: int, tmp_path: Path) -> None:
+    override = _gpus_override(tmp_path, str(gpus))
+    result = run_compose("config", "--quiet", file=COMPOSE_FILE, overrides=(override,))
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    services = compose_config(overrides=(override,), profiles=("monitoring",))["services"]
+    workers = _workers(services)
+    assert sorted(workers) == sorted(["worker", *(f"worker-{i}" for i in range(1, gpus))])
+    assert sorted(ids[0] for ids in workers.values()) == [str(i) for i in range(gpus)]
+    assert all(len(ids) == 1 for ids in workers.values())  # none shares a GPU
+    base = services["worker"]
+    for name in workers:
+        worker = services[name]
+        for key in ("image", "command", "environment", "volumes", "depends_on", "ipc"):
+            assert worker[key] == base[key], (name, key)
+        if name != "worker":  # Prometheus's DNS discovery finds it under `worker`
+            assert worker["networks"]["default"]["aliases"] == ["worker"]
+
+
+def test_gpus_override_takes_chosen_ids_and_nvidia_smi(tmp_path: Path) -> None:
+    override = _gpus_override(tmp_path, "--ids", "2,5")
+    assert _workers(compose_config(overrides=(override,))["services"]) == {
+        "worker": ["2"],
+        "worker-1": ["5"],
+    }
+    from deploy.compose.gpus import gpus_from_nvidia_smi, render
+
+    listing = (
+        "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-aaaa)\n"
+        "GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-bbbb)\n"
+        "  MIG 1g.10gb Device 0: (UUID: MIG-cccc)\n"
+    )
+    assert gpus_from_nvidia_smi(listing) == ["0", "1"]
+    with pytest.raises(SystemExit, match="no GPU"):
+        gpus_from_nvidia_smi("")
+    with pytest.raises(ValueError, match="repeat"):
+        render(["0", "0"])
+
+
+@pytest.mark.parametrize("args", [["0"], ["--ids", "1,1"], ["--ids", "a"], ["2", "--ids", "1"]])
+def test_gpus_script_refuses_bad_input(args: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, str(COMPOSE_GPUS_SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "error:" in result.stderr and result.stdout == ""

@@ -14,6 +14,7 @@ import typer
 
 from vllm_batch.cli import options as o
 from vllm_batch.cli.build import engine_settings, setup_logging
+from vllm_batch.cli.models import ensure_served_models
 from vllm_batch.config import Settings
 
 SERVE_FLAGS = (
@@ -48,7 +49,10 @@ def serve(given: o.Given) -> None:
 
 
 def run_server(settings: Settings, key_required: bool, fmt: str) -> None:
-    """uvicorn with our logging (its access log replaced by ours); the banner once ready."""
+    """uvicorn with our logging (its access log replaced by ours); the banner once ready.
+
+    First, the models its worker will load: the default one is prepared on first use."""
+    ensure_served_models(settings)
     import uvicorn
     from uvicorn.server import STARTUP_FAILURE
 
