@@ -59,6 +59,7 @@ _SAMPLER: MemorySampler | None = None
 
 
 HEAVIEST_FIRST = (
+    "tests/e2e/test_wheel_install.py",
     "tests/e2e/test_faults.py",
     "tests/e2e/test_durability.py",
     "tests/integration/test_remote_engine.py",
