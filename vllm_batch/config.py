@@ -376,6 +376,11 @@ class Settings(BaseSettings):
     # Hosts, IPs or CIDRs a file_url may target although private/loopback/link-local.
     audio_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
+    # ---- Media URLs in request bodies (security.md)
+    # Hosts, IPs or CIDRs a chat image_url/audio_url/video_url may target although
+    # private/loopback/link-local.
+    media_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
     # ---- Metrics (observability.md)
     metrics_enabled: bool = Field(
         default=True,
@@ -406,6 +411,7 @@ class Settings(BaseSettings):
         "webhook_urls",
         "webhook_allowed_hosts",
         "audio_allowed_hosts",
+        "media_allowed_hosts",
         "handlers",
         "handler_modules",
         "gpu_pause_throttle_reasons",

@@ -211,6 +211,7 @@ def claim_and_fail_one_line(api: LiveServer, batch_id: str) -> None:
                 owner=REMOTE_WORKER,
                 results=[result],
                 lease_until=time.time() + 300,
+                now=time.time(),
             )
             assert outcome is not None and len(outcome.new) == 1
 
@@ -248,6 +249,15 @@ def test_owners_and_workers_only_for_admins(api: LiveServer, team_a_batch: str) 
         ]
         listed = {x["id"]: x for x in a.get("/v1/dashboard/batches").json()["data"]}
         assert listed[team_a_batch]["first_errors"] == batch["first_errors"]
+        # Its timeline so far: the saved line stamped the last save; no line went to an
+        # engine through a worker here, so the queue and run phases are not known yet.
+        assert batch["first_line_started_at"] is None
+        assert batch["created_at"] <= batch["in_progress_at"] <= batch["last_line_finished_at"]
+        assert batch["phases"]["validation"] >= 0
+        assert batch["phases"]["queue"] is None and batch["phases"]["run"] is None
+        # ...on the dashboard only: the OpenAI batch object keeps OpenAI's fields.
+        wire = a.get(f"/v1/batches/{team_a_batch}").json()
+        assert not {"first_line_started_at", "last_line_finished_at", "phases"} & set(wire)
 
 
 def history_of(api: LiveServer, name: str, path: str = "/v1/dashboard/history") -> Any:

@@ -208,13 +208,19 @@ def test_dashboard_in_chromium(live: LiveServer, browser: Browser, receiver: Rec
         page.wait_for_url(f"{live.url}/dashboard/batches/{batch_id}")
         expect(page.locator("#status")).to_have_text("completed")
         events = page.locator("#timeline li[data-event]")
-        expect(events).to_have_count(4)
+        expect(events).to_have_count(6)
         assert events.evaluate_all("els => els.map(e => e.dataset.event)") == [
             "created",
             "in progress",
+            "first line started",
+            "last line finished",
             "finalizing",
             "completed",
         ]
+        phases = page.locator("#phases").inner_text()
+        assert re.fullmatch(
+            r"validation [\d.]+ s · queue [\d.]+ s · run \S.* · finalize [\d.]+ s", phases
+        ), phases
         chunks = page.locator("#chunks tbody tr")
         expect(chunks).to_have_count(LINES // CHUNK)
         assert set(chunks.evaluate_all("els => els.map(e => e.dataset.status)")) == {"done"}

@@ -159,6 +159,7 @@ FAMILIES = {
     "histogram": [
         "request_latency_seconds",
         "batch_duration_seconds",
+        "batch_phase_seconds",
         "delivery_attempt_seconds",
         "event_loop_lag_seconds",
     ],

@@ -1,12 +1,14 @@
 """``/metrics`` on a live server with the real vLLM engine (SQLite and PostgreSQL): scraped
 while a batch runs and after, the counters, histograms, queue gauges and vLLM's own
-engine stats move as the batch does."""
+engine stats move as the batch does; the batch's timeline (dashboard JSON) is in order and
+its four phases are observed once."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
+import httpx
 from openai import OpenAI
 
 from tests.conftest import TINY_NAME, LiveServer
@@ -72,6 +74,9 @@ def test_a_batch_moves_the_metrics(server: LiveServer) -> None:
     assert delta("vllm_batch_tokens_total", **model, kind="cached") > 0
     assert delta("vllm_batch_chunk_claims_total", **model) >= 3  # 40 lines, chunks of 16
     assert delta("vllm_batch_batch_duration_seconds_count", **model, status="completed") == 1
+    for phase in ("validation", "queue", "run", "finalize"):
+        assert delta("vllm_batch_batch_phase_seconds_count", **model, phase=phase) == 1, phase
+    assert delta("vllm_batch_batch_phase_seconds_sum", **model, phase="run") > 0
     assert delta("vllm_batch_batches", status="completed") == 1
     assert after.get("vllm_batch_queue_lines", **model) == 0
     assert after.get("vllm_batch_queue_batches", **model) == 0
@@ -83,3 +88,11 @@ def test_a_batch_moves_the_metrics(server: LiveServer) -> None:
     assert after.value("vllm_batch_engine_waiting_requests", **model) is not None
     assert after.get("vllm_batch_engine_loaded", **model) >= 1
     assert not any(name.startswith("vllm:") for name in after.names())
+
+    # The timeline, on the dashboard: OpenAI's whole seconds around our precise stamps.
+    shown = httpx.get(f"{server.base_url}/dashboard/batches/{batch.id}").json()
+    first, last = shown["first_line_started_at"], shown["last_line_finished_at"]
+    assert shown["created_at"] <= shown["in_progress_at"] <= first <= last
+    assert int(last) <= shown["finalizing_at"] <= shown["completed_at"]
+    assert shown["phases"]["run"] == round(last - first, 3) > 0
+    assert all(shown["phases"][p] >= 0 for p in ("validation", "queue", "finalize"))

@@ -128,6 +128,9 @@ def test_api_sums_worker_processes(api: tuple[LiveServer, str], tmp_path: Path) 
         assert delta("vllm_batch_chunks_done_total", model=MODEL) == LINES // 10
         duration = "vllm_batch_batch_duration_seconds_count"
         assert delta(duration, model=MODEL, status="completed") == 1
+        # Both workers may try to finalize it: its phases are observed once in all.
+        for phase in ("validation", "queue", "run", "finalize"):
+            assert delta("vllm_batch_batch_phase_seconds_count", model=MODEL, phase=phase) == 1
         # Both workers count once each has loaded its engine (a slow start may finish later
         # than this small batch).
         deadline = time.monotonic() + 60

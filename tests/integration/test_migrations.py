@@ -1,17 +1,20 @@
 """Applying every Alembic migration yields exactly the schema the models declare,
-on SQLite and PostgreSQL; applying them twice is a no-op; the schema checks every status."""
+on SQLite and PostgreSQL; applying them twice is a no-op; the schema checks every status;
+the latest migration (the batch timeline) goes down and up again without losing rows."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.migration import MigrationContext
-from sqlalchemy import Connection
+from sqlalchemy import Connection, inspect
 from sqlalchemy.exc import IntegrityError
 
-from vllm_batch.batches.store.db import create_engine, migrate
+from vllm_batch.batches.store.db import MIGRATIONS_DIR, create_engine, migrate
 from vllm_batch.batches.store.rows import Base
 
 
@@ -74,5 +77,60 @@ async def test_status_columns_are_checked(database_url: str) -> None:
         async with engine.connect() as conn:
             statuses = (await conn.exec_driver_sql("SELECT status FROM batches")).all()
         assert statuses == [("validating",)]
+    finally:
+        await engine.dispose()
+
+
+TIMELINE = {"first_line_started_at", "last_line_finished_at"}
+
+
+def _downgrade(connection: Connection, revision: str) -> None:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["connection"] = connection
+    command.downgrade(config, revision)
+
+
+def _batch_columns(connection: Connection) -> set[str]:
+    return {column["name"] for column in inspect(connection).get_columns("batches")}
+
+
+async def test_timeline_migration_goes_down_and_up(database_url: str) -> None:
+    """0008 adds the two timeline columns and drops them again in place: the batch and its
+    chunk survive (no table rebuild: on SQLite that would cascade-delete the chunks and lose
+    0007's status triggers), and upgrading again gives the models' schema."""
+    engine = create_engine(database_url)
+    try:
+        await migrate(engine)
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql(GOOD_BATCH.replace("'b'", "'tl'"))
+            await conn.exec_driver_sql(
+                BAD_ROWS["ck_chunks_status"]
+                .replace("'c', 'b'", "'tl:0', 'tl'")
+                .replace("'bogus'", "'queued'")
+            )
+            await conn.exec_driver_sql(
+                "UPDATE batches SET first_line_started_at = 1.25, last_line_finished_at = 2.5 "
+                "WHERE id = 'tl'"
+            )
+        async with engine.begin() as conn:
+            await conn.run_sync(_downgrade, "0007")
+        async with engine.connect() as conn:
+            assert TIMELINE.isdisjoint(await conn.run_sync(_batch_columns))
+            chunks = (await conn.exec_driver_sql("SELECT id FROM chunks")).all()
+        assert chunks == [("tl:0",)]
+        with pytest.raises(IntegrityError, match="ck_batches_status"):
+            async with engine.begin() as conn:
+                await conn.exec_driver_sql("UPDATE batches SET status = 'bogus' WHERE id = 'tl'")
+        await migrate(engine)
+        async with engine.connect() as conn:
+            assert await conn.run_sync(_diff) == []
+            stamps = (
+                await conn.exec_driver_sql(
+                    "SELECT first_line_started_at, last_line_finished_at FROM batches "
+                    "WHERE id = 'tl'"
+                )
+            ).all()
+        assert stamps == [(None, None)]
     finally:
         await engine.dispose()

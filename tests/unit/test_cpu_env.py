@@ -8,7 +8,7 @@ import os
 import pytest
 
 from vllm_batch.config import ModelSpec, Settings
-from vllm_batch.engines.vllm_engine import engine_argv, set_cpu_env
+from vllm_batch.engines.vllm_engine import engine_argv, set_cpu_env, set_media_env
 
 
 @pytest.fixture(autouse=True)
@@ -48,3 +48,16 @@ def test_an_engine_without_it_after_one_with_it_gets_the_default_again() -> None
     set_cpu_env(Settings(models=["m=/w"], kv_cache_gib=0.125))
     set_cpu_env(Settings(models=["m=/w"]))
     assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"
+
+
+def test_media_redirects_are_off_unless_the_operator_set_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The media-URL guard checks the URL a line names; vLLM must not follow a redirect
+    (vLLM reads the variable as ``bool(int(value))``; an engine inherits the environment)."""
+    monkeypatch.delenv("VLLM_MEDIA_URL_ALLOW_REDIRECTS", raising=False)
+    set_media_env()
+    assert os.environ["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] == "0"
+    monkeypatch.setenv("VLLM_MEDIA_URL_ALLOW_REDIRECTS", "1")
+    set_media_env()
+    assert os.environ["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] == "1"

@@ -33,6 +33,7 @@ from vllm_batch.batches.store import queries
 from vllm_batch.batches.store.rows import BatchRow, ChunkRow, ResultRow
 from vllm_batch.batches.store_context import StoreContext, open_store
 from vllm_batch.config import Settings
+from vllm_batch.observability import metrics
 from vllm_batch.pipeline.input import BatchPlan
 from vllm_batch.pipeline.line_result import LineResult
 from vllm_batch.protocol.ids import now
@@ -465,6 +466,69 @@ async def test_only_engine_failures_count(ctx: StoreContext) -> None:
     chunk = await lifecycle.claim_chunk(ctx, owner, [batch_id])
     assert chunk is not None and chunk.engine_failures == 1
     await lifecycle.release_chunk(ctx, chunk, owner)
+
+
+# ------------------------------------------------------------------ the timeline
+
+
+async def test_timeline_keeps_the_first_start_and_the_last_save(ctx: StoreContext) -> None:
+    """``first_line_started_at`` keeps the earliest stamp (a later or resumed chunk never
+    moves it); ``last_line_finished_at`` follows saves of new lines, never backwards."""
+    batch_id = await new_batch(ctx)
+    row = await batch(ctx, batch_id)
+    assert row.first_line_started_at is None and row.last_line_finished_at is None
+    t0 = time.time()
+    await lifecycle.first_line_started(ctx, batch_id, t0 + 5)
+    await lifecycle.first_line_started(ctx, batch_id, t0 + 9)  # a later or resumed chunk
+    assert (await batch(ctx, batch_id)).first_line_started_at == t0 + 5
+    await lifecycle.first_line_started(ctx, batch_id, t0 + 2)  # earlier, committed later
+    assert (await batch(ctx, batch_id)).first_line_started_at == t0 + 2
+
+    owner = ctx.instance_id
+    chunk = await lifecycle.claim_chunk(ctx, owner, [batch_id])
+    assert chunk is not None
+    before = time.time()
+    await lifecycle.save(ctx, chunk, owner, [result(chunk.start_line)])
+    saved = (await batch(ctx, batch_id)).last_line_finished_at
+    assert saved is not None and before <= saved <= time.time()
+    await lifecycle.save(ctx, chunk, owner, [result(chunk.start_line)])  # not a new line
+    await lifecycle.save(ctx, chunk, owner, [])  # a heartbeat
+    assert (await batch(ctx, batch_id)).last_line_finished_at == saved
+    # a save from a worker whose clock is behind does not move it back
+    await force(ctx, batch_id, last_line_finished_at=saved + 100)
+    await lifecycle.save(ctx, chunk, owner, [result(chunk.start_line + 1)])
+    assert (await batch(ctx, batch_id)).last_line_finished_at == saved + 100
+
+
+async def test_phases_are_observed_once_per_completed_batch(
+    database_url: str, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Racing finalizers: only the one whose final transition committed records the batch's
+    phases; a cancelled batch records none."""
+    observed: list[tuple[str | None, dict[str, float]]] = []
+    monkeypatch.setattr(
+        metrics, "batch_phases", lambda model, phases: observed.append((model, dict(phases)))
+    )
+    async with store(database_url, data_dir) as a, store(database_url, data_dir) as b:
+        batch_id = await new_batch(a)
+        await lifecycle.first_line_started(a, batch_id, time.time())
+        await run_all_chunks(a, batch_id)
+        wins = await asyncio.gather(finalize_batch(a, batch_id), finalize_batch(b, batch_id))
+        assert sorted(wins) == [False, True]
+        row = await batch(a, batch_id)
+        assert len(observed) == 1, observed
+        model, phases = observed[0]
+        assert model == row.model and list(phases) == ["validation", "queue", "run", "finalize"]
+        assert all(seconds >= 0 for seconds in phases.values())
+        assert row.first_line_started_at is not None and row.last_line_finished_at is not None
+        assert phases["run"] == pytest.approx(row.last_line_finished_at - row.first_line_started_at)
+        assert row.completed_at is not None
+        assert phases["finalize"] < row.completed_at + 1 - row.last_line_finished_at
+
+        cancelled = await new_batch(a)
+        await lifecycle.cancel(a, cancelled)
+        assert await finalize_batch(a, cancelled)
+        assert len(observed) == 1
 
 
 # ------------------------------------------------------------------ finalization races

@@ -27,11 +27,11 @@ import anyio
 import orjson
 
 from vllm_batch.batches import lifecycle
-from vllm_batch.batches.states import IllegalTransition, StopReason
+from vllm_batch.batches.states import BatchStatus, IllegalTransition, StopReason
 from vllm_batch.batches.store import queries
 from vllm_batch.batches.store.rows import BatchRow, FileRow
 from vllm_batch.batches.store_context import StoreContext
-from vllm_batch.observability import metrics
+from vllm_batch.observability import metrics, timeline
 from vllm_batch.observability.logs import bound
 from vllm_batch.pipeline.input import iter_lines
 from vllm_batch.pipeline.output import failure_line
@@ -135,6 +135,7 @@ async def _finalize(ctx: StoreContext, batch_id: str) -> bool:
                 error_file_id=files[True].id if True in files else None,
                 extra_failed=expired_lines,
             )
+            finished = time.time()
     except (FinalizationLost, IllegalTransition):
         status = None
     except StorageFull as refusal:
@@ -149,12 +150,27 @@ async def _finalize(ctx: StoreContext, batch_id: str) -> bool:
         await _delete_blobs(ctx, keys.values())
         return False
     ctx.finalize_backoff.pop(batch_id, None)
-    metrics.batch_finished(batch.model, status, time.time() - batch.created_at)
+    metrics.batch_finished(batch.model, status, finished - batch.created_at)
+    if status is BatchStatus.COMPLETED:
+        # Only the process whose final transition committed gets here: once per batch.
+        metrics.batch_phases(batch.model, batch_phases(batch, finished))
     metrics.lines_expired(batch.model, expired_lines)
     await _delete_blobs(ctx, [key for is_error, key in keys.items() if is_error not in files])
     await delete_saved_results(ctx, batch_id)
     log.info("batch %s %s (%d expired lines)", batch_id, status, expired_lines)
     return True
+
+
+def batch_phases(batch: BatchRow, finished: float) -> dict[str, float]:
+    """A completed batch's timeline phases; ``finished`` is when its final status committed
+    (the finalizer's clock: ``completed_at`` has whole seconds only)."""
+    return timeline.phases(
+        batch.created_at,
+        batch.in_progress_at,
+        batch.first_line_started_at,
+        batch.last_line_finished_at,
+        finished,
+    )
 
 
 def retry_delay(attempts: int, cap: float) -> float:

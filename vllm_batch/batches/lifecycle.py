@@ -44,6 +44,7 @@ __all__ = [
     "expire_overdue",
     "finish",
     "finish_chunk",
+    "first_line_started",
     "queue_or_fail",
     "record_delivery",
     "release_chunk",
@@ -229,17 +230,26 @@ async def save(
     """Save finished lines and renew the lease, only while the chunk is still ours
     (``IllegalTransition``: the lease was lost, or the batch is finalizing or finished)."""
     async with ctx.sessions() as session, session.begin():
+        stamp = time.time()
         outcome = await queries.save_chunk_results(
             session,
             batch_id=chunk.batch_id,
             chunk_id=chunk.id,
             owner=owner,
             results=results,
-            lease_until=time.time() + ctx.settings.lease_seconds,
+            lease_until=stamp + ctx.settings.lease_seconds,
+            now=stamp,
         )
     if outcome is None:
         raise IllegalTransition(f"chunk {chunk.id} is no longer held by {owner}")
     return outcome
+
+
+async def first_line_started(ctx: StoreContext, batch_id: str, at: float) -> None:
+    """Stamp the batch's timeline (not a transition): a line of it went to the engine at
+    ``at``. Only the earliest such time stays; a resumed chunk never moves it."""
+    async with ctx.sessions() as session, session.begin():
+        await queries.mark_first_line_started(session, batch_id, at)
 
 
 async def finish_chunk(ctx: StoreContext, chunk: ChunkRow, owner: str) -> ChunkStatus:

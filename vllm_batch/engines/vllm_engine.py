@@ -44,6 +44,10 @@ VLLM_MODULES = (
 )
 """What ``start`` imports; ``import_vllm`` loads them off the event loop."""
 CPU_DEFAULT_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+MEDIA_ENV = {"VLLM_MEDIA_URL_ALLOW_REDIRECTS": "0"}
+"""vLLM fetches a line's media URLs itself: ``net/media_url.py`` checks the URL a line names,
+so vLLM must not follow a redirect from it to an address the check refuses. Set where unset
+(an operator may set it to 1 again: docs/security.md)."""
 CPU_PREFIX_BLOCK_SIZE = 32
 """KV-cache block on CPU for generative models with prefix caching, unless one is set.
 
@@ -64,6 +68,12 @@ def set_cpu_env(settings: Settings) -> None:
             os.environ[key] = value
     if settings.kv_cache_gib is not None:
         del os.environ["VLLM_CPU_KVCACHE_SPACE"]
+
+
+def set_media_env() -> None:
+    """``MEDIA_ENV`` where unset, before an engine starts (its processes inherit it)."""
+    for key, value in MEDIA_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 def has_cuda_gpu() -> bool:
@@ -164,6 +174,7 @@ class VllmEngine(MaxNumSeqs):
         """
         if not has_cuda_gpu():
             set_cpu_env(self._settings)
+        set_media_env()
         await in_daemon_thread(import_vllm, "vllm-import")
         from starlette.datastructures import State
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state

@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -35,6 +35,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from prometheus_client.registry import Collector
 
 from vllm_batch.config import Settings
+from vllm_batch.observability.timeline import PHASES
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400)
 ATTEMPT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 LOOP_LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+PHASE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 REQUEUE_REASONS = ("engine_failure", "engine_unavailable", "stopped", "error", "incomplete")
 TOKEN_KINDS = ("input", "cached", "output", "reasoning")
 FINAL_STATUSES = ("completed", "cancelled", "expired")
@@ -125,6 +127,14 @@ class _Metrics:
             registry=None,
             buckets=DURATION_BUCKETS,
         )
+        self.batch_phases = Histogram(
+            PREFIX + "batch_phase_seconds",
+            "Per completed batch: seconds in each phase of its timeline "
+            "(validation, queue, run, finalize; observability/timeline.py).",
+            (*m, "phase"),
+            registry=None,
+            buckets=PHASE_BUCKETS,
+        )
         self.lines_per_second = _gauge(
             "lines_per_second", "Lines finished per second (last 30 s).", m, "livesum"
         )
@@ -181,6 +191,8 @@ class _Metrics:
             self.requeues.labels(model, reason)
         for status in FINAL_STATUSES:
             self.batch_duration.labels(model, status)
+        for phase in PHASES:
+            self.batch_phases.labels(model, phase)
         self.latency.labels(model)
         self.rates.declare(model)
 
@@ -452,6 +464,13 @@ def lines_expired(model: str | None, count: int) -> None:
 def batch_finished(model: str | None, status: str, seconds: float) -> None:
     if _metrics is not None:
         _metrics.batch_duration.labels(model or "", status).observe(max(0.0, seconds))
+
+
+def batch_phases(model: str | None, phases: Mapping[str, float]) -> None:
+    """A completed batch's phases (``timeline.phases``), once per batch: by its finalizer."""
+    if _metrics is not None:
+        for phase, seconds in phases.items():
+            _metrics.batch_phases.labels(model or "", phase).observe(max(0.0, seconds))
 
 
 def _count(name: str, model: str, amount: int = 1) -> None:

@@ -30,6 +30,7 @@ from vllm_batch import engines
 from vllm_batch.config import ModelSpec, Settings
 from vllm_batch.engines.engine import Engine, EngineFailure, EngineResult
 from vllm_batch.models.adapters import adapter_bases
+from vllm_batch.net.media_url import MediaGuard
 from vllm_batch.offline import io
 from vllm_batch.offline.preflight import describe, preflight, strict_errors
 from vllm_batch.offline.progress import Progress, RunStats, make_progress
@@ -278,6 +279,7 @@ async def _process(
                     progress,
                     options.settings.group_prefixes,
                     read_ahead=options.max_buffered,
+                    media=MediaGuard(options.settings.media_allowed_hosts),
                 )
         except RunFailed as exc:
             failure = exc
@@ -422,6 +424,7 @@ async def _execute(
     group_prefixes: bool = True,
     *,
     read_ahead: int | None = None,
+    media: MediaGuard | None = None,
 ) -> None:
     """Push every remaining line through the dispatcher into ``writer`` (engine started).
 
@@ -437,6 +440,7 @@ async def _execute(
         horizon=writer.horizon,
         error_shape=ErrorShape.VLLM,
         read_ahead=read_ahead,
+        media=media,
     )
     lines = iter_requests(input_path, writer.next_index)
     progress.start()

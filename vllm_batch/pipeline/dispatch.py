@@ -34,6 +34,8 @@ from vllm_batch.engines.engine import (
     is_cuda_oom,
     is_oom_message,
 )
+from vllm_batch.net.media_url import ERROR_CODE as MEDIA_ERROR_CODE
+from vllm_batch.net.media_url import MediaGuard, MediaRefusal
 from vllm_batch.pipeline.line_result import LineResult
 from vllm_batch.pipeline.output import ErrorShape, failure_line, result_line
 from vllm_batch.pipeline.window import FairWindow, Lane
@@ -128,9 +130,12 @@ async def execute_line(
     request_id: str,
     *,
     shape: ErrorShape = ErrorShape.OPENAI,
+    media: MediaGuard | None = None,
 ) -> LineResult:
     """Run one input line; every outcome except a broken engine is a ``LineResult``.
 
+    ``media`` (if given) checks the body's media URLs first: a refused one makes the line a
+    400 error line (code ``url_not_allowed``) that never reaches the engine.
     A 5xx result is retried ``TRANSIENT_RETRIES`` times (backoff with jitter) before it is
     written as the line's error; ``shape`` is the error lines' format. A CUDA out-of-memory
     error (raised, or as a 5xx result) raises ``EngineOutOfMemory``: the line is retried
@@ -153,6 +158,15 @@ async def execute_line(
             shape=shape,
         )
         return LineResult(line=index, is_error=True, data=data)
+    if media is not None:
+        try:
+            refusal = await media.check(body)
+        except Exception as exc:  # a failed check refuses the line, never breaks the chunk
+            log.warning("request %s: media URL check failed: %s", request_id, describe(exc))
+            refusal = MediaRefusal("body", f"The media URLs could not be checked: {exc}"[:500])
+        if refusal is not None:
+            data = result_line(custom_id, media_refused(refusal), request_id, shape=shape)
+            return LineResult(line=index, is_error=True, data=data)
     started = time.monotonic()
     try:
         result = await _run_retrying_5xx(engine, url, body, request_id)
@@ -178,6 +192,22 @@ async def execute_line(
         output_tokens=result.output_tokens,
         reasoning_tokens=result.reasoning_tokens,
         seconds=time.monotonic() - started,
+    )
+
+
+def media_refused(refusal: MediaRefusal) -> EngineResult:
+    """A refused media URL as the 400 answer an OpenAI-style server gives."""
+    error = {
+        "message": refusal.message,
+        "type": "invalid_request_error",
+        "param": refusal.param,
+        "code": MEDIA_ERROR_CODE,
+    }
+    return EngineResult(
+        status_code=400,
+        body_json=orjson.dumps({"error": error}).decode(),
+        error_code=MEDIA_ERROR_CODE,
+        error_message=refusal.message,
     )
 
 
@@ -242,7 +272,9 @@ class Dispatcher:
     ``horizon``, if given, returns the highest line index the caller can take now; a line
     beyond it is held back (and no further block is read) until a result moves the horizon.
     Do not combine it with ``skip``: a skipped line would never complete. ``read_ahead`` is
-    the block size (lines) within which lines are put in prefix order.
+    the block size (lines) within which lines are put in prefix order. ``on_first_submit``
+    is called once, just before the first line goes to the engine. ``media`` checks every
+    line's media URLs before the engine sees it (default: no private target allowed).
     """
 
     def __init__(
@@ -258,6 +290,8 @@ class Dispatcher:
         window: FairWindow | None = None,
         lane: Lane | None = None,
         read_ahead: int | None = None,
+        on_first_submit: Callable[[], None] | None = None,
+        media: MediaGuard | None = None,
     ) -> None:
         if (window is None) != (lane is None):
             raise ValueError("pass a shared window together with this dispatcher's lane")
@@ -269,6 +303,8 @@ class Dispatcher:
         self.horizon = horizon
         self.error_shape = error_shape
         self.read_ahead = read_ahead
+        self.media = media if media is not None else MediaGuard()
+        self.on_first_submit = on_first_submit
         self.stopped = asyncio.Event()
         self.failure: EngineFailure | None = None
         self._window = window
@@ -297,6 +333,9 @@ class Dispatcher:
                     if item is None:
                         window.release(lane)
                         break
+                    if self.on_first_submit is not None:
+                        first, self.on_first_submit = self.on_first_submit, None
+                        first()
                     task = asyncio.create_task(self._one(*item))
                     self._tasks.add(task)
                     # Released however the task ends, even if cancelled before it started.
@@ -366,7 +405,12 @@ class Dispatcher:
     async def _one(self, index: int, raw: bytes) -> None:
         try:
             result = await execute_line(
-                self.engine, index, raw, self.request_id(index), shape=self.error_shape
+                self.engine,
+                index,
+                raw,
+                self.request_id(index),
+                shape=self.error_shape,
+                media=self.media,
             )
         except EngineFailure as exc:
             self.failure = exc

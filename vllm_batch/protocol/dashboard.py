@@ -18,11 +18,31 @@ class LineError(BaseModel):
     message: str
 
 
+class BatchPhases(BaseModel):
+    """Seconds between the points of a batch's timeline (``observability/timeline.py``);
+    None until both ends of a phase are known. ``run`` grows while the batch runs."""
+
+    validation: float | None = None
+    """created → validated (``in_progress_at``)."""
+    queue: float | None = None
+    """validated → first line started."""
+    run: float | None = None
+    """first line started → last line finished."""
+    finalize: float | None = None
+    """last line finished → the final status."""
+
+
 class DashboardBatch(Batch):
-    """A batch as ``/v1/batches`` shows it, plus its first errors (and owner, for admins)."""
+    """A batch as ``/v1/batches`` shows it, plus its first errors (and owner, for admins)
+    and its timeline beyond OpenAI's stamps."""
 
     owner: str | None = None
     first_errors: list[LineError] = Field(default_factory=list)
+    first_line_started_at: float | None = None
+    """When a worker first sent one of its lines to the engine (epoch seconds)."""
+    last_line_finished_at: float | None = None
+    """When its last result line was saved (while it runs: the latest save so far)."""
+    phases: BatchPhases = Field(default_factory=BatchPhases)
 
 
 class ChunkInfo(BaseModel):

@@ -27,6 +27,7 @@ from vllm_batch.batches.store import queries
 from vllm_batch.batches.store.db_retry import Backoff, retry_db
 from vllm_batch.batches.store.rows import BatchRow, ChunkRow
 from vllm_batch.engines.engine import Engine
+from vllm_batch.net.media_url import MediaGuard
 from vllm_batch.observability import metrics
 from vllm_batch.observability.logs import bound
 from vllm_batch.pipeline.dispatch import Dispatcher
@@ -132,6 +133,13 @@ class ChunkRun:
         )
         lane = window.open_lane(**self._lane_order(batch), remaining=runner.remaining)
         runner.lane = lane
+        # A batch's first chunk to reach the engine stamps its timeline (later ones find it
+        # set when they load the batch and skip the write).
+        first_line = (
+            _FirstLineStamp(ctx, chunk.batch_id, runner.shutdown)
+            if batch.first_line_started_at is None
+            else None
+        )
         dispatcher = Dispatcher(
             engine,
             runner.add,
@@ -140,6 +148,8 @@ class ChunkRun:
             window=window,
             lane=lane,
             read_ahead=chunk.end_line - chunk.start_line,  # the whole chunk, in prefix order
+            on_first_submit=first_line.start if first_line is not None else None,
+            media=MediaGuard(ctx.settings.media_allowed_hosts),
         )
         runner.dispatcher = dispatcher
         if runner.outcome is not ChunkOutcome.DONE:
@@ -155,6 +165,8 @@ class ChunkRun:
             runner.flush_wanted.set()
             await heartbeat
             await anyio.to_thread.run_sync(lines.close)
+            if first_line is not None:
+                await first_line.wait()
             await runner.flush()
         return runner.outcome
 
@@ -170,6 +182,37 @@ class ChunkRun:
             margin=self.ctx.settings.deadline_margin,
         )
         return {"weight": order.weight, "deadline": order.latest_start, "urgent": order.urgent}
+
+
+class _FirstLineStamp:
+    """Records, in the background, when the chunk sent its first line to the engine: the
+    batch's ``first_line_started_at`` unless an earlier time is there. Best effort: a write
+    that fails (after retrying a database outage until shutdown) is logged, never fatal."""
+
+    def __init__(self, ctx: WorkerContext, batch_id: str, shutdown: asyncio.Event) -> None:
+        self.ctx = ctx
+        self.batch_id = batch_id
+        self.shutdown = shutdown
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Called by the dispatcher as the first line goes out (so the clock is read now)."""
+        self.task = asyncio.create_task(self._write(time.time()))
+
+    async def wait(self) -> None:
+        if self.task is not None:
+            await self.task
+
+    async def _write(self, at: float) -> None:
+        try:
+            await retry_db(
+                lambda: lifecycle.first_line_started(self.ctx, self.batch_id, at),
+                f"stamp the first line of batch {self.batch_id}",
+                shutdown=self.shutdown,
+                backoff=SAVE_BACKOFF,
+            )
+        except Exception:
+            log.warning("batch %s: could not record its first line's start", self.batch_id)
 
 
 async def _give_up(ctx: WorkerContext, runner: _ChunkRunner, key: str, done: set[int]) -> None:

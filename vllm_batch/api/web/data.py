@@ -27,10 +27,12 @@ from vllm_batch.batches.store import overview as dash_queries
 from vllm_batch.batches.store import queries
 from vllm_batch.batches.store.rows import BatchRow
 from vllm_batch.models.kinds import kind_serves
+from vllm_batch.observability import timeline
 from vllm_batch.observability.history import ALL, History
 from vllm_batch.pipeline.input import SUPPORTED_ENDPOINTS
 from vllm_batch.protocol.dashboard import (
     BatchHistory,
+    BatchPhases,
     ChunkInfo,
     ChunkList,
     DashboardBatch,
@@ -82,6 +84,9 @@ async def with_errors(
             **batch_object(row).model_dump(),
             owner=row.owner if principal.admin else None,
             first_errors=errors,
+            first_line_started_at=row.first_line_started_at,
+            last_line_finished_at=row.last_line_finished_at,
+            phases=phases_of(row),
         )
         out.append(batch)
     return out
@@ -219,6 +224,19 @@ async def history(ctx: CtxDep, principal: PrincipalDep) -> DashboardHistory:
         window=ring.window,
         **vars(series),
     )
+
+
+def phases_of(row: BatchRow) -> BatchPhases:
+    """The batch's timeline phases so far, to the millisecond."""
+    ended = row.completed_at or row.failed_at or row.cancelled_at or row.expired_at
+    spans = timeline.phases(
+        row.created_at,
+        row.in_progress_at,
+        row.first_line_started_at,
+        row.last_line_finished_at,
+        ended,
+    )
+    return BatchPhases(**{name: round(seconds, 3) for name, seconds in spans.items()})
 
 
 def batch_end(row: BatchRow) -> int | None:

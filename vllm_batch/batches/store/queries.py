@@ -340,6 +340,21 @@ async def start_batch(
     return True
 
 
+async def mark_first_line_started(session: AsyncSession, batch_id: str, at: float) -> bool:
+    """Record ``at`` as the time the batch's first line went to the engine, unless an earlier
+    time is recorded already (a resumed or later chunk never moves it); False if not."""
+    result = await session.execute(
+        update(BatchRow)
+        .where(
+            BatchRow.id == batch_id,
+            or_(BatchRow.first_line_started_at.is_(None), BatchRow.first_line_started_at > at),
+        )
+        .values(first_line_started_at=at)
+        .execution_options(synchronize_session=False)
+    )
+    return _rowcount(result) == 1
+
+
 async def request_stop(session: AsyncSession, batch_id: str, reason: StopReason, now: int) -> bool:
     """Ask a running batch to stop: cancel (→ ``cancelling``) or expire (status kept)."""
     guard = (BatchRow.status.in_(STOPPABLE), BatchRow.stop_reason.is_(None))
@@ -672,9 +687,11 @@ async def save_chunk_results(
     owner: str,
     results: Sequence[LineResult],
     lease_until: float,
+    now: float,
 ) -> SaveOutcome | None:
     """Renew our chunk lease and save ``results``, in one transaction, only if still ours
-    (None: not ours any more, nothing written).
+    (None: not ours any more, nothing written). New lines move the batch's
+    ``last_line_finished_at`` forward to ``now``.
 
     The batch row is locked first, so a finalizer claiming it either runs before (and
     this save is refused: the batch is being finalized) or after (and sees these rows).
@@ -685,7 +702,7 @@ async def save_chunk_results(
         return None
     if not await renew_lease(session, chunk_id, owner, lease_until):
         return None
-    new = await _insert_results(session, batch_id, results)
+    new = await _insert_results(session, batch_id, results, now)
     return SaveOutcome(stop_reason=batch.stop_reason, new=new)
 
 
@@ -705,9 +722,11 @@ _SQLITE_INSERT_RESULTS = (
 
 
 async def _insert_results(
-    session: AsyncSession, batch_id: str, results: Sequence[LineResult]
+    session: AsyncSession, batch_id: str, results: Sequence[LineResult], now: float
 ) -> list[LineResult]:
-    """Insert results once each and add only the new ones to the batch's counts and usage.
+    """Insert results once each and add only the new ones to the batch's counts and usage;
+    if there are any, ``last_line_finished_at`` becomes ``now`` (never earlier than it was:
+    workers' clocks may differ a little).
 
     A line already saved (e.g. by a worker whose lease was taken over) is skipped, so
     counts stay exact. Returns the new ones. The caller holds the batch row lock
@@ -749,6 +768,10 @@ async def _insert_results(
                 cached_tokens=BatchRow.cached_tokens + sum(r.cached_tokens for r in new),
                 output_tokens=BatchRow.output_tokens + sum(r.output_tokens for r in new),
                 reasoning_tokens=BatchRow.reasoning_tokens + sum(r.reasoning_tokens for r in new),
+                last_line_finished_at=case(
+                    (BatchRow.last_line_finished_at > now, BatchRow.last_line_finished_at),
+                    else_=now,
+                ),
             )
             .execution_options(synchronize_session=False)
         )

@@ -134,6 +134,11 @@ class BatchRow(Base):
     expired_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     cancelling_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     cancelled_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # The timeline between OpenAI's stamps (observability/timeline.py), epoch seconds with
+    # their fraction, like the leases: the earliest time a worker sent one of the batch's
+    # lines to the engine, and the latest time one of its result lines was saved.
+    first_line_started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_line_finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     total: Mapped[int] = mapped_column(Integer, default=0)
     completed: Mapped[int] = mapped_column(Integer, default=0)
     failed: Mapped[int] = mapped_column(Integer, default=0)

@@ -9,10 +9,16 @@
   const POLL_MS = 1500;
   const RATE_WINDOW_S = 30;
   const TERMINAL = new Set(["completed", "failed", "cancelled", "expired"]);
+  const RUNNING = new Set(["validating", "in_progress", "cancelling"]);
+  const PHASES = ["validation", "queue", "run", "finalize"];
+  // In the order they happen: a tie in whole seconds (OpenAI's stamps have no fraction,
+  // the two line stamps do) keeps this order.
   const STAMPS = [
     ["created_at", "created"],
     ["in_progress_at", "in progress"],
+    ["first_line_started_at", "first line started"],
     ["cancelling_at", "cancelling"],
+    ["last_line_finished_at", "last line finished"],
     ["finalizing_at", "finalizing"],
     ["completed_at", "completed"],
     ["failed_at", "failed"],
@@ -69,6 +75,12 @@
     if (s < 3600) return `${Math.floor(s / 60)}m ${s % 60}s`;
     if (s < 86400) return `${Math.floor(s / 3600)}h ${Math.floor((s % 3600) / 60)}m`;
     return `${Math.floor(s / 86400)}d ${Math.floor((s % 86400) / 3600)}h`;
+  }
+
+  /** A phase's length: tenths of a second below a minute ("0.4 s"), else as fmtDuration. */
+  function fmtSeconds(seconds) {
+    if (seconds === null || seconds === undefined || !isFinite(seconds)) return "–";
+    return seconds < 59.95 ? `${seconds.toFixed(1)} s` : fmtDuration(seconds);
   }
 
   const statusBadge = (status) =>
@@ -713,15 +725,24 @@
     const cancel = $("cancel-batch");
     cancel.hidden = !CANCELLABLE.has(b.status);
     cancel.onclick = () => cancelBatch(b.id, (err) => inlineError("batch-action-error", err));
-    const stamps = STAMPS.filter(([field]) => b[field]).map(([field, label]) => [b[field], label]);
-    stamps.sort((x, y) => x[0] - y[0]);
+    // "last line finished" is the latest save so far until the batch stops running lines.
+    const running = RUNNING.has(b.status);
+    const stamps = STAMPS
+      .map(([field, label], order) => [b[field], label, order])
+      .filter(([ts, label]) => ts && !(running && label === "last line finished"));
+    stamps.sort((x, y) => Math.floor(x[0]) - Math.floor(y[0]) || x[2] - y[2]);
+    const spans = b.phases || {};
+    const phases = PHASES.filter((name) => spans[name] !== null && spans[name] !== undefined)
+      .flatMap((name, i) => [i ? " · " : "",
+        h("span", { class: "phase", "data-phase": name }, `${name} ${fmtSeconds(spans[name])}`)]);
     $("timeline").replaceChildren(
       ...stamps.map(([ts, label]) =>
         h("li", { "data-event": label }, h("span", { class: "when" }, fmtTime(ts)), " ", statusBadge(label),
-          h("span", { class: "muted" }, ` +${fmtDuration(ts - b.created_at)}`))),
+          h("span", { class: "muted" }, ` +${fmtDuration(Math.floor(ts) - b.created_at)}`))),
       b.expires_at && !TERMINAL.has(b.status)
         ? h("li", { class: "muted" }, h("span", { class: "when" }, fmtTime(b.expires_at)), " window ends")
         : "",
+      phases.length ? h("li", { class: "phases", id: "phases" }, ...phases) : "",
     );
     $("errors").replaceChildren(...(b.first_errors.length
       ? errorList(b.first_errors).children
