@@ -18,7 +18,6 @@ Needs Docker Compose v2.24.4 or later (the ``!override`` tag).
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
 import sys
@@ -109,13 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         ids = [str(i) for i in range(args.count)]
     else:
         ids = gpus_from_nvidia_smi()
-    base, name = BASE_FILE, OUTPUT
-    if args.output:  # extends.file is relative to the generated file's directory
-        here = os.path.dirname(os.path.abspath(args.output))
-        base = os.path.relpath(os.path.abspath(BASE_FILE), here)
-        name = args.output
+    # Compose reads an override's relative paths (extends.file too) from the project
+    # directory, the first -f file's: docker-compose.yml wherever the override is written.
+    name = args.output or OUTPUT
     try:
-        text = render(ids, base, name)
+        text = render(ids, BASE_FILE, name)
     except ValueError as exc:
         parser.error(str(exc))
     if args.output:
