@@ -110,8 +110,7 @@ def test_without_keys_anyone_local_scrapes_and_openmetrics_is_offered(
         )
 
 
-# Every family docs/observability.md and the Grafana dashboard rely on
-# (``/work/notes/metrics-list.md``).
+# Every family docs/observability.md and the Grafana dashboard rely on.
 FAMILIES = {
     "gauge": [
         "batches",

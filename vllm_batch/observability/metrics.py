@@ -11,7 +11,7 @@ records into prometheus-client's multiprocess files in one directory per host
 
 Nothing here touches the database; recording is a few mmap writes. Until ``configure``
 ran (or with metrics off) every recording call is a no-op. The names are listed in
-``/work/notes/metrics-list.md`` and docs/observability.md.
+docs/observability.md (tests/integration/test_metrics_endpoint.py checks them).
 """
 
 from __future__ import annotations
