@@ -171,3 +171,14 @@ async def test_sampler_records_and_survives_a_failed_read() -> None:
 def test_capacity_follows_the_interval(interval: float) -> None:
     history = History(interval=interval, window=3600)
     assert history.samples.maxlen == int(3600 / interval) + 1
+
+
+def test_first_id_at_sorts_before_every_id_made_since() -> None:
+    """The sampler's id range for "made since t" relies on ids sorting by creation time."""
+    import time
+
+    from vllm_batch.protocol.ids import first_id_at, new_id
+
+    before = time.time()
+    made = new_id("batch_")
+    assert first_id_at("batch_", before) <= made < first_id_at("batch_", time.time() + 1)

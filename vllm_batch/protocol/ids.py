@@ -12,6 +12,11 @@ def new_id(prefix: str) -> str:
     return f"{prefix}{time.time_ns() // 1000:013x}{secrets.token_hex(4)}"
 
 
+def first_id_at(prefix: str, t: float) -> str:
+    """The smallest ``new_id(prefix)`` made at or after Unix time ``t`` (ids sort by time)."""
+    return f"{prefix}{max(0, int(t * 1_000_000)):013x}"
+
+
 def now() -> int:
     """Unix seconds, as every ``*_at`` field on the wire."""
     return int(time.time())

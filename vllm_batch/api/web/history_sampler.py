@@ -13,14 +13,10 @@ from vllm_batch.batches.states import BatchStatus
 from vllm_batch.batches.store import history_reads as history_queries
 from vllm_batch.batches.store_context import StoreContext
 from vllm_batch.observability.history import BatchReading, History, sample_forever
+from vllm_batch.protocol.ids import first_id_at
 
 BATCH_ID_PREFIX = "batch_"
 RUNNING = (BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING)
-
-
-def first_id_since(t: float) -> str:
-    """The smallest batch id made at or after ``t`` (ids: prefix + 13 hex digits of µs)."""
-    return f"{BATCH_ID_PREFIX}{max(0, int(t * 1_000_000)):013x}"
 
 
 async def read_sample(
@@ -29,7 +25,7 @@ async def read_sample(
     """One sample's readings, from one read-only session."""
     async with store.read_sessions() as session:
         batches = await history_queries.sampled_batches(
-            session, created_from_id=first_id_since(created_since), also=live_ids
+            session, created_from_id=first_id_at(BATCH_ID_PREFIX, created_since), also=live_ids
         )
         open_lines = await history_queries.open_lines_by_batch(session)
     readings = []

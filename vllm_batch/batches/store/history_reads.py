@@ -13,15 +13,11 @@ from dataclasses import dataclass
 from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from vllm_batch.batches.states import BatchStatus, ChunkStatus
+from vllm_batch.batches.states import ACTIVE, ChunkStatus
 from vllm_batch.batches.store.rows import BatchRow, ChunkRow
 
-LIVE = (
-    BatchStatus.VALIDATING,
-    BatchStatus.IN_PROGRESS,
-    BatchStatus.FINALIZING,
-    BatchStatus.CANCELLING,
-)
+LIVE = ACTIVE
+"""The statuses whose counters can still change (``states.ACTIVE``)."""
 
 
 @dataclass(frozen=True)
